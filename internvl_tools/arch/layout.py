@@ -1,0 +1,250 @@
+"""Which part of InternVL a checkpoint key belongs to.
+
+Every key of an original-layout (remote-code) InternVL checkpoint is classified as vision
+(embeddings or encoder layer N), projector (mlp1), or llm (embeddings, decoder layer N, final
+norm, head), in the key dialect of its LLM. Embedded LoRA keys (InternVL's own fine-tuning,
+peft-wrapped) are recognised too. Unknown keys raise LayoutError: the tool never guesses.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+
+from ..errors import LayoutError
+from ..io.safetensors_format import TensorSpec
+from .families import DIALECT_ARCHITECTURES
+
+# parameter names a linear may carry: plain, bitsandbytes int8, GPTQ, compressed-tensors
+LINEAR_PARAMS = r"(?:weight|bias|SCB|weight_format|qweight|qzeros|scales|g_idx|weight_scale|weight_packed|weight_shape|weight_zero_point)"
+NORM_PARAMS = r"(?:weight|bias)"
+
+VISION_LINEARS = r"(?:attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)"
+VISION_NORMS = r"(?:attn\.q_norm|attn\.k_norm|norm1|norm2)"
+
+DIALECT_LINEARS = {
+    "llama": r"(?:self_attn\.(?:q|k|v|o)_proj|mlp\.(?:gate|up|down)_proj)",
+    "qwen2": r"(?:self_attn\.(?:q|k|v|o)_proj|mlp\.(?:gate|up|down)_proj)",
+    "internlm2": r"(?:attention\.wqkv|attention\.wo|feed_forward\.w[123])",
+    "phi3": r"(?:self_attn\.(?:qkv_proj|o_proj)|mlp\.(?:gate_up_proj|down_proj))",
+}
+DIALECT_NORMS = {
+    "llama": r"(?:input_layernorm|post_attention_layernorm)",
+    "qwen2": r"(?:input_layernorm|post_attention_layernorm)",
+    "internlm2": r"(?:attention_norm|ffn_norm)",
+    "phi3": r"(?:input_layernorm|post_attention_layernorm)",
+}
+DIALECT_EMBED = {"llama": "embed_tokens", "qwen2": "embed_tokens", "internlm2": "tok_embeddings", "phi3": "embed_tokens"}
+DIALECT_HEAD = {"llama": "lm_head", "qwen2": "lm_head", "internlm2": "output", "phi3": "lm_head"}
+
+LORA_SUFFIX = re.compile(r"^(?P<base>.+)\.lora_(?P<ab>[AB])\.(?P<adapter>[^.]+)\.weight$")
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    """What one checkpoint key is.
+
+    `family` is vision / projector / llm; `part` is embeddings, layer, final_norm or head
+    (projector keys use part "mlp1"); `layer` is the layer number for layer parts; `module`
+    the dotted module path inside that part; `param` the parameter name; `lora` is None,
+    "A" or "B" for embedded LoRA factors; `plain_key` the key with LoRA wrapping removed.
+    """
+
+    key: str
+    family: str
+    part: str
+    layer: int | None
+    module: str
+    param: str
+    plain_key: str
+    lora: str | None = None
+
+    @property
+    def is_linear(self) -> bool:
+        return self.kind == "linear"
+
+    @property
+    def kind(self) -> str:
+        if self.family == "vision" and self.part == "layer":
+            return "linear" if re.fullmatch(VISION_LINEARS, self.module) else "other"
+        if self.family == "llm" and self.part == "layer":
+            return "linear" if "norm" not in self.module and "rotary" not in self.module else "other"
+        if self.family == "projector":
+            return "linear" if self.module in ("1", "3") else "other"
+        return "other"
+
+
+@dataclass
+class Layout:
+    """The classified keys of one checkpoint plus the facts derived from them."""
+
+    dialect: str
+    keys: dict[str, KeyInfo]
+    vision_layers: int
+    llm_layers: int
+    lora: dict[str, "LoraInfo"] = field(default_factory=dict)
+
+    def family_of(self, key: str) -> str:
+        return self.keys[key].family
+
+    def llm_layer_keys(self, layer: int) -> list[str]:
+        """Keys of one decoder layer, in checkpoint order."""
+        return [k for k, info in self.keys.items() if info.family == "llm" and info.part == "layer" and info.layer == layer]
+
+
+@dataclass(frozen=True)
+class LoraInfo:
+    """Embedded LoRA on one tower: rank, target modules, and the config's flag."""
+
+    family: str
+    rank: int
+    targets: tuple[str, ...]
+    count: int
+    config_flag: int
+
+
+def llm_dialect(config: dict) -> str:
+    """The LLM key dialect from config.json's llm_config.architectures."""
+    llm_config = config.get("llm_config")
+    if not isinstance(llm_config, dict):
+        raise LayoutError("config.json: no llm_config object; this is not an original-layout InternVL checkpoint (model_type internvl_chat)")
+    architectures = llm_config.get("architectures") or []
+    for arch in architectures:
+        if arch in DIALECT_ARCHITECTURES:
+            return DIALECT_ARCHITECTURES[arch]
+    raise LayoutError(
+        f"config.json: llm_config.architectures {architectures!r} is not a supported LLM; supported: {', '.join(DIALECT_ARCHITECTURES)}"
+    )
+
+
+def check_internvl_config(config: dict) -> None:
+    """Refuse configs that are not original-layout InternVL (e.g. already native, or another model)."""
+    archs = config.get("architectures") or []
+    if config.get("model_type") == "internvl" or "InternVLForConditionalGeneration" in archs:
+        raise LayoutError("config.json: this checkpoint is in the transformers-native InternVL layout; this command reads the original layout (model_type internvl_chat)")
+    if config.get("model_type") != "internvl_chat" and "InternVLChatModel" not in archs:
+        raise LayoutError(
+            f"config.json: model_type {config.get('model_type')!r} / architectures {archs!r} is not InternVL (expected internvl_chat / InternVLChatModel)"
+        )
+    if not isinstance(config.get("vision_config"), dict):
+        raise LayoutError("config.json: no vision_config object; an InternVL config needs vision_config and llm_config")
+
+
+def classify_key(key: str, dialect: str) -> KeyInfo:
+    """Classify one key; raise LayoutError for a key InternVL does not have."""
+    plain, lora = _strip_lora(key)
+    info = _classify_plain(plain, dialect)
+    if info is None:
+        raise LayoutError(f"key {key!r} is not part of an InternVL checkpoint with a {dialect} LLM; is this the right checkpoint (or a newer InternVL this tool does not know)?")
+    if lora is not None:
+        info = KeyInfo(key, info.family, info.part, info.layer, info.module, "weight", info.plain_key, lora)
+    else:
+        info = KeyInfo(key, info.family, info.part, info.layer, info.module, info.param, info.plain_key)
+    return info
+
+
+def build_layout(config: dict, specs: list[TensorSpec]) -> Layout:
+    """Classify every key of a checkpoint, derive layer counts and embedded LoRA, and check
+    that config.json agrees with the tensors (layer counts and widths)."""
+    check_internvl_config(config)
+    dialect = llm_dialect(config)
+    shapes = {spec.name: spec.shape for spec in specs}
+    infos = {name: classify_key(name, dialect) for name in shapes}
+    layout = Layout(dialect, infos, _layer_count(infos, "vision"), _layer_count(infos, "llm"))
+    layout.lora = _lora_info(config, infos, shapes)
+    check_config_matches(config, layout, shapes)
+    return layout
+
+
+def check_config_matches(config: dict, layout: Layout, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Raise LayoutError when config.json disagrees with the tensors."""
+    vision_cfg, llm_cfg = config["vision_config"], config["llm_config"]
+    for family, cfg, found in (("vision", vision_cfg, layout.vision_layers), ("llm", llm_cfg, layout.llm_layers)):
+        declared = cfg.get("num_hidden_layers")
+        section = "vision_config" if family == "vision" else "llm_config"
+        if declared is not None and found and declared != found:
+            raise LayoutError(f"config.json: {section}.num_hidden_layers is {declared} but the checkpoint has {found} {family} layers; fix the config or the checkpoint")
+    plain = {info.plain_key: shapes[key] for key, info in layout.keys.items() if info.lora is None and info.param == "weight"}
+    checks = [
+        ("vision_model.embeddings.patch_embedding.weight", 0, vision_cfg.get("hidden_size"), "vision_config.hidden_size"),
+        (f"language_model.model.{DIALECT_EMBED[layout.dialect]}.weight", 1, llm_cfg.get("hidden_size"), "llm_config.hidden_size"),
+        (f"language_model.model.{DIALECT_EMBED[layout.dialect]}.weight", 0, llm_cfg.get("vocab_size"), "llm_config.vocab_size"),
+    ]
+    for key, dim, declared, field_name in checks:
+        shape = plain.get(key)
+        if shape is not None and declared is not None and len(shape) > dim and shape[dim] != declared:
+            raise LayoutError(f"config.json: {field_name} is {declared} but {key} has {shape[dim]} there (shape {list(shape)}); the config does not belong to these weights")
+
+
+def _strip_lora(key: str) -> tuple[str, str | None]:
+    """Remove peft wrapping (`base_model.model.`, `.base_layer`, lora factors) from a key."""
+    lora = None
+    match = LORA_SUFFIX.match(key)
+    if match:
+        key = match.group("base") + ".weight"
+        lora = match.group("ab")
+    for tower in ("language_model", "vision_model"):
+        key = key.replace(f"{tower}.base_model.model.", f"{tower}.", 1) if key.startswith(f"{tower}.base_model.model.") else key
+    key = key.replace(".base_layer.", ".")
+    return key, lora
+
+
+def _classify_plain(key: str, dialect: str) -> KeyInfo | None:
+    for pattern, family, part in _patterns(dialect):
+        match = pattern.fullmatch(key)
+        if match:
+            groups = match.groupdict()
+            layer = int(groups["layer"]) if groups.get("layer") is not None else None
+            return KeyInfo(key, family, part, layer, groups["module"], groups.get("param") or "", key)
+    return None
+
+
+_PATTERN_CACHE: dict[str, list[tuple[re.Pattern, str, str]]] = {}
+
+
+def _patterns(dialect: str) -> list[tuple[re.Pattern, str, str]]:
+    if dialect not in _PATTERN_CACHE:
+        embed, head = DIALECT_EMBED[dialect], DIALECT_HEAD[dialect]
+        layer_modules = f"(?:{DIALECT_LINEARS[dialect]})"
+        raw = [
+            (r"vision_model\.embeddings\.(?P<module>class_embedding|position_embedding)", "vision", "embeddings"),
+            (r"vision_model\.embeddings\.(?P<module>patch_embedding)\.(?P<param>weight|bias)", "vision", "embeddings"),
+            (rf"vision_model\.encoder\.layers\.(?P<layer>\d+)\.(?P<module>{VISION_LINEARS})\.(?P<param>{LINEAR_PARAMS})", "vision", "layer"),
+            (rf"vision_model\.encoder\.layers\.(?P<layer>\d+)\.(?P<module>{VISION_NORMS})\.(?P<param>{NORM_PARAMS})", "vision", "layer"),
+            (r"vision_model\.encoder\.layers\.(?P<layer>\d+)\.(?P<module>ls1|ls2)", "vision", "layer"),
+            (rf"mlp1\.(?P<module>0)\.(?P<param>{NORM_PARAMS})", "projector", "mlp1"),
+            (rf"mlp1\.(?P<module>1|3)\.(?P<param>{LINEAR_PARAMS})", "projector", "mlp1"),
+            (rf"language_model\.model\.(?P<module>{embed})\.(?P<param>weight)", "llm", "embeddings"),
+            (rf"language_model\.model\.layers\.(?P<layer>\d+)\.(?P<module>{layer_modules})\.(?P<param>{LINEAR_PARAMS})", "llm", "layer"),
+            (rf"language_model\.model\.layers\.(?P<layer>\d+)\.(?P<module>{DIALECT_NORMS[dialect]})\.(?P<param>weight)", "llm", "layer"),
+            (r"language_model\.model\.layers\.(?P<layer>\d+)\.(?P<module>self_attn\.rotary_emb|attention\.rotary_emb)\.(?P<param>inv_freq)", "llm", "layer"),
+            (r"language_model\.model\.(?P<module>norm)\.(?P<param>weight)", "llm", "final_norm"),
+            (rf"language_model\.(?P<module>{head})\.(?P<param>{LINEAR_PARAMS})", "llm", "head"),
+        ]
+        _PATTERN_CACHE[dialect] = [(re.compile(p), fam, part) for p, fam, part in raw]
+    return _PATTERN_CACHE[dialect]
+
+
+def _layer_count(infos: dict[str, KeyInfo], family: str) -> int:
+    layers = {i.layer for i in infos.values() if i.family == family and i.part == "layer"}
+    if not layers:
+        return 0
+    expected = set(range(max(layers) + 1))
+    if layers != expected:
+        missing = sorted(expected - layers)
+        raise LayoutError(f"{family} layers are not numbered 0..{max(layers)}: layer {missing[0]} has no keys; the checkpoint is incomplete")
+    return len(layers)
+
+
+def _lora_info(config: dict, infos: dict[str, KeyInfo], shapes: dict[str, tuple[int, ...]]) -> dict[str, LoraInfo]:
+    result: dict[str, LoraInfo] = {}
+    flags = {"llm": int(config.get("use_llm_lora") or 0), "vision": int(config.get("use_backbone_lora") or 0)}
+    for family in ("llm", "vision"):
+        factors = [i for i in infos.values() if i.lora == "A" and i.family == family]
+        if not factors:
+            continue
+        ranks = {shapes[i.key][0] for i in factors}
+        targets = Counter(i.module for i in factors)
+        result[family] = LoraInfo(family, max(ranks), tuple(sorted(targets)), len(factors), flags[family])
+    return result

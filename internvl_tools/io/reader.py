@@ -1,0 +1,176 @@
+"""Streaming checkpoint reader: index and headers validated up front, tensors read on demand.
+
+Only one shard file is open at a time and a tensor's bytes are read only when asked for,
+so memory stays at the size of the tensors the caller holds, whatever the checkpoint size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path, PurePosixPath
+
+import torch
+
+from ..errors import CheckpointError
+from .safetensors_format import ShardHeader, StoredTensor, TensorSpec, read_header
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+
+class CheckpointReader:
+    """A checkpoint folder read as a stream of named tensors.
+
+    The folder holds either `model.safetensors` or shards listed by
+    `model.safetensors.index.json`. Everything is validated when the reader is created.
+    """
+
+    def __init__(self, folder: str | os.PathLike[str]):
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise CheckpointError(f"{self.folder}: not a folder; pass the checkpoint folder (the one with config.json)")
+        self.shards: list[ShardHeader] = _load_shards(self.folder)
+        self._tensors: dict[str, StoredTensor] = {}
+        for shard in self.shards:
+            self._tensors.update(shard.tensors)
+        self._open_path: Path | None = None
+        self._handle = None
+
+    # -- metadata (no tensor bytes) -------------------------------------------------------
+    def keys(self) -> list[str]:
+        """Every tensor name, in shard order then file order."""
+        return list(self._tensors)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._tensors
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def spec(self, name: str) -> TensorSpec:
+        """Dtype and shape of a tensor, from its header."""
+        return self._stored(name).spec
+
+    def specs(self) -> list[TensorSpec]:
+        """Specs of every tensor, in reading order."""
+        return [t.spec for t in self._tensors.values()]
+
+    def stored(self, name: str) -> StoredTensor:
+        """Where a tensor's bytes lie: its shard file and byte offset."""
+        return self._stored(name)
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes of tensor data in the checkpoint."""
+        return sum(t.nbytes for t in self._tensors.values())
+
+    def config(self) -> dict:
+        """The folder's config.json as a dict."""
+        return read_json(self.folder / "config.json")
+
+    # -- data --------------------------------------------------------------------------
+    def get(self, name: str) -> torch.Tensor:
+        """Read one tensor into memory (a fresh, writable CPU tensor)."""
+        stored = self._stored(name)
+        spec = stored.spec
+        buffer = bytearray(spec.nbytes)
+        if spec.nbytes:
+            handle = self._open(stored.path)
+            handle.seek(stored.offset)
+            got = handle.readinto(buffer)
+            if got != spec.nbytes:
+                raise CheckpointError(f"{stored.path}: key {name!r}: file ended after {got} of {spec.nbytes} bytes; the shard was truncated while reading")
+            return torch.frombuffer(buffer, dtype=spec.torch_dtype).reshape(spec.shape)
+        return torch.empty(spec.shape, dtype=spec.torch_dtype)
+
+    def iter_tensors(self, names: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield (name, tensor) one at a time, in shard order unless names are given."""
+        for name in names if names is not None else self.keys():
+            yield name, self.get(name)
+
+    def close(self) -> None:
+        """Close the open shard file, if any."""
+        if self._handle is not None:
+            self._handle.close()
+        self._handle, self._open_path = None, None
+
+    def __enter__(self) -> CheckpointReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _stored(self, name: str) -> StoredTensor:
+        try:
+            return self._tensors[name]
+        except KeyError:
+            raise CheckpointError(f"{self.folder}: no tensor named {name!r}; run `internvl-tools inspect` to list the checkpoint's keys") from None
+
+    def _open(self, path: Path):
+        if self._open_path != path:
+            self.close()
+            self._handle = open(path, "rb", buffering=0)
+            self._open_path = path
+        return self._handle
+
+
+def read_json(path: Path) -> dict:
+    """Read a JSON object file, with a one-line error naming the file when it is bad."""
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing; a checkpoint folder needs it") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return value
+
+
+def _load_shards(folder: Path) -> list[ShardHeader]:
+    index_path = folder / INDEX_NAME
+    if index_path.exists():
+        return _load_indexed(folder, index_path)
+    single = folder / SINGLE_NAME
+    if single.exists():
+        return [read_header(single)]
+    raise CheckpointError(f"{folder}: no {SINGLE_NAME} or {INDEX_NAME}; pass a folder with safetensors weights")
+
+
+def _load_indexed(folder: Path, index_path: Path) -> list[ShardHeader]:
+    index = read_json(index_path)
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index_path}: no weight_map object; the index is corrupt, regenerate it")
+    files: dict[str, list[str]] = {}
+    for key, filename in weight_map.items():
+        _check_relative(index_path, key, filename)
+        files.setdefault(filename, []).append(key)
+    shards: list[ShardHeader] = []
+    owner: dict[str, Path] = {}
+    for filename, keys in files.items():
+        path = folder / filename
+        if not path.is_file():
+            raise CheckpointError(f"{index_path}: key {keys[0]!r} maps to shard {filename!r}, which is missing; copy the shard or fix the index")
+        header = read_header(path)
+        for key in keys:
+            if key not in header.tensors:
+                raise CheckpointError(f"{index_path}: key {key!r} maps to {filename!r}, but that shard does not hold it; regenerate the index")
+        for key in header.tensors:
+            if key in owner:
+                raise CheckpointError(f"{path}: key {key!r} is also in {owner[key].name}; a key must be in one shard only")
+            if weight_map.get(key) != filename:
+                raise CheckpointError(f"{path}: key {key!r} is in this shard but the index maps it to {weight_map.get(key)!r}; regenerate the index")
+            owner[key] = path
+        shards.append(header)
+    return shards
+
+
+def _check_relative(index_path: Path, key: str, filename: object) -> None:
+    if not isinstance(filename, str) or not filename:
+        raise CheckpointError(f"{index_path}: key {key!r} maps to {filename!r}, not a file name; the index is corrupt")
+    pure = PurePosixPath(filename.replace("\\", "/"))
+    if pure.is_absolute() or ".." in pure.parts or Path(filename).is_absolute() or ":" in pure.parts[0]:
+        raise CheckpointError(f"{index_path}: key {key!r} maps to {filename!r}, a path outside the checkpoint folder; shard names must be relative")

@@ -1,0 +1,183 @@
+"""The safetensors file format: dtype table, header parsing and validation, header building.
+
+Every header is untrusted input: `read_header` checks it completely before any tensor byte
+is used, and errors name the file and the key.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import CheckpointError
+
+# safetensors dtype code -> (torch dtype, bytes per element)
+DTYPES: dict[str, tuple[torch.dtype, int]] = {
+    "F64": (torch.float64, 8),
+    "F32": (torch.float32, 4),
+    "F16": (torch.float16, 2),
+    "BF16": (torch.bfloat16, 2),
+    "I64": (torch.int64, 8),
+    "I32": (torch.int32, 4),
+    "I16": (torch.int16, 2),
+    "I8": (torch.int8, 1),
+    "U8": (torch.uint8, 1),
+    "U16": (torch.uint16, 2),
+    "U32": (torch.uint32, 4),
+    "U64": (torch.uint64, 8),
+    "BOOL": (torch.bool, 1),
+    "F8_E4M3": (torch.float8_e4m3fn, 1),
+    "F8_E5M2": (torch.float8_e5m2, 1),
+}
+TORCH_TO_CODE = {torch_dtype: code for code, (torch_dtype, _) in DTYPES.items()}
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit the safetensors library itself applies
+ALIGNMENT = 8
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Name, dtype code and shape of one tensor: all a planner needs, no data."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * DTYPES[self.dtype][1]
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype][0]
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """A tensor's spec plus where its bytes lie in a shard file."""
+
+    spec: TensorSpec
+    path: Path
+    offset: int  # absolute byte offset of the data in the file
+
+    @property
+    def nbytes(self) -> int:
+        return self.spec.nbytes
+
+
+@dataclass(frozen=True)
+class ShardHeader:
+    """The validated header of one .safetensors file."""
+
+    path: Path
+    tensors: dict[str, StoredTensor]
+    metadata: dict[str, str]
+
+
+def spec_of(name: str, tensor: torch.Tensor) -> TensorSpec:
+    """The TensorSpec of an in-memory tensor."""
+    if tensor.dtype not in TORCH_TO_CODE:
+        raise CheckpointError(f"tensor {name!r}: dtype {tensor.dtype} cannot be stored in safetensors")
+    return TensorSpec(name, TORCH_TO_CODE[tensor.dtype], tuple(tensor.shape))
+
+
+def read_header(path: Path) -> ShardHeader:
+    """Read and fully validate the header of a safetensors file.
+
+    Checks the header length against the file size, the JSON structure, every dtype and
+    shape, and that each tensor's byte range matches dtype x shape, lies inside the file and
+    overlaps no other tensor.
+    """
+    try:
+        file_size = os.path.getsize(path)
+        with open(path, "rb") as handle:
+            prefix = handle.read(8)
+            if len(prefix) < 8:
+                raise CheckpointError(f"{path}: file is {file_size} bytes, too short for a safetensors header; the shard is truncated, copy it again")
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > MAX_HEADER_BYTES or 8 + header_len > file_size:
+                raise CheckpointError(
+                    f"{path}: header length {header_len} goes beyond the file ({file_size} bytes); the shard is truncated or corrupt, copy it again"
+                )
+            raw = handle.read(header_len)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read ({exc.strerror}); check the file exists and is readable") from exc
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: header is not valid JSON ({exc}); the shard is corrupt, copy it again") from exc
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: header is not a JSON object; the shard is corrupt, copy it again")
+    data_start = 8 + header_len
+    data_len = file_size - data_start
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise CheckpointError(f"{path}: __metadata__ is not an object of strings; the shard is corrupt")
+    tensors = {name: _parse_entry(path, name, entry, data_start, data_len) for name, entry in header.items()}
+    _check_no_overlap(path, tensors, data_start)
+    return ShardHeader(path, tensors, {str(k): str(v) for k, v in metadata.items()})
+
+
+def _parse_entry(path: Path, name: str, entry: object, data_start: int, data_len: int) -> StoredTensor:
+    if not isinstance(entry, dict):
+        raise CheckpointError(f"{path}: key {name!r}: header entry is not an object; the shard is corrupt")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in DTYPES:
+        raise CheckpointError(f"{path}: key {name!r}: unknown dtype {dtype!r}; the shard is corrupt or uses a dtype this tool does not read")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise CheckpointError(f"{path}: key {name!r}: shape {shape!r} is not a list of non-negative integers; the shard is corrupt")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+    ):
+        raise CheckpointError(f"{path}: key {name!r}: data_offsets {offsets!r} is not a pair of integers; the shard is corrupt")
+    begin, end = offsets
+    spec = TensorSpec(name, dtype, tuple(shape))
+    if not 0 <= begin <= end:
+        raise CheckpointError(f"{path}: key {name!r}: data_offsets [{begin}, {end}] are out of order; the shard is corrupt")
+    if end - begin != spec.nbytes:
+        raise CheckpointError(
+            f"{path}: key {name!r}: data is {end - begin} bytes but {dtype} x {list(shape)} needs {spec.nbytes}; the shard is corrupt"
+        )
+    if end > data_len:
+        raise CheckpointError(
+            f"{path}: key {name!r}: data ends at byte {data_start + end}, beyond the file ({data_start + data_len} bytes); the shard is truncated, copy it again"
+        )
+    return StoredTensor(spec, path, data_start + begin)
+
+
+def _check_no_overlap(path: Path, tensors: dict[str, StoredTensor], data_start: int) -> None:
+    ranges = sorted((t.offset, t.offset + t.nbytes, name) for name, t in tensors.items() if t.nbytes)
+    for (_, end_a, name_a), (begin_b, _, name_b) in zip(ranges, ranges[1:]):
+        if begin_b < end_a:
+            raise CheckpointError(f"{path}: keys {name_a!r} and {name_b!r} overlap in the data section; the shard is corrupt")
+
+
+def build_header(specs: list[TensorSpec], metadata: dict[str, str] | None = None) -> tuple[bytes, dict[str, int]]:
+    """Serialize a header for tensors stored back to back in `specs` order.
+
+    Returns the header bytes (length prefix included, padded to 8-byte alignment) and each
+    tensor's absolute byte offset in the file.
+    """
+    entries: dict[str, object] = {"__metadata__": metadata or {"format": "pt"}}
+    relative: dict[str, int] = {}
+    cursor = 0
+    for spec in specs:
+        entries[spec.name] = {"dtype": spec.dtype, "shape": list(spec.shape), "data_offsets": [cursor, cursor + spec.nbytes]}
+        relative[spec.name] = cursor
+        cursor += spec.nbytes
+    body = json.dumps(entries, separators=(",", ":")).encode("utf-8")
+    body += b" " * (-(8 + len(body)) % ALIGNMENT)
+    start = 8 + len(body)
+    return struct.pack("<Q", len(body)) + body, {name: start + off for name, off in relative.items()}

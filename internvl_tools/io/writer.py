@@ -1,0 +1,263 @@
+"""Streaming checkpoint writer.
+
+Shards are planned up front from tensor specs (pure `plan_shards`), so every header is known
+before any data is written and each tensor goes straight to its final byte offset: nothing is
+buffered beyond the tensor being written. Output goes to OUT.partial/ and is renamed to OUT
+only when every tensor and file is in place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from ..errors import CheckpointError, InputError
+from .reader import INDEX_NAME, SINGLE_NAME
+from .safetensors_format import StoredTensor, TensorSpec, build_header, spec_of
+
+DEFAULT_MAX_SHARD_SIZE = 5 * 10**9
+WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json", ".pt", ".pth")
+
+
+def parse_size(text: str | int) -> int:
+    """Parse '5GB', '500MB', '80GiB', '1e9' or a byte count into bytes."""
+    if isinstance(text, int):
+        return text
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    raw = text.strip().upper().replace(" ", "")
+    number = raw.rstrip("KMGTIB")
+    unit = raw[len(number):]
+    try:
+        value = float(number)
+    except ValueError:
+        raise InputError(f"size {text!r} is not a number with a unit; write e.g. 5GB, 500MB or 80GiB") from None
+    if unit not in units or value <= 0:
+        raise InputError(f"size {text!r}: unknown unit or not positive; write e.g. 5GB, 500MB or 80GiB")
+    return int(value * units[unit])
+
+
+def plan_shards(specs: list[TensorSpec], max_shard_size: int) -> list[list[TensorSpec]]:
+    """Group tensors, in order, into shards of at most `max_shard_size` data bytes.
+
+    A tensor larger than the limit gets a shard of its own (as transformers does).
+    """
+    shards: list[list[TensorSpec]] = []
+    current: list[TensorSpec] = []
+    size = 0
+    for spec in specs:
+        if current and size + spec.nbytes > max_shard_size:
+            shards.append(current)
+            current, size = [], 0
+        current.append(spec)
+        size += spec.nbytes
+    if current or not shards:
+        shards.append(current)
+    return shards
+
+
+def shard_file_names(count: int) -> list[str]:
+    """model.safetensors for one shard, model-0000k-of-0000N.safetensors for several."""
+    if count == 1:
+        return [SINGLE_NAME]
+    return [f"model-{k:05d}-of-{count:05d}.safetensors" for k in range(1, count + 1)]
+
+
+def check_output(out: Path, inputs: list[Path], overwrite: bool) -> None:
+    """Refuse an output folder that is, contains or lies inside an input, or is non-empty."""
+    out_resolved = Path(out).resolve()
+    for source in inputs:
+        src = Path(source).resolve()
+        if out_resolved == src or src in out_resolved.parents or out_resolved in src.parents:
+            raise InputError(f"output {out} is, contains or lies inside the input {source}; choose an output folder outside the input")
+    if out_resolved.exists():
+        if not out_resolved.is_dir():
+            raise InputError(f"output {out} exists and is not a folder; choose another path")
+        if any(out_resolved.iterdir()) and not overwrite:
+            raise InputError(f"output {out} is not empty; pass --overwrite to replace it, or choose another folder")
+
+
+def copy_side_files(source: Path, dest: Path, skip: set[str] = frozenset()) -> list[str]:
+    """Copy every non-weight file (config, tokenizer, processor, remote code, examples)."""
+    copied = []
+    for entry in sorted(Path(source).iterdir()):
+        if entry.name.startswith(".") or entry.name in skip or entry.name.endswith(WEIGHT_SUFFIXES):
+            continue
+        if entry.is_dir():
+            shutil.copytree(entry, dest / entry.name, symlinks=False)
+        elif entry.is_file():
+            shutil.copy2(entry, dest / entry.name)
+        else:
+            continue
+        copied.append(entry.name)
+    return copied
+
+
+class CheckpointWriter:
+    """Writes planned tensors into shards of OUT.partial/, then renames it to OUT.
+
+    Use as a context manager: on an exception the partial folder is removed and OUT is
+    untouched. Tensors may be written in any order; each must match its planned spec.
+    """
+
+    def __init__(
+        self,
+        out: str | os.PathLike[str],
+        specs: list[TensorSpec],
+        *,
+        max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+        inputs: list[Path] = (),
+        overwrite: bool = False,
+        metadata: dict[str, str] | None = None,
+    ):
+        self.out = Path(out)
+        check_output(self.out, list(inputs), overwrite)
+        names = [s.name for s in specs]
+        if len(set(names)) != len(names):
+            raise CheckpointError(f"{self.out}: planned output has duplicate tensor names")
+        self.partial = self.out.with_name(self.out.name + ".partial")
+        self.plan = plan_shards(specs, max_shard_size)
+        self.files = shard_file_names(len(self.plan))
+        self.metadata = metadata or {"format": "pt"}
+        self._specs = {s.name: s for s in specs}
+        self._location: dict[str, tuple[int, int]] = {}  # name -> (shard index, absolute offset)
+        self._remaining = [len(shard) for shard in self.plan]
+        self._fds: dict[int, int] = {}
+        self._written: set[str] = set()
+        self.bytes_written = 0
+
+    def __enter__(self) -> CheckpointWriter:
+        if self.partial.exists():
+            shutil.rmtree(self.partial)
+        self.partial.mkdir(parents=True)
+        for index, shard in enumerate(self.plan):
+            header, offsets = build_header(shard, self.metadata)
+            with open(self.partial / self.files[index], "wb") as handle:
+                handle.write(header)
+                handle.truncate(len(header) + sum(s.nbytes for s in shard))
+            for name, offset in offsets.items():
+                self._location[name] = (index, offset)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+        if exc_type is not None and self.partial.exists():
+            shutil.rmtree(self.partial, ignore_errors=True)
+
+    # -- tensors -----------------------------------------------------------------------
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write one in-memory tensor at its planned place."""
+        self._check_spec(name, spec_of(name, tensor))
+        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+        fd, offset = self._target(name)
+        view = memoryview(data)
+        while view.nbytes:
+            done = os.pwrite(fd, view, offset)
+            view, offset = view[done:], offset + done
+        self._done(name)
+
+    def copy_stored(self, name: str, source: StoredTensor) -> None:
+        """Copy a tensor's bytes straight from its source shard (in-kernel when possible)."""
+        self._check_spec(name, TensorSpec(name, source.spec.dtype, source.spec.shape))
+        fd, offset = self._target(name)
+        with open(source.path, "rb", buffering=0) as src:
+            _copy_range(src.fileno(), source.offset, fd, offset, source.nbytes)
+        self._done(name)
+
+    def finalize(self, side_files_from: Path | None = None, files: dict[str, object] | None = None) -> Path:
+        """Check completeness, write the index and side files, and rename OUT.partial to OUT.
+
+        `files` maps a file name to bytes/str or a JSON-able object written in place of
+        (or in addition to) the copied side files, e.g. an updated config.json.
+        """
+        missing = [name for name in self._specs if name not in self._written]
+        if missing:
+            raise CheckpointError(f"{self.out}: {len(missing)} planned tensors were never written (first: {missing[0]!r})")
+        for fd in self._fds.values():
+            os.fsync(fd)
+            os.close(fd)
+        self._fds.clear()
+        if len(self.plan) > 1:
+            self._write_index()
+        if side_files_from is not None:
+            copy_side_files(side_files_from, self.partial, skip=set(files or ()))
+        for filename, content in (files or {}).items():
+            write_file(self.partial / filename, content)
+        return self._commit()
+
+    # -- internals -----------------------------------------------------------------------
+    def _check_spec(self, name: str, spec: TensorSpec) -> None:
+        planned = self._specs.get(name)
+        if planned is None:
+            raise CheckpointError(f"{self.out}: tensor {name!r} is not in the planned output")
+        if (planned.dtype, planned.shape) != (spec.dtype, spec.shape):
+            raise CheckpointError(
+                f"{self.out}: tensor {name!r} is {spec.dtype} {list(spec.shape)} but {planned.dtype} {list(planned.shape)} was planned"
+            )
+        if name in self._written:
+            raise CheckpointError(f"{self.out}: tensor {name!r} written twice")
+
+    def _target(self, name: str) -> tuple[int, int]:
+        index, offset = self._location[name]
+        if index not in self._fds:
+            self._fds[index] = os.open(self.partial / self.files[index], os.O_WRONLY)
+        return self._fds[index], offset
+
+    def _done(self, name: str) -> None:
+        self._written.add(name)
+        self.bytes_written += self._specs[name].nbytes
+        index, _ = self._location[name]
+        self._remaining[index] -= 1
+        if self._remaining[index] == 0 and index in self._fds:
+            os.close(self._fds.pop(index))
+
+    def _write_index(self) -> None:
+        weight_map = {spec.name: self.files[i] for i, shard in enumerate(self.plan) for spec in shard}
+        total = sum(spec.nbytes for spec in self._specs.values())
+        write_file(self.partial / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
+
+    def _commit(self) -> Path:
+        old = None
+        if self.out.exists():
+            old = self.out.with_name(self.out.name + ".replaced")
+            if old.exists():
+                shutil.rmtree(old)
+            self.out.rename(old)
+        self.partial.rename(self.out)
+        if old is not None:
+            shutil.rmtree(old)
+        return self.out
+
+
+def write_file(path: Path, content: object) -> None:
+    """Write bytes, text, or a JSON object (indented, as transformers writes config.json)."""
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif isinstance(content, str):
+        path.write_text(content, encoding="utf-8")
+    else:
+        path.write_text(json.dumps(content, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+
+
+def _copy_range(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, count: int) -> None:
+    """Copy a byte range between files, in the kernel where the platform allows."""
+    try:
+        while count:
+            done = os.copy_file_range(src_fd, dst_fd, count, src_offset, dst_offset)
+            if done == 0:
+                raise CheckpointError("source shard ended early while copying; it was truncated during the run")
+            src_offset, dst_offset, count = src_offset + done, dst_offset + done, count - done
+    except (AttributeError, OSError):
+        chunk = 64 * 2**20
+        while count:
+            data = os.pread(src_fd, min(chunk, count), src_offset)
+            if not data:
+                raise CheckpointError("source shard ended early while copying; it was truncated during the run") from None
+            os.pwrite(dst_fd, data, dst_offset)
+            src_offset, dst_offset, count = src_offset + len(data), dst_offset + len(data), count - len(data)

@@ -1,0 +1,282 @@
+"""Generate InternVL checkpoints with random weights and the real key layout of each family.
+
+Used by the tests (tiny), the demo and the benchmarks (`wide`: true widths, few layers).
+Tensors are generated one at a time and streamed through the checkpoint writer.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..arch.families import ARCHITECTURE_OF_DIALECT, Family, get_family, tiny_family, wide_family
+from ..arch.layout import DIALECT_EMBED, DIALECT_HEAD
+from ..io.safetensors_format import TensorSpec
+from ..io.writer import CheckpointWriter, plan_shards
+from .tokenizer import tokenizer_files
+
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+LLM_LORA_TARGETS = {
+    "llama": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"],
+    "qwen2": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"],
+    "internlm2": ["attention.wqkv", "attention.wo", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"],
+    "phi3": ["self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"],
+}
+VISION_LORA_TARGETS = ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]
+
+
+@dataclass(frozen=True)
+class Planned:
+    """One tensor to generate: its spec and how to fill it ("normal", "ones", "zeros", "scale")."""
+
+    spec: TensorSpec
+    init: str
+
+
+def vision_tensors(family: Family) -> list[Planned]:
+    """The InternViT keys of a family (original layout)."""
+    v = family.vision
+    h, i = v.hidden_size, v.intermediate_size
+    grid = (v.image_size // v.patch_size) ** 2
+    out = [
+        _p("vision_model.embeddings.class_embedding", (1, 1, h)),
+        _p("vision_model.embeddings.patch_embedding.weight", (h, 3, v.patch_size, v.patch_size)),
+        _p("vision_model.embeddings.patch_embedding.bias", (h,), "small"),
+        _p("vision_model.embeddings.position_embedding", (1, grid + 1, h)),
+    ]
+    with_bias = v.norm_type == "layer_norm"
+    for n in range(v.num_hidden_layers):
+        pre = f"vision_model.encoder.layers.{n}."
+        out.append(_p(pre + "attn.qkv.weight", (3 * h, h)))
+        if v.qkv_bias:
+            out.append(_p(pre + "attn.qkv.bias", (3 * h,), "small"))
+        if v.qk_normalization:
+            out += [_p(pre + "attn.q_norm.weight", (h,), "ones"), _p(pre + "attn.k_norm.weight", (h,), "ones")]
+        out += [_p(pre + "attn.proj.weight", (h, h)), _p(pre + "attn.proj.bias", (h,), "small")]
+        out += [_p(pre + "mlp.fc1.weight", (i, h)), _p(pre + "mlp.fc1.bias", (i,), "small")]
+        out += [_p(pre + "mlp.fc2.weight", (h, i)), _p(pre + "mlp.fc2.bias", (h,), "small")]
+        for norm in ("norm1", "norm2"):
+            out.append(_p(pre + f"{norm}.weight", (h,), "ones"))
+            if with_bias:
+                out.append(_p(pre + f"{norm}.bias", (h,), "small"))
+        out += [_p(pre + "ls1", (h,), "scale"), _p(pre + "ls2", (h,), "scale")]
+    return out
+
+
+def projector_tensors(family: Family) -> list[Planned]:
+    """mlp1: LayerNorm(4*vit) -> Linear -> GELU -> Linear."""
+    width = family.vision.hidden_size * int(1 / family.downsample_ratio) ** 2
+    d = family.llm.hidden_size
+    return [
+        _p("mlp1.0.weight", (width,), "ones"), _p("mlp1.0.bias", (width,), "small"),
+        _p("mlp1.1.weight", (d, width)), _p("mlp1.1.bias", (d,), "small"),
+        _p("mlp1.3.weight", (d, d)), _p("mlp1.3.bias", (d,), "small"),
+    ]
+
+
+def llm_layer_shapes(family: Family) -> dict[str, tuple[int, ...]]:
+    """Module path -> weight shape for one decoder layer, in the family's dialect."""
+    m = family.llm
+    d, i, hd = m.hidden_size, m.intermediate_size, m.hidden_size // m.num_attention_heads
+    q, kv = m.num_attention_heads * hd, m.num_key_value_heads * hd
+    if m.dialect == "internlm2":
+        return {"attention.wqkv": (q + 2 * kv, d), "attention.wo": (d, q),
+                "feed_forward.w1": (i, d), "feed_forward.w3": (i, d), "feed_forward.w2": (d, i)}
+    if m.dialect == "phi3":
+        return {"self_attn.qkv_proj": (q + 2 * kv, d), "self_attn.o_proj": (d, q),
+                "mlp.gate_up_proj": (2 * i, d), "mlp.down_proj": (d, i)}
+    return {"self_attn.q_proj": (q, d), "self_attn.k_proj": (kv, d), "self_attn.v_proj": (kv, d),
+            "self_attn.o_proj": (d, q), "mlp.gate_proj": (i, d), "mlp.up_proj": (i, d), "mlp.down_proj": (d, i)}
+
+
+def llm_tensors(family: Family) -> list[Planned]:
+    """The language model keys of a family (original layout, its own dialect)."""
+    m = family.llm
+    d = m.hidden_size
+    norms = ("attention_norm", "ffn_norm") if m.dialect == "internlm2" else ("input_layernorm", "post_attention_layernorm")
+    out = [_p(f"language_model.model.{DIALECT_EMBED[m.dialect]}.weight", (m.vocab_size, d))]
+    shapes = llm_layer_shapes(family)
+    for n in range(m.num_hidden_layers):
+        pre = f"language_model.model.layers.{n}."
+        for module, shape in shapes.items():
+            out.append(_p(pre + module + ".weight", shape))
+            if m.dialect == "qwen2" and module in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+                out.append(_p(pre + module + ".bias", shape[:1], "small"))
+        out += [_p(pre + norms[0] + ".weight", (d,), "ones"), _p(pre + norms[1] + ".weight", (d,), "ones")]
+    out.append(_p("language_model.model.norm.weight", (d,), "ones"))
+    out.append(_p(f"language_model.{DIALECT_HEAD[m.dialect]}.weight", (m.vocab_size, d)))
+    return out
+
+
+def with_embedded_lora(planned: list[Planned], tower: str, targets: list[str], rank: int) -> list[Planned]:
+    """Wrap one tower's keys the way peft does inside InternVL's fine-tuning (alpha = 2r)."""
+    out = []
+    for item in planned:
+        name = item.spec.name
+        if not name.startswith(tower + "."):
+            out.append(item)
+            continue
+        wrapped = name.replace(tower + ".", f"{tower}.base_model.model.", 1)
+        module = next((t for t in targets if name.endswith(f".{t}.weight") or name.endswith(f".{t}.bias")), None)
+        if module is None:
+            out.append(Planned(TensorSpec(wrapped, item.spec.dtype, item.spec.shape), item.init))
+            continue
+        stem, param = wrapped.rsplit(".", 1)
+        out.append(Planned(TensorSpec(f"{stem}.base_layer.{param}", item.spec.dtype, item.spec.shape), item.init))
+        if param == "weight":
+            rows, cols = item.spec.shape
+            out.append(_p(f"{stem}.lora_A.default.weight", (rank, cols), "lora"))
+            out.append(_p(f"{stem}.lora_B.default.weight", (rows, rank), "lora"))
+    return out
+
+
+def make_config(family: Family, *, use_llm_lora: int = 0, use_backbone_lora: int = 0, name: str = "") -> dict:
+    """An original-layout config.json (model_type internvl_chat) for a family."""
+    v, m = family.vision, family.llm
+    llm = {
+        "_name_or_path": m.name,
+        "architectures": [ARCHITECTURE_OF_DIALECT[m.dialect]],
+        "model_type": {"llama": "llama", "qwen2": "qwen2", "internlm2": "internlm2", "phi3": "phi3"}[m.dialect],
+        "hidden_size": m.hidden_size,
+        "num_hidden_layers": m.num_hidden_layers,
+        "num_attention_heads": m.num_attention_heads,
+        "num_key_value_heads": m.num_key_value_heads,
+        "intermediate_size": m.intermediate_size,
+        "vocab_size": m.vocab_size,
+        "hidden_act": "silu",
+        "rms_norm_eps": m.rms_norm_eps,
+        "rope_theta": m.rope_theta,
+        "max_position_embeddings": m.max_position_embeddings,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+    }
+    if m.dialect == "internlm2":
+        llm["bias"] = False
+    return {
+        "_name_or_path": name or family.name,
+        "architectures": ["InternVLChatModel"],
+        "model_type": "internvl_chat",
+        "template": family.template,
+        "ps_version": family.ps_version,
+        "downsample_ratio": family.downsample_ratio,
+        "select_layer": family.select_layer,
+        "force_image_size": v.image_size,
+        "dynamic_image_size": family.dynamic_image_size,
+        "min_dynamic_patch": 1,
+        "max_dynamic_patch": family.max_dynamic_patch,
+        "use_thumbnail": family.use_thumbnail,
+        "use_backbone_lora": use_backbone_lora,
+        "use_llm_lora": use_llm_lora,
+        "torch_dtype": "bfloat16",
+        "vision_config": {
+            "architectures": ["InternVisionModel"],
+            "model_type": "intern_vit_6b",
+            "hidden_size": v.hidden_size,
+            "num_hidden_layers": v.num_hidden_layers,
+            "num_attention_heads": v.num_attention_heads,
+            "intermediate_size": v.intermediate_size,
+            "qkv_bias": v.qkv_bias,
+            "qk_normalization": v.qk_normalization,
+            "norm_type": v.norm_type,
+            "layer_norm_eps": v.layer_norm_eps,
+            "image_size": v.image_size,
+            "patch_size": v.patch_size,
+            "num_channels": 3,
+            "hidden_act": "gelu",
+            "use_flash_attn": False,
+            "torch_dtype": "bfloat16",
+        },
+        "llm_config": llm,
+    }
+
+
+def side_files(family: Family) -> dict[str, object]:
+    """generation_config.json and preprocessor_config.json for a generated checkpoint."""
+    size = family.vision.image_size
+    return {
+        "generation_config.json": {"do_sample": False, "max_new_tokens": 64},
+        "preprocessor_config.json": {
+            "crop_size": size, "do_center_crop": True, "do_normalize": True, "do_resize": True,
+            "image_mean": IMAGENET_MEAN, "image_std": IMAGENET_STD, "resample": 3, "size": size,
+            "feature_extractor_type": "CLIPFeatureExtractor",
+        },
+    }
+
+
+def make_checkpoint(
+    family_name: str,
+    out: Path,
+    *,
+    lora: str = "none",
+    rank: int = 4,
+    shards: int = 2,
+    wide: bool = False,
+    seed: int = 0,
+    overwrite: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> Path:
+    """Write a random-weight checkpoint of a family: tiny by default, true widths with `wide`.
+
+    `lora` is none, embedded (LLM and vision), embedded-llm, embedded-vision.
+    """
+    base = get_family(family_name)
+    files, vocab = tokenizer_files(base.template)
+    family = wide_family(base) if wide else tiny_family(base, vocab_size=_round_up(vocab, 64))
+    planned = vision_tensors(family) + llm_tensors(family) + projector_tensors(family)
+    llm_rank = rank if lora in ("embedded", "embedded-llm") else 0
+    vision_rank = rank if lora in ("embedded", "embedded-vision") else 0
+    if llm_rank:
+        planned = with_embedded_lora(planned, "language_model", LLM_LORA_TARGETS[family.llm.dialect], llm_rank)
+    if vision_rank:
+        planned = with_embedded_lora(planned, "vision_model", VISION_LORA_TARGETS, vision_rank)
+    specs = [item.spec for item in planned]
+    config = make_config(family, use_llm_lora=llm_rank, use_backbone_lora=vision_rank, name=base.name)
+    files.update(side_files(family))
+    files["config.json"] = config
+    generator = torch.Generator().manual_seed(seed)
+    with CheckpointWriter(out, specs, max_shard_size=shard_limit_for(specs, shards), overwrite=overwrite) as writer:
+        for item in planned:
+            writer.write(item.spec.name, _fill(item, generator))
+            if progress:
+                progress(item.spec.nbytes)
+        return writer.finalize(files=files)
+
+
+def shard_limit_for(specs: list[TensorSpec], shards: int) -> int:
+    """The smallest shard size limit that splits `specs` into at most `shards` shards."""
+    low, high = max((s.nbytes for s in specs), default=1), max(sum(s.nbytes for s in specs), 1)
+    while low < high:
+        mid = (low + high) // 2
+        if len(plan_shards(specs, mid)) <= shards:
+            high = mid
+        else:
+            low = mid + 1
+    return low
+
+
+def _p(name: str, shape: tuple[int, ...], init: str = "normal") -> Planned:
+    return Planned(TensorSpec(name, "BF16", tuple(shape)), init)
+
+
+def _fill(item: Planned, generator: torch.Generator) -> torch.Tensor:
+    tensor = torch.empty(item.spec.shape, dtype=torch.bfloat16)
+    if item.init == "ones":
+        return tensor.normal_(1.0, 0.05, generator=generator)
+    if item.init == "scale":
+        return tensor.normal_(0.1, 0.02, generator=generator)
+    if item.init == "small":
+        return tensor.normal_(0.0, 0.01, generator=generator)
+    if item.init == "lora":
+        return tensor.normal_(0.0, 0.1, generator=generator)
+    fan_in = math.prod(item.spec.shape[1:]) if len(item.spec.shape) > 1 else item.spec.shape[0]
+    return tensor.normal_(0.0, min(0.02, 1.0 / math.sqrt(max(fan_in, 1))) * 2, generator=generator)
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
