@@ -134,11 +134,12 @@ def wide_family(family: Family, *, vision_layers: int = 2, llm_layers: int = 2) 
     )
 
 
-def identify(vision_style: str, dialect: str, ps_version: str, llm_hidden: int, template: str | None) -> str:
+def identify(vision_style: str, dialect: str, ps_version: str, llm_hidden: int, template: str | None, name_hint: str = "") -> str:
     """Name the seed family a checkpoint belongs to, or describe it when no family matches.
 
     Matches on the structural signature (ViT style, LLM dialect, pixel-shuffle version),
-    then on the LLM width when several families share a signature.
+    then on the LLM width, then on the config's `_name_or_path` when several families share
+    a signature.
     """
     candidates = [
         f for f in FAMILIES.values()
@@ -148,6 +149,11 @@ def identify(vision_style: str, dialect: str, ps_version: str, llm_hidden: int, 
         by_template = [f for f in candidates if f.template == template]
         candidates = by_template or candidates
     exact = [f for f in candidates if f.llm.hidden_size == llm_hidden]
+    hinted = [f for f in candidates if name_hint and f.name.lower() == name_hint.rstrip("/").rsplit("/", 1)[-1].lower()]
+    if hinted and not exact:
+        return f"{hinted[0].name} (reduced size)"
+    if hinted:
+        return hinted[0].name
     if exact:
         names = [f.name for f in exact]
         return " / ".join(names)

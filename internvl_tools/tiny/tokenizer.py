@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 IMAGE_TOKENS = ["<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>"]
 IMG_CONTEXT = "<IMG_CONTEXT>"
@@ -39,6 +39,10 @@ def build_tokenizer(template: str, vocab_size: int = 384) -> tuple[Tokenizer, li
     )
     tokenizer.train_from_iterator([CORPUS] * 4, trainer=trainer)
     tokenizer.add_special_tokens(IMAGE_TOKENS)
+    if bos:
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokenizer.token_to_id(bos))]
+        )
     return tokenizer, specials, bos, eos
 
 

@@ -1,0 +1,132 @@
+"""The `internvl-tools` command line: thin commands over the library."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+from .. import __version__
+from ..arch.families import FAMILIES
+from ..io.writer import DEFAULT_MAX_SHARD_SIZE, check_output, parse_size
+from ..ops.inspect import summarize
+from ..ops.shard import reshard
+from ..tiny.generator import make_checkpoint
+from .common import ToolGroup, byte_progress, emit_json, human_bytes, human_count, stdout
+
+SIZE_HELP = "largest shard, e.g. 5GB, 500MB, 2GiB"
+
+
+@click.group(cls=ToolGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="show tracebacks instead of one-line errors")
+@click.version_option(__version__)
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """Convert, shard and quantize InternVL checkpoints with bounded memory."""
+    ctx.obj = {"debug": debug}
+
+
+@cli.command("inspect")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="print a JSON report")
+def inspect_cmd(checkpoint: Path, as_json: bool) -> None:
+    """Show family, towers, dtypes, sizes, LoRA and memory needs of CHECKPOINT."""
+    report = summarize(checkpoint)
+    if as_json:
+        emit_json(report)
+        return
+    print_report(report)
+
+
+def print_report(report: dict) -> None:
+    """Render an inspect report as tables."""
+    vision, llm = report["vision"], report["llm"]
+    table = Table(title=f"{report['path']}: {report['family']}", show_header=False)
+    table.add_row("template / pixel shuffle", f"{report['template']} / {report['ps_version']}")
+    table.add_row("vision", f"{vision['style']}: width {vision['hidden_size']}, {vision['layers']} layers, {vision['heads']} heads, "
+                            f"MLP {vision['intermediate_size']}, select_layer {vision['select_layer']}, "
+                            f"{vision['image_size']}px tiles -> {vision['tokens_per_tile']} tokens")
+    table.add_row("llm", f"{llm['architecture']} ({llm['dialect']}): width {llm['hidden_size']}, {llm['layers']} layers, "
+                         f"{llm['heads']} heads / {llm['kv_heads']} kv, MLP {llm['intermediate_size']}, vocab {llm['vocab_size']}")
+    table.add_row("tensors / shards", f"{report['tensors']} in {report['shards']} shard(s)")
+    table.add_row("dtypes", ", ".join(f"{k}: {v['tensors']} ({human_bytes(v['bytes'])})" for k, v in report["dtypes"].items()))
+    sizes = report["bytes"]
+    params = report["params"]
+    for family in ("vision", "projector", "llm"):
+        if family in sizes:
+            table.add_row(f"{family}", f"{human_bytes(sizes[family])}, {human_count(params.get(family, 0))} params")
+    table.add_row("total", f"{human_bytes(sizes['total'])}, {human_count(params['total'])} params")
+    layers = report["llm_layer_bytes"]
+    if layers:
+        table.add_row("per decoder layer", f"{human_bytes(min(layers))} .. {human_bytes(max(layers))}")
+    big = report["largest_tensor"]
+    table.add_row("largest tensor", f"{big['name']} {big['shape']} ({human_bytes(big['bytes'])})")
+    for family, lora in report["lora"].items():
+        table.add_row(f"LoRA ({family})", f"rank {lora['rank']} (alpha {lora['alpha']}) on {lora['modules']} modules: "
+                                          f"{', '.join(lora['targets'])}; config flag {lora['config_flag']}")
+    if not report["lora"]:
+        table.add_row("LoRA", "none")
+    if report["quantization"]:
+        table.add_row("quantization", ", ".join(f"{k}={v}" for k, v in report["quantization"].items()))
+    if report["memory_estimate"]:
+        mem = report["memory_estimate"]
+        table.add_row("weights in memory", f"bf16 {human_bytes(mem['bf16'])}, LLM int8 {human_bytes(mem['int8'])}, "
+                                           f"LLM GPTQ int4 g128 {human_bytes(mem['int4_g128'])} (vision stays bf16)")
+    stdout.print(table)
+
+
+@cli.command("make-tiny")
+@click.argument("family", type=click.Choice(list(FAMILIES), case_sensitive=False))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--lora", type=click.Choice(["none", "embedded", "embedded-llm", "embedded-vision"]), default="none", show_default=True,
+              help="embed InternVL-style LoRA (peft-wrapped keys, alpha = 2r) in the LLM and/or vision tower")
+@click.option("--rank", default=4, show_default=True, help="LoRA rank")
+@click.option("--shards", default=2, show_default=True, help="number of shards")
+@click.option("--wide", is_flag=True, help="the family's true widths with 2 layers per tower (benchmarks; GBs)")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--overwrite", is_flag=True, help="replace a non-empty OUT")
+@click.option("--json", "as_json", is_flag=True)
+def make_tiny_cmd(family: str, out: Path, lora: str, rank: int, shards: int, wide: bool, seed: int, overwrite: bool, as_json: bool) -> None:
+    """Write a random-weight checkpoint of FAMILY with its real key layout, config and tokenizer."""
+    started = time.perf_counter()
+    with byte_progress("generating", 0, enabled=wide and not as_json) as advance:
+        path = make_checkpoint(family, out, lora=lora, rank=rank, shards=shards, wide=wide, seed=seed, overwrite=overwrite, progress=advance)
+    report = summarize(path)
+    summary = {"out": str(path), "family": family, "tensors": report["tensors"], "shards": report["shards"],
+               "bytes": report["bytes"]["total"], "seconds": round(time.perf_counter() - started, 2)}
+    if as_json:
+        emit_json(summary)
+    else:
+        stdout.print(f"wrote {path}: {family}{' (wide)' if wide else ''}, {summary['tensors']} tensors, "
+                     f"{summary['shards']} shard(s), {human_bytes(summary['bytes'])} in {summary['seconds']} s")
+
+
+@cli.command("shard")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="output folder")
+@click.option("--max-shard-size", default="5GB", show_default=True, help=SIZE_HELP)
+@click.option("--overwrite", is_flag=True, help="replace a non-empty OUT")
+@click.option("--json", "as_json", is_flag=True)
+def shard_cmd(checkpoint: Path, out: Path, max_shard_size: str, overwrite: bool, as_json: bool) -> None:
+    """Re-shard CHECKPOINT into OUT losslessly (bit-identical tensors, same side files)."""
+    limit = parse_size(max_shard_size) if max_shard_size else DEFAULT_MAX_SHARD_SIZE
+    check_output(out, [checkpoint], overwrite)
+    total = summarize(checkpoint)["bytes"]["total"]
+    started = time.perf_counter()
+    with byte_progress("re-sharding", total, enabled=not as_json) as advance:
+        result = reshard(checkpoint, out, max_shard_size=limit, overwrite=overwrite, progress=advance)
+    seconds = time.perf_counter() - started
+    summary = {"out": str(result.out), "shards": result.shards, "tensors": result.tensors, "bytes": result.bytes,
+               "seconds": round(seconds, 3), "throughput_mb_s": round(result.bytes / max(seconds, 1e-9) / 1e6, 1)}
+    if as_json:
+        emit_json(summary)
+    else:
+        stdout.print(f"wrote {result.out}: {result.tensors} tensors in {result.shards} shard(s), "
+                     f"{human_bytes(result.bytes)} in {seconds:.1f} s ({summary['throughput_mb_s']} MB/s)")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="internvl-tools")

@@ -1,0 +1,120 @@
+"""`inspect`: what a checkpoint is, from its config and tensor headers alone (no tensor bytes)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+from ..arch.families import identify
+from ..arch.layout import Layout, build_layout
+from ..io.reader import CheckpointReader
+
+QUANT_AUX = {"qzeros", "scales", "g_idx", "SCB", "weight_format", "weight_scale", "weight_zero_point", "weight_shape"}
+GIB = 2**30
+
+
+def load(folder: str | Path) -> tuple[CheckpointReader, dict, Layout]:
+    """Open a checkpoint, read its config, and classify its keys (validates everything)."""
+    reader = CheckpointReader(folder)
+    config = reader.config()
+    layout = build_layout(config, reader.specs())
+    return reader, config, layout
+
+
+def parameter_count(reader: CheckpointReader, layout: Layout, bits: int | None) -> dict[str, int]:
+    """Parameters per family, counting packed quantized weights at their unpacked size."""
+    counts: dict[str, int] = defaultdict(int)
+    for name, info in layout.keys.items():
+        spec = reader.spec(name)
+        if info.param in QUANT_AUX or info.lora is not None:
+            continue
+        numel = spec.numel * (32 // bits if info.param in ("qweight", "weight_packed") and bits else 1)
+        counts[info.family] += numel
+    return dict(counts)
+
+
+def summarize(folder: str | Path) -> dict:
+    """A JSON-able report: family, towers, dtypes, bytes per family and layer, LoRA, memory needs."""
+    reader, config, layout = load(folder)
+    vision_cfg, llm_cfg = config["vision_config"], config["llm_config"]
+    quant = config.get("quantization_config") or {}
+    bits = quant.get("bits") if quant.get("quant_method") == "gptq" else None
+    bytes_by_family: dict[str, int] = defaultdict(int)
+    layer_bytes: dict[int, int] = defaultdict(int)
+    dtypes: dict[str, dict[str, int]] = defaultdict(lambda: {"tensors": 0, "bytes": 0})
+    linear = {"params": 0, "rows": 0, "groups": 0, "in_features": 0}
+    for name, info in layout.keys.items():
+        spec = reader.spec(name)
+        bytes_by_family[info.family] += spec.nbytes
+        dtypes[spec.dtype]["tensors"] += 1
+        dtypes[spec.dtype]["bytes"] += spec.nbytes
+        if info.family == "llm" and info.part == "layer":
+            layer_bytes[info.layer] += spec.nbytes
+            if info.is_linear and info.param == "weight" and info.lora is None and len(spec.shape) == 2:
+                rows, cols = spec.shape
+                linear["params"] += rows * cols
+                linear["rows"] += rows
+                linear["groups"] += rows * -(-cols // 128)
+                linear["in_features"] += cols
+    params = parameter_count(reader, layout, bits)
+    total_params = sum(params.values())
+    largest = max(reader.specs(), key=lambda s: s.nbytes)
+    image_size = config.get("force_image_size") or vision_cfg.get("image_size", 448)
+    patch = vision_cfg.get("patch_size", 14)
+    tokens = int((image_size // patch) ** 2 * config.get("downsample_ratio", 0.5) ** 2)
+    style = vision_cfg.get("norm_type", "rms_norm")
+    return {
+        "path": str(Path(folder)),
+        "family": identify(style, layout.dialect, config.get("ps_version", "v1"), llm_cfg.get("hidden_size", 0),
+                           config.get("template"), str(config.get("_name_or_path") or "")),
+        "template": config.get("template"),
+        "ps_version": config.get("ps_version"),
+        "vision": {
+            "style": "InternViT-6B (RMSNorm, qk-norm)" if style == "rms_norm" else "InternViT-300M (LayerNorm, qkv bias)",
+            "hidden_size": vision_cfg.get("hidden_size"),
+            "layers": layout.vision_layers,
+            "heads": vision_cfg.get("num_attention_heads"),
+            "intermediate_size": vision_cfg.get("intermediate_size"),
+            "select_layer": config.get("select_layer", -1),
+            "image_size": image_size,
+            "tokens_per_tile": tokens,
+        },
+        "llm": {
+            "dialect": layout.dialect,
+            "architecture": (llm_cfg.get("architectures") or ["?"])[0],
+            "hidden_size": llm_cfg.get("hidden_size"),
+            "layers": layout.llm_layers,
+            "heads": llm_cfg.get("num_attention_heads"),
+            "kv_heads": llm_cfg.get("num_key_value_heads", llm_cfg.get("num_attention_heads")),
+            "intermediate_size": llm_cfg.get("intermediate_size"),
+            "vocab_size": llm_cfg.get("vocab_size"),
+        },
+        "quantization": {k: quant[k] for k in ("quant_method", "bits", "group_size", "load_in_8bit") if k in quant} or None,
+        "shards": len(reader.shards),
+        "tensors": len(reader),
+        "dtypes": dict(dtypes),
+        "bytes": {"total": reader.total_bytes, **dict(bytes_by_family)},
+        "params": {"total": total_params, **params},
+        "llm_layer_bytes": [layer_bytes[i] for i in sorted(layer_bytes)],
+        "largest_tensor": {"name": largest.name, "bytes": largest.nbytes, "shape": list(largest.shape)},
+        "lora": {
+            family: {"rank": info.rank, "alpha": 2 * info.rank, "targets": list(info.targets), "modules": info.count, "config_flag": info.config_flag}
+            for family, info in layout.lora.items()
+        },
+        "memory_estimate": memory_estimate(total_params, linear) if not quant else None,
+    }
+
+
+def memory_estimate(total_params: int, linear: dict[str, int]) -> dict[str, int]:
+    """Bytes of weights in bf16, with the LLM's decoder linears in int8, and in GPTQ int4 g128.
+
+    int8 adds one fp32 scale per output row (bitsandbytes SCB); int4 adds per group of 128
+    inputs an fp16 scale and a packed 4-bit zero, plus an int32 g_idx per input feature.
+    The vision tower, projector, embeddings and head stay bf16 in every case.
+    """
+    rest = (total_params - linear["params"]) * 2
+    return {
+        "bf16": total_params * 2,
+        "int8": rest + linear["params"] + linear["rows"] * 4,
+        "int4_g128": rest + linear["params"] // 2 + linear["groups"] * 2 + linear["groups"] // 2 + linear["in_features"] * 4,
+    }
