@@ -1,0 +1,120 @@
+"""`inspect` and `make-tiny` end to end through the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from safetensors import safe_open
+
+from internvl_tools.io.reader import CheckpointReader
+
+from .conftest import ALL_FAMILIES
+
+NAME_IN_REPORT = {f: f for f in ALL_FAMILIES}
+
+
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_inspect_json_matches_tensors(family, tiny, run_cli):
+    folder = tiny(family)
+    result = run_cli("inspect", folder, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["family"] == f"{family} (reduced size)"
+    # independent count straight from the safetensors library
+    numel = {"vision": 0, "projector": 0, "llm": 0}
+    nbytes = dict(numel)
+    for shard in folder.glob("*.safetensors"):
+        with safe_open(str(shard), "pt") as handle:
+            for key in handle.keys():
+                t = handle.get_tensor(key)
+                fam = "vision" if key.startswith("vision_model.") else "projector" if key.startswith("mlp1.") else "llm"
+                numel[fam] += t.numel()
+                nbytes[fam] += t.numel() * t.element_size()
+    assert report["params"] == {"total": sum(numel.values()), **numel}
+    assert report["bytes"] == {"total": sum(nbytes.values()), **nbytes}
+    config = json.loads((folder / "config.json").read_text())
+    assert report["llm"]["layers"] == config["llm_config"]["num_hidden_layers"] == len(report["llm_layer_bytes"])
+    assert report["vision"]["layers"] == config["vision_config"]["num_hidden_layers"]
+    assert report["dtypes"]["BF16"]["bytes"] == report["bytes"]["total"]
+    assert report["lora"] == {}
+    mem = report["memory_estimate"]
+    assert mem["bf16"] == report["bytes"]["total"]
+    assert mem["int4_g128"] < mem["int8"] < mem["bf16"]
+
+
+def test_inspect_human_output(tiny, run_cli):
+    result = run_cli("inspect", tiny("InternVL2-Llama3-76B", lora="embedded"))
+    assert result.exit_code == 0
+    for needle in ("InternVL2-Llama3-76B", "LlamaForCausalLM", "InternViT-6B", "LoRA (llm)", "rank 4", "int8"):
+        assert needle in result.output
+
+
+def test_inspect_reports_lora(tiny, run_cli):
+    report = json.loads(run_cli("inspect", tiny("InternVL2-2B", lora="embedded"), "--json").output)
+    assert report["lora"]["llm"]["rank"] == 4 and report["lora"]["llm"]["alpha"] == 8
+    assert report["lora"]["llm"]["targets"] == ["attention.wo", "attention.wqkv", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"]
+    assert report["lora"]["vision"]["targets"] == ["attn.proj", "attn.qkv", "mlp.fc1", "mlp.fc2"]
+    # LoRA factors are not counted as model parameters
+    plain = json.loads(run_cli("inspect", tiny("InternVL2-2B"), "--json").output)
+    assert report["params"] == plain["params"]
+
+
+def test_real_family_sizes_in_memory_estimate():
+    """The estimate for the real 76B shapes: about 152 GB bf16, half of the LLM in int8."""
+    from internvl_tools.arch.families import FAMILIES
+    from internvl_tools.ops.inspect import memory_estimate
+    from internvl_tools.tiny.generator import llm_layer_shapes, llm_tensors, projector_tensors, vision_tensors
+
+    fam = FAMILIES["InternVL2-Llama3-76B"]
+    specs = [p.spec for p in vision_tensors(fam) + llm_tensors(fam) + projector_tensors(fam)]
+    total = sum(s.numel for s in specs)
+    assert 75e9 < total < 77e9
+    per_layer = sum(r * c for r, c in llm_layer_shapes(fam).values())
+    linear = {"params": per_layer * 80, "rows": sum(r for r, _ in llm_layer_shapes(fam).values()) * 80,
+              "groups": sum(r * -(-c // 128) for r, c in llm_layer_shapes(fam).values()) * 80,
+              "in_features": sum(c for _, c in llm_layer_shapes(fam).values()) * 80}
+    mem = memory_estimate(total, linear)
+    assert 150e9 < mem["bf16"] < 154e9
+    assert 80e9 < mem["int8"] < 90e9
+    assert 45e9 < mem["int4_g128"] < 55e9
+
+
+def test_make_tiny_cli_wide_shapes_and_shards(tmp_path, run_cli):
+    out = tmp_path / "t"
+    result = run_cli("make-tiny", "InternVL2-1B", out, "--shards", "4", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["shards"] == 4
+    again = run_cli("make-tiny", "InternVL2-1B", out)
+    assert again.exit_code == 2 and "--overwrite" in again.output
+
+
+def test_make_tiny_is_deterministic(tmp_path, run_cli):
+    run_cli("make-tiny", "InternVL2-4B", tmp_path / "a", "--seed", "3")
+    run_cli("make-tiny", "InternVL2-4B", tmp_path / "b", "--seed", "3")
+    for shard in (tmp_path / "a").glob("*.safetensors"):
+        assert shard.read_bytes() == (tmp_path / "b" / shard.name).read_bytes()
+
+
+@pytest.mark.parametrize("family", ["InternVL2-8B", "InternVL2-4B", "InternVL-Chat-V1-1", "InternVL2-1B"])
+def test_tiny_tokenizer_has_family_tokens(family, tiny):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny(family))
+    for token in ("<img>", "</img>", "<IMG_CONTEXT>"):
+        assert tok.convert_tokens_to_ids(token) != tok.unk_token_id
+        assert tok.convert_tokens_to_ids(token) < json.loads((tiny(family) / "config.json").read_text())["llm_config"]["vocab_size"]
+    ids = tok("A cat <img><IMG_CONTEXT><IMG_CONTEXT></img>", add_special_tokens=False).input_ids
+    assert ids.count(tok.convert_tokens_to_ids("<IMG_CONTEXT>")) == 2
+    assert tok.decode(tok("What color is the car?", add_special_tokens=False).input_ids) == "What color is the car?"
+
+
+def test_wide_family_keeps_true_widths():
+    from internvl_tools.arch.families import FAMILIES, wide_family
+    from internvl_tools.tiny.generator import llm_tensors
+
+    fam = wide_family(FAMILIES["InternVL2-Llama3-76B"])
+    shapes = {p.spec.name: p.spec.shape for p in llm_tensors(fam)}
+    assert shapes["language_model.model.embed_tokens.weight"] == (128265, 8192)
+    assert shapes["language_model.model.layers.1.mlp.down_proj.weight"] == (8192, 28672)
+    assert "language_model.model.layers.2.mlp.down_proj.weight" not in shapes
