@@ -13,7 +13,6 @@ from ..arch.families import FAMILIES
 from ..io.writer import DEFAULT_MAX_SHARD_SIZE, check_output, parse_size
 from ..ops.inspect import summarize
 from ..ops.shard import reshard
-from ..tiny.generator import make_checkpoint
 from .common import ToolGroup, byte_progress, emit_json, human_bytes, human_count, stdout
 
 SIZE_HELP = "largest shard, e.g. 5GB, 500MB, 2GiB"
@@ -90,6 +89,8 @@ def print_report(report: dict) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def make_tiny_cmd(family: str, out: Path, lora: str, rank: int, shards: int, wide: bool, seed: int, overwrite: bool, as_json: bool) -> None:
     """Write a random-weight checkpoint of FAMILY with its real key layout, config and tokenizer."""
+    from ..tiny.generator import make_checkpoint
+
     started = time.perf_counter()
     with byte_progress("generating", 0, enabled=wide and not as_json) as advance:
         path = make_checkpoint(family, out, lora=lora, rank=rank, shards=shards, wide=wide, seed=seed, overwrite=overwrite, progress=advance)

@@ -7,17 +7,17 @@ so memory stays at the size of the tensors the caller holds, whatever the checkp
 from __future__ import annotations
 
 import json
+import mmap
 import os
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
-
-import torch
 
 from ..errors import CheckpointError
 from .safetensors_format import ShardHeader, StoredTensor, TensorSpec, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+MMAP_THRESHOLD = 1 << 20
 
 
 class CheckpointReader:
@@ -71,21 +71,36 @@ class CheckpointReader:
         return read_json(self.folder / "config.json")
 
     # -- data --------------------------------------------------------------------------
-    def get(self, name: str) -> torch.Tensor:
-        """Read one tensor into memory (a fresh, writable CPU tensor)."""
+    def get(self, name: str):
+        """Read one tensor (a writable CPU torch tensor that the caller owns).
+
+        Large tensors are mapped copy-on-write from the page cache (no copy until written,
+        unmapped when the tensor is freed); small ones are read with one pread.
+        """
+        import torch
+
         stored = self._stored(name)
         spec = stored.spec
-        buffer = bytearray(spec.nbytes)
-        if spec.nbytes:
-            handle = self._open(stored.path)
-            handle.seek(stored.offset)
-            got = handle.readinto(buffer)
+        if spec.nbytes == 0:
+            return torch.empty(spec.shape, dtype=spec.torch_dtype)
+        if spec.nbytes >= MMAP_THRESHOLD:
+            data = self._map(stored)
+        else:
+            data = bytearray(spec.nbytes)
+            got = os.preadv(self._open(stored.path).fileno(), [data], stored.offset)
             if got != spec.nbytes:
                 raise CheckpointError(f"{stored.path}: key {name!r}: file ended after {got} of {spec.nbytes} bytes; the shard was truncated while reading")
-            return torch.frombuffer(buffer, dtype=spec.torch_dtype).reshape(spec.shape)
-        return torch.empty(spec.shape, dtype=spec.torch_dtype)
+        return torch.frombuffer(data, dtype=spec.torch_dtype).reshape(spec.shape)
 
-    def iter_tensors(self, names: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    def _map(self, stored: StoredTensor) -> memoryview:
+        handle = self._open(stored.path)
+        if os.fstat(handle.fileno()).st_size < stored.offset + stored.nbytes:
+            raise CheckpointError(f"{stored.path}: key {stored.spec.name!r}: the shard was truncated while reading")
+        start = stored.offset - stored.offset % mmap.ALLOCATIONGRANULARITY
+        mapping = mmap.mmap(handle.fileno(), stored.offset + stored.nbytes - start, offset=start, access=mmap.ACCESS_COPY)
+        return memoryview(mapping)[stored.offset - start :]
+
+    def iter_tensors(self, names: list[str] | None = None) -> Iterator[tuple[str, object]]:
         """Yield (name, tensor) one at a time, in shard order unless names are given."""
         for name in names if names is not None else self.keys():
             yield name, self.get(name)

@@ -13,29 +13,32 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from ..errors import CheckpointError
 
-# safetensors dtype code -> (torch dtype, bytes per element)
-DTYPES: dict[str, tuple[torch.dtype, int]] = {
-    "F64": (torch.float64, 8),
-    "F32": (torch.float32, 4),
-    "F16": (torch.float16, 2),
-    "BF16": (torch.bfloat16, 2),
-    "I64": (torch.int64, 8),
-    "I32": (torch.int32, 4),
-    "I16": (torch.int16, 2),
-    "I8": (torch.int8, 1),
-    "U8": (torch.uint8, 1),
-    "U16": (torch.uint16, 2),
-    "U32": (torch.uint32, 4),
-    "U64": (torch.uint64, 8),
-    "BOOL": (torch.bool, 1),
-    "F8_E4M3": (torch.float8_e4m3fn, 1),
-    "F8_E5M2": (torch.float8_e5m2, 1),
+# safetensors dtype code -> bytes per element
+DTYPE_SIZES: dict[str, int] = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+    "U16": 2, "U32": 4, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
 }
-TORCH_TO_CODE = {torch_dtype: code for code, (torch_dtype, _) in DTYPES.items()}
+_TORCH_NAMES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
+    "I16": "int16", "I8": "int8", "U8": "uint8", "U16": "uint16", "U32": "uint32", "U64": "uint64", "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+}
+
+
+def torch_dtype(code: str):
+    """The torch dtype of a safetensors dtype code (torch is imported only when tensors are)."""
+    import torch
+
+    return getattr(torch, _TORCH_NAMES[code])
+
+
+def dtype_code(dtype) -> str | None:
+    """The safetensors code of a torch dtype, or None when safetensors cannot store it."""
+    name = str(dtype).removeprefix("torch.")
+    return next((code for code, torch_name in _TORCH_NAMES.items() if torch_name == name), None)
+
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit the safetensors library itself applies
 ALIGNMENT = 8
@@ -55,11 +58,11 @@ class TensorSpec:
 
     @property
     def nbytes(self) -> int:
-        return self.numel * DTYPES[self.dtype][1]
+        return self.numel * DTYPE_SIZES[self.dtype]
 
     @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype][0]
+    def torch_dtype(self):
+        return torch_dtype(self.dtype)
 
 
 @dataclass(frozen=True)
@@ -84,11 +87,12 @@ class ShardHeader:
     metadata: dict[str, str]
 
 
-def spec_of(name: str, tensor: torch.Tensor) -> TensorSpec:
-    """The TensorSpec of an in-memory tensor."""
-    if tensor.dtype not in TORCH_TO_CODE:
+def spec_of(name: str, tensor) -> TensorSpec:
+    """The TensorSpec of an in-memory torch tensor."""
+    code = dtype_code(tensor.dtype)
+    if code is None:
         raise CheckpointError(f"tensor {name!r}: dtype {tensor.dtype} cannot be stored in safetensors")
-    return TensorSpec(name, TORCH_TO_CODE[tensor.dtype], tuple(tensor.shape))
+    return TensorSpec(name, code, tuple(tensor.shape))
 
 
 def read_header(path: Path) -> ShardHeader:
@@ -132,7 +136,7 @@ def _parse_entry(path: Path, name: str, entry: object, data_start: int, data_len
     if not isinstance(entry, dict):
         raise CheckpointError(f"{path}: key {name!r}: header entry is not an object; the shard is corrupt")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in DTYPES:
+    if dtype not in DTYPE_SIZES:
         raise CheckpointError(f"{path}: key {name!r}: unknown dtype {dtype!r}; the shard is corrupt or uses a dtype this tool does not read")
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise CheckpointError(f"{path}: key {name!r}: shape {shape!r} is not a list of non-negative integers; the shard is corrupt")

@@ -13,13 +13,12 @@ import os
 import shutil
 from pathlib import Path
 
-import torch
-
 from ..errors import CheckpointError, InputError
 from .reader import INDEX_NAME, SINGLE_NAME
 from .safetensors_format import StoredTensor, TensorSpec, build_header, spec_of
 
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9
+WRITE_CHUNK = 16 * 2**20  # bytes per pwrite: keeps dirty-page throttling smooth
 WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json", ".pt", ".pth")
 
 
@@ -138,7 +137,6 @@ class CheckpointWriter:
             header, offsets = build_header(shard, self.metadata)
             with open(self.partial / self.files[index], "wb") as handle:
                 handle.write(header)
-                handle.truncate(len(header) + sum(s.nbytes for s in shard))
             for name, offset in offsets.items():
                 self._location[name] = (index, offset)
         return self
@@ -151,14 +149,16 @@ class CheckpointWriter:
             shutil.rmtree(self.partial, ignore_errors=True)
 
     # -- tensors -----------------------------------------------------------------------
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Write one in-memory tensor at its planned place."""
+    def write(self, name: str, tensor) -> None:
+        """Write one in-memory torch tensor at its planned place."""
+        import torch
+
         self._check_spec(name, spec_of(name, tensor))
         data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
         fd, offset = self._target(name)
         view = memoryview(data)
         while view.nbytes:
-            done = os.pwrite(fd, view, offset)
+            done = os.pwrite(fd, view[:WRITE_CHUNK], offset)
             view, offset = view[done:], offset + done
         self._done(name)
 
