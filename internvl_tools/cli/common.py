@@ -14,7 +14,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 from ..errors import InputError
 
 console = Console(stderr=True)
-stdout = Console()
+stdout = Console() if sys.stdout.isatty() else Console(width=140)
 
 
 class ToolGroup(click.Group):

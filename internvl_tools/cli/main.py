@@ -10,9 +10,14 @@ from rich.table import Table
 
 from .. import __version__
 from ..arch.families import FAMILIES
-from ..io.writer import DEFAULT_MAX_SHARD_SIZE, check_output, parse_size
+from ..arch.layout import build_layout
+from ..errors import InputError
+from ..io.reader import CheckpointReader
+from ..io.writer import check_output, parse_size
+from ..ops.gpu_layout import order_by_gpu, plan_for_checkpoint
 from ..ops.inspect import summarize
 from ..ops.shard import reshard
+from .gpu_plan import GpuOptions, does_not_fit_message, gpu_options, parse_gpu_options, plan_json, print_plan
 from .common import ToolGroup, byte_progress, emit_json, human_bytes, human_count, stdout
 
 SIZE_HELP = "largest shard, e.g. 5GB, 500MB, 2GiB"
@@ -30,13 +35,32 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @cli.command("inspect")
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="print a JSON report")
-def inspect_cmd(checkpoint: Path, as_json: bool) -> None:
-    """Show family, towers, dtypes, sizes, LoRA and memory needs of CHECKPOINT."""
+@gpu_options
+def inspect_cmd(checkpoint: Path, as_json: bool, **gpu_args) -> None:
+    """Show family, towers, dtypes, sizes, LoRA and memory needs of CHECKPOINT (--gpus N: its GPU layout)."""
     report = summarize(checkpoint)
+    options = parse_gpu_options(**gpu_args)
+    plan = None
+    if options:
+        plan, alternatives = _plan(checkpoint, options)
+        report["gpu_plan"] = plan_json(plan)
     if as_json:
         emit_json(report)
-        return
-    print_report(report)
+    else:
+        print_report(report)
+        if plan:
+            print_plan(plan, options)
+            if not plan.fits:
+                stdout.print(does_not_fit_message(plan, options, alternatives))
+
+
+def _plan(checkpoint: Path, options: GpuOptions):
+    with CheckpointReader(checkpoint) as reader:
+        config = reader.config()
+        layout = build_layout(config, reader.specs())
+        plan, _sizes, alternatives = plan_for_checkpoint(reader, config, layout, options.gpus, options.gpu_bytes,
+                                                         **options.planner_kwargs())
+        return plan, alternatives
 
 
 def print_report(report: dict) -> None:
@@ -106,25 +130,58 @@ def make_tiny_cmd(family: str, out: Path, lora: str, rank: int, shards: int, wid
 
 @cli.command("shard")
 @click.argument("checkpoint", type=click.Path(path_type=Path))
-@click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="output folder")
+@click.option("-o", "--out", type=click.Path(path_type=Path), help="output folder (not needed with --plan-only)")
 @click.option("--max-shard-size", default="5GB", show_default=True, help=SIZE_HELP)
+@gpu_options
+@click.option("--plan-only", is_flag=True, help="print the GPU layout and write nothing")
 @click.option("--overwrite", is_flag=True, help="replace a non-empty OUT")
 @click.option("--json", "as_json", is_flag=True)
-def shard_cmd(checkpoint: Path, out: Path, max_shard_size: str, overwrite: bool, as_json: bool) -> None:
-    """Re-shard CHECKPOINT into OUT losslessly (bit-identical tensors, same side files)."""
-    limit = parse_size(max_shard_size) if max_shard_size else DEFAULT_MAX_SHARD_SIZE
+def shard_cmd(checkpoint: Path, out: Path | None, max_shard_size: str, plan_only: bool, overwrite: bool, as_json: bool, **gpu_args) -> None:
+    """Re-shard CHECKPOINT into OUT losslessly; with --gpus N also plan a multi-GPU layout.
+
+    With --gpus, OUT gets device_map.json (for from_pretrained(OUT, device_map=...)) and its
+    shards are grouped so that no shard file holds weights of two GPUs.
+    """
+    limit = parse_size(max_shard_size)
+    options = parse_gpu_options(**gpu_args)
+    if plan_only and not options:
+        raise InputError("--plan-only needs --gpus N")
+    if out is None and not plan_only:
+        raise InputError("missing -o/--out OUT: the folder to write (or pass --plan-only with --gpus)")
+    summary: dict = {}
+    groups = files = None
+    if options:
+        with CheckpointReader(checkpoint) as reader:
+            config = reader.config()
+            layout = build_layout(config, reader.specs())
+            plan, _sizes, alternatives = plan_for_checkpoint(reader, config, layout, options.gpus, options.gpu_bytes,
+                                                             **options.planner_kwargs())
+        summary["gpu_plan"] = plan_json(plan)
+        if not as_json:
+            print_plan(plan, options)
+        if not plan.fits:
+            if as_json:
+                emit_json(summary)
+            raise InputError(does_not_fit_message(plan, options, alternatives))
+        if plan_only:
+            if as_json:
+                emit_json(summary)
+            return
+        groups = order_by_gpu(layout, plan)
+        files = {"device_map.json": plan.device_map}
     check_output(out, [checkpoint], overwrite)
     total = summarize(checkpoint)["bytes"]["total"]
     started = time.perf_counter()
     with byte_progress("re-sharding", total, enabled=not as_json) as advance:
-        result = reshard(checkpoint, out, max_shard_size=limit, overwrite=overwrite, progress=advance)
+        result = reshard(checkpoint, out, max_shard_size=limit, groups=groups, files=files, overwrite=overwrite, progress=advance)
     seconds = time.perf_counter() - started
-    summary = {"out": str(result.out), "shards": result.shards, "tensors": result.tensors, "bytes": result.bytes,
-               "seconds": round(seconds, 3), "throughput_mb_s": round(result.bytes / max(seconds, 1e-9) / 1e6, 1)}
+    summary.update({"out": str(result.out), "shards": result.shards, "tensors": result.tensors, "bytes": result.bytes,
+                    "seconds": round(seconds, 3), "throughput_mb_s": round(result.bytes / max(seconds, 1e-9) / 1e6, 1)})
     if as_json:
         emit_json(summary)
     else:
-        stdout.print(f"wrote {result.out}: {result.tensors} tensors in {result.shards} shard(s), "
+        extra = " and device_map.json" if files else ""
+        stdout.print(f"wrote {result.out}: {result.tensors} tensors in {result.shards} shard(s){extra}, "
                      f"{human_bytes(result.bytes)} in {seconds:.1f} s ({summary['throughput_mb_s']} MB/s)")
 
 

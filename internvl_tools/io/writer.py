@@ -59,6 +59,12 @@ def plan_shards(specs: list[TensorSpec], max_shard_size: int) -> list[list[Tenso
     return shards
 
 
+def plan_grouped_shards(groups: list[list[TensorSpec]], max_shard_size: int) -> list[list[TensorSpec]]:
+    """Plan each group's shards separately, so no shard holds tensors of two groups (e.g. GPUs)."""
+    shards = [shard for group in groups if group for shard in plan_shards(group, max_shard_size)]
+    return shards or [[]]
+
+
 def shard_file_names(count: int) -> list[str]:
     """model.safetensors for one shard, model-0000k-of-0000N.safetensors for several."""
     if count == 1:
@@ -112,14 +118,18 @@ class CheckpointWriter:
         inputs: list[Path] = (),
         overwrite: bool = False,
         metadata: dict[str, str] | None = None,
+        groups: list[list[TensorSpec]] | None = None,
     ):
+        """`groups`, when given, splits `specs` into groups that never share a shard file."""
         self.out = Path(out)
         check_output(self.out, list(inputs), overwrite)
         names = [s.name for s in specs]
         if len(set(names)) != len(names):
             raise CheckpointError(f"{self.out}: planned output has duplicate tensor names")
         self.partial = self.out.with_name(self.out.name + ".partial")
-        self.plan = plan_shards(specs, max_shard_size)
+        if groups is not None and sorted(s.name for g in groups for s in g) != sorted(names):
+            raise CheckpointError(f"{self.out}: shard groups do not cover the planned tensors exactly once")
+        self.plan = plan_grouped_shards(groups, max_shard_size) if groups is not None else plan_shards(specs, max_shard_size)
         self.files = shard_file_names(len(self.plan))
         self.metadata = metadata or {"format": "pt"}
         self._specs = {s.name: s for s in specs}

@@ -25,7 +25,7 @@ def reshard(
     out: str | Path,
     *,
     max_shard_size: int,
-    order: list[str] | None = None,
+    groups: list[list[str]] | None = None,
     overwrite: bool = False,
     files: dict[str, object] | None = None,
     progress: Callable[[int], None] | None = None,
@@ -33,13 +33,16 @@ def reshard(
     """Copy a checkpoint into new shards of at most `max_shard_size` bytes.
 
     Tensor bytes are copied range by range (in the kernel where possible), so the tensors
-    are bit-identical and memory does not grow with the model. `order` sets the output key
-    order (e.g. grouped by GPU); `files` adds or replaces side files such as device_map.json.
+    are bit-identical and memory does not grow with the model. `groups` (key lists, e.g. one
+    per GPU) are written in order and never share a shard file; `files` adds or replaces side
+    files such as device_map.json.
     """
     with CheckpointReader(source) as reader:
-        names = order if order is not None else reader.keys()
+        names = [name for group in groups for name in group] if groups is not None else reader.keys()
         specs = [reader.spec(name) for name in names]
-        with CheckpointWriter(out, specs, max_shard_size=max_shard_size, inputs=[Path(source)], overwrite=overwrite) as writer:
+        spec_groups = [[reader.spec(name) for name in group] for group in groups] if groups is not None else None
+        with CheckpointWriter(out, specs, max_shard_size=max_shard_size, inputs=[Path(source)], overwrite=overwrite,
+                              groups=spec_groups) as writer:
             for name in names:
                 writer.copy_stored(name, reader.stored(name))
                 if progress:
