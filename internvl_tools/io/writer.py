@@ -184,7 +184,8 @@ class CheckpointWriter:
         """Check completeness, write the index and side files, and rename OUT.partial to OUT.
 
         `files` maps a file name to bytes/str or a JSON-able object written in place of
-        (or in addition to) the copied side files, e.g. an updated config.json.
+        (or in addition to) the copied side files, e.g. an updated config.json; None leaves
+        that side file out of the output.
         """
         missing = [name for name in self._specs if name not in self._written]
         if missing:
@@ -198,7 +199,8 @@ class CheckpointWriter:
         if side_files_from is not None:
             copy_side_files(side_files_from, self.partial, skip=set(files or ()))
         for filename, content in (files or {}).items():
-            write_file(self.partial / filename, content)
+            if content is not None:  # None: leave that side file out
+                write_file(self.partial / filename, content)
         return self._commit()
 
     # -- internals -----------------------------------------------------------------------

@@ -136,7 +136,8 @@ def with_embedded_lora(planned: list[Planned], tower: str, targets: list[str], r
     return out
 
 
-def make_config(family: Family, *, use_llm_lora: int = 0, use_backbone_lora: int = 0, name: str = "") -> dict:
+def make_config(family: Family, *, use_llm_lora: int = 0, use_backbone_lora: int = 0, name: str = "",
+                token_ids: dict[str, int | None] | None = None) -> dict:
     """An original-layout config.json (model_type internvl_chat) for a family."""
     v, m = family.vision, family.llm
     llm = {
@@ -158,6 +159,7 @@ def make_config(family: Family, *, use_llm_lora: int = 0, use_backbone_lora: int
     }
     if m.dialect == "internlm2":
         llm["bias"] = False
+    llm.update(token_ids or {})
     return {
         "_name_or_path": name or family.name,
         "architectures": ["InternVLChatModel"],
@@ -236,7 +238,7 @@ def make_checkpoint(
     if vision_rank:
         planned = with_embedded_lora(planned, "vision_model", VISION_LORA_TARGETS, vision_rank)
     specs = [item.spec for item in planned]
-    config = make_config(family, use_llm_lora=llm_rank, use_backbone_lora=vision_rank, name=base.name)
+    config = make_config(family, use_llm_lora=llm_rank, use_backbone_lora=vision_rank, name=base.name, token_ids=special_ids(files))
     files.update(side_files(family))
     files["config.json"] = config
     generator = torch.Generator().manual_seed(seed)
@@ -246,6 +248,16 @@ def make_checkpoint(
             if progress:
                 progress(item.spec.nbytes)
         return writer.finalize(files=files)
+
+
+def special_ids(files: dict[str, object]) -> dict[str, int | None]:
+    """bos/eos/pad token ids of a generated tokenizer, for llm_config."""
+    import json
+
+    vocab = json.loads(files["tokenizer.json"])
+    ids = {t["content"]: t["id"] for t in vocab["added_tokens"]}
+    special = files["special_tokens_map.json"]
+    return {f"{role}_token_id": ids.get(special.get(f"{role}_token")) for role in ("bos", "eos", "pad")}
 
 
 def shard_limit_for(specs: list[TensorSpec], shards: int) -> int:

@@ -1,0 +1,57 @@
+"""Prompt formats of the InternVL chat templates, and image-token insertion."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
+INTERNVL2_SYSTEM = "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"
+
+
+@dataclass(frozen=True)
+class Template:
+    """A conversation format: system block, role prefixes, separator (also the stop token)."""
+
+    system: str  # with {system_message}
+    system_message: str
+    user: str
+    assistant: str
+    sep: str
+    stop: str
+
+    def prompt(self, question: str) -> str:
+        """A single-turn prompt that ends where the assistant's answer starts."""
+        if self.user == "USER":  # vicuna style: "SYSTEM USER: q ASSISTANT:"
+            return f"{self.system.format(system_message=self.system_message)} USER: {question} ASSISTANT:"
+        head = self.system.format(system_message=self.system_message) + self.sep if self.system_message else ""
+        return f"{head}{self.user}{question}{self.sep}{self.assistant}"
+
+
+TEMPLATES = {
+    "Hermes-2": Template("<|im_start|>system\n{system_message}", INTERNVL2_SYSTEM, "<|im_start|>user\n",
+                         "<|im_start|>assistant\n", "<|im_end|>", "<|im_end|>"),
+    "internlm2-chat": Template("<|im_start|>system\n{system_message}", INTERNVL2_SYSTEM, "<|im_start|>user\n",
+                               "<|im_start|>assistant\n", "<|im_end|>", "<|im_end|>"),
+    "phi3-chat": Template("<|system|>\n{system_message}", INTERNVL2_SYSTEM, "<|user|>\n", "<|assistant|>\n", "<|end|>", "<|end|>"),
+    "vicuna_v1.1": Template("{system_message}",
+                            "A chat between a curious user and an artificial intelligence assistant. "
+                            "The assistant gives helpful, detailed, and polite answers to the user's questions.",
+                            "USER", "ASSISTANT", " ", "</s>"),
+}
+
+
+def get_template(name: str) -> Template:
+    """The template a config names (unknown names fall back to Hermes-2, InternVL2's default)."""
+    return TEMPLATES.get(name, TEMPLATES["Hermes-2"])
+
+
+def image_placeholder(tokens_per_tile: int, num_tiles: int) -> str:
+    """<img> + <IMG_CONTEXT> x (tokens per tile x tiles) + </img>."""
+    return IMG_START + IMG_CONTEXT * (tokens_per_tile * num_tiles) + IMG_END
+
+
+def build_prompt(template_name: str, question: str, tokens_per_tile: int = 0, num_tiles: int = 0) -> str:
+    """The full prompt text; the image goes first, on its own line, as the model cards do."""
+    if num_tiles:
+        question = image_placeholder(tokens_per_tile, num_tiles) + "\n" + question
+    return get_template(template_name).prompt(question)

@@ -1,0 +1,113 @@
+"""Run an original-layout InternVL checkpoint without its remote code.
+
+Vision tower, projector and LLM are native transformers modules built from the checkpoint
+stream (eager attention); the glue — select_layer, pixel shuffle v1/v2, image-token splicing,
+the chat template — is this module's own re-statement of the published architecture.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..arch.layout import build_layout
+from ..errors import InputError
+from ..io.reader import CheckpointReader
+from .build import build_llm, build_vision
+from .conversation import IMG_CONTEXT, build_prompt, get_template
+from .native_config import image_tokens_per_tile
+from .preprocess import pixel_values as preprocess
+
+
+def pixel_shuffle(features: torch.Tensor, ratio: float, version: str) -> torch.Tensor:
+    """[N, h, w, C] -> [N, h*r, w*r, C/r^2]; v1 leaves the token grid transposed (as the original)."""
+    n, w, h, c = features.shape
+    x = features.reshape(n, w, int(h * ratio), int(c / ratio)).permute(0, 2, 1, 3).contiguous()
+    x = x.reshape(n, int(h * ratio), int(w * ratio), int(c / (ratio * ratio)))
+    return x if version == "v1" else x.permute(0, 2, 1, 3).contiguous()
+
+
+class InternVLRuntime:
+    """An original checkpoint, runnable: image features, logits, greedy generation."""
+
+    def __init__(self, folder: str | Path, dtype: torch.dtype | None = torch.float32, load_llm: bool = True,
+                 load_vision: bool = True):
+        self.folder = Path(folder)
+        with CheckpointReader(folder) as reader:
+            self.config = reader.config()
+            self.layout = build_layout(self.config, reader.specs())
+            self.vision, self.projector = build_vision(reader, self.config, self.layout, dtype) if load_vision else (None, None)
+            self.llm = build_llm(reader, self.config, self.layout, dtype) if load_llm else None
+        self.dtype = dtype
+        self.tokens_per_tile = image_tokens_per_tile(self.config)
+        self._tokenizer = None
+
+    @property
+    def tokenizer(self):
+        """The checkpoint's own tokenizer."""
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+            from transformers.utils import logging
+
+            verbosity = logging.get_verbosity()
+            logging.set_verbosity_error()  # the original config.json's model_type is unknown to transformers
+            try:
+                self._tokenizer = AutoTokenizer.from_pretrained(self.folder)
+            except (OSError, ValueError) as exc:
+                raise InputError(f"{self.folder}: cannot load the tokenizer ({exc}); the folder needs its tokenizer files") from exc
+            finally:
+                logging.set_verbosity(verbosity)
+        return self._tokenizer
+
+    @torch.no_grad()
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[tiles, 3, H, W] -> [tiles, tokens_per_tile, llm_hidden]."""
+        param = next(self.vision.parameters())
+        hidden = self.vision(pixel_values=pixels.to(param.dtype)).last_hidden_state[:, 1:, :]
+        side = int(hidden.shape[1] ** 0.5)
+        grid = hidden.reshape(hidden.shape[0], side, side, -1)
+        shuffled = pixel_shuffle(grid, self.config.get("downsample_ratio", 0.5), self.config.get("ps_version", "v1"))
+        return self.projector(shuffled.reshape(shuffled.shape[0], -1, shuffled.shape[-1]))
+
+    def pixel_values(self, image) -> torch.Tensor:
+        """Preprocess a PIL image the way this checkpoint's config says."""
+        return preprocess(image, self.config)
+
+    def prompt_ids(self, question: str, num_tiles: int) -> torch.Tensor:
+        """Token ids of the chat prompt with the image placeholder expanded."""
+        text = build_prompt(self.config.get("template", "Hermes-2"), question, self.tokens_per_tile, num_tiles)
+        return self.tokenizer(text, return_tensors="pt").input_ids
+
+    @torch.no_grad()
+    def embeddings(self, input_ids: torch.Tensor, features: torch.Tensor | None) -> torch.Tensor:
+        """Input embeddings with the image features spliced in at the <IMG_CONTEXT> positions."""
+        embeds = self.llm.get_input_embeddings()(input_ids)
+        if features is None:
+            return embeds
+        context_id = self.tokenizer.convert_tokens_to_ids(IMG_CONTEXT)
+        mask = input_ids == context_id
+        flat = features.reshape(-1, features.shape[-1]).to(embeds.dtype)
+        if int(mask.sum()) != flat.shape[0]:
+            raise InputError(f"prompt has {int(mask.sum())} image tokens but the image gives {flat.shape[0]} features")
+        embeds = embeds.clone()
+        embeds[mask] = flat
+        return embeds
+
+    @torch.no_grad()
+    def logits(self, input_ids: torch.Tensor, pixels: torch.Tensor | None = None) -> torch.Tensor:
+        """Next-token logits for every position of a prompt."""
+        features = self.image_features(pixels) if pixels is not None else None
+        return self.llm(inputs_embeds=self.embeddings(input_ids, features)).logits
+
+    @torch.no_grad()
+    def generate(self, question: str, image=None, max_new_tokens: int = 32) -> tuple[str, list[int]]:
+        """Greedy answer to a question about an optional image: (text, new token ids)."""
+        pixels = self.pixel_values(image) if image is not None else None
+        input_ids = self.prompt_ids(question, pixels.shape[0] if pixels is not None else 0)
+        features = self.image_features(pixels) if pixels is not None else None
+        stop = self.tokenizer.convert_tokens_to_ids(get_template(self.config.get("template", "")).stop)
+        output = self.llm.generate(inputs_embeds=self.embeddings(input_ids, features), attention_mask=torch.ones_like(input_ids),
+                                   max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop, pad_token_id=stop)
+        new = output[0].tolist()
+        return self.tokenizer.decode(new, skip_special_tokens=True), new
