@@ -72,7 +72,8 @@ def links(config: dict, layout: Layout, *, adapt_v1: bool) -> list[Link]:
         if info.family == "vision":
             result.append(_vision_link(key, info, v1, grid))
         elif info.family == "projector":
-            swap = v1 and info.module in ("0", "1") and info.param in ("weight", "bias")
+            # the 4 x vit_hidden input axis: LayerNorm weight/bias, linear_1's weight columns
+            swap = v1 and (info.module == "0" or (info.module == "1" and info.param == "weight"))
             native = f"model.multi_modal_projector.{PROJECTOR[info.module]}.{info.param}"
             result.append(Link(key, (native,), _one(swap_chunks) if swap else None, swap_chunks if swap else None))
         else:

@@ -185,6 +185,67 @@ def shard_cmd(checkpoint: Path, out: Path | None, max_shard_size: str, plan_only
                      f"{human_bytes(result.bytes)} in {seconds:.1f} s ({summary['throughput_mb_s']} MB/s)")
 
 
+@cli.command("convert")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="output folder")
+@click.option("--to", "target", type=click.Choice(["hf", "original"]), default="hf", show_default=True,
+              help="hf: transformers-native InternVLForConditionalGeneration; original: back to the remote-code layout")
+@click.option("--max-shard-size", default="5GB", show_default=True, help=SIZE_HELP)
+@click.option("--overwrite", is_flag=True, help="replace a non-empty OUT")
+@click.option("--json", "as_json", is_flag=True)
+def convert_cmd(checkpoint: Path, out: Path, target: str, max_shard_size: str, overwrite: bool, as_json: bool) -> None:
+    """Convert CHECKPOINT between the original and the transformers-native layout, streaming."""
+    from ..ops.convert import to_hf, to_original
+
+    limit = parse_size(max_shard_size)
+    check_output(out, [checkpoint], overwrite)
+    with CheckpointReader(checkpoint) as reader:
+        total = reader.total_bytes
+    started = time.perf_counter()
+    with byte_progress(f"converting to {target}", total, enabled=not as_json) as advance:
+        convert = to_hf if target == "hf" else to_original
+        path = convert(checkpoint, out, max_shard_size=limit, overwrite=overwrite, progress=advance)
+    seconds = time.perf_counter() - started
+    with CheckpointReader(path) as reader:
+        summary = {"out": str(path), "to": target, "tensors": len(reader), "shards": len(reader.shards),
+                   "bytes": reader.total_bytes, "seconds": round(seconds, 3)}
+    if as_json:
+        emit_json(summary)
+    else:
+        stdout.print(f"wrote {path} ({target} layout): {summary['tensors']} tensors in {summary['shards']} shard(s), "
+                     f"{human_bytes(summary['bytes'])} in {seconds:.1f} s")
+
+
+@cli.command("chat")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.argument("question")
+@click.option("--image", type=click.Path(path_type=Path, exists=True, dir_okay=False), help="an image file")
+@click.option("--max-new-tokens", default=64, show_default=True)
+@click.option("--dtype", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def chat_cmd(checkpoint: Path, question: str, image: Path | None, max_new_tokens: int, dtype: str, as_json: bool) -> None:
+    """Greedy answer of CHECKPOINT to QUESTION about an optional --image (runs on the CPU)."""
+    import torch
+    from PIL import Image, UnidentifiedImageError
+
+    from ..runtime.model import InternVLRuntime
+
+    picture = None
+    if image is not None:
+        try:
+            picture = Image.open(image).convert("RGB")
+        except (UnidentifiedImageError, OSError) as exc:
+            raise InputError(f"{image}: not an image PIL can read ({exc})") from exc
+    started = time.perf_counter()
+    runtime = InternVLRuntime(checkpoint, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
+    text, ids = runtime.generate(question, picture, max_new_tokens=max_new_tokens)
+    seconds = round(time.perf_counter() - started, 2)
+    if as_json:
+        emit_json({"answer": text, "token_ids": ids, "seconds": seconds})
+    else:
+        stdout.print(text)
+
+
 def main() -> None:
     """Console-script entry point."""
     cli(prog_name="internvl-tools")
