@@ -90,3 +90,25 @@ def test_gpu_option_errors(tiny, run_cli):
     assert run_cli("shard", src, "--gpus", "2").exit_code == 2  # no -o and no --plan-only
     bad = run_cli("shard", src, "--gpus", "2", "--gpu-memory", "1GiB", "--reserve", "2GiB", "--plan-only")
     assert bad.exit_code == 2 and "reserve" in bad.output
+
+
+@pytest.mark.parametrize("family", ["InternVL2-Llama3-76B", "InternVL2-2B", "InternVL-Chat-V1-2", "InternVL2-4B"])
+def test_resharded_with_device_map_runs_identically(family, tiny, tmp_path, run_cli):
+    """The re-sharded checkpoint, loaded by the runtime with the written device map (GPU ids
+    mapped to cpu), gives exactly the original's logits."""
+    import torch
+
+    from internvl_tools.runtime.model import InternVLRuntime
+
+    from .test_runtime import sample_image
+
+    out = tmp_path / "out"
+    assert run_cli("shard", tiny(family), "-o", out, "--gpus", "3", *SMALL_GPUS).exit_code == 0
+    device_map = json.loads((out / "device_map.json").read_text())
+    planned = InternVLRuntime(out, device_map={k: "cpu" for k in device_map})
+    original = InternVLRuntime(tiny(family))
+    pixels = original.pixel_values(sample_image(4))
+    ids = original.prompt_ids("Describe the image.", pixels.shape[0])
+    assert torch.equal(planned.logits(ids, pixels), original.logits(ids, pixels))
+    with pytest.raises(Exception, match="device map has no entry"):
+        InternVLRuntime(out, device_map={k: "cpu" for k in device_map if k != "mlp1"})

@@ -44,9 +44,9 @@ def output_specs(reader: CheckpointReader, outputs: list[Output]) -> list[Tensor
 
 
 class SourceCache:
-    """Reads source tensors, keeping the most recent few so split tensors are read once."""
+    """Reads source tensors, keeping the last one so a tensor split into several is read once."""
 
-    def __init__(self, reader: CheckpointReader, size: int = 4):
+    def __init__(self, reader: CheckpointReader, size: int = 1):
         self.reader, self.size = reader, size
         self._items: dict[str, object] = {}
 

@@ -52,8 +52,10 @@ def native_outputs(reader: CheckpointReader, config: dict, layout: Layout) -> li
 
 
 def load_into(module: nn.Module, outputs: list[Output], reader: CheckpointReader, prefix: str,
-              dtype: torch.dtype | None, rename=None) -> nn.Module:
-    """Assign every output whose native name starts with `prefix` to `module`; check coverage."""
+              dtype: torch.dtype | None, rename=None, placement=None) -> nn.Module:
+    """Assign every output whose native name starts with `prefix` to `module`; check coverage.
+
+    `placement(original_key)` gives the device of each tensor (default: CPU)."""
     params = dict(module.named_parameters())
     cache = SourceCache(reader)
     for out in outputs:
@@ -69,7 +71,8 @@ def load_into(module: nn.Module, outputs: list[Output], reader: CheckpointReader
         target = params[name]
         if tuple(tensor.shape) != tuple(target.shape):
             raise LayoutError(f"tensor {out.sources[0]!r} is {list(tensor.shape)} but the config needs {list(target.shape)}; config.json does not match the weights")
-        _assign(module, name, tensor.to(dtype) if dtype is not None else tensor.clone())
+        tensor = tensor.to(dtype) if dtype is not None else tensor.clone()
+        _assign(module, name, tensor.to(placement(out.sources[0])) if placement else tensor)
     missing = [n for n, p in module.named_parameters() if p.device.type == "meta"]
     if missing:
         raise LayoutError(f"{type(module).__name__}: no tensor for {missing[0]!r} ({len(missing)} missing); the checkpoint is incomplete")
@@ -89,7 +92,7 @@ def vision_layers_needed(config: dict, layout: Layout) -> int:
     return layout.vision_layers + 1 + select if select < 0 else select
 
 
-def build_vision(reader: CheckpointReader, config: dict, layout: Layout, dtype: torch.dtype | None = None):
+def build_vision(reader: CheckpointReader, config: dict, layout: Layout, dtype: torch.dtype | None = None, placement=None):
     """InternViT (only the layers select_layer needs) and the mlp1 projector as native modules."""
     from transformers import InternVLConfig
     from transformers.models.internvl.modeling_internvl import InternVLMultiModalProjector, InternVLVisionModel
@@ -109,12 +112,12 @@ def build_vision(reader: CheckpointReader, config: dict, layout: Layout, dtype: 
     with params_on_meta():
         tower = InternVLVisionModel(full.vision_config)
         projector = InternVLMultiModalProjector(full)
-    load_into(tower, outputs, reader, "model.vision_tower.", dtype, drop_unused)
-    load_into(projector, outputs, reader, "model.multi_modal_projector.", dtype)
+    load_into(tower, outputs, reader, "model.vision_tower.", dtype, drop_unused, placement)
+    load_into(projector, outputs, reader, "model.multi_modal_projector.", dtype, placement=placement)
     return tower, projector
 
 
-def build_llm(reader: CheckpointReader, config: dict, layout: Layout, dtype: torch.dtype | None = None):
+def build_llm(reader: CheckpointReader, config: dict, layout: Layout, dtype: torch.dtype | None = None, placement=None):
     """The whole LLM as a native causal LM (InternLM2 becomes Llama)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -128,7 +131,7 @@ def build_llm(reader: CheckpointReader, config: dict, layout: Layout, dtype: tor
         for o in native_outputs(reader, config, layout)
         if o.name.startswith(("model.language_model.", "lm_head."))
     ]
-    return load_into(model, outputs, reader, "", dtype)
+    return load_into(model, outputs, reader, "", dtype, placement=placement)
 
 
 def build_decoder_layer(reader: CheckpointReader, config: dict, layout: Layout, index: int, dtype: torch.dtype | None = None):

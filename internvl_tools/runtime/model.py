@@ -28,17 +28,58 @@ def pixel_shuffle(features: torch.Tensor, ratio: float, version: str) -> torch.T
     return x if version == "v1" else x.permute(0, 2, 1, 3).contiguous()
 
 
+def device_placement(device_map: dict[str, int | str]):
+    """original key -> torch device, by the longest module prefix in a device map."""
+
+    def place(key: str) -> torch.device:
+        matches = [m for m in device_map if key == m or key.startswith(m + ".")]
+        if not matches:
+            raise InputError(f"device map has no entry for {key!r}; use the device_map.json that `shard --gpus` wrote for this checkpoint")
+        device = device_map[max(matches, key=len)]
+        return torch.device(f"cuda:{device}" if isinstance(device, int) else device)
+
+    return place
+
+
+def _move(value, device: torch.device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_move(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _move(v, device) for k, v in value.items()}
+    return value
+
+
+def follow_weights(runtime: "InternVLRuntime") -> None:
+    """Move activations to each module's device before it runs (pipeline over devices)."""
+    modules = [runtime.vision, runtime.projector]
+    if runtime.llm is not None:
+        modules += [*runtime.llm.model.layers, runtime.llm.model.norm, runtime.llm.lm_head]
+    for module in filter(None, modules):
+        device = next(module.parameters()).device
+        module.register_forward_pre_hook(lambda _m, args, kwargs, d=device: (_move(args, d), _move(kwargs, d)), with_kwargs=True)
+
+
 class InternVLRuntime:
     """An original checkpoint, runnable: image features, logits, greedy generation."""
 
     def __init__(self, folder: str | Path, dtype: torch.dtype | None = torch.float32, load_llm: bool = True,
-                 load_vision: bool = True):
+                 load_vision: bool = True, device_map: dict[str, int | str] | None = None):
+        """`device_map` (module prefix of the original layout -> device, as `shard --gpus`
+        writes it) places each tensor; activations follow the weights layer by layer."""
         self.folder = Path(folder)
+        placement = device_placement(device_map) if device_map else None
         with CheckpointReader(folder) as reader:
             self.config = reader.config()
             self.layout = build_layout(self.config, reader.specs())
-            self.vision, self.projector = build_vision(reader, self.config, self.layout, dtype) if load_vision else (None, None)
-            self.llm = build_llm(reader, self.config, self.layout, dtype) if load_llm else None
+            if placement:
+                for key in reader.keys():
+                    placement(key)  # every key must be placed
+            self.vision, self.projector = build_vision(reader, self.config, self.layout, dtype, placement) if load_vision else (None, None)
+            self.llm = build_llm(reader, self.config, self.layout, dtype, placement) if load_llm else None
+        if placement:
+            follow_weights(self)
         self.dtype = dtype
         self.tokens_per_tile = image_tokens_per_tile(self.config)
         self._tokenizer = None
