@@ -18,6 +18,7 @@ from .build import build_llm, build_vision
 from .conversation import IMG_CONTEXT, build_prompt, get_template
 from .native_config import image_tokens_per_tile
 from .preprocess import pixel_values as preprocess
+from .quantized import DequantizedView
 
 
 def pixel_shuffle(features: torch.Tensor, ratio: float, version: str) -> torch.Tensor:
@@ -26,6 +27,18 @@ def pixel_shuffle(features: torch.Tensor, ratio: float, version: str) -> torch.T
     x = features.reshape(n, w, int(h * ratio), int(c / ratio)).permute(0, 2, 1, 3).contiguous()
     x = x.reshape(n, int(h * ratio), int(w * ratio), int(c / (ratio * ratio)))
     return x if version == "v1" else x.permute(0, 2, 1, 3).contiguous()
+
+
+def open_for_runtime(folder: str | Path):
+    """A reader of the checkpoint; int8 (bitsandbytes) checkpoints are seen dequantized."""
+    reader = CheckpointReader(folder)
+    method = (reader.config().get("quantization_config") or {}).get("quant_method")
+    if method == "bitsandbytes":
+        return DequantizedView(reader)
+    if method is not None:
+        reader.close()
+        raise InputError(f"{folder}: the runtime does not run {method} checkpoints; run the bf16 or int8 checkpoint")
+    return reader
 
 
 def device_placement(device_map: dict[str, int | str]):
@@ -70,7 +83,7 @@ class InternVLRuntime:
         writes it) places each tensor; activations follow the weights layer by layer."""
         self.folder = Path(folder)
         placement = device_placement(device_map) if device_map else None
-        with CheckpointReader(folder) as reader:
+        with open_for_runtime(folder) as reader:
             self.config = reader.config()
             self.layout = build_layout(self.config, reader.specs())
             if placement:

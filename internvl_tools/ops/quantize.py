@@ -1,0 +1,156 @@
+"""`quantize --method int8`: a pre-quantized bitsandbytes 8-bit checkpoint, streamed.
+
+Every linear of the LLM's decoder layers becomes int8 + row absmax (SCB) + weight_format;
+the vision tower, mlp1, embeddings, norms and the head keep their dtype and bytes. Works on
+the original layout (remote code / this project's runtime) and on the native layout written
+by `convert --to hf` (plain transformers + bitsandbytes).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..arch.layout import build_layout
+from ..errors import InputError
+from ..io.reader import CheckpointReader
+from .transform import Output, run_transform
+
+NATIVE_DECODER_LINEAR = re.compile(r"model\.language_model\.layers\.\d+\.(?:self_attn|mlp)\.[a-z_]+_proj\.weight")
+NATIVE_GROUPS = {"vision": "model.vision_tower", "projector": "model.multi_modal_projector", "head": "lm_head"}
+ORIGINAL_GROUPS = {"vision": "vision_model", "projector": "mlp1"}
+
+
+@dataclass(frozen=True)
+class QuantPlan:
+    """Which weights to quantize and which modules transformers must leave alone."""
+
+    layout: str  # "original" or "native"
+    selected: tuple[str, ...]  # weight keys
+    skip_modules: tuple[str, ...]
+
+
+def linear_weights(reader: CheckpointReader, config: dict) -> tuple[str, dict[str, str]]:
+    """(layout name, {weight key: group}) for every 2-D linear weight; group is vision,
+    projector, head or llm (decoder layers)."""
+    if config.get("quantization_config"):
+        raise InputError(f"{reader.folder}/config.json: the checkpoint is already quantized "
+                         f"({config['quantization_config'].get('quant_method')}); quantize the bf16 checkpoint")
+    if config.get("model_type") == "internvl":
+        groups = {}
+        for spec in reader.specs():
+            if len(spec.shape) != 2 or not spec.name.endswith(".weight") or "embed_tokens" in spec.name:
+                continue
+            group = next((g for g, prefix in NATIVE_GROUPS.items() if spec.name.startswith(prefix + ".")), None)
+            if group is None and NATIVE_DECODER_LINEAR.fullmatch(spec.name):
+                group = "llm"
+            if group is not None:
+                groups[spec.name] = group
+        return "native", groups
+    layout = build_layout(config, reader.specs())
+    if layout.lora:
+        raise InputError(f"{reader.folder}: embedded LoRA adapters; merge them first with `internvl-tools merge-lora`")
+    groups = {}
+    for key, info in layout.keys.items():
+        if info.is_linear and info.param == "weight" and len(reader.spec(key).shape) == 2:
+            groups[key] = {"vision": "vision", "projector": "projector"}.get(info.family, "llm")
+        elif info.part == "head" and info.param == "weight":
+            groups[key] = "head"
+    return "original", groups
+
+
+def plan_quantization(layout: str, groups: dict[str, str], *, only: tuple[str, ...] = (), skip: tuple[str, ...] = ()) -> QuantPlan:
+    """Select weights (default: the LLM decoder linears; --only / --skip regexes override)."""
+    if only:
+        selected = [k for k in groups if any(re.search(p, k) for p in only)]
+    else:
+        selected = [k for k, g in groups.items() if g == "llm"]
+    selected = [k for k in selected if not any(re.search(p, k) for p in skip)]
+    chosen = set(selected)
+    skip_modules: list[str] = []
+    prefixes = NATIVE_GROUPS if layout == "native" else ORIGINAL_GROUPS
+    for group in ("vision", "projector", "head", "llm"):
+        keys = [k for k, g in groups.items() if g == group]
+        unselected = [k.removesuffix(".weight") for k in keys if k not in chosen]
+        if group in prefixes and unselected and len(unselected) == len(keys):
+            skip_modules.append(prefixes[group])
+        else:
+            skip_modules.extend(unselected)
+    return QuantPlan(layout, tuple(selected), tuple(skip_modules))
+
+
+def bnb_config(skip_modules: tuple[str, ...]) -> dict:
+    """quantization_config that transformers reads for a pre-quantized 8-bit checkpoint."""
+    return {
+        "quant_method": "bitsandbytes",
+        "load_in_8bit": True,
+        "load_in_4bit": False,
+        "llm_int8_threshold": 6.0,
+        "llm_int8_skip_modules": list(skip_modules),
+        "llm_int8_enable_fp32_cpu_offload": False,
+        "llm_int8_has_fp16_weight": False,
+        "bnb_4bit_compute_dtype": "float32",
+        "bnb_4bit_quant_type": "fp4",
+        "bnb_4bit_use_double_quant": False,
+        "bnb_4bit_quant_storage": "uint8",
+    }
+
+
+class _LastQuantized:
+    """Quantize each weight once even though it feeds two outputs (int8 weight and SCB)."""
+
+    def __init__(self):
+        self.key = None
+        self.value = None
+
+    def __call__(self, name: str, tensor):
+        from ..quant.int8 import quantize_rowwise
+
+        if tensor.device.type == "meta" or self.key != name:
+            value = quantize_rowwise(tensor)
+            if tensor.device.type == "meta":
+                return value
+            self.key, self.value = name, value
+        return self.value
+
+
+def int8_outputs(reader: CheckpointReader, plan: QuantPlan) -> list[Output]:
+    """The output stream: quantized weights expanded to weight/SCB/weight_format, the rest copied."""
+    from ..quant.int8 import weight_format
+
+    chosen = set(plan.selected)
+    last = _LastQuantized()
+    outputs = []
+    for name in reader.keys():
+        if name not in chosen:
+            outputs.append(Output(name, (name,)))
+            continue
+        stem = name.removesuffix(".weight")
+        outputs += [
+            Output(name, (name,), lambda t, n=name: last(n, t)[0]),
+            Output(stem + ".SCB", (name,), lambda t, n=name: last(n, t)[1]),
+            Output(stem + ".weight_format", (name,), lambda t: weight_format().to(t.device)),
+        ]
+    return outputs
+
+
+def quantize_int8(source: Path, out: Path, *, only: tuple[str, ...] = (), skip: tuple[str, ...] = (),
+                  max_shard_size: int, overwrite: bool = False, progress: Callable[[int], None] | None = None) -> tuple[Path, QuantPlan]:
+    """Write the 8-bit checkpoint; returns its path and the plan used."""
+    with CheckpointReader(source) as reader:
+        config = reader.config()
+        layout, groups = linear_weights(reader, config)
+        plan = plan_quantization(layout, groups, only=only, skip=skip)
+        if not plan.selected:
+            raise InputError("--only/--skip leave nothing to quantize; check the patterns against `internvl-tools inspect` keys")
+        outputs = int8_outputs(reader, plan)
+    new_config = dict(config)
+    new_config["quantization_config"] = bnb_config(plan.skip_modules)
+    if isinstance(new_config.get("llm_config"), dict):
+        new_config["llm_config"] = {k: v for k, v in new_config["llm_config"].items() if k != "quantization_config"}
+    path = run_transform(source, out, outputs, max_shard_size=max_shard_size, overwrite=overwrite,
+                         files={"config.json": new_config}, progress=progress)
+    return path, plan
+
