@@ -159,3 +159,37 @@ def test_shard_plans_real_int8_sizes(tiny, quantized, run_cli):
                               "--context", "4", "--plan-only", "--json").output)
     layer_bytes = sum(g["weight_bytes"] for g in plan["gpu_plan"]["gpus"])
     assert layer_bytes == int8["bytes"]["total"]
+
+
+@pytest.mark.parametrize("family", ["InternVL2-2B", "InternVL2-Llama3-76B"])
+def test_compressed_tensors_w8a16_loads_in_transformers(family, tiny, tmp_path, run_cli):
+    """--format compressed-tensors: vLLM's pack-quantized W8A16; the compressed-tensors package
+    decompresses it in transformers to q x scale of our own quantization."""
+    pytest.importorskip("compressed_tensors")
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+    from transformers import AutoModelForImageTextToText
+
+    from internvl_tools.quant.int8 import quantize_symmetric_channel
+
+    native, out = tmp_path / "hf", tmp_path / "ct"
+    assert run_cli("convert", tiny(family), "-o", native).exit_code == 0
+    result = run_cli("quantize", native, "-o", out, "--method", "int8", "--format", "compressed-tensors")
+    assert result.exit_code == 0, result.output
+    src, dst = _tensors(native), _tensors(out)
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "compressed-tensors" and qc["format"] == "pack-quantized"
+    assert qc["config_groups"]["group_0"]["weights"]["num_bits"] == 8
+    key = "model.language_model.layers.1.mlp.down_proj"
+    q, scale = quantize_symmetric_channel(src[key + ".weight"])
+    assert torch.equal(dst[key + ".weight_packed"], pack_to_int32(q, 8))
+    assert torch.equal(dst[key + ".weight_scale"], scale) and dst[key + ".weight_shape"].tolist() == list(q.shape)
+    model, info = AutoModelForImageTextToText.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    reference = AutoModelForImageTextToText.from_pretrained(native)
+    ids = torch.arange(1, 30)[None]
+    with torch.no_grad():  # the first forward decompresses the weights
+        got, want = model(input_ids=ids).logits.float(), reference(input_ids=ids).logits.float()
+    assert (got - want).norm() / want.norm() < 0.02
+    loaded = model.model.language_model.layers[1].mlp.down_proj.weight
+    torch.testing.assert_close(loaded.float(), (q.float() * scale.float()).to(loaded.dtype).float(), rtol=0, atol=0)
+    assert torch.equal(model.model.vision_tower.encoder.layer[0].attention.q_proj.weight, src["model.vision_tower.encoder.layer.0.attention.q_proj.weight"])

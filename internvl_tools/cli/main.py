@@ -220,12 +220,14 @@ def convert_cmd(checkpoint: Path, out: Path, target: str, max_shard_size: str, o
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="output folder")
 @click.option("--method", type=click.Choice(["int8"]), required=True, help="int8: bitsandbytes LLM.int8() weights")
+@click.option("--format", "fmt", type=click.Choice(["bnb", "compressed-tensors"]), default="bnb", show_default=True,
+              help="bnb: bitsandbytes load_in_8bit layout; compressed-tensors: vLLM's W8A16 pack-quantized")
 @click.option("--only", multiple=True, help="regex: quantize only weights whose key matches (repeatable)")
 @click.option("--skip", multiple=True, help="regex: leave weights whose key matches unquantized (repeatable)")
 @click.option("--max-shard-size", default="5GB", show_default=True, help=SIZE_HELP)
 @click.option("--overwrite", is_flag=True, help="replace a non-empty OUT")
 @click.option("--json", "as_json", is_flag=True)
-def quantize_cmd(checkpoint: Path, out: Path, method: str, only: tuple[str, ...], skip: tuple[str, ...],
+def quantize_cmd(checkpoint: Path, out: Path, method: str, fmt: str, only: tuple[str, ...], skip: tuple[str, ...],
                  max_shard_size: str, overwrite: bool, as_json: bool) -> None:
     """Quantize the LLM of CHECKPOINT (the vision tower, mlp1, embeddings and head stay as they are)."""
     from ..ops.quantize import quantize_int8
@@ -236,16 +238,17 @@ def quantize_cmd(checkpoint: Path, out: Path, method: str, only: tuple[str, ...]
         total = reader.total_bytes
     started = time.perf_counter()
     with byte_progress(f"quantizing ({method})", total, enabled=not as_json) as advance:
-        path, plan = quantize_int8(checkpoint, out, only=only, skip=skip, max_shard_size=limit, overwrite=overwrite, progress=advance)
+        path, plan = quantize_int8(checkpoint, out, only=only, skip=skip, fmt=fmt, max_shard_size=limit, overwrite=overwrite,
+                                   progress=advance)
     seconds = time.perf_counter() - started
     with CheckpointReader(path) as reader:
         written = reader.total_bytes
-    summary = {"out": str(path), "method": method, "layout": plan.layout, "quantized": len(plan.selected),
+    summary = {"out": str(path), "method": method, "format": fmt, "layout": plan.layout, "quantized": len(plan.selected),
                "skip_modules": list(plan.skip_modules), "bytes_in": total, "bytes_out": written, "seconds": round(seconds, 3)}
     if as_json:
         emit_json(summary)
     else:
-        stdout.print(f"wrote {path}: {len(plan.selected)} linears in int8 ({plan.layout} layout), "
+        stdout.print(f"wrote {path}: {len(plan.selected)} linears in int8 ({fmt}, {plan.layout} layout), "
                      f"{human_bytes(total)} -> {human_bytes(written)} in {seconds:.1f} s; kept unquantized: "
                      f"{', '.join(plan.skip_modules[:4])}{' ...' if len(plan.skip_modules) > 4 else ''}")
 

@@ -1,7 +1,9 @@
-"""`quantize --method int8`: a pre-quantized bitsandbytes 8-bit checkpoint, streamed.
+"""`quantize --method int8`: a pre-quantized 8-bit checkpoint, streamed.
 
-Every linear of the LLM's decoder layers becomes int8 + row absmax (SCB) + weight_format;
-the vision tower, mlp1, embeddings, norms and the head keep their dtype and bytes. Works on
+Every linear of the LLM's decoder layers becomes int8: in bitsandbytes' format (int8 weight +
+row absmax SCB + weight_format), or in compressed-tensors' W8A16 pack-quantized format
+(weight_packed + per-channel weight_scale + weight_shape) that vLLM serves; the vision tower,
+mlp1, embeddings, norms and the head keep their dtype and bytes. Works on
 the original layout (remote code / this project's runtime) and on the native layout written
 by `convert --to hf` (plain transformers + bitsandbytes).
 """
@@ -98,45 +100,77 @@ def bnb_config(skip_modules: tuple[str, ...]) -> dict:
     }
 
 
-class _LastQuantized:
-    """Quantize each weight once even though it feeds two outputs (int8 weight and SCB)."""
+def compressed_tensors_config(layout: str, skip_modules: tuple[str, ...]) -> dict:
+    """quantization_config of a compressed-tensors W8A16 (int8 weights, per channel) checkpoint."""
+    towers = {NATIVE_GROUPS["vision"], NATIVE_GROUPS["projector"], *ORIGINAL_GROUPS.values()}
+    ignore = [f"re:{re.escape(m)}\\..*" if m in towers else m for m in skip_modules]
+    return {
+        "quant_method": "compressed-tensors",
+        "format": "pack-quantized",
+        "quantization_status": "compressed",
+        "config_groups": {
+            "group_0": {
+                "targets": ["Linear"],
+                "weights": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel", "group_size": None,
+                            "dynamic": False, "actorder": None, "observer": "minmax"},
+                "input_activations": None,
+                "output_activations": None,
+                "format": "pack-quantized",
+            }
+        },
+        "ignore": ignore,
+        "kv_cache_scheme": None,
+        "sparsity_config": {},
+    }
 
-    def __init__(self):
+
+class _LastQuantized:
+    """Quantize each weight once even though it feeds several outputs (e.g. int8 weight and SCB)."""
+
+    def __init__(self, quantize):
+        self.quantize = quantize
         self.key = None
         self.value = None
 
     def __call__(self, name: str, tensor):
-        from ..quant.int8 import quantize_rowwise
-
         if tensor.device.type == "meta" or self.key != name:
-            value = quantize_rowwise(tensor)
+            value = self.quantize(tensor)
             if tensor.device.type == "meta":
                 return value
             self.key, self.value = name, value
         return self.value
 
 
-def int8_outputs(reader: CheckpointReader, plan: QuantPlan) -> list[Output]:
-    """The output stream: quantized weights expanded to weight/SCB/weight_format, the rest copied."""
-    from ..quant.int8 import weight_format
+def int8_outputs(reader: CheckpointReader, plan: QuantPlan, fmt: str = "bnb") -> list[Output]:
+    """The output stream: each quantized weight expanded to its format's tensors, the rest copied."""
+    import torch
+
+    from ..quant.int8 import pack_int8_to_int32, quantize_rowwise, quantize_symmetric_channel, weight_format
 
     chosen = set(plan.selected)
-    last = _LastQuantized()
+    last = _LastQuantized(quantize_rowwise if fmt == "bnb" else quantize_symmetric_channel)
     outputs = []
     for name in reader.keys():
         if name not in chosen:
             outputs.append(Output(name, (name,)))
             continue
         stem = name.removesuffix(".weight")
-        outputs += [
-            Output(name, (name,), lambda t, n=name: last(n, t)[0]),
-            Output(stem + ".SCB", (name,), lambda t, n=name: last(n, t)[1]),
-            Output(stem + ".weight_format", (name,), lambda t: weight_format().to(t.device)),
-        ]
+        if fmt == "bnb":
+            outputs += [
+                Output(name, (name,), lambda t, n=name: last(n, t)[0]),
+                Output(stem + ".SCB", (name,), lambda t, n=name: last(n, t)[1]),
+                Output(stem + ".weight_format", (name,), lambda t: weight_format().to(t.device)),
+            ]
+        else:
+            outputs += [
+                Output(stem + ".weight_packed", (name,), lambda t, n=name: pack_int8_to_int32(last(n, t)[0])),
+                Output(stem + ".weight_scale", (name,), lambda t, n=name: last(n, t)[1]),
+                Output(stem + ".weight_shape", (name,), lambda t: torch.tensor(list(t.shape), dtype=torch.int64, device=t.device)),
+            ]
     return outputs
 
 
-def quantize_int8(source: Path, out: Path, *, only: tuple[str, ...] = (), skip: tuple[str, ...] = (),
+def quantize_int8(source: Path, out: Path, *, only: tuple[str, ...] = (), skip: tuple[str, ...] = (), fmt: str = "bnb",
                   max_shard_size: int, overwrite: bool = False, progress: Callable[[int], None] | None = None) -> tuple[Path, QuantPlan]:
     """Write the 8-bit checkpoint; returns its path and the plan used."""
     with CheckpointReader(source) as reader:
@@ -145,9 +179,9 @@ def quantize_int8(source: Path, out: Path, *, only: tuple[str, ...] = (), skip: 
         plan = plan_quantization(layout, groups, only=only, skip=skip)
         if not plan.selected:
             raise InputError("--only/--skip leave nothing to quantize; check the patterns against `internvl-tools inspect` keys")
-        outputs = int8_outputs(reader, plan)
+        outputs = int8_outputs(reader, plan, fmt)
     new_config = dict(config)
-    new_config["quantization_config"] = bnb_config(plan.skip_modules)
+    new_config["quantization_config"] = bnb_config(plan.skip_modules) if fmt == "bnb" else compressed_tensors_config(layout, plan.skip_modules)
     if isinstance(new_config.get("llm_config"), dict):
         new_config["llm_config"] = {k: v for k, v in new_config["llm_config"].items() if k != "quantization_config"}
     path = run_transform(source, out, outputs, max_shard_size=max_shard_size, overwrite=overwrite,
