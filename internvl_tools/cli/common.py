@@ -38,14 +38,29 @@ class ToolGroup(click.Group):
 
 @contextmanager
 def byte_progress(description: str, total: int, enabled: bool = True) -> Iterator[callable]:
-    """A rich progress bar over bytes; yields an `advance(nbytes)` callback."""
+    """A rich progress bar over bytes; yields an `advance(nbytes)` callback.
+
+    The bar appears with the first byte of real work, so input that is refused while it
+    is validated ends with just the one-line error."""
     if not enabled:
         yield lambda _n: None
         return
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn()]
-    with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task(description, total=total)
-        yield lambda n: progress.advance(task, n)
+    progress = Progress(*columns, console=console, transient=False)
+    task = None
+
+    def advance(nbytes: int) -> None:
+        nonlocal task
+        if task is None:
+            progress.start()
+            task = progress.add_task(description, total=total)
+        progress.advance(task, nbytes)
+
+    try:
+        yield advance
+    finally:
+        if task is not None:
+            progress.stop()
 
 
 def emit_json(value: object) -> None:

@@ -103,8 +103,9 @@ def print_report(report: dict) -> None:
 @cli.command("make-tiny")
 @click.argument("family", type=click.Choice(list(FAMILIES), case_sensitive=False))
 @click.argument("out", type=click.Path(path_type=Path))
-@click.option("--lora", type=click.Choice(["none", "embedded", "embedded-llm", "embedded-vision"]), default="none", show_default=True,
-              help="embed InternVL-style LoRA (peft-wrapped keys, alpha = 2r) in the LLM and/or vision tower")
+@click.option("--lora", type=click.Choice(["none", "embedded", "embedded-llm", "embedded-vision", "peft"]), default="none",
+              show_default=True, help="embed InternVL-style LoRA (peft-wrapped keys, alpha = 2r) in the LLM and/or vision tower; "
+              "peft: also write a PEFT adapter for the bare LLM in OUT-peft-adapter/")
 @click.option("--rank", default=4, show_default=True, help="LoRA rank")
 @click.option("--shards", default=2, show_default=True, help="number of shards")
 @click.option("--wide", is_flag=True, help="the family's true widths with 2 layers per tower (benchmarks; GBs)")
@@ -113,11 +114,15 @@ def print_report(report: dict) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def make_tiny_cmd(family: str, out: Path, lora: str, rank: int, shards: int, wide: bool, seed: int, overwrite: bool, as_json: bool) -> None:
     """Write a random-weight checkpoint of FAMILY with its real key layout, config and tokenizer."""
-    from ..tiny.generator import make_checkpoint
+    from ..tiny.generator import make_checkpoint, make_peft_adapter
 
     started = time.perf_counter()
     with byte_progress("generating", 0, enabled=wide and not as_json) as advance:
-        path = make_checkpoint(family, out, lora=lora, rank=rank, shards=shards, wide=wide, seed=seed, overwrite=overwrite, progress=advance)
+        path = make_checkpoint(family, out, lora="none" if lora == "peft" else lora, rank=rank, shards=shards, wide=wide, seed=seed,
+                               overwrite=overwrite, progress=advance)
+    if lora == "peft":
+        adapter = make_peft_adapter(path, path.with_name(path.name + "-peft-adapter"), rank=rank, alpha=2 * rank, seed=seed + 1)
+        stdout.print(f"wrote PEFT adapter {adapter}")
     report = summarize(path)
     summary = {"out": str(path), "family": family, "tensors": report["tensors"], "shards": report["shards"],
                "bytes": report["bytes"]["total"], "seconds": round(time.perf_counter() - started, 2)}
@@ -251,6 +256,39 @@ def quantize_cmd(checkpoint: Path, out: Path, method: str, fmt: str, only: tuple
         stdout.print(f"wrote {path}: {len(plan.selected)} linears in int8 ({fmt}, {plan.layout} layout), "
                      f"{human_bytes(total)} -> {human_bytes(written)} in {seconds:.1f} s; kept unquantized: "
                      f"{', '.join(plan.skip_modules[:4])}{' ...' if len(plan.skip_modules) > 4 else ''}")
+
+
+@cli.command("merge-lora")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="output folder")
+@click.option("--adapter", "adapters", multiple=True, type=click.Path(path_type=Path),
+              help="a PEFT adapter folder (repeatable, merged in order after any embedded LoRA)")
+@click.option("--alpha", type=float, default=None, help="alpha of the embedded LoRA (default 2r, as InternVL's training sets it)")
+@click.option("--max-shard-size", default="5GB", show_default=True, help=SIZE_HELP)
+@click.option("--overwrite", is_flag=True, help="replace a non-empty OUT")
+@click.option("--json", "as_json", is_flag=True)
+def merge_lora_cmd(checkpoint: Path, out: Path, adapters: tuple[Path, ...], alpha: float | None, max_shard_size: str,
+                   overwrite: bool, as_json: bool) -> None:
+    """Merge the LoRA embedded in CHECKPOINT and/or PEFT --adapter folders into the base weights."""
+    from ..ops.merge_lora import merge_lora
+
+    limit = parse_size(max_shard_size)
+    check_output(out, [checkpoint, *adapters], overwrite)
+    with CheckpointReader(checkpoint) as reader:
+        total = reader.total_bytes
+    started = time.perf_counter()
+    with byte_progress("merging LoRA", total, enabled=not as_json) as advance:
+        path, plan = merge_lora(checkpoint, out, adapters=list(adapters), alpha=alpha, max_shard_size=limit,
+                                overwrite=overwrite, progress=advance)
+    seconds = time.perf_counter() - started
+    towers = sorted({key.split(".")[0] for key in plan.deltas})
+    summary = {"out": str(path), "merged_weights": len(plan.deltas), "replaced": len(plan.replacements),
+               "towers": towers, "adapters": [str(a) for a in adapters], "seconds": round(seconds, 3)}
+    if as_json:
+        emit_json(summary)
+    else:
+        stdout.print(f"wrote {path}: LoRA merged into {len(plan.deltas)} weights ({', '.join(towers)})"
+                     f"{f', {len(plan.replacements)} replaced' if plan.replacements else ''} in {seconds:.1f} s")
 
 
 @cli.command("chat")

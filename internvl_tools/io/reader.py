@@ -28,10 +28,14 @@ class CheckpointReader:
     """
 
     def __init__(self, folder: str | os.PathLike[str]):
+        """`folder` is a checkpoint folder, or one .safetensors file (e.g. a PEFT adapter's)."""
         self.folder = Path(folder)
-        if not self.folder.is_dir():
+        if self.folder.is_file() and self.folder.suffix == ".safetensors":
+            self.shards: list[ShardHeader] = [read_header(self.folder)]
+        elif not self.folder.is_dir():
             raise CheckpointError(f"{self.folder}: not a folder; pass the checkpoint folder (the one with config.json)")
-        self.shards: list[ShardHeader] = _load_shards(self.folder)
+        else:
+            self.shards = _load_shards(self.folder)
         self._tensors: dict[str, StoredTensor] = {}
         for shard in self.shards:
             self._tensors.update(shard.tensors)

@@ -260,6 +260,50 @@ def special_ids(files: dict[str, object]) -> dict[str, int | None]:
     return {f"{role}_token_id": ids.get(special.get(f"{role}_token")) for role in ("bos", "eos", "pad")}
 
 
+def make_peft_adapter(checkpoint: Path, out: Path, *, rank: int = 4, alpha: float = 8, bare_llm: bool = True,
+                      targets: list[str] | None = None, vision: bool = False, seed: int = 1, extra_config: dict | None = None) -> Path:
+    """Write a PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) with
+    random A and B for a checkpoint's LLM linears (keys of the bare LLM, as peft saves an
+    adapter trained on it, or of the whole InternVL model), and optionally its ViT linears."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from ..arch.layout import build_layout
+    from ..io.reader import CheckpointReader
+
+    with CheckpointReader(checkpoint) as reader:
+        config = reader.config()
+        layout = build_layout(config, reader.specs())
+        shapes = {s.name: s.shape for s in reader.specs()}
+    names = targets or (LLM_LORA_TARGETS[layout.dialect] + (VISION_LORA_TARGETS if vision else []))
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for key, info in layout.keys.items():
+        if info.lora or info.param != "weight" or info.part != "layer" or info.module not in names:
+            continue
+        if info.family == "vision" and not vision:
+            continue
+        rows, cols = shapes[key]
+        module = key.removesuffix(".weight")
+        if bare_llm and info.family == "llm":
+            module = module.removeprefix("language_model.")
+        module = "base_model.model." + module
+        tensors[f"{module}.lora_A.weight"] = torch.randn(rank, cols, generator=generator) * 0.1
+        tensors[f"{module}.lora_B.weight"] = torch.randn(rows, rank, generator=generator) * 0.1
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    adapter_config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM" if bare_llm else None, "r": rank, "lora_alpha": alpha,
+        "target_modules": sorted({n.split(".")[-1] for n in names}), "lora_dropout": 0.0, "bias": "none",
+        "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "modules_to_save": None,
+        "rank_pattern": {}, "alpha_pattern": {}, "base_model_name_or_path": str(checkpoint),
+        **(extra_config or {}),
+    }
+    (out / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n")
+    return out
+
+
 def shard_limit_for(specs: list[TensorSpec], shards: int) -> int:
     """The smallest shard size limit that splits `specs` into at most `shards` shards."""
     low, high = max((s.nbytes for s in specs), default=1), max(sum(s.nbytes for s in specs), 1)

@@ -1,0 +1,207 @@
+"""`merge-lora`: embedded InternVL LoRA and PEFT adapters merged tensor by tensor."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from internvl_tools.io.reader import CheckpointReader
+from internvl_tools.tiny.generator import make_peft_adapter
+
+from . import reference_internvl as ref
+from .conftest import ALL_FAMILIES
+from .test_quantize_int8 import _tensors
+
+
+def _assert_bf16_close(got: torch.Tensor, want: torch.Tensor, key: str):
+    """Equal up to the last bf16 bit (blocked float32 sums may round the other way)."""
+    assert got.dtype == want.dtype == torch.bfloat16, key
+    torch.testing.assert_close(got.float(), want.float(), rtol=2 ** -7, atol=1e-6, msg=key)
+    assert (got == want).float().mean() > 0.98, key
+
+
+def _reference_merge(src: dict, alpha_of_rank=lambda r: 2 * r) -> dict:
+    """Independent float32 merge of embedded LoRA: W + (alpha / r) B A, keys unwrapped."""
+    out = {}
+    for key, tensor in src.items():
+        if ".lora_" in key:
+            continue
+        plain = key.replace("language_model.base_model.model.", "language_model.").replace("vision_model.base_model.model.", "vision_model.")
+        plain = plain.replace(".base_layer.", ".")
+        stem = key.removesuffix(".weight").removesuffix(".base_layer")
+        a, b = src.get(stem + ".lora_A.default.weight"), src.get(stem + ".lora_B.default.weight")
+        if a is not None and key.endswith(".base_layer.weight"):
+            rank = a.shape[0]
+            tensor = (tensor.float() + alpha_of_rank(rank) / rank * (b.float() @ a.float())).to(tensor.dtype)
+        out[plain] = tensor
+    return out
+
+
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+@pytest.mark.parametrize("lora", ["embedded", "embedded-llm", "embedded-vision"])
+def test_embedded_lora_merge_matches_float32_reference(family, lora, tiny, tmp_path, run_cli):
+    src_dir = tiny(family, lora=lora)
+    out = tmp_path / "merged"
+    result = run_cli("merge-lora", src_dir, "-o", out, "--max-shard-size", "100KB", "--json")
+    assert result.exit_code == 0, result.output
+    merged, expected = _tensors(out), _reference_merge(_tensors(src_dir))
+    assert set(merged) == set(expected) == set(_tensors(tiny(family)))  # the plain layout's keys
+    changed = 0
+    for key, want in expected.items():
+        _assert_bf16_close(merged[key], want, key)
+        changed += not torch.equal(merged[key], _tensors(tiny(family))[key])
+    assert changed >= (8 if "vision" in lora else 12)
+    config = json.loads((out / "config.json").read_text())
+    assert config["use_llm_lora"] == 0 and config["use_backbone_lora"] == 0
+    assert (out / "tokenizer.json").read_bytes() == (src_dir / "tokenizer.json").read_bytes()
+    report = json.loads(run_cli("inspect", out, "--json").output)
+    assert report["lora"] == {}
+
+
+def test_merged_forward_equals_lora_forward(tiny, tmp_path, run_cli):
+    """The merged checkpoint (runtime) computes what the unmerged LoRA model computes."""
+    from internvl_tools.runtime.model import InternVLRuntime
+
+    from .test_runtime import sample_image
+
+    src_dir = tiny("InternVL2-Llama3-76B", lora="embedded")
+    out = tmp_path / "m"
+    assert run_cli("merge-lora", src_dir, "-o", out).exit_code == 0
+    runtime = InternVLRuntime(out)
+    pixels = runtime.pixel_values(sample_image(6))
+    ids = runtime.prompt_ids("Describe the image.", pixels.shape[0])
+    # the LoRA model in float32, W + 2 B A never rounded to bf16
+    config, sd = ref.load_state(src_dir)
+    lora_sd = {k: v for k, v in _reference_merge({k: v for k, v in sd.items()}).items()}
+    context = runtime.tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
+    features = ref.image_features(config, lora_sd, pixels)
+    want = ref.llm_logits(config, lora_sd, ref.embed(config, lora_sd, ids, features, context))
+    got = runtime.logits(ids, pixels)
+    assert (got - want).norm() / want.norm() < 1e-2
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.95
+
+
+@pytest.mark.parametrize("family", ["InternVL2-1B", "InternVL2-4B", "InternVL2-40B", "InternVL2-2B"])
+def test_peft_adapter_on_bare_llm(family, tiny, tmp_path, run_cli):
+    adapter = make_peft_adapter(tiny(family), tmp_path / "adapter", rank=4, alpha=16)
+    out = tmp_path / "merged"
+    result = run_cli("merge-lora", tiny(family), "--adapter", adapter, "-o", out, "--json")
+    assert result.exit_code == 0, result.output
+    base, merged, factors = _tensors(tiny(family)), _tensors(out), load_file(adapter / "adapter_model.safetensors")
+    touched = 0
+    for key, tensor in base.items():
+        stem = "base_model.model." + key.removeprefix("language_model.").removesuffix(".weight")
+        if stem + ".lora_A.weight" in factors:
+            a, b = factors[stem + ".lora_A.weight"], factors[stem + ".lora_B.weight"]
+            want = (tensor.float() + 16 / 4 * (b @ a)).to(tensor.dtype)
+            _assert_bf16_close(merged[key], want, key)
+            touched += 1
+        else:
+            assert torch.equal(merged[key], tensor), key
+    assert touched == len(factors) // 2 > 0
+
+
+@pytest.mark.parametrize("family", ["InternVL2-40B", "InternVL2-1B", "InternVL2-4B"])
+def test_peft_merge_and_unload_agrees(family, tiny, tmp_path, run_cli):
+    """peft's own merge_and_unload on the LLM (runtime-built native modules) gives the same weights."""
+    peft = pytest.importorskip("peft")
+    from internvl_tools.arch.layout import build_layout
+    from internvl_tools.runtime.build import build_llm
+
+    adapter = make_peft_adapter(tiny(family), tmp_path / "adapter", rank=4, alpha=8,
+                                extra_config={"use_rslora": True, "alpha_pattern": {"down_proj": 32}})
+    out = tmp_path / "merged"
+    assert run_cli("merge-lora", tiny(family), "--adapter", adapter, "-o", out).exit_code == 0
+    with CheckpointReader(tiny(family)) as reader:
+        config = reader.config()
+        llm = build_llm(reader, config, build_layout(config, reader.specs()), torch.bfloat16)
+    merged_by_peft = peft.PeftModel.from_pretrained(llm, str(adapter)).merge_and_unload().state_dict()
+    ours = _tensors(out)
+    compared = 0
+    for name, tensor in merged_by_peft.items():
+        key = "language_model." + name
+        if key in ours and tensor.dim() == 2:
+            _assert_bf16_close(ours[key], tensor, key)
+            compared += 1
+    assert compared > 10
+
+
+def test_adapter_options(tiny, tmp_path, run_cli):
+    """modules_to_save, two adapters in order, whole-model keys with the vision tower, .bin weights."""
+    family = "InternVL2-26B"
+    first = make_peft_adapter(tiny(family), tmp_path / "a1", rank=2, alpha=4, bare_llm=False, vision=True)
+    second = make_peft_adapter(tiny(family), tmp_path / "a2", rank=3, alpha=3, seed=7, targets=["attention.wo"])
+    tensors = load_file(second / "adapter_model.safetensors")
+    head = torch.randn(_tensors(tiny(family))["language_model.output.weight"].shape)
+    tensors["base_model.model.output.weight"] = head  # modules_to_save: a full replacement
+    (second / "adapter_model.safetensors").unlink()
+    torch.save(tensors, second / "adapter_model.bin")
+    out = tmp_path / "m"
+    result = run_cli("merge-lora", tiny(family), "--adapter", first, "--adapter", second, "-o", out, "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert summary["replaced"] == 1 and set(summary["towers"]) == {"language_model", "vision_model"}
+    base, merged = _tensors(tiny(family)), _tensors(out)
+    f1 = load_file(first / "adapter_model.safetensors")
+    key = "language_model.model.layers.1.attention.wo.weight"
+    d1 = 2 * (f1["base_model.model." + key[:-7] + ".lora_B.weight"] @ f1["base_model.model." + key[:-7] + ".lora_A.weight"])
+    d2 = 1 * (tensors["base_model.model." + key[15:-7] + ".lora_B.weight"] @ tensors["base_model.model." + key[15:-7] + ".lora_A.weight"])
+    _assert_bf16_close(merged[key], (base[key].float() + d1 + d2).to(torch.bfloat16), key)
+    assert torch.equal(merged["language_model.output.weight"], head.to(torch.bfloat16))
+    vkey = "vision_model.encoder.layers.0.attn.qkv.weight"
+    assert not torch.equal(merged[vkey], base[vkey])
+
+
+def _expect_refused(run_cli, tmp_path, args, *needles):
+    out = tmp_path / "never"
+    result = run_cli("merge-lora", *args, "-o", out)
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("error: ") and result.output.count("\n") == 1, result.output
+    for needle in needles:
+        assert needle in result.output
+    assert not out.exists() and not (tmp_path / "never.partial").exists()
+
+
+def test_bad_adapters_refused(tiny, tmp_path, run_cli):
+    base = tiny("InternVL2-40B")
+    other = make_peft_adapter(tiny("InternVL-Chat-V1-1"), tmp_path / "other")  # MHA: k_proj shapes differ
+    _expect_refused(run_cli, tmp_path, [base, "--adapter", other], "k_proj", "another model")
+    missing = make_peft_adapter(base, tmp_path / "missing")
+    tensors = load_file(missing / "adapter_model.safetensors")
+    tensors["base_model.model.model.layers.9.self_attn.q_proj.lora_A.weight"] = torch.zeros(4, 64)
+    tensors["base_model.model.model.layers.9.self_attn.q_proj.lora_B.weight"] = torch.zeros(64, 4)
+    save_file(tensors, str(missing / "adapter_model.safetensors"))
+    _expect_refused(run_cli, tmp_path, [base, "--adapter", missing], "layers.9.self_attn.q_proj", "no base weight")
+    broken = make_peft_adapter(base, tmp_path / "broken")
+    tensors = load_file(broken / "adapter_model.safetensors")
+    tensors["base_model.model.model.layers.2.mlp.up_proj.lora_B.weight"][0, 0] = float("inf")
+    save_file(tensors, str(broken / "adapter_model.safetensors"))
+    _expect_refused(run_cli, tmp_path, [base, "--adapter", broken], "layers.2.mlp.up_proj", "NaN or Inf")
+    huge = make_peft_adapter(base, tmp_path / "huge", alpha=1e10)  # finite factors, overflowing result
+    tensors = load_file(huge / "adapter_model.safetensors")
+    tensors["base_model.model.model.layers.1.mlp.up_proj.lora_B.weight"][0, 0] = 1e35
+    save_file(tensors, str(huge / "adapter_model.safetensors"))
+    result = run_cli("merge-lora", base, "--adapter", huge, "-o", tmp_path / "never")
+    assert result.exit_code == 2 and result.output.strip().splitlines()[-1].startswith("error: merging LoRA into")
+    assert "NaN or Inf" in result.output and not (tmp_path / "never").exists() and not (tmp_path / "never.partial").exists()
+    noconfig = make_peft_adapter(base, tmp_path / "noconfig")
+    (noconfig / "adapter_config.json").unlink()
+    _expect_refused(run_cli, tmp_path, [base, "--adapter", noconfig], "adapter_config.json")
+    dora = make_peft_adapter(base, tmp_path / "dora", extra_config={"use_dora": True})
+    _expect_refused(run_cli, tmp_path, [base, "--adapter", dora], "DoRA")
+    _expect_refused(run_cli, tmp_path, [base], "nothing to merge")
+
+
+def test_input_untouched_and_truncated_adapter(tiny, copy_of, tmp_path, run_cli):
+    src = copy_of(tiny("InternVL2-1B", lora="embedded"))
+    before = {p.name: p.read_bytes() for p in src.iterdir()}
+    assert run_cli("merge-lora", src, "-o", tmp_path / "ok").exit_code == 0
+    assert {p.name: p.read_bytes() for p in src.iterdir()} == before
+    adapter = make_peft_adapter(tiny("InternVL2-1B"), tmp_path / "trunc")
+    data = (adapter / "adapter_model.safetensors").read_bytes()
+    (adapter / "adapter_model.safetensors").write_bytes(data[:-64])
+    _expect_refused(run_cli, tmp_path, [tiny("InternVL2-1B"), "--adapter", adapter], "adapter_model.safetensors", "truncated")
