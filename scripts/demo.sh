@@ -31,7 +31,22 @@ PY
 $BIN convert "$WORK/76b-hf" -o "$WORK/76b-back" --to original
 cmp "$WORK/76b-plain/model.safetensors" "$WORK/76b-back/model.safetensors" && echo "round trip: bit-identical"
 
+echo "== merge-lora: the embedded LoRA (LLM + vision) merged into the base, streamed"
+$BIN merge-lora "$WORK/76b" -o "$WORK/76b-merged"
+
+echo "== quantize the merged LLM to int8 (bitsandbytes format; InternViT stays bf16)"
+$BIN quantize "$WORK/76b-merged" -o "$WORK/76b-int8" --method int8
+$BIN convert "$WORK/76b-plain" -o "$WORK/76b-hf-for-int8" >/dev/null
+$BIN quantize "$WORK/76b-hf-for-int8" -o "$WORK/76b-hf-int8" --method int8
+.venv/bin/python - "$WORK/76b-hf-int8" <<'PY'
+import sys
+from transformers import AutoModelForImageTextToText
+model = AutoModelForImageTextToText.from_pretrained(sys.argv[1])
+print("transformers + bitsandbytes loaded the int8 checkpoint:", type(model.model.language_model.layers[0].mlp.down_proj).__name__)
+PY
+
 echo "== chat on the runtime (random tiny weights: the answer is noise, the pipeline is real)"
 .venv/bin/python -c "from PIL import Image; Image.new('RGB', (640, 320), (200, 30, 30)).save('$WORK/red.png')"
-$BIN chat "$WORK/76b-plain" "What color is the image?" --image "$WORK/red.png" --max-new-tokens 8
+$BIN chat "$WORK/76b-merged" "What color is the image?" --image "$WORK/red.png" --max-new-tokens 8
+$BIN chat "$WORK/76b-int8" "What color is the image?" --image "$WORK/red.png" --max-new-tokens 8
 echo "demo finished: outputs in $WORK/"

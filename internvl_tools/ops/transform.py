@@ -80,13 +80,17 @@ def run_transform(
         specs = output_specs(reader, outputs)
         cache = SourceCache(reader)
         with CheckpointWriter(out, specs, max_shard_size=max_shard_size, inputs=[Path(source)], overwrite=overwrite) as writer:
-            for item, spec in zip(outputs, specs):
+            seen: set[str] = set()
+            for item in outputs:
                 if item.fn is None:
                     writer.copy_stored(item.name, reader.stored(item.sources[0]))
                 else:
                     writer.write(item.name, compute(cache, item).contiguous())
-                if progress:
-                    progress(spec.nbytes)
+                if progress:  # in input bytes consumed, so the bar ends at the input's size
+                    progress(sum(reader.spec(s).nbytes for s in item.sources if s not in seen))
+                    seen.update(item.sources)
+            if progress:
+                progress(reader.total_bytes - sum(reader.spec(s).nbytes for s in seen))
             merged = dict(files or {})
             for name in skip_files:
                 merged.setdefault(name, None)
