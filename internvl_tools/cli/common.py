@@ -83,3 +83,27 @@ def human_count(n: float) -> str:
         if abs(n) >= size:
             return f"{n / size:.2f}{unit}"
     return str(int(n))
+
+
+@contextmanager
+def layer_progress(description: str, total: int, enabled: bool = True) -> Iterator[callable]:
+    """A rich progress bar over decoder layers; yields `advance(layers_done)`."""
+    if not enabled:
+        yield lambda _n: None
+        return
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} layers"), TimeRemainingColumn()]
+    progress = Progress(*columns, console=console, transient=False)
+    task = None
+
+    def advance(done: int) -> None:
+        nonlocal task
+        if task is None:  # appears with the first finished layer, after validation
+            progress.start()
+            task = progress.add_task(description, total=total)
+        progress.update(task, completed=done)
+
+    try:
+        yield advance
+    finally:
+        if task is not None:
+            progress.stop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from ..ops.gpu_layout import order_by_gpu, plan_for_checkpoint
 from ..ops.inspect import summarize
 from ..ops.shard import reshard
 from .gpu_plan import GpuOptions, does_not_fit_message, gpu_options, parse_gpu_options, plan_json, print_plan
-from .common import ToolGroup, byte_progress, emit_json, human_bytes, human_count, stdout
+from .common import ToolGroup, byte_progress, layer_progress, emit_json, human_bytes, human_count, stdout
 
 SIZE_HELP = "largest shard, e.g. 5GB, 500MB, 2GiB"
 
@@ -224,38 +225,112 @@ def convert_cmd(checkpoint: Path, out: Path, target: str, max_shard_size: str, o
 @cli.command("quantize")
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="output folder")
-@click.option("--method", type=click.Choice(["int8"]), required=True, help="int8: bitsandbytes LLM.int8() weights")
+@click.option("--method", type=click.Choice(["int8", "gptq"]), default=None,
+              help="int8: LLM.int8() weights; gptq: layer-by-layer GPTQ with multimodal calibration")
+@click.option("--recipe", type=click.Path(path_type=Path, exists=True, dir_okay=False), help="YAML file of option values (recipes/)")
 @click.option("--format", "fmt", type=click.Choice(["bnb", "compressed-tensors"]), default="bnb", show_default=True,
-              help="bnb: bitsandbytes load_in_8bit layout; compressed-tensors: vLLM's W8A16 pack-quantized")
-@click.option("--only", multiple=True, help="regex: quantize only weights whose key matches (repeatable)")
-@click.option("--skip", multiple=True, help="regex: leave weights whose key matches unquantized (repeatable)")
+              help="int8 only. bnb: bitsandbytes load_in_8bit layout; compressed-tensors: vLLM's W8A16 pack-quantized")
+@click.option("--only", multiple=True, help="int8: regex, quantize only weights whose key matches (repeatable)")
+@click.option("--skip", multiple=True, help="int8: regex, leave weights whose key matches unquantized (repeatable)")
+@click.option("--force", is_flag=True, help="allow a vision-tower selection below 8 bits")
+@click.option("--bits", type=click.Choice(["4", "8"]), default="4", show_default=True, help="gptq")
+@click.option("--group-size", type=int, default=128, show_default=True, help="gptq: inputs per scale group (-1: per row)")
+@click.option("--desc-act", is_flag=True, help="gptq: act-order (columns by decreasing Hessian diagonal)")
+@click.option("--sym/--asym", default=True, show_default=True, help="gptq: symmetric or asymmetric zero points")
+@click.option("--damp", type=float, default=0.01, show_default=True, help="gptq: dampening, fraction of the mean Hessian diagonal")
+@click.option("--calib", type=click.Path(path_type=Path, exists=True, file_okay=False), help="gptq: folder with *.jsonl samples and images")
+@click.option("--num-samples", type=int, default=128, show_default=True, help="gptq: calibration samples")
+@click.option("--seq-len", type=int, default=2048, show_default=True, help="gptq: tokens per sample at most")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="gptq: where layers run")
+@click.option("--resume", is_flag=True, help="gptq: continue an interrupted run from its last finished layer")
 @click.option("--max-shard-size", default="5GB", show_default=True, help=SIZE_HELP)
 @click.option("--overwrite", is_flag=True, help="replace a non-empty OUT")
 @click.option("--json", "as_json", is_flag=True)
-def quantize_cmd(checkpoint: Path, out: Path, method: str, fmt: str, only: tuple[str, ...], skip: tuple[str, ...],
-                 max_shard_size: str, overwrite: bool, as_json: bool) -> None:
+@click.pass_context
+def quantize_cmd(ctx: click.Context, checkpoint: Path, out: Path, recipe: Path | None, as_json: bool, **options) -> None:
     """Quantize the LLM of CHECKPOINT (the vision tower, mlp1, embeddings and head stay as they are)."""
-    from ..ops.quantize import quantize_int8
-
-    limit = parse_size(max_shard_size)
-    check_output(out, [checkpoint], overwrite)
+    if recipe:
+        options = apply_recipe(ctx, recipe, options)
+    if options["method"] is None:
+        raise InputError("missing --method: int8 or gptq (or a --recipe that sets it)")
+    limit = parse_size(options["max_shard_size"])
+    if not options["resume"]:
+        check_output(out, [checkpoint], options["overwrite"])
     with CheckpointReader(checkpoint) as reader:
         total = reader.total_bytes
     started = time.perf_counter()
-    with byte_progress(f"quantizing ({method})", total, enabled=not as_json) as advance:
-        path, plan = quantize_int8(checkpoint, out, only=only, skip=skip, fmt=fmt, max_shard_size=limit, overwrite=overwrite,
-                                   progress=advance)
-    seconds = time.perf_counter() - started
-    with CheckpointReader(path) as reader:
-        written = reader.total_bytes
-    summary = {"out": str(path), "method": method, "format": fmt, "layout": plan.layout, "quantized": len(plan.selected),
-               "skip_modules": list(plan.skip_modules), "bytes_in": total, "bytes_out": written, "seconds": round(seconds, 3)}
+    if options["method"] == "gptq":
+        summary = _run_gptq(checkpoint, out, options, limit, as_json)
+    else:
+        summary = _run_int8(checkpoint, out, options, limit, total, as_json)
+    summary.update({"bytes_in": total, "seconds": round(time.perf_counter() - started, 3)})
+    with CheckpointReader(out) as reader:
+        summary["bytes_out"] = reader.total_bytes
     if as_json:
         emit_json(summary)
     else:
-        stdout.print(f"wrote {path}: {len(plan.selected)} linears in int8 ({fmt}, {plan.layout} layout), "
-                     f"{human_bytes(total)} -> {human_bytes(written)} in {seconds:.1f} s; kept unquantized: "
-                     f"{', '.join(plan.skip_modules[:4])}{' ...' if len(plan.skip_modules) > 4 else ''}")
+        stdout.print(f"wrote {out} ({options['method']}): {human_bytes(total)} -> {human_bytes(summary['bytes_out'])} "
+                     f"in {summary['seconds']:.1f} s; {summary['detail']}")
+
+
+def apply_recipe(ctx: click.Context, recipe: Path, options: dict) -> dict:
+    """Recipe values for every option left at its default (command-line values win)."""
+    import yaml
+
+    try:
+        values = yaml.safe_load(recipe.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise InputError(f"{recipe}: not valid YAML ({exc})") from exc
+    merged = dict(options)
+    for key, value in values.items():
+        name = key.replace("-", "_")
+        if name not in options:
+            raise InputError(f"{recipe}: unknown option {key!r}; recipes set quantize options such as method, bits, group_size")
+        if ctx.get_parameter_source(name) in (click.core.ParameterSource.DEFAULT, None):
+            merged[name] = str(value) if name == "bits" else value
+    return merged
+
+
+VISION_BELOW_8 = ("quantizing the vision tower below 8 bits is refused: InternViT-6B produces nonsense under 4-bit "
+                  "(the model cards say so); keep it bf16")
+
+
+def _run_gptq(checkpoint: Path, out: Path, options: dict, limit: int, as_json: bool) -> dict:
+    import torch
+
+    from ..ops.gptq_runner import GPTQJob, quantize_gptq
+    from ..quant.gptq import GPTQConfig
+
+    if options["only"] or options["skip"]:
+        if any(re.search(p, "vision_model.encoder.layers.0.attn.qkv.weight") for p in options["only"]):
+            raise InputError(VISION_BELOW_8 + ("; GPTQ of the vision tower is not supported even with --force" if options["force"] else ""))
+        raise InputError("--only/--skip apply to --method int8; GPTQ quantizes every linear of the LLM's decoder layers")
+    if options["device"] == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: no CUDA device is available here; use --device cpu")
+    config = GPTQConfig(bits=int(options["bits"]), group_size=options["group_size"], sym=options["sym"],
+                        desc_act=options["desc_act"], damp=options["damp"])
+    job = GPTQJob(config, num_samples=options["num_samples"], seq_len=options["seq_len"],
+                  calib=str(options["calib"]) if options["calib"] else None, device=options["device"])
+    with CheckpointReader(checkpoint) as reader:
+        layers = reader.config().get("llm_config", {}).get("num_hidden_layers", 0)
+    with layer_progress("GPTQ", layers, enabled=not as_json) as advance:
+        quantize_gptq(checkpoint, out, job, max_shard_size=limit, overwrite=options["overwrite"], resume=options["resume"],
+                      progress=advance)
+    return {"out": str(out), "method": "gptq", "bits": config.bits, "group_size": config.group_size, "sym": config.sym,
+            "desc_act": config.desc_act, "layers": layers,
+            "detail": f"{layers} decoder layers in GPTQ {config.bits}-bit, group {config.group_size}, {'sym' if config.sym else 'asym'}"}
+
+
+def _run_int8(checkpoint: Path, out: Path, options: dict, limit: int, total: int, as_json: bool) -> dict:
+    from ..ops.quantize import quantize_int8
+
+    with byte_progress("quantizing (int8)", total, enabled=not as_json) as advance:
+        path, plan = quantize_int8(checkpoint, out, only=options["only"], skip=options["skip"], fmt=options["fmt"],
+                                   max_shard_size=limit, overwrite=options["overwrite"], progress=advance)
+    kept = ", ".join(plan.skip_modules[:4]) + (" ..." if len(plan.skip_modules) > 4 else "")
+    return {"out": str(path), "method": "int8", "format": options["fmt"], "layout": plan.layout, "quantized": len(plan.selected),
+            "skip_modules": list(plan.skip_modules),
+            "detail": f"{len(plan.selected)} linears in int8 ({options['fmt']}, {plan.layout} layout); kept unquantized: {kept}"}
 
 
 @cli.command("merge-lora")

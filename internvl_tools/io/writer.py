@@ -119,8 +119,12 @@ class CheckpointWriter:
         overwrite: bool = False,
         metadata: dict[str, str] | None = None,
         groups: list[list[TensorSpec]] | None = None,
+        resumable: bool = False,
     ):
-        """`groups`, when given, splits `specs` into groups that never share a shard file."""
+        """`groups`, when given, splits `specs` into groups that never share a shard file.
+
+        `resumable`: an error keeps OUT.partial/ (for `resume`), and an existing OUT.partial/
+        whose shard headers equal this plan's is reopened instead of recreated."""
         self.out = Path(out)
         check_output(self.out, list(inputs), overwrite)
         names = [s.name for s in specs]
@@ -138,24 +142,47 @@ class CheckpointWriter:
         self._fds: dict[int, int] = {}
         self._written: set[str] = set()
         self.bytes_written = 0
+        self.resumable = resumable
+        self.resumed = False
 
     def __enter__(self) -> CheckpointWriter:
-        if self.partial.exists():
-            shutil.rmtree(self.partial)
-        self.partial.mkdir(parents=True)
-        for index, shard in enumerate(self.plan):
-            header, offsets = build_header(shard, self.metadata)
-            with open(self.partial / self.files[index], "wb") as handle:
-                handle.write(header)
+        headers = [build_header(shard, self.metadata) for shard in self.plan]
+        if self.resumable and self._matches(headers):
+            self.resumed = True
+        else:
+            if self.partial.exists():
+                shutil.rmtree(self.partial)
+            self.partial.mkdir(parents=True)
+            for index, (header, _) in enumerate(headers):
+                with open(self.partial / self.files[index], "wb") as handle:
+                    handle.write(header)
+        for index, (_, offsets) in enumerate(headers):
             for name, offset in offsets.items():
                 self._location[name] = (index, offset)
         return self
+
+    def _matches(self, headers: list[tuple[bytes, dict]]) -> bool:
+        """Whether OUT.partial/ holds shards started from exactly this plan."""
+        for index, (header, _) in enumerate(headers):
+            path = self.partial / self.files[index]
+            if not path.is_file():
+                return False
+            with open(path, "rb") as handle:
+                if handle.read(len(header)) != header:
+                    return False
+        return True
+
+    def mark_written(self, names: list[str]) -> None:
+        """Record tensors a previous, interrupted run already wrote (resume)."""
+        for name in names:
+            self._check_spec(name, self._specs[name])
+            self._done(name)
 
     def __exit__(self, exc_type, exc, tb) -> None:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
-        if exc_type is not None and self.partial.exists():
+        if exc_type is not None and self.partial.exists() and not self.resumable:
             shutil.rmtree(self.partial, ignore_errors=True)
 
     # -- tensors -----------------------------------------------------------------------

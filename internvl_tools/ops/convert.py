@@ -41,18 +41,42 @@ def to_hf(source: Path, out: Path, *, max_shard_size: int, overwrite: bool = Fal
     """Convert an original-layout checkpoint to the transformers-native layout."""
     with CheckpointReader(source) as reader:
         config = reader.config()
-        if config.get("quantization_config"):
-            raise InputError(f"{source}/config.json: the checkpoint is quantized; convert the bf16 checkpoint, then quantize")
         layout = build_layout(config, reader.specs())
         keys = reader.keys()
+    native = native_config(config, layout.dialect, image_token_id(source))
+    quant = config.get("quantization_config")
+    if quant:
+        native["quantization_config"] = native_quantization_config(quant, layout.dialect, source)
     outputs = to_native_outputs(links(config, layout, adapt_v1=True))
-    files: dict[str, object] = {
-        "config.json": native_config(config, layout.dialect, image_token_id(source)),
-        SIDECAR: {"config": config, "keys": keys},
-    }
+    files: dict[str, object] = {"config.json": native, SIDECAR: {"config": config, "keys": keys}}
     remote_code = {p.name: None for p in Path(source).glob("*.py")}  # the native class needs none
     return run_transform(source, out, outputs, max_shard_size=max_shard_size, overwrite=overwrite,
                          files={**remote_code, **files}, progress=progress)
+
+
+def native_quantization_config(quant: dict, dialect: str, source: Path) -> dict:
+    """A quantized checkpoint's quantization_config with module names of the native layout.
+
+    Quantized LLM tensors are renamed only, so the dialects whose LLM keys the native layout
+    keeps (Llama, Qwen2, Phi-3) convert; InternLM2's fused wqkv would have to be split across
+    packed columns, which is refused: convert first, then quantize the native checkpoint.
+    """
+    if dialect == "internlm2":
+        raise InputError(f"{source}: a quantized InternLM2 checkpoint cannot be converted (its fused wqkv is packed); "
+                         "convert the bf16 checkpoint first, then quantize the converted one")
+    method = quant.get("quant_method")
+    if method == "gptq":
+        from .gptq_runner import gptq_quantization_config
+        from ..quant.gptq import GPTQConfig
+
+        config = GPTQConfig(bits=quant["bits"], group_size=quant["group_size"], sym=quant["sym"], desc_act=quant["desc_act"],
+                            damp=quant.get("damp_percent", 0.01))
+        return gptq_quantization_config(config, "native")
+    if method == "bitsandbytes":
+        renames = {"vision_model": "model.vision_tower", "mlp1": "model.multi_modal_projector", "language_model.lm_head": "lm_head"}
+        skip = [renames.get(m, m.replace("language_model.model.", "model.language_model.", 1)) for m in quant.get("llm_int8_skip_modules", [])]
+        return dict(quant, llm_int8_skip_modules=skip)
+    raise InputError(f"{source}: cannot convert a {method} checkpoint; convert the bf16 checkpoint, then quantize")
 
 
 def to_original(source: Path, out: Path, *, max_shard_size: int, overwrite: bool = False,

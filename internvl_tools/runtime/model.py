@@ -33,7 +33,7 @@ def open_for_runtime(folder: str | Path):
     """A reader of the checkpoint; int8 (bitsandbytes) checkpoints are seen dequantized."""
     reader = CheckpointReader(folder)
     method = (reader.config().get("quantization_config") or {}).get("quant_method")
-    if method == "bitsandbytes":
+    if method in ("bitsandbytes", "gptq"):
         return DequantizedView(reader)
     if method is not None:
         reader.close()

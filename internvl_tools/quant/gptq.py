@@ -1,0 +1,143 @@
+"""GPTQ (Frantar et al., 2022): pure math, no I/O.
+
+For a linear layer W [out, in] with inputs X, GPTQ quantizes W column by column, each time
+spreading the column's rounding error over the not-yet-quantized columns through the inverse
+Hessian H^-1 of the layer's squared error (H = 2 X^T X / n): dampening, a Cholesky-based
+inverse, blocks of columns with lazy batch updates, group-wise scales and zeros, and optional
+act-order (columns in order of decreasing H diagonal).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class GPTQConfig:
+    """Quantization scheme."""
+
+    bits: int = 4
+    group_size: int = 128  # -1: one group per row
+    sym: bool = True
+    desc_act: bool = False
+    damp: float = 0.01
+    block_size: int = 128
+
+
+@dataclass
+class GPTQResult:
+    """Integer weights and their group parameters (unpacked)."""
+
+    q: torch.Tensor  # int32 [out, in], values in [0, 2^bits - 1]
+    scales: torch.Tensor  # float32 [groups, out]
+    zeros: torch.Tensor  # int32 [groups, out]
+    g_idx: torch.Tensor  # int32 [in]: the group of each input column
+    loss: float  # sum of the GPTQ objective over columns
+
+    def dequantize(self) -> torch.Tensor:
+        """W ~ scale x (q - zero), float32 [out, in]."""
+        g = self.g_idx.long()
+        return (self.q - self.zeros[g].T).float() * self.scales[g].T
+
+
+class HessianAccumulator:
+    """Running H = 2 X^T X / n over calibration inputs of one linear layer."""
+
+    def __init__(self, columns: int, device: str | torch.device = "cpu"):
+        self.h = torch.zeros(columns, columns, dtype=torch.float32, device=device)
+        self.samples = 0
+
+    def add(self, inputs: torch.Tensor) -> None:
+        """Add a batch of inputs [..., in] (every row a sample position)."""
+        x = inputs.reshape(-1, inputs.shape[-1]).float()
+        count = x.shape[0]
+        self.h *= self.samples / (self.samples + count)
+        self.samples += count
+        x = x * (2 / self.samples) ** 0.5
+        self.h += x.T @ x
+
+
+def group_params(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row scale and integer zero for a block of columns w [out, k] (range includes 0)."""
+    maxq = 2**bits - 1
+    zero_t = torch.zeros(w.shape[0], device=w.device)
+    xmin = torch.minimum(w.min(dim=1).values, zero_t)
+    xmax = torch.maximum(w.max(dim=1).values, zero_t)
+    if sym:
+        xmax = torch.maximum(xmin.abs(), xmax)
+        xmin = torch.where(xmin < 0, -xmax, xmin)
+    empty = (xmin == 0) & (xmax == 0)
+    xmin[empty], xmax[empty] = -1.0, 1.0
+    scale = ((xmax - xmin) / maxq).half().float()  # the fp16 value the checkpoint will store
+    zero = torch.full_like(scale, (maxq + 1) / 2) if sym else torch.round(-xmin / scale)
+    return scale, zero
+
+
+def quantize_column(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer codes of a column."""
+    return torch.clamp(torch.round(x / scale) + zero, 0, 2**bits - 1)
+
+
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, config: GPTQConfig) -> GPTQResult:
+    """Quantize W [out, in] given H [in, in]; returns integer codes and group parameters."""
+    w = weight.float().clone()
+    rows, cols = w.shape
+    h = hessian.float().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    device = w.device
+    perm = torch.argsort(torch.diag(h), descending=True) if config.desc_act else torch.arange(cols, device=device)
+    w, h = w[:, perm], h[perm][:, perm]
+    h += config.damp * torch.mean(torch.diag(h)) * torch.eye(cols, device=device)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    group = config.group_size if config.group_size > 0 else cols
+    n_groups = -(-cols // group)
+    q = torch.zeros(rows, cols, dtype=torch.int32, device=device)
+    scales = torch.zeros(n_groups, rows, device=device)
+    zeros = torch.zeros(n_groups, rows, device=device)
+    loss = 0.0
+    scale = zero = None
+    for start in range(0, cols, config.block_size):
+        stop = min(start + config.block_size, cols)
+        w1 = w[:, start:stop].clone()
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[start:stop, start:stop]
+        for i in range(stop - start):
+            column = start + i
+            if column % group == 0:
+                # the group's range from W as of the last block update (as the reference implementation)
+                scale, zero = group_params(w[:, column : column + group], config.bits, config.sym)
+                scales[column // group], zeros[column // group] = scale, zero
+            x = w1[:, i]
+            codes = quantize_column(x, scale, zero, config.bits)
+            q[:, column] = codes.to(torch.int32)
+            dequant = scale * (codes - zero)
+            d = hinv1[i, i]
+            loss += float(((x - dequant) ** 2).sum() / d**2) / 2
+            e = (x - dequant) / d
+            w1[:, i:] -= e.unsqueeze(1) @ hinv1[i, i:].unsqueeze(0)
+            err1[:, i] = e
+        w[:, start:stop] = w1
+        w[:, stop:] -= err1 @ hinv[start:stop, stop:]
+    inverse = torch.argsort(perm)
+    g_idx = (torch.arange(cols, device=device) // group).to(torch.int32)  # group of each column in quantization order
+    return GPTQResult(q[:, inverse].cpu(), scales.cpu(), zeros.to(torch.int32).cpu(), g_idx[inverse].cpu(), loss)
+
+
+def rtn_quantize(weight: torch.Tensor, config: GPTQConfig) -> GPTQResult:
+    """Round-to-nearest with the same groups (the baseline GPTQ must beat)."""
+    w = weight.float()
+    rows, cols = w.shape
+    group = config.group_size if config.group_size > 0 else cols
+    n_groups = -(-cols // group)
+    q = torch.zeros(rows, cols, dtype=torch.int32)
+    scales, zeros = torch.zeros(n_groups, rows), torch.zeros(n_groups, rows)
+    for g in range(n_groups):
+        block = w[:, g * group : (g + 1) * group]
+        scale, zero = group_params(block, config.bits, config.sym)
+        scales[g], zeros[g] = scale, zero
+        q[:, g * group : (g + 1) * group] = quantize_column(block, scale.unsqueeze(1), zero.unsqueeze(1), config.bits).to(torch.int32)
+    return GPTQResult(q, scales, zeros.to(torch.int32), (torch.arange(cols) // group).to(torch.int32), 0.0)
