@@ -203,7 +203,6 @@ def test_bad_input(tiny, tmp_path, gptq_tiny, run_cli):
         assert result.output.strip().count("\n") == 0
 
     refused(gptq_tiny("InternVL2-1B"), "-o", tmp_path / "a", *TINY_GPTQ, needle="already quantized")
-    refused(tiny("InternVL2-1B"), "-o", tmp_path / "b", "--method", "gptq", "--group-size", "128", needle="groups of 128")
     refused(tiny("InternVL2-1B"), "-o", tmp_path / "c", *TINY_GPTQ, "--only", "vision_model", needle="InternViT-6B produces nonsense")
     refused(tiny("InternVL2-1B"), "-o", tmp_path / "d", *TINY_GPTQ, "--device", "cuda", needle="CUDA") if not torch.cuda.is_available() else None
     refused(tiny("InternVL2-1B", lora="embedded"), "-o", tmp_path / "e", *TINY_GPTQ, needle="merge-lora")

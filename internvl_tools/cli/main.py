@@ -235,7 +235,9 @@ def convert_cmd(checkpoint: Path, out: Path, target: str, max_shard_size: str, o
 @click.option("--force", is_flag=True, help="allow a vision-tower selection below 8 bits")
 @click.option("--bits", type=click.Choice(["4", "8"]), default="4", show_default=True, help="gptq")
 @click.option("--group-size", type=int, default=128, show_default=True, help="gptq: inputs per scale group (-1: per row)")
-@click.option("--desc-act", is_flag=True, help="gptq: act-order (columns by decreasing Hessian diagonal)")
+@click.option("--desc-act", is_flag=True, help="gptq: act-order (columns by decreasing Hessian diagonal; g_idx follows)")
+@click.option("--act-group-aware/--no-act-group-aware", default=True, show_default=True,
+              help="gptq: GAR, quantize whole groups by importance (static groups, so every loader reads it); off with --desc-act")
 @click.option("--sym/--asym", default=True, show_default=True, help="gptq: symmetric or asymmetric zero points")
 @click.option("--damp", type=float, default=0.01, show_default=True, help="gptq: dampening, fraction of the mean Hessian diagonal")
 @click.option("--calib", type=click.Path(path_type=Path, exists=True, file_okay=False), help="gptq: folder with *.jsonl samples and images")
@@ -308,7 +310,8 @@ def _run_gptq(checkpoint: Path, out: Path, options: dict, limit: int, as_json: b
     if options["device"] == "cuda" and not torch.cuda.is_available():
         raise InputError("--device cuda: no CUDA device is available here; use --device cpu")
     config = GPTQConfig(bits=int(options["bits"]), group_size=options["group_size"], sym=options["sym"],
-                        desc_act=options["desc_act"], damp=options["damp"])
+                        desc_act=options["desc_act"], damp=options["damp"],
+                        act_group_aware=options["act_group_aware"] and not options["desc_act"])
     job = GPTQJob(config, num_samples=options["num_samples"], seq_len=options["seq_len"],
                   calib=str(options["calib"]) if options["calib"] else None, device=options["device"])
     with CheckpointReader(checkpoint) as reader:

@@ -153,8 +153,8 @@ def output_plan(reader: CheckpointReader, layout, config: GPTQConfig) -> tuple[l
         spec = reader.spec(name)
         if info.family == "llm" and info.part == "layer" and info.is_linear and info.param == "weight":
             rows, cols = spec.shape
-            if cols % (32 // config.bits) or (config.group_size > 0 and cols % config.group_size):
-                raise InputError(f"{name}: {cols} input features do not split into groups of {config.group_size}; choose another --group-size")
+            if cols % (32 // config.bits):
+                raise InputError(f"{name}: {cols} input features do not pack into 32-bit words of {config.bits}-bit values")
             stem = name.removesuffix(".weight")
             for part, (shape, dtype) in packed_shapes(rows, cols, config.bits, config.group_size).items():
                 specs.append(TensorSpec(f"{stem}.{part}", dtype, shape))

@@ -71,9 +71,38 @@ def draw_image(rng: random.Random) -> tuple[Image.Image, str, str]:
     return image, color_name, shape
 
 
+CORPUS_MODULES = ("asyncio", "calendar", "codecs", "concurrent.futures", "configparser", "contextlib", "dataclasses", "datetime",
+                  "decimal", "difflib", "doctest", "enum", "fractions", "functools", "gettext", "glob", "gzip", "hashlib", "heapq",
+                  "html.parser", "imaplib", "ipaddress", "itertools", "locale", "mailbox", "mimetypes", "operator", "optparse",
+                  "pickle", "pprint", "queue", "random", "sched", "secrets", "shelve", "shlex", "shutil", "smtplib", "socket",
+                  "sqlite3", "statistics", "string", "subprocess", "tarfile", "tempfile", "threading", "timeit", "tokenize",
+                  "traceback", "turtle", "typing", "urllib.parse", "uuid", "warnings", "wave", "weakref", "xml.dom.minidom", "zipfile")
+
+
+def corpus_paragraphs() -> list[str]:
+    """English prose shipped with Python itself: the docstrings of standard-library modules and
+    their public classes and functions (offline, varied, real text), split into paragraphs."""
+    import importlib
+    import inspect
+
+    paragraphs: list[str] = list(TEXTS)
+    for name in CORPUS_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except Exception:  # a module missing on this platform is simply skipped
+            continue
+        docs = [inspect.getdoc(module) or ""]
+        docs += [inspect.getdoc(obj) or "" for attr, obj in vars(module).items()
+                 if not attr.startswith("_") and (inspect.isclass(obj) or inspect.isfunction(obj)) and getattr(obj, "__module__", "") == name]
+        for doc in docs:
+            paragraphs += [p.strip() for p in doc.split("\n\n") if len(p.strip()) > 200]
+    return paragraphs
+
+
 def builtin_samples(count: int, seed: int = 0) -> list[Sample]:
-    """Half image + question/answer pairs, half text-only samples."""
+    """Half image + question/answer pairs, half text-only samples (several paragraphs each)."""
     rng = random.Random(seed)
+    corpus = corpus_paragraphs()
     samples = []
     for index in range(count):
         if index % 2 == 0:
@@ -86,8 +115,9 @@ def builtin_samples(count: int, seed: int = 0) -> list[Sample]:
             ])
             samples.append(Sample(question, answer, image))
         else:
-            text = TEXTS[rng.randrange(len(TEXTS))]
-            samples.append(Sample("Continue the text: " + text[: len(text) // 2], text[len(text) // 2 :]))
+            start = rng.randrange(len(corpus))
+            text = "\n\n".join(corpus[start : start + 6])
+            samples.append(Sample("Continue the text: " + text[:200], text[200:]))
     return samples
 
 

@@ -24,6 +24,7 @@ class GPTQConfig:
     desc_act: bool = False
     damp: float = 0.01
     block_size: int = 128
+    act_group_aware: bool = True  # GAR: groups (and columns inside them) by importance; static g_idx
 
 
 @dataclass
@@ -89,12 +90,18 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, config: GPTQConfi
     h[dead, dead] = 1
     w[:, dead] = 0
     device = w.device
-    perm = torch.argsort(torch.diag(h), descending=True) if config.desc_act else torch.arange(cols, device=device)
+    group = config.group_size if config.group_size > 0 else cols
+    if config.desc_act:
+        perm = torch.argsort(torch.diag(h), descending=True)
+    elif config.act_group_aware and group < cols:
+        perm = group_aware_order(torch.diag(h), group)
+    else:
+        perm = torch.arange(cols, device=device)
     w, h = w[:, perm], h[perm][:, perm]
     h += config.damp * torch.mean(torch.diag(h)) * torch.eye(cols, device=device)
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    group = config.group_size if config.group_size > 0 else cols
     n_groups = -(-cols // group)
+    static = not config.desc_act  # groups stay the original column ranges (GAR only reorders)
     q = torch.zeros(rows, cols, dtype=torch.int32, device=device)
     scales = torch.zeros(n_groups, rows, device=device)
     zeros = torch.zeros(n_groups, rows, device=device)
@@ -110,7 +117,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, config: GPTQConfi
             if column % group == 0:
                 # the group's range from W as of the last block update (as the reference implementation)
                 scale, zero = group_params(w[:, column : column + group], config.bits, config.sym)
-                scales[column // group], zeros[column // group] = scale, zero
+                index = int(perm[column]) // group if static else column // group
+                scales[index], zeros[index] = scale, zero
             x = w1[:, i]
             codes = quantize_column(x, scale, zero, config.bits)
             q[:, column] = codes.to(torch.int32)
@@ -123,8 +131,26 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, config: GPTQConfi
         w[:, start:stop] = w1
         w[:, stop:] -= err1 @ hinv[start:stop, stop:]
     inverse = torch.argsort(perm)
-    g_idx = (torch.arange(cols, device=device) // group).to(torch.int32)  # group of each column in quantization order
-    return GPTQResult(q[:, inverse].cpu(), scales.cpu(), zeros.to(torch.int32).cpu(), g_idx[inverse].cpu(), loss)
+    positions = torch.arange(cols, device=device)
+    # act-order: a column's group is its position in quantization order; otherwise its own range
+    g_idx = (positions // group).to(torch.int32)[inverse] if not static else (positions // group).to(torch.int32)
+    return GPTQResult(q[:, inverse].cpu(), scales.cpu(), zeros.to(torch.int32).cpu(), g_idx.cpu(), loss)
+
+
+def group_aware_order(diag: torch.Tensor, group: int) -> torch.Tensor:
+    """GAR column order: whole groups by decreasing max importance (H diagonal), columns
+    inside each group by decreasing importance; a partial last group stays last. Groups stay
+    contiguous, so the stored g_idx is the plain static one."""
+    cols = diag.numel()
+    full = cols // group
+    blocks = diag[: full * group].reshape(full, group)
+    inner = torch.argsort(blocks, dim=1, descending=True, stable=True) + torch.arange(full, device=diag.device)[:, None] * group
+    order = torch.argsort(blocks.max(dim=1).values, descending=True, stable=True)
+    perm = inner[order].reshape(-1)
+    if full * group < cols:
+        tail = torch.argsort(diag[full * group :], descending=True, stable=True) + full * group
+        perm = torch.cat([perm, tail])
+    return perm
 
 
 def rtn_quantize(weight: torch.Tensor, config: GPTQConfig) -> GPTQResult:
