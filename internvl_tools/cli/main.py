@@ -399,6 +399,11 @@ def chat_cmd(checkpoint: Path, question: str, image: Path | None, max_new_tokens
         stdout.print(text)
 
 
+from .verify_cmd import verify_cmd  # noqa: E402
+
+cli.add_command(verify_cmd)
+
+
 def main() -> None:
     """Console-script entry point."""
     cli(prog_name="internvl-tools")

@@ -1,0 +1,137 @@
+"""Benchmark slices: VLMEvalKit TSV files and a simple JSONL format, validated row by row.
+
+TSV (VLMEvalKit's MMBench / MME / SEED / AI2D / ScienceQA files): columns `index`, `image`
+(base64), `question`, option columns `A`..`D` where present, `answer`, optional `category`
+and `hint`. JSONL: one object a line, `{"image": "relative/path.jpg", "question": ...,
+"answer": ..., "category": ..., "options": {"A": ..., ...}}`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import csv
+import io
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+from ..errors import InputError
+
+OPTION_LETTERS = ("A", "B", "C", "D", "E", "F")
+
+
+@dataclass(frozen=True)
+class BenchItem:
+    """One question of a benchmark slice."""
+
+    index: str
+    question: str
+    answer: str
+    image: Image.Image | None = None
+    options: dict[str, str] = field(default_factory=dict)
+    category: str = "all"
+    hint: str = ""
+
+    @property
+    def kind(self) -> str:
+        """multiple_choice, yes_no or short."""
+        if self.options:
+            return "multiple_choice"
+        return "yes_no" if self.answer.strip().lower() in ("yes", "no") else "short"
+
+
+def read_slice(path: str | Path, limit: int | None = None) -> list[BenchItem]:
+    """Read a .tsv or .jsonl slice (the first `limit` rows)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such benchmark slice; pass a VLMEvalKit .tsv or a .jsonl file")
+    if path.suffix == ".tsv":
+        return _read_tsv(path, limit)
+    if path.suffix in (".jsonl", ".json"):
+        return _read_jsonl(path, limit)
+    raise InputError(f"{path}: unknown slice format {path.suffix!r}; use a VLMEvalKit .tsv or a .jsonl")
+
+
+def _read_tsv(path: Path, limit: int | None) -> list[BenchItem]:
+    csv.field_size_limit(sys.maxsize)
+    items = []
+    with open(path, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle, delimiter="\t")
+        missing = {"index", "question", "answer"} - set(reader.fieldnames or [])
+        if missing:
+            raise InputError(f"{path}: header lacks {sorted(missing)}; a VLMEvalKit slice has index, image, question, answer")
+        for number, row in enumerate(reader, 2):
+            if limit is not None and len(items) >= limit:
+                break
+            where = f"{path} row {number} (index {row.get('index')})"
+            options = {k: row[k] for k in OPTION_LETTERS if row.get(k) not in (None, "", "nan")}
+            answer = (row.get("answer") or "").strip()
+            if not row.get("question"):
+                raise InputError(f"{where}: empty question")
+            if options and answer not in options:
+                raise InputError(f"{where}: answer {answer!r} is not one of the options {sorted(options)}")
+            items.append(BenchItem(str(row["index"]), row["question"], answer, _decode_image(row.get("image"), where), options,
+                                   row.get("category") or "all", row.get("hint") or ""))
+    return items
+
+
+def _decode_image(data: str | None, where: str) -> Image.Image | None:
+    if not data:
+        return None
+    try:
+        raw = base64.b64decode(data, validate=True)
+        return Image.open(io.BytesIO(raw)).convert("RGB")
+    except (binascii.Error, ValueError) as exc:
+        raise InputError(f"{where}: image is not valid base64 ({exc})") from exc
+    except (UnidentifiedImageError, OSError) as exc:
+        raise InputError(f"{where}: image bytes are not a picture PIL can read ({exc})") from exc
+
+
+def _read_jsonl(path: Path, limit: int | None) -> list[BenchItem]:
+    items = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if limit is not None and len(items) >= limit:
+            break
+        if not line.strip():
+            continue
+        where = f"{path} line {number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{where}: not JSON ({exc.msg})") from exc
+        if not isinstance(row, dict) or not row.get("question") or "answer" not in row:
+            raise InputError(f"{where}: needs 'question' and 'answer'")
+        image = None
+        if row.get("image"):
+            image_path = path.parent / row["image"]
+            try:
+                image = Image.open(image_path).convert("RGB")
+            except (UnidentifiedImageError, OSError) as exc:
+                raise InputError(f"{where}: cannot read image {image_path} ({exc})") from exc
+        options = {str(k): str(v) for k, v in (row.get("options") or {}).items()}
+        answer = str(row["answer"]).strip()
+        if options and answer not in options:
+            raise InputError(f"{where}: answer {answer!r} is not one of the options {sorted(options)}")
+        items.append(BenchItem(str(row.get("index", number)), str(row["question"]), answer, image, options,
+                               str(row.get("category", "all"))))
+    return items
+
+
+def write_tsv(items: list[BenchItem], path: Path) -> Path:
+    """Write items as a VLMEvalKit-style TSV (for tests and demos)."""
+    letters = sorted({k for item in items for k in item.options})
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle, delimiter="\t")
+        writer.writerow(["index", "image", "question", *letters, "answer", "category"])
+        for item in items:
+            image = ""
+            if item.image is not None:
+                buffer = io.BytesIO()
+                item.image.save(buffer, format="PNG")
+                image = base64.b64encode(buffer.getvalue()).decode()
+            writer.writerow([item.index, image, item.question, *(item.options.get(k, "") for k in letters), item.answer, item.category])
+    return path

@@ -1,0 +1,162 @@
+"""`internvl-tools verify`: the command, its report (terminal, JSON, markdown, PNG) and torchrun split."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+from ..errors import InputError
+from .common import emit_json, stdout
+
+METRICS = ("n", "ref_accuracy", "cand_accuracy", "answer_agreement", "mean_kl", "top1_agreement", "image_cosine")
+
+
+@click.command("verify")
+@click.argument("reference", type=click.Path(path_type=Path))
+@click.argument("candidate", type=click.Path(path_type=Path))
+@click.option("--bench", "bench", type=click.Path(path_type=Path), required=True, help="a VLMEvalKit .tsv or a .jsonl slice")
+@click.option("--limit", type=int, default=200, show_default=True, help="first N items of the slice")
+@click.option("--max-acc-drop", type=float, default=1.0, show_default=True, help="accuracy points the candidate may lose")
+@click.option("--max-kl", type=float, default=0.05, show_default=True, help="mean KL(ref || cand) along the reference answers")
+@click.option("--min-top1", type=float, default=90.0, show_default=True,
+              help="% of answer positions where the candidate's top-1 token equals the reference's")
+@click.option("--min-image-cosine", type=float, default=0.99, show_default=True,
+              help="mean cosine of the candidate's image embeddings to the reference's")
+@click.option("--max-new-tokens", type=int, default=16, show_default=True)
+@click.option("--ref-cache", type=click.Path(path_type=Path, file_okay=False), help="folder to keep and reuse the reference's outputs")
+@click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False), help="write the report as JSON here ('-' for stdout)")
+@click.option("--markdown", "markdown_path", type=click.Path(path_type=Path, dir_okay=False), help="write the report as markdown here")
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path, dir_okay=False), help="write a PNG of per-category accuracy and drift")
+@click.option("--dtype", type=click.Choice(["bf16", "fp32"]), default="fp32", show_default=True)
+def verify_cmd(reference: Path, candidate: Path, bench: Path, limit: int, max_acc_drop: float, max_kl: float,
+               min_top1: float, min_image_cosine: float, max_new_tokens: int,
+               ref_cache: Path | None, json_path: Path | None, markdown_path: Path | None, plot_path: Path | None, dtype: str) -> None:
+    """Accuracy and drift of CANDIDATE against REFERENCE on a benchmark slice; exit 1 past a threshold."""
+    import torch
+
+    from ..bench.slices import read_slice
+    from ..ops.verify import cache_key, compare_candidate, load_or_run_reference, summarize, verdict
+    from ..runtime.model import InternVLRuntime
+
+    for folder in (reference, candidate):
+        if not (Path(folder) / "config.json").exists():
+            raise InputError(f"{folder}: no config.json; pass checkpoint folders as REFERENCE and CANDIDATE")
+    items = read_slice(bench, limit)
+    if not items:
+        raise InputError(f"{bench}: the slice has no items")
+    rank, world = distributed_setup()
+    mine = items[rank::world]
+    torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+    key = cache_key(reference, bench, limit, max_new_tokens)
+    records = load_or_run_reference(reference, mine, ref_cache, key, max_new_tokens, torch_dtype,
+                                    f"-rank{rank}of{world}" if world > 1 else "")
+    runtime = InternVLRuntime(candidate, dtype=torch_dtype)
+    rows = compare_candidate(runtime, mine, records, max_new_tokens)
+    rows = gather(rows, world, [i.index for i in items])
+    if rank != 0:
+        return
+    summary = summarize(rows)
+    failures = verdict(summary, max_acc_drop, max_kl, min_image_cosine, min_top1)
+    report = {"reference": str(reference), "candidate": str(candidate), "bench": str(bench), "items": len(rows), **summary,
+              "thresholds": {"max_acc_drop": max_acc_drop, "max_kl": max_kl, "min_top1": min_top1,
+                             "min_image_cosine": min_image_cosine}, "passed": not failures, "failures": failures,
+              "rows": rows}
+    if json_path is not None and str(json_path) == "-":
+        emit_json(report)
+    else:
+        print_report(report)
+        if json_path:
+            json_path.write_text(json.dumps(report, indent=2) + "\n")
+    if markdown_path:
+        markdown_path.write_text(markdown(report))
+    if plot_path:
+        plot(report, plot_path)
+    if failures:
+        raise click.exceptions.Exit(1)
+
+
+def distributed_setup() -> tuple[int, int]:
+    """(rank, world size): under torchrun the slice is split across ranks (gloo on CPU, nccl on GPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), world
+
+
+def gather(rows: list[dict], world: int, order: list[str]) -> list[dict]:
+    """All ranks' rows on rank 0, in slice order."""
+    if world <= 1:
+        return rows
+    import torch.distributed as dist
+
+    parts: list[list[dict]] = [None] * world  # type: ignore[list-item]
+    dist.all_gather_object(parts, rows)
+    position = {index: n for n, index in enumerate(order)}
+    return sorted((r for part in parts for r in part), key=lambda r: position[r["index"]])
+
+
+def _fmt(value, metric: str) -> str:
+    if value is None:
+        return "-"
+    if metric in ("mean_kl", "image_cosine"):
+        return f"{value:.4f}"
+    return f"{value:.1f}" if isinstance(value, float) else str(value)
+
+
+def print_report(report: dict) -> None:
+    """The per-category table and the verdict."""
+    table = Table(title=f"verify: {report['candidate']} vs {report['reference']} on {report['bench']} ({report['items']} items)")
+    for column in ("category", "n", "ref acc %", "cand acc %", "answers agree %", "mean KL", "top-1 agree %", "image cosine"):
+        table.add_column(column, justify="left" if column == "category" else "right")
+    for name, block in [*report["categories"].items(), ("overall", report["overall"])]:
+        table.add_row(name, *(_fmt(block[m], m) for m in METRICS))
+    stdout.print(table)
+    stdout.print("PASS" if report["passed"] else "FAIL: " + "; ".join(report["failures"]))
+
+
+def markdown(report: dict) -> str:
+    """The report as a markdown table."""
+    lines = [f"# verify: `{report['candidate']}` vs `{report['reference']}`", "",
+             f"Slice `{report['bench']}`, {report['items']} items. Verdict: **{'PASS' if report['passed'] else 'FAIL'}**"
+             + ("" if report["passed"] else " (" + "; ".join(report["failures"]) + ")"), "",
+             "| category | n | ref acc % | cand acc % | answers agree % | mean KL | top-1 agree % | image cosine |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, block in [*report["categories"].items(), ("overall", report["overall"])]:
+        lines.append("| " + " | ".join([name, *(_fmt(block[m], m) for m in METRICS)]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: Path) -> None:
+    """Per-category accuracy of both models and KL, as a PNG."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise InputError("--plot needs matplotlib: pip install matplotlib") from exc
+    names = list(report["categories"])
+    blocks = [report["categories"][n] for n in names]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    x = range(len(names))
+    left.bar([i - 0.2 for i in x], [b["ref_accuracy"] for b in blocks], width=0.4, label="reference")
+    left.bar([i + 0.2 for i in x], [b["cand_accuracy"] for b in blocks], width=0.4, label="candidate")
+    left.set_xticks(list(x), names, rotation=30, ha="right")
+    left.set_ylabel("accuracy %")
+    left.legend()
+    right.bar(list(x), [b["mean_kl"] for b in blocks], color="tab:red")
+    right.set_xticks(list(x), names, rotation=30, ha="right")
+    right.set_ylabel("mean KL(ref || cand)")
+    fig.suptitle(f"verify: {'PASS' if report['passed'] else 'FAIL'}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
