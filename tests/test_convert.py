@@ -102,3 +102,13 @@ def test_chat_cli(tiny, tmp_path, run_cli):
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not a png")
     assert run_cli("chat", tiny("InternVL2-4B"), "hi", "--image", bad).exit_code == 2
+
+
+@pytest.mark.parametrize("family", ["InternVL-Chat-V1-2", "InternVL2-2B", "InternVL2-4B"])
+def test_runtime_reads_converted_checkpoints(family, tiny, converted):
+    """chat / verify run a `convert --to hf` output exactly like its original."""
+    original, native = InternVLRuntime(tiny(family)), InternVLRuntime(converted(family))
+    pixels = original.pixel_values(sample_image(9))
+    ids = original.prompt_ids("Describe the image.", pixels.shape[0])
+    assert torch.equal(native.image_features(pixels), original.image_features(pixels))
+    assert torch.equal(native.logits(ids, pixels), original.logits(ids, pixels))

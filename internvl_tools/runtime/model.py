@@ -18,7 +18,7 @@ from .build import build_llm, build_vision
 from .conversation import IMG_CONTEXT, build_prompt, get_template
 from .native_config import image_tokens_per_tile
 from .preprocess import pixel_values as preprocess
-from .quantized import DequantizedView
+from .quantized import DequantizedView, OriginalView
 
 
 def pixel_shuffle(features: torch.Tensor, ratio: float, version: str) -> torch.Tensor:
@@ -32,6 +32,12 @@ def pixel_shuffle(features: torch.Tensor, ratio: float, version: str) -> torch.T
 def open_for_runtime(folder: str | Path):
     """A reader of the checkpoint; int8 (bitsandbytes) checkpoints are seen dequantized."""
     reader = CheckpointReader(folder)
+    if reader.config().get("model_type") == "internvl":
+        if not (reader.folder / "internvl_original.json").exists():
+            reader.close()
+            raise InputError(f"{folder}: a native-layout checkpoint without internvl_original.json; the runtime reads the original "
+                             "layout or checkpoints written by `convert --to hf`")
+        reader = OriginalView(reader)
     method = (reader.config().get("quantization_config") or {}).get("quant_method")
     if method in ("bitsandbytes", "gptq"):
         return DequantizedView(reader)

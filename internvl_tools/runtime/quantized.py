@@ -65,3 +65,51 @@ class DequantizedView:
 
     def __exit__(self, *exc):
         self.reader.close()
+
+
+class OriginalView:
+    """A checkpoint written by `convert --to hf`, seen in its original layout (via the links
+    that convert used and the original config and keys it kept in internvl_original.json)."""
+
+    def __init__(self, reader: CheckpointReader):
+        from ..arch.layout import build_layout
+        from ..arch.native_map import links
+        from ..io.reader import read_json
+        from ..ops.convert import SIDECAR
+
+        saved = read_json(reader.folder / SIDECAR)
+        self.reader, self.folder, self._config = reader, reader.folder, saved["config"]
+        layout = build_layout(self._config, [TensorSpec(k, "BF16", ()) for k in saved["keys"]])
+        self._links = {link.original: link for link in links(self._config, layout, adapt_v1=True)}
+        self._keys = [k for k in saved["keys"] if k in self._links]
+
+    def keys(self) -> list[str]:
+        return list(self._keys)
+
+    def spec(self, name: str) -> TensorSpec:
+        link = self._links[name]
+        if link.merge is None:
+            native = self.reader.spec(link.natives[0])
+            return TensorSpec(name, native.dtype, native.shape)
+        import torch
+
+        metas = [torch.empty(self.reader.spec(n).shape, dtype=self.reader.spec(n).torch_dtype, device="meta") for n in link.natives]
+        merged = link.merge(*metas)
+        return TensorSpec(name, self.reader.spec(link.natives[0]).dtype, tuple(merged.shape))
+
+    def specs(self) -> list[TensorSpec]:
+        return [self.spec(k) for k in self._keys]
+
+    def get(self, name: str):
+        link = self._links[name]
+        tensors = [self.reader.get(n) for n in link.natives]
+        return tensors[0] if link.merge is None else link.merge(*tensors)
+
+    def config(self) -> dict:
+        return self._config
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.reader.close()
