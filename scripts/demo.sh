@@ -49,4 +49,18 @@ echo "== chat on the runtime (random tiny weights: the answer is noise, the pipe
 .venv/bin/python -c "from PIL import Image; Image.new('RGB', (640, 320), (200, 30, 30)).save('$WORK/red.png')"
 $BIN chat "$WORK/76b-merged" "What color is the image?" --image "$WORK/red.png" --max-new-tokens 8
 $BIN chat "$WORK/76b-int8" "What color is the image?" --image "$WORK/red.png" --max-new-tokens 8
+echo "== verify: the int8 checkpoint against the merged bf16 one on a small generated slice"
+.venv/bin/python - "$WORK/slice.tsv" <<'PY'
+import random, sys
+from pathlib import Path
+from internvl_tools.bench.slices import BenchItem, write_tsv
+from internvl_tools.quant.calibration import draw_image
+rng = random.Random(0)
+items = []
+for i in range(4):
+    image, color, shape = draw_image(rng)
+    items.append(BenchItem(str(i), f"Is the object {color}?", "yes", image.resize((112, 112)), {}, "color"))
+write_tsv(items, Path(sys.argv[1]))
+PY
+$BIN verify "$WORK/76b-merged" "$WORK/76b-int8" --bench "$WORK/slice.tsv" --max-new-tokens 4 --markdown "$WORK/verify.md" || echo "(verify exit code $?: a random tiny model drifts)"
 echo "demo finished: outputs in $WORK/"
