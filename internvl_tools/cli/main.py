@@ -43,7 +43,7 @@ def inspect_cmd(checkpoint: Path, as_json: bool, **gpu_args) -> None:
     options = parse_gpu_options(**gpu_args)
     plan = None
     if options:
-        plan, alternatives = _plan(checkpoint, options)
+        plan, alternatives, _layout = _plan(checkpoint, options)
         report["gpu_plan"] = plan_json(plan)
     if as_json:
         emit_json(report)
@@ -56,12 +56,21 @@ def inspect_cmd(checkpoint: Path, as_json: bool, **gpu_args) -> None:
 
 
 def _plan(checkpoint: Path, options: GpuOptions):
+    """The GPU plan of a checkpoint, the plans of its quantized versions when it does not fit, its layout."""
     with CheckpointReader(checkpoint) as reader:
         config = reader.config()
         layout = build_layout(config, reader.specs())
         plan, _sizes, alternatives = plan_for_checkpoint(reader, config, layout, options.gpus, options.gpu_bytes,
                                                          **options.planner_kwargs())
-        return plan, alternatives
+        return plan, alternatives, layout
+
+
+def finish(summary: dict, as_json: bool, line: str) -> None:
+    """End a command: the JSON summary, or one human line."""
+    if as_json:
+        emit_json(summary)
+    else:
+        stdout.print(line)
 
 
 def print_report(report: dict) -> None:
@@ -127,11 +136,8 @@ def make_tiny_cmd(family: str, out: Path, lora: str, rank: int, shards: int, wid
     report = summarize(path)
     summary = {"out": str(path), "family": family, "tensors": report["tensors"], "shards": report["shards"],
                "bytes": report["bytes"]["total"], "seconds": round(time.perf_counter() - started, 2)}
-    if as_json:
-        emit_json(summary)
-    else:
-        stdout.print(f"wrote {path}: {family}{' (wide)' if wide else ''}, {summary['tensors']} tensors, "
-                     f"{summary['shards']} shard(s), {human_bytes(summary['bytes'])} in {summary['seconds']} s")
+    finish(summary, as_json, f"wrote {path}: {family}{' (wide)' if wide else ''}, {summary['tensors']} tensors, "
+                             f"{summary['shards']} shard(s), {human_bytes(summary['bytes'])} in {summary['seconds']} s")
 
 
 @cli.command("shard")
@@ -157,11 +163,7 @@ def shard_cmd(checkpoint: Path, out: Path | None, max_shard_size: str, plan_only
     summary: dict = {}
     groups = files = None
     if options:
-        with CheckpointReader(checkpoint) as reader:
-            config = reader.config()
-            layout = build_layout(config, reader.specs())
-            plan, _sizes, alternatives = plan_for_checkpoint(reader, config, layout, options.gpus, options.gpu_bytes,
-                                                             **options.planner_kwargs())
+        plan, alternatives, layout = _plan(checkpoint, options)
         summary["gpu_plan"] = plan_json(plan)
         if not as_json:
             print_plan(plan, options)
@@ -215,11 +217,8 @@ def convert_cmd(checkpoint: Path, out: Path, target: str, max_shard_size: str, o
     with CheckpointReader(path) as reader:
         summary = {"out": str(path), "to": target, "tensors": len(reader), "shards": len(reader.shards),
                    "bytes": reader.total_bytes, "seconds": round(seconds, 3)}
-    if as_json:
-        emit_json(summary)
-    else:
-        stdout.print(f"wrote {path} ({target} layout): {summary['tensors']} tensors in {summary['shards']} shard(s), "
-                     f"{human_bytes(summary['bytes'])} in {seconds:.1f} s")
+    finish(summary, as_json, f"wrote {path} ({target} layout): {summary['tensors']} tensors in {summary['shards']} shard(s), "
+                             f"{human_bytes(summary['bytes'])} in {seconds:.1f} s")
 
 
 @cli.command("quantize")
