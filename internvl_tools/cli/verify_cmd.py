@@ -32,9 +32,11 @@ METRICS = ("n", "ref_accuracy", "cand_accuracy", "answer_agreement", "mean_kl", 
 @click.option("--markdown", "markdown_path", type=click.Path(path_type=Path, dir_okay=False), help="write the report as markdown here")
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path, dir_okay=False), help="write a PNG of per-category accuracy and drift")
 @click.option("--dtype", type=click.Choice(["bf16", "fp32"]), default="fp32", show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N (under torchrun: cuda:LOCAL_RANK)")
 def verify_cmd(reference: Path, candidate: Path, bench: Path, limit: int, max_acc_drop: float, max_kl: float,
                min_top1: float, min_image_cosine: float, max_new_tokens: int,
-               ref_cache: Path | None, json_path: Path | None, markdown_path: Path | None, plot_path: Path | None, dtype: str) -> None:
+               ref_cache: Path | None, json_path: Path | None, markdown_path: Path | None, plot_path: Path | None, dtype: str,
+               device: str) -> None:
     """Accuracy and drift of CANDIDATE against REFERENCE on a benchmark slice; exit 1 past a threshold."""
     import torch
 
@@ -49,12 +51,17 @@ def verify_cmd(reference: Path, candidate: Path, bench: Path, limit: int, max_ac
     if not items:
         raise InputError(f"{bench}: the slice has no items")
     rank, world = distributed_setup()
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {device}: no CUDA device is available here; use --device cpu")
+        if device == "cuda" and world > 1:
+            device = f"cuda:{os.environ.get('LOCAL_RANK', rank)}"
     mine = items[rank::world]
     torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
     key = cache_key(reference, bench, limit, max_new_tokens)
     records = load_or_run_reference(reference, mine, ref_cache, key, max_new_tokens, torch_dtype,
-                                    f"-rank{rank}of{world}" if world > 1 else "")
-    runtime = InternVLRuntime(candidate, dtype=torch_dtype)
+                                    f"-rank{rank}of{world}" if world > 1 else "", device)
+    runtime = InternVLRuntime(candidate, dtype=torch_dtype, device=device)
     rows = compare_candidate(runtime, mine, records, max_new_tokens)
     rows = gather(rows, world, [i.index for i in items])
     if rank != 0:

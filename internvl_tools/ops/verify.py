@@ -80,6 +80,7 @@ def run_reference(runtime, items: list[BenchItem], max_new_tokens: int) -> list[
     for item in items:
         text, ids = runtime.generate(prompt_of(item), item.image, max_new_tokens=max_new_tokens)
         logprobs, features = _teacher_forced(runtime, item, ids)
+        logprobs, features = logprobs.cpu(), None if features is None else features.float().cpu()
         top = logprobs.topk(min(TOP_K, logprobs.shape[-1]), dim=-1)
         records.append({
             "result": asdict(ItemResult(item.index, item.category, text, score(item, text), ids)),
@@ -95,6 +96,7 @@ def compare_candidate(runtime, items: list[BenchItem], reference: list[dict], ma
     for item, ref in zip(items, reference):
         text, ids = runtime.generate(prompt_of(item), item.image, max_new_tokens=max_new_tokens)
         logprobs, features = _teacher_forced(runtime, item, ref["result"]["answer_ids"])
+        logprobs, features = logprobs.cpu(), None if features is None else features.float().cpu()
         ref_lp, ref_ids = ref["top_logprobs"].float(), ref["top_ids"].long()
         kl = topk_kl(ref_lp, logprobs.gather(-1, ref_ids))
         top1 = (logprobs.argmax(-1) == ref_ids[:, 0]).float()
@@ -181,7 +183,7 @@ def cache_key(reference: Path, slice_path: Path, limit: int | None, max_new_toke
 
 
 def load_or_run_reference(reference: Path, items: list[BenchItem], cache: Path | None, key: str, max_new_tokens: int,
-                          dtype, rank_tag: str = "") -> list[dict]:
+                          dtype, rank_tag: str = "", device: str = "cpu") -> list[dict]:
     """The reference records, from --ref-cache when it matches, else computed (and cached)."""
     from ..runtime.model import InternVLRuntime
 
@@ -191,7 +193,7 @@ def load_or_run_reference(reference: Path, items: list[BenchItem], cache: Path |
         if [r["result"]["index"] for r in records] != [i.index for i in items]:
             raise InputError(f"{path}: cached items differ from the slice; delete the cache or pass another --ref-cache")
         return records
-    runtime = InternVLRuntime(reference, dtype=dtype)
+    runtime = InternVLRuntime(reference, dtype=dtype, device=device)
     records = run_reference(runtime, items, max_new_tokens)
     del runtime
     if path is not None:

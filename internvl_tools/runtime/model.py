@@ -84,10 +84,13 @@ class InternVLRuntime:
     """An original checkpoint, runnable: image features, logits, greedy generation."""
 
     def __init__(self, folder: str | Path, dtype: torch.dtype | None = torch.float32, load_llm: bool = True,
-                 load_vision: bool = True, device_map: dict[str, int | str] | None = None):
+                 load_vision: bool = True, device_map: dict[str, int | str] | None = None, device: str | None = None):
         """`device_map` (module prefix of the original layout -> device, as `shard --gpus`
-        writes it) places each tensor; activations follow the weights layer by layer."""
+        writes it) places each tensor; activations follow the weights layer by layer.
+        `device` puts the whole model on one device."""
         self.folder = Path(folder)
+        if device is not None and device != "cpu":
+            device_map = {"vision_model": device, "mlp1": device, "language_model": device}
         placement = device_placement(device_map) if device_map else None
         with open_for_runtime(folder) as reader:
             self.config = reader.config()
@@ -124,7 +127,7 @@ class InternVLRuntime:
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """[tiles, 3, H, W] -> [tiles, tokens_per_tile, llm_hidden]."""
         param = next(self.vision.parameters())
-        hidden = self.vision(pixel_values=pixels.to(param.dtype)).last_hidden_state[:, 1:, :]
+        hidden = self.vision(pixel_values=pixels.to(param.device, param.dtype)).last_hidden_state[:, 1:, :]
         side = int(hidden.shape[1] ** 0.5)
         grid = hidden.reshape(hidden.shape[0], side, side, -1)
         shuffled = pixel_shuffle(grid, self.config.get("downsample_ratio", 0.5), self.config.get("ps_version", "v1"))
@@ -142,7 +145,9 @@ class InternVLRuntime:
     @torch.no_grad()
     def embeddings(self, input_ids: torch.Tensor, features: torch.Tensor | None) -> torch.Tensor:
         """Input embeddings with the image features spliced in at the <IMG_CONTEXT> positions."""
-        embeds = self.llm.get_input_embeddings()(input_ids)
+        table = self.llm.get_input_embeddings()
+        input_ids = input_ids.to(table.weight.device)
+        embeds = table(input_ids)
         if features is None:
             return embeds
         context_id = self.tokenizer.convert_tokens_to_ids(IMG_CONTEXT)
@@ -167,7 +172,8 @@ class InternVLRuntime:
         input_ids = self.prompt_ids(question, pixels.shape[0] if pixels is not None else 0)
         features = self.image_features(pixels) if pixels is not None else None
         stop = self.tokenizer.convert_tokens_to_ids(get_template(self.config.get("template", "")).stop)
-        output = self.llm.generate(inputs_embeds=self.embeddings(input_ids, features), attention_mask=torch.ones_like(input_ids),
+        embeds = self.embeddings(input_ids, features)
+        output = self.llm.generate(inputs_embeds=embeds, attention_mask=torch.ones(input_ids.shape, dtype=torch.long, device=embeds.device),
                                    max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop, pad_token_id=stop)
         new = output[0].tolist()
         return self.tokenizer.decode(new, skip_special_tokens=True), new
