@@ -212,23 +212,23 @@ def quantize_layer(reader, config: dict, layout, index: int, acts: Activations, 
     layer_links = {l.original: l for l in links(config, layout, adapt_v1=False)
                    if l.original.startswith(f"language_model.model.layers.{index}.")}
     for group in SEQUENCE[layout.dialect]:
-        accumulators, handles = {}, []
-        for original, native in group:
-            module = layer.get_submodule(native)
-            accumulators[original] = HessianAccumulator(module.in_features, job.device)
-            handles.append(module.register_forward_pre_hook(lambda _m, args, acc=accumulators[original]: acc.add(args[0])))
+        # the linears of a group read the same input, so they share one Hessian
+        module = layer.get_submodule(group[0][1])
+        accumulator = HessianAccumulator(module.in_features, job.device)
+        handle = module.register_forward_pre_hook(lambda _m, args: accumulator.add(args[0]))
         for hidden in acts:
             _run_layer(layer, rotary, hidden.to(job.device))
-        for handle in handles:
-            handle.remove()
+        handle.remove()
         for original, _native in group:
             key = f"language_model.model.layers.{index}.{original}.weight"
-            result = gptq_quantize(reader.get(key).to(job.device), accumulators[original].h, job.config)
+            result = gptq_quantize(reader.get(key).to(job.device), accumulator.h, job.config)
             stem = key.removesuffix(".weight")
             for part, tensor in pack(result, job.config.bits).items():
                 writer.write(f"{stem}.{part}", tensor)
             _assign_dequantized(layer, layer_links, key, result.dequantize().to(job.device), index)
             log(f"layer {index} {original}: GPTQ loss {result.loss:.4g}")
+            del result
+        del accumulator
     outputs = Activations(acts.folder.parent / f"after-layer-{index}", job.memory_budget)
     for hidden in acts:
         outputs.append(_run_layer(layer, rotary, hidden.to(job.device)).cpu())

@@ -97,10 +97,10 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, config: GPTQConfi
         perm = group_aware_order(torch.diag(h), group)
     else:
         perm = torch.arange(cols, device=device)
-    w, h = w[:, perm], h[perm][:, perm]
-    h += config.damp * torch.mean(torch.diag(h)) * torch.eye(cols, device=device)
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    n_groups = -(-cols // group)
+    w, h = w[:, perm], h.index_select(0, perm).index_select(1, perm)
+    h.diagonal().add_(config.damp * torch.mean(torch.diag(h)))
+    hinv = inverse_cholesky(h)
+    del h    n_groups = -(-cols // group)
     static = not config.desc_act  # groups stay the original column ranges (GAR only reorders)
     q = torch.zeros(rows, cols, dtype=torch.int32, device=device)
     scales = torch.zeros(n_groups, rows, device=device)
@@ -135,6 +135,14 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, config: GPTQConfi
     # act-order: a column's group is its position in quantization order; otherwise its own range
     g_idx = (positions // group).to(torch.int32)[inverse] if not static else (positions // group).to(torch.int32)
     return GPTQResult(q[:, inverse].cpu(), scales.cpu(), zeros.to(torch.int32).cpu(), g_idx.cpu(), loss)
+
+
+def inverse_cholesky(h: torch.Tensor) -> torch.Tensor:
+    """Upper Cholesky factor of H^-1, freeing each intermediate (H can be 28672^2 floats)."""
+    lower = torch.linalg.cholesky(h)
+    inverse = torch.cholesky_inverse(lower)
+    del lower
+    return torch.linalg.cholesky(inverse, upper=True)
 
 
 def group_aware_order(diag: torch.Tensor, group: int) -> torch.Tensor:
