@@ -100,7 +100,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, config: GPTQConfi
     w, h = w[:, perm], h.index_select(0, perm).index_select(1, perm)
     h.diagonal().add_(config.damp * torch.mean(torch.diag(h)))
     hinv = inverse_cholesky(h)
-    del h    n_groups = -(-cols // group)
+    del h
+    n_groups = -(-cols // group)
     static = not config.desc_act  # groups stay the original column ranges (GAR only reorders)
     q = torch.zeros(rows, cols, dtype=torch.int32, device=device)
     scales = torch.zeros(n_groups, rows, device=device)
