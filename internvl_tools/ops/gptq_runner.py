@@ -30,7 +30,7 @@ from ..io.reader import CheckpointReader
 from ..io.safetensors_format import TensorSpec
 from ..io.writer import CheckpointWriter
 from ..quant.calibration import Sample, builtin_samples, load_samples
-from ..quant.gptq import GPTQConfig, HessianAccumulator, gptq_quantize
+from ..quant.gptq import GPTQConfig, HessianAccumulator, gptq_quantize, prepare_hessian
 from ..quant.gptq_format import pack, packed_shapes
 from ..runtime.build import build_decoder_layer, build_vision
 from ..runtime.conversation import IMG_CONTEXT, build_prompt, get_template
@@ -219,16 +219,17 @@ def quantize_layer(reader, config: dict, layout, index: int, acts: Activations, 
         for hidden in acts:
             _run_layer(layer, rotary, hidden.to(job.device))
         handle.remove()
+        prepared = prepare_hessian(accumulator.take(), job.config)  # consumes H; shared by the group's linears
         for original, _native in group:
             key = f"language_model.model.layers.{index}.{original}.weight"
-            result = gptq_quantize(reader.get(key).to(job.device), accumulator.h, job.config)
+            result = gptq_quantize(reader.get(key).to(job.device), prepared, job.config)
             stem = key.removesuffix(".weight")
             for part, tensor in pack(result, job.config.bits).items():
                 writer.write(f"{stem}.{part}", tensor)
             _assign_dequantized(layer, layer_links, key, result.dequantize().to(job.device), index)
             log(f"layer {index} {original}: GPTQ loss {result.loss:.4g}")
             del result
-        del accumulator
+        del prepared
     outputs = Activations(acts.folder.parent / f"after-layer-{index}", job.memory_budget)
     for hidden in acts:
         outputs.append(_run_layer(layer, rotary, hidden.to(job.device)).cpu())

@@ -50,6 +50,11 @@ class HessianAccumulator:
         self.h = torch.zeros(columns, columns, dtype=torch.float32, device=device)
         self.samples = 0
 
+    def take(self) -> torch.Tensor:
+        """Hand the Hessian over (the accumulator keeps no reference)."""
+        h, self.h = self.h, None
+        return h
+
     def add(self, inputs: torch.Tensor) -> None:
         """Add a batch of inputs [..., in] (every row a sample position)."""
         x = inputs.reshape(-1, inputs.shape[-1]).float()
@@ -81,26 +86,50 @@ def quantize_column(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bi
     return torch.clamp(torch.round(x / scale) + zero, 0, 2**bits - 1)
 
 
-def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, config: GPTQConfig) -> GPTQResult:
-    """Quantize W [out, in] given H [in, in]; returns integer codes and group parameters."""
-    w = weight.float().clone()
-    rows, cols = w.shape
-    h = hessian.float().clone()
+@dataclass
+class PreparedHessian:
+    """What GPTQ needs from a Hessian: the column order and the upper Cholesky factor of the
+    dampened inverse. Linears that read the same input share one."""
+
+    perm: torch.Tensor
+    hinv: torch.Tensor
+    dead: torch.Tensor
+
+
+def prepare_hessian(h: torch.Tensor, config: GPTQConfig) -> PreparedHessian:
+    """Order columns (act-order / GAR), dampen, and invert. Consumes `h` (modified in place,
+    no full-size copy kept: H can be 28672^2 floats)."""
+    cols = h.shape[0]
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
-    w[:, dead] = 0
-    device = w.device
     group = config.group_size if config.group_size > 0 else cols
     if config.desc_act:
         perm = torch.argsort(torch.diag(h), descending=True)
     elif config.act_group_aware and group < cols:
         perm = group_aware_order(torch.diag(h), group)
     else:
-        perm = torch.arange(cols, device=device)
-    w, h = w[:, perm], h.index_select(0, perm).index_select(1, perm)
+        perm = torch.arange(cols, device=h.device)
+    if not torch.equal(perm, torch.arange(cols, device=h.device)):
+        h = h.index_select(0, perm).index_select(1, perm)
     h.diagonal().add_(config.damp * torch.mean(torch.diag(h)))
-    hinv = inverse_cholesky(h)
-    del h
+    # the upper Cholesky factor of H^-1; rebinding `h` frees each step, so at most two
+    # full-size matrices are alive at a time
+    h = torch.linalg.cholesky(h)
+    h = torch.cholesky_inverse(h)
+    h = torch.linalg.cholesky(h, upper=True)
+    return PreparedHessian(perm, h, dead)
+
+
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor | PreparedHessian, config: GPTQConfig) -> GPTQResult:
+    """Quantize W [out, in] given H [in, in] (or a PreparedHessian); returns integer codes and group parameters."""
+    prepared = hessian if isinstance(hessian, PreparedHessian) else prepare_hessian(hessian.float().clone(), config)
+    perm, hinv = prepared.perm, prepared.hinv
+    w = weight.to(torch.float32, copy=True)
+    rows, cols = w.shape
+    w[:, prepared.dead] = 0
+    w = w[:, perm]
+    device = w.device
+    group = config.group_size if config.group_size > 0 else cols
     n_groups = -(-cols // group)
     static = not config.desc_act  # groups stay the original column ranges (GAR only reorders)
     q = torch.zeros(rows, cols, dtype=torch.int32, device=device)
@@ -136,14 +165,6 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, config: GPTQConfi
     # act-order: a column's group is its position in quantization order; otherwise its own range
     g_idx = (positions // group).to(torch.int32)[inverse] if not static else (positions // group).to(torch.int32)
     return GPTQResult(q[:, inverse].cpu(), scales.cpu(), zeros.to(torch.int32).cpu(), g_idx.cpu(), loss)
-
-
-def inverse_cholesky(h: torch.Tensor) -> torch.Tensor:
-    """Upper Cholesky factor of H^-1, freeing each intermediate (H can be 28672^2 floats)."""
-    lower = torch.linalg.cholesky(h)
-    inverse = torch.cholesky_inverse(lower)
-    del lower
-    return torch.linalg.cholesky(inverse, upper=True)
 
 
 def group_aware_order(diag: torch.Tensor, group: int) -> torch.Tensor:
