@@ -150,12 +150,11 @@ def test_scoring():
 
 
 def test_torchrun_two_processes_match_single(tiny, slice_tsv, tmp_path, run_cli):
-    torchrun = ROOT / ".venv" / "bin" / "torchrun"
-    if not torchrun.exists():
-        pytest.skip("torchrun not installed next to this python")
+    import sys
+
     single, report = run_verify(run_cli, tiny(FAMILY), tiny(FAMILY), slice_tsv)
     out = tmp_path / "dist.json"
-    proc = subprocess.run([str(torchrun), "--nproc-per-node", "2", "--master-port", "29531", "-m", "internvl_tools", "verify",
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29531", "-m", "internvl_tools", "verify",
                            str(tiny(FAMILY)), str(tiny(FAMILY)), "--bench", str(slice_tsv), "--json", str(out)],
                           capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -72,10 +72,11 @@ def run_transform(
     max_shard_size: int,
     overwrite: bool = False,
     files: dict[str, object] | None = None,
-    skip_files: set[str] = frozenset(),
     progress: Callable[[int], None] | None = None,
 ) -> Path:
-    """Write `outputs` computed from checkpoint `source` into a new checkpoint `out`."""
+    """Write `outputs` computed from checkpoint `source` into a new checkpoint `out`.
+
+    `files` adds or replaces side files (None leaves one out), as CheckpointWriter.finalize."""
     with CheckpointReader(source) as reader:
         specs = output_specs(reader, outputs)
         cache = SourceCache(reader)
@@ -91,7 +92,4 @@ def run_transform(
                     seen.update(item.sources)
             if progress:
                 progress(reader.total_bytes - sum(reader.spec(s).nbytes for s in seen))
-            merged = dict(files or {})
-            for name in skip_files:
-                merged.setdefault(name, None)
-            return writer.finalize(side_files_from=Path(source), files=merged)
+            return writer.finalize(side_files_from=Path(source), files=files)
