@@ -32,11 +32,8 @@ from ..io.writer import CheckpointWriter
 from ..quant.calibration import Sample, builtin_samples, load_samples
 from ..quant.gptq import GPTQConfig, HessianAccumulator, gptq_quantize, prepare_hessian
 from ..quant.gptq_format import pack, packed_shapes
-from ..runtime.build import build_decoder_layer, build_vision
+from ..runtime.build import build_decoder_layer
 from ..runtime.conversation import IMG_CONTEXT, build_prompt, get_template
-from ..runtime.model import pixel_shuffle
-from ..runtime.native_config import image_tokens_per_tile
-from ..runtime.preprocess import pixel_values
 
 # the order GPTQ quantizes a layer's linears in: (original module, native module that sees its input)
 SEQUENCE = {
@@ -109,36 +106,26 @@ class Activations:
 
 def calibration_embeddings(reader: CheckpointReader, config: dict, layout, samples: list[Sample], seq_len: int,
                            budget: int, work: Path) -> Activations:
-    """Input embeddings of every sample, image features spliced in (float32)."""
-    from transformers import AutoTokenizer
-    from transformers.utils import logging
+    """Input embeddings of every sample, image features spliced in (float32).
 
-    verbosity = logging.get_verbosity()
-    logging.set_verbosity_error()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(reader.folder)
-    finally:
-        logging.set_verbosity(verbosity)
-    tower, projector = build_vision(reader, config, layout, torch.float32)
+    The runtime's vision part (InternViT + pixel shuffle + mlp1, never quantized) and tokenizer
+    make the image features and prompts; the LLM is not built, only its embedding table read."""
+    from ..runtime.model import InternVLRuntime
+
+    vision = InternVLRuntime(reader.folder, dtype=torch.float32, load_llm=False)
     embed_key = next(k for k, i in layout.keys.items() if i.family == "llm" and i.part == "embeddings")
     table = reader.get(embed_key).float()
-    context_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT)
+    context_id = vision.tokenizer.convert_tokens_to_ids(IMG_CONTEXT)
     template = config.get("template", "Hermes-2")
-    tokens = image_tokens_per_tile(config)
     acts = Activations(work, budget)
     for sample in samples:
-        tiles = pixel_values(sample.image, config) if sample.image is not None else None
-        text = build_prompt(template, sample.question, tokens, tiles.shape[0] if tiles is not None else 0)
+        tiles = vision.pixel_values(sample.image) if sample.image is not None else None
+        text = build_prompt(template, sample.question, vision.tokens_per_tile, tiles.shape[0] if tiles is not None else 0)
         text += sample.answer + get_template(template).sep
-        ids = tokenizer(text, return_tensors="pt").input_ids[:, :seq_len]
+        ids = vision.tokenizer(text, return_tensors="pt").input_ids[:, :seq_len]
         embeds = table[ids]
         if tiles is not None:
-            with torch.no_grad():
-                hidden = tower(pixel_values=tiles).last_hidden_state[:, 1:, :]
-                side = int(hidden.shape[1] ** 0.5)
-                grid = pixel_shuffle(hidden.reshape(hidden.shape[0], side, side, -1), config.get("downsample_ratio", 0.5),
-                                     config.get("ps_version", "v1"))
-                features = projector(grid.reshape(grid.shape[0], -1, grid.shape[-1])).reshape(-1, table.shape[1])
+            features = vision.image_features(tiles).reshape(-1, table.shape[1])
             mask = ids[0] == context_id
             embeds[0, mask] = features[: int(mask.sum())]  # a truncated prompt keeps the leading image tokens
         acts.append(embeds)
