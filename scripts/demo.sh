@@ -45,10 +45,15 @@ model = AutoModelForImageTextToText.from_pretrained(sys.argv[1])
 print("transformers + bitsandbytes loaded the int8 checkpoint:", type(model.model.language_model.layers[0].mlp.down_proj).__name__)
 PY
 
+echo "== export the vision tower + projector to ONNX (fp16, onnxruntime parity check at batch 1 and 3)"
+$BIN export "$WORK/76b-merged" -o "$WORK/76b-vit-onnx" --dtype fp16
+$BIN export "$WORK/76b-merged" -o "$WORK/76b-vit-trt" --format tensorrt || echo "(exit code $?: TensorRT needs an NVIDIA GPU and its package)"
+
 echo "== chat on the runtime (random tiny weights: the answer is noise, the pipeline is real)"
 .venv/bin/python -c "from PIL import Image; Image.new('RGB', (640, 320), (200, 30, 30)).save('$WORK/red.png')"
 $BIN chat "$WORK/76b-merged" "What color is the image?" --image "$WORK/red.png" --max-new-tokens 8
 $BIN chat "$WORK/76b-int8" "What color is the image?" --image "$WORK/red.png" --max-new-tokens 8
+$BIN chat "$WORK/76b-merged" "What color is the image?" --image "$WORK/red.png" --max-new-tokens 8 --vision-onnx "$WORK/76b-vit-onnx"
 echo "== verify: the int8 checkpoint against the merged bf16 one on a small generated slice"
 .venv/bin/python - "$WORK/slice.tsv" <<'PY'
 import random, sys
@@ -63,4 +68,6 @@ for i in range(4):
 write_tsv(items, Path(sys.argv[1]))
 PY
 $BIN verify "$WORK/76b-merged" "$WORK/76b-int8" --bench "$WORK/slice.tsv" --max-new-tokens 4 --markdown "$WORK/verify.md" || echo "(verify exit code $?: a random tiny model drifts)"
+echo "== verify: the ONNX vision export feeding the reference's own LLM"
+$BIN verify "$WORK/76b-merged" --vision-onnx "$WORK/76b-vit-onnx" --bench "$WORK/slice.tsv" --max-new-tokens 4
 echo "demo finished: outputs in $WORK/"

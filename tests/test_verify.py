@@ -162,3 +162,33 @@ def test_torchrun_two_processes_match_single(tiny, slice_tsv, tmp_path, run_cli)
     assert distributed["overall"] == report["overall"]
     assert [r["index"] for r in distributed["rows"]] == [r["index"] for r in report["rows"]]
     assert distributed["rows"] == report["rows"]
+
+
+def run_verify_onnx(run_cli, ref, export, bench, *extra):
+    result = run_cli("verify", ref, "--vision-onnx", export, "--bench", bench, "--json", "-", *extra)
+    return result, json.loads(result.output) if result.exit_code in (0, 1) else None
+
+
+@pytest.mark.parametrize("dtype,kl", [("fp32", 1e-6), ("fp16", 1e-3)])
+def test_vision_onnx_with_the_reference_llm(tiny, slice_tsv, run_cli, tmp_path, dtype, kl):
+    export = tmp_path / "vit"
+    assert run_cli("export", tiny(FAMILY), "-o", export, "--dtype", dtype, "--no-check").exit_code == 0
+    result, report = run_verify_onnx(run_cli, tiny(FAMILY), export, slice_tsv)
+    assert result.exit_code == 0 and report["passed"] and report["vision_onnx"] == str(export)
+    overall = report["overall"]
+    assert overall["image_cosine"] > 0.9999 and overall["mean_kl"] < kl and overall["top1_agreement"] == 100.0
+    assert overall["answer_agreement"] == 100.0
+
+
+def test_vision_onnx_damaged_tower_flagged_and_mismatch_refused(tiny, slice_tsv, run_cli, tmp_path):
+    bad = damaged(tiny(FAMILY), tmp_path / "vision2", vision_bits=2)
+    export = tmp_path / "vit2"
+    assert run_cli("export", bad, "-o", export, "--dtype", "fp32", "--no-check").exit_code == 0
+    result, report = run_verify_onnx(run_cli, tiny(FAMILY), export, slice_tsv)
+    assert result.exit_code == 1 and report["overall"]["image_cosine"] < 0.99
+    other = tmp_path / "other"  # another family's tower (different LLM width)
+    assert run_cli("export", tiny("InternVL2-Llama3-76B"), "-o", other, "--no-check").exit_code == 0
+    result, _ = run_verify_onnx(run_cli, tiny(FAMILY), other, slice_tsv)
+    assert result.exit_code == 2 and "export the vision tower of this checkpoint" in result.output
+    missing = run_cli("verify", tiny(FAMILY), "--bench", slice_tsv)
+    assert missing.exit_code == 2 and "missing CANDIDATE" in missing.output

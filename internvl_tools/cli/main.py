@@ -374,8 +374,11 @@ def merge_lora_cmd(checkpoint: Path, out: Path, adapters: tuple[Path, ...], alph
 @click.option("--image", type=click.Path(path_type=Path, exists=True, dir_okay=False), help="an image file")
 @click.option("--max-new-tokens", default=64, show_default=True)
 @click.option("--dtype", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True)
+@click.option("--vision-onnx", type=click.Path(path_type=Path), default=None,
+              help="an `export --format onnx` folder whose image embeddings replace the PyTorch vision tower")
 @click.option("--json", "as_json", is_flag=True)
-def chat_cmd(checkpoint: Path, question: str, image: Path | None, max_new_tokens: int, dtype: str, as_json: bool) -> None:
+def chat_cmd(checkpoint: Path, question: str, image: Path | None, max_new_tokens: int, dtype: str, vision_onnx: Path | None,
+             as_json: bool) -> None:
     """Greedy answer of CHECKPOINT to QUESTION about an optional --image (runs on the CPU)."""
     import torch
     from PIL import Image, UnidentifiedImageError
@@ -389,7 +392,7 @@ def chat_cmd(checkpoint: Path, question: str, image: Path | None, max_new_tokens
         except (UnidentifiedImageError, OSError) as exc:
             raise InputError(f"{image}: not an image PIL can read ({exc})") from exc
     started = time.perf_counter()
-    runtime = InternVLRuntime(checkpoint, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
+    runtime = InternVLRuntime(checkpoint, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32, vision_onnx=vision_onnx)
     text, ids = runtime.generate(question, picture, max_new_tokens=max_new_tokens)
     seconds = round(time.perf_counter() - started, 2)
     if as_json:
@@ -398,8 +401,10 @@ def chat_cmd(checkpoint: Path, question: str, image: Path | None, max_new_tokens
         stdout.print(text)
 
 
+from .export_cmd import export_cmd  # noqa: E402
 from .verify_cmd import verify_cmd  # noqa: E402
 
+cli.add_command(export_cmd)
 cli.add_command(verify_cmd)
 
 

@@ -17,7 +17,7 @@ METRICS = ("n", "ref_accuracy", "cand_accuracy", "answer_agreement", "mean_kl", 
 
 @click.command("verify")
 @click.argument("reference", type=click.Path(path_type=Path))
-@click.argument("candidate", type=click.Path(path_type=Path))
+@click.argument("candidate", type=click.Path(path_type=Path), required=False)
 @click.option("--bench", "bench", type=click.Path(path_type=Path), required=True, help="a VLMEvalKit .tsv or a .jsonl slice")
 @click.option("--limit", type=int, default=200, show_default=True, help="first N items of the slice")
 @click.option("--max-acc-drop", type=float, default=1.0, show_default=True, help="accuracy points the candidate may lose")
@@ -33,17 +33,27 @@ METRICS = ("n", "ref_accuracy", "cand_accuracy", "answer_agreement", "mean_kl", 
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path, dir_okay=False), help="write a PNG of per-category accuracy and drift")
 @click.option("--dtype", type=click.Choice(["bf16", "fp32"]), default="fp32", show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N (under torchrun: cuda:LOCAL_RANK)")
-def verify_cmd(reference: Path, candidate: Path, bench: Path, limit: int, max_acc_drop: float, max_kl: float,
+@click.option("--vision-onnx", type=click.Path(path_type=Path), default=None,
+              help="an `export --format onnx` folder: the candidate's vision tower + projector run in onnxruntime "
+                   "(its LLM is CANDIDATE's, or REFERENCE's when CANDIDATE is omitted)")
+def verify_cmd(reference: Path, candidate: Path | None, bench: Path, limit: int, max_acc_drop: float, max_kl: float,
                min_top1: float, min_image_cosine: float, max_new_tokens: int,
                ref_cache: Path | None, json_path: Path | None, markdown_path: Path | None, plot_path: Path | None, dtype: str,
-               device: str) -> None:
-    """Accuracy and drift of CANDIDATE against REFERENCE on a benchmark slice; exit 1 past a threshold."""
+               device: str, vision_onnx: Path | None) -> None:
+    """Accuracy and drift of CANDIDATE against REFERENCE on a benchmark slice; exit 1 past a threshold.
+
+    With --vision-onnx EXPORT and no CANDIDATE, the candidate is REFERENCE's LLM fed by the ONNX export."""
     import torch
 
     from ..bench.slices import read_slice
     from ..ops.verify import cache_key, compare_candidate, load_or_run_reference, summarize, verdict
     from ..runtime.model import InternVLRuntime
 
+    if candidate is None:
+        if vision_onnx is None:
+            raise InputError("missing CANDIDATE: pass a checkpoint folder, or --vision-onnx EXPORT to check an ONNX vision export "
+                             "with the reference's LLM")
+        candidate = reference
     for folder in (reference, candidate):
         if not (Path(folder) / "config.json").exists():
             raise InputError(f"{folder}: no config.json; pass checkpoint folders as REFERENCE and CANDIDATE")
@@ -61,14 +71,15 @@ def verify_cmd(reference: Path, candidate: Path, bench: Path, limit: int, max_ac
     key = cache_key(reference, bench, limit, max_new_tokens)
     records = load_or_run_reference(reference, mine, ref_cache, key, max_new_tokens, torch_dtype,
                                     f"-rank{rank}of{world}" if world > 1 else "", device)
-    runtime = InternVLRuntime(candidate, dtype=torch_dtype, device=device)
+    runtime = InternVLRuntime(candidate, dtype=torch_dtype, device=device, vision_onnx=vision_onnx)
     rows = compare_candidate(runtime, mine, records, max_new_tokens)
     rows = gather(rows, world, [i.index for i in items])
     if rank != 0:
         return
     summary = summarize(rows)
     failures = verdict(summary, max_acc_drop, max_kl, min_image_cosine, min_top1)
-    report = {"reference": str(reference), "candidate": str(candidate), "bench": str(bench), "items": len(rows), **summary,
+    report = {"reference": str(reference), "candidate": str(candidate), "vision_onnx": str(vision_onnx) if vision_onnx else None,
+              "bench": str(bench), "items": len(rows), **summary,
               "thresholds": {"max_acc_drop": max_acc_drop, "max_kl": max_kl, "min_top1": min_top1,
                              "min_image_cosine": min_image_cosine}, "passed": not failures, "failures": failures,
               "rows": rows}
@@ -119,9 +130,16 @@ def _fmt(value, metric: str) -> str:
     return f"{value:.1f}" if isinstance(value, float) else str(value)
 
 
+def candidate_label(report: dict) -> str:
+    """CANDIDATE, or its LLM with the ONNX vision export that feeds it."""
+    if report.get("vision_onnx"):
+        return f"{report['candidate']} (LLM) + {report['vision_onnx']} (ONNX vision)"
+    return report["candidate"]
+
+
 def print_report(report: dict) -> None:
     """The per-category table and the verdict."""
-    table = Table(title=f"verify: {report['candidate']} vs {report['reference']} on {report['bench']} ({report['items']} items)")
+    table = Table(title=f"verify: {candidate_label(report)} vs {report['reference']} on {report['bench']} ({report['items']} items)")
     for column in ("category", "n", "ref acc %", "cand acc %", "answers agree %", "mean KL", "top-1 agree %", "image cosine"):
         table.add_column(column, justify="left" if column == "category" else "right")
     for name, block in [*report["categories"].items(), ("overall", report["overall"])]:
@@ -132,7 +150,7 @@ def print_report(report: dict) -> None:
 
 def markdown(report: dict) -> str:
     """The report as a markdown table."""
-    lines = [f"# verify: `{report['candidate']}` vs `{report['reference']}`", "",
+    lines = [f"# verify: `{candidate_label(report)}` vs `{report['reference']}`", "",
              f"Slice `{report['bench']}`, {report['items']} items. Verdict: **{'PASS' if report['passed'] else 'FAIL'}**"
              + ("" if report["passed"] else " (" + "; ".join(report["failures"]) + ")"), "",
              "| category | n | ref acc % | cand acc % | answers agree % | mean KL | top-1 agree % | image cosine |",

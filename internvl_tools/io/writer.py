@@ -12,6 +12,8 @@ import json
 import os
 import shutil
 from pathlib import Path
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from ..errors import CheckpointError, InputError
 from .reader import INDEX_NAME, SINGLE_NAME
@@ -262,16 +264,37 @@ class CheckpointWriter:
         write_file(self.partial / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
 
     def _commit(self) -> Path:
-        old = None
-        if self.out.exists():
-            old = self.out.with_name(self.out.name + ".replaced")
-            if old.exists():
-                shutil.rmtree(old)
-            self.out.rename(old)
-        self.partial.rename(self.out)
-        if old is not None:
+        return publish(self.partial, self.out)
+
+
+def publish(partial: Path, out: Path) -> Path:
+    """Rename a finished OUT.partial/ to OUT, replacing an existing OUT only after that succeeded."""
+    old = None
+    if out.exists():
+        old = out.with_name(out.name + ".replaced")
+        if old.exists():
             shutil.rmtree(old)
-        return self.out
+        out.rename(old)
+    partial.rename(out)
+    if old is not None:
+        shutil.rmtree(old)
+    return out
+
+
+@contextmanager
+def staged_folder(out: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield an empty OUT.partial/ to fill; renamed to OUT on success, removed on an exception."""
+    out = Path(out)
+    partial = out.with_name(out.name + ".partial")
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    try:
+        yield partial
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    publish(partial, out)
 
 
 def write_file(path: Path, content: object) -> None:

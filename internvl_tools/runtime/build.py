@@ -92,8 +92,10 @@ def vision_layers_needed(config: dict, layout: Layout) -> int:
     return layout.vision_layers + 1 + select if select < 0 else select
 
 
-def build_vision(reader: CheckpointReader, config: dict, layout: Layout, dtype: torch.dtype | None = None, placement=None):
-    """InternViT (only the layers select_layer needs) and the mlp1 projector as native modules."""
+def build_vision(reader: CheckpointReader, config: dict, layout: Layout, dtype: torch.dtype | None = None, placement=None,
+                 with_projector: bool = True):
+    """InternViT (only the layers select_layer needs) and the mlp1 projector (None without
+    `with_projector`) as native modules."""
     from transformers import InternVLConfig
     from transformers.models.internvl.modeling_internvl import InternVLMultiModalProjector, InternVLVisionModel
 
@@ -113,6 +115,8 @@ def build_vision(reader: CheckpointReader, config: dict, layout: Layout, dtype: 
         tower = InternVLVisionModel(full.vision_config)
         projector = InternVLMultiModalProjector(full)
     load_into(tower, outputs, reader, "model.vision_tower.", dtype, drop_unused, placement)
+    if not with_projector:
+        return tower, None
     load_into(projector, outputs, reader, "model.multi_modal_projector.", dtype, placement=placement)
     return tower, projector
 

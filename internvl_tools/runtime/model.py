@@ -84,10 +84,14 @@ class InternVLRuntime:
     """An original checkpoint, runnable: image features, logits, greedy generation."""
 
     def __init__(self, folder: str | Path, dtype: torch.dtype | None = torch.float32, load_llm: bool = True,
-                 load_vision: bool = True, device_map: dict[str, int | str] | None = None, device: str | None = None):
+                 load_vision: bool = True, device_map: dict[str, int | str] | None = None, device: str | None = None,
+                 vision_onnx: str | Path | None = None):
         """`device_map` (module prefix of the original layout -> device, as `shard --gpus`
         writes it) places each tensor; activations follow the weights layer by layer.
-        `device` puts the whole model on one device."""
+        `device` puts the whole model on one device. `vision_onnx` (a folder written by
+        `export`) replaces the PyTorch vision tower and projector by onnxruntime."""
+        if vision_onnx is not None:
+            load_vision = False
         self.folder = Path(folder)
         if device is not None and device != "cpu":
             device_map = {"vision_model": device, "mlp1": device, "language_model": device}
@@ -102,6 +106,11 @@ class InternVLRuntime:
             self.llm = build_llm(reader, self.config, self.layout, dtype, placement) if load_llm else None
         if placement:
             follow_weights(self)
+        self.onnx_vision = None
+        if vision_onnx is not None:
+            from ..export.onnx_runner import OnnxVision
+
+            self.onnx_vision = OnnxVision(vision_onnx, self.config, device or "cpu")
         self.dtype = dtype
         self.tokens_per_tile = image_tokens_per_tile(self.config)
         self._tokenizer = None
@@ -126,6 +135,8 @@ class InternVLRuntime:
     @torch.no_grad()
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """[tiles, 3, H, W] -> [tiles, tokens_per_tile, llm_hidden]."""
+        if self.onnx_vision is not None:
+            return self.onnx_vision(pixels)
         param = next(self.vision.parameters())
         hidden = self.vision(pixel_values=pixels.to(param.device, param.dtype)).last_hidden_state[:, 1:, :]
         side = int(hidden.shape[1] ** 0.5)
@@ -152,7 +163,7 @@ class InternVLRuntime:
             return embeds
         context_id = self.tokenizer.convert_tokens_to_ids(IMG_CONTEXT)
         mask = input_ids == context_id
-        flat = features.reshape(-1, features.shape[-1]).to(embeds.dtype)
+        flat = features.reshape(-1, features.shape[-1]).to(embeds.device, embeds.dtype)
         if int(mask.sum()) != flat.shape[0]:
             raise InputError(f"prompt has {int(mask.sum())} image tokens but the image gives {flat.shape[0]} features")
         embeds = embeds.clone()

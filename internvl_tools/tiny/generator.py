@@ -219,17 +219,20 @@ def make_checkpoint(
     rank: int = 4,
     shards: int = 2,
     wide: bool = False,
+    vision_layers: int = 2,
+    llm_layers: int = 2,
     seed: int = 0,
     overwrite: bool = False,
     progress: Callable[[int], None] | None = None,
 ) -> Path:
     """Write a random-weight checkpoint of a family: tiny by default, true widths with `wide`.
 
-    `lora` is none, embedded (LLM and vision), embedded-llm, embedded-vision.
+    `lora` is none, embedded (LLM and vision), embedded-llm, embedded-vision; `vision_layers` and
+    `llm_layers` set the depth of a wide checkpoint.
     """
     base = get_family(family_name)
     files, vocab = tokenizer_files(base.template)
-    family = wide_family(base) if wide else tiny_family(base, vocab_size=_round_up(vocab, 64))
+    family = wide_family(base, vision_layers=vision_layers, llm_layers=llm_layers) if wide else tiny_family(base, vocab_size=_round_up(vocab, 64))
     planned = vision_tensors(family) + llm_tensors(family) + projector_tensors(family)
     llm_rank = rank if lora in ("embedded", "embedded-llm") else 0
     vision_rank = rank if lora in ("embedded", "embedded-vision") else 0

@@ -1,0 +1,358 @@
+"""`export`: ONNX graphs of both vision styles and pixel shuffle versions against an independent
+reference, dynamic batch, external data, the parity gate, bad input, and TensorRT's builder path."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from internvl_tools.errors import InputError
+from internvl_tools.export import tensorrt_engine as trt_engine
+from internvl_tools.export import vision_onnx
+from internvl_tools.export.vision_onnx import sample_pixels
+from internvl_tools.io.reader import CheckpointReader
+from internvl_tools.io.writer import CheckpointWriter
+
+from .reference_internvl import image_features, load_state, vit_forward
+
+# 300M style (LayerNorm, qkv bias, v2), 6B style with v1 (V1-2) and v2 (76B), InternLM2's 300M (2B)
+STYLES = ["InternVL2-1B", "InternVL-Chat-V1-2", "InternVL2-Llama3-76B", "InternVL-Chat-V1-1"]
+
+
+def run_onnx(folder: Path, pixels: torch.Tensor) -> np.ndarray:
+    meta = json.loads((folder / "export.json").read_text())
+    session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    dtype = np.float16 if meta["dtype"] == "fp16" else np.float32
+    return session.run(None, {"pixel_values": pixels.numpy().astype(dtype)})[0].astype(np.float32)
+
+
+def relative(got: np.ndarray, want: torch.Tensor) -> float:
+    want = want.numpy()
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+@pytest.fixture(scope="module")
+def exported(tiny, tmp_path_factory):
+    """exported(family, dtype="fp32", part=..., opset=18) -> export folder (cached per module)."""
+    from click.testing import CliRunner
+
+    from internvl_tools.cli.main import cli
+
+    root, cache = tmp_path_factory.mktemp("export"), {}
+
+    def make(family: str, dtype: str = "fp32", part: str = "vision+projector", opset: int = 18) -> Path:
+        key = (family, dtype, part, opset)
+        if key not in cache:
+            out = root / "-".join(map(str, key)).replace("+", "_")
+            result = CliRunner().invoke(cli, ["export", str(tiny(family)), "-o", str(out), "--dtype", dtype, "--part", part,
+                                              "--opset", str(opset), "--json"], catch_exceptions=False)
+            assert result.exit_code == 0, result.output
+            cache[key] = out
+        return cache[key]
+
+    return make
+
+
+@pytest.mark.parametrize("family", STYLES)
+def test_fp32_equals_independent_reference_at_batch_1_and_3(tiny, exported, family):
+    config, sd = load_state(tiny(family))
+    out = exported(family)
+    meta = json.loads((out / "export.json").read_text())
+    assert [row["batch"] for row in meta["parity"]] == [1, 3]
+    assert all(row["passed"] and row["relative_error"] <= 1e-4 for row in meta["parity"])
+    for batch in (1, 3):
+        pixels = sample_pixels(config, batch, seed=10 + batch)
+        want = image_features(config, sd, pixels)
+        got = run_onnx(out, pixels)
+        assert got.shape == (batch, meta["tokens_per_tile"], config["llm_config"]["hidden_size"])
+        assert relative(got, want) <= 1e-4
+
+
+@pytest.mark.parametrize("family", ["InternVL2-1B", "InternVL2-Llama3-76B"])
+def test_fp16_within_1e_2(tiny, exported, family):
+    config, sd = load_state(tiny(family))
+    out = exported(family, "fp16")
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    pixels = sample_pixels(config, 3, seed=5)
+    assert relative(run_onnx(out, pixels), image_features(config, sd, pixels)) <= 1e-2
+    assert all(row["passed"] for row in json.loads((out / "export.json").read_text())["parity"])
+
+
+@pytest.mark.parametrize("opset", [17, 21])
+def test_opsets(tiny, exported, opset):
+    config, sd = load_state(tiny("InternVL2-40B"))
+    out = exported("InternVL2-40B", "fp32", opset=opset)
+    assert onnx.load(str(out / "model.onnx"), load_external_data=False).opset_import[0].version == opset
+    pixels = sample_pixels(config, 2)
+    assert relative(run_onnx(out, pixels), image_features(config, sd, pixels)) <= 1e-4
+
+
+def test_part_vision_is_the_selected_layer_without_cls(tiny, exported):
+    family = "InternVL-Chat-V1-1"  # select_layer -2 on the tiny copy: the last layer is never run
+    config, sd = load_state(tiny(family))
+    out = exported(family, part="vision")
+    meta = json.loads((out / "export.json").read_text())
+    assert meta["vision_layers"] == config["vision_config"]["num_hidden_layers"] + 1 + config["select_layer"]
+    pixels = sample_pixels(config, 2)
+    want = vit_forward(config, sd, pixels)[config["select_layer"]][:, 1:, :]
+    assert relative(run_onnx(out, pixels), want) <= 1e-4
+    used = {init.name for init in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.initializer}
+    last = config["vision_config"]["num_hidden_layers"] - 1
+    assert not any(f"layers.{last}." in name for name in used) and not any(name.startswith("mlp1") for name in used)
+
+
+def test_ps_v1_and_v2_differ_by_the_token_grid_transpose(tiny, tmp_path, run_cli):
+    """The same weights exported as v1 and v2: token (i, j) of one is token (j, i) of the other."""
+    src = tiny("InternVL2-Llama3-76B")
+    v1 = tmp_path / "v1-ckpt"
+    with CheckpointReader(src) as reader, CheckpointWriter(v1, reader.specs(), inputs=[src]) as writer:
+        for name in reader.keys():
+            writer.write(name, reader.get(name))
+        config = reader.config()
+        config["ps_version"] = "v1"
+        writer.finalize(side_files_from=src, files={"config.json": config})
+    for name, ckpt in (("e1", v1), ("e2", src)):
+        assert run_cli("export", ckpt, "-o", tmp_path / name, "--dtype", "fp32", "--no-check").exit_code == 0
+    pixels = sample_pixels(config, 2)
+    a, b = run_onnx(tmp_path / "e1", pixels), run_onnx(tmp_path / "e2", pixels)
+    side = int(a.shape[1] ** 0.5)
+    assert not np.allclose(a, b)
+    np.testing.assert_allclose(a.reshape(2, side, side, -1).transpose(0, 2, 1, 3), b.reshape(2, side, side, -1), rtol=0, atol=1e-6)
+
+
+def test_dynamic_batch_rows_are_independent(tiny, exported):
+    config, _ = load_state(tiny("InternVL2-1B"))
+    out = exported("InternVL2-1B")
+    pixels = sample_pixels(config, 5, seed=3)
+    whole = run_onnx(out, pixels)
+    for i in range(5):
+        np.testing.assert_allclose(run_onnx(out, pixels[i:i + 1])[0], whole[i], rtol=0, atol=1e-5)
+
+
+def test_weights_are_external_and_aligned(tiny, exported):
+    out = exported("InternVL2-Llama3-76B")
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    onnx.checker.check_model(str(out / "model.onnx"))
+    data_size = (out / "model.onnx.data").stat().st_size
+    weights = [init for init in model.graph.initializer if init.data_location == onnx.TensorProto.EXTERNAL]
+    with CheckpointReader(tiny("InternVL2-Llama3-76B")) as reader:
+        vision_keys = {k for k in reader.keys() if k.startswith(("vision_model.", "mlp1."))}
+        assert {w.name.removesuffix(".T") for w in weights} == vision_keys
+        for w in weights:
+            info = {e.key: e.value for e in w.external_data}
+            assert info["location"] == "model.onnx.data" and not w.raw_data
+            offset, length = int(info["offset"]), int(info["length"])
+            assert offset % 64 == 0 and offset + length <= data_size
+            stored = np.fromfile(out / "model.onnx.data", dtype=np.float32, count=length // 4, offset=offset)
+            want = reader.get(w.name.removesuffix(".T")).float()
+            want = want.t() if w.name.endswith(".T") else want
+            np.testing.assert_array_equal(stored.reshape(tuple(w.dims)), want.numpy())
+    assert (out / "model.onnx").stat().st_size < 64 * 1024  # the graph alone
+
+
+def test_native_layout_input_exports_the_same_model(tiny, exported, tmp_path, run_cli):
+    native = tmp_path / "native"
+    assert run_cli("convert", tiny("InternVL-Chat-V1-2"), "-o", native).exit_code == 0
+    assert run_cli("export", native, "-o", tmp_path / "e", "--dtype", "fp32", "--no-check").exit_code == 0
+    config, _ = load_state(tiny("InternVL-Chat-V1-2"))
+    pixels = sample_pixels(config, 2)
+    np.testing.assert_array_equal(run_onnx(tmp_path / "e", pixels), run_onnx(exported("InternVL-Chat-V1-2"), pixels))
+
+
+def test_onnx_embeddings_feed_the_llm(tiny, exported):
+    """The documented use: the LLM generates the same answer from ONNX image embeddings."""
+    from PIL import Image
+
+    from internvl_tools.runtime.model import InternVLRuntime
+
+    image = Image.new("RGB", (120, 80), (200, 40, 40))
+    family = "InternVL2-1B"
+    torch_runtime = InternVLRuntime(tiny(family), dtype=torch.float32)
+    onnx_runtime = InternVLRuntime(tiny(family), dtype=torch.float32, vision_onnx=exported(family))
+    assert onnx_runtime.vision is None
+    assert torch_runtime.generate("Describe.", image, 6) == onnx_runtime.generate("Describe.", image, 6)
+
+
+def test_parity_failure_exits_1_and_keeps_the_export(tiny, tmp_path, run_cli, monkeypatch):
+    monkeypatch.setitem(vision_onnx.TOLERANCE, "fp32", 0.0)
+    result = run_cli("export", tiny("InternVL2-1B"), "-o", tmp_path / "e", "--dtype", "fp32")
+    assert result.exit_code == 1
+    assert "differs from the PyTorch forward" in result.output
+    meta = json.loads((tmp_path / "e" / "export.json").read_text())
+    assert not any(row["passed"] for row in meta["parity"])
+
+
+def test_check_skipped_when_memory_is_short(tiny, tmp_path, run_cli, monkeypatch):
+    monkeypatch.setattr(vision_onnx, "available_memory", lambda: 1)
+    result = run_cli("export", tiny("InternVL2-1B"), "-o", tmp_path / "e", "--json")
+    assert result.exit_code == 0
+    assert "skipped" in json.loads((tmp_path / "e" / "export.json").read_text())["parity"]
+
+
+def _llm_only(src: Path, out: Path) -> Path:
+    with CheckpointReader(src) as reader:
+        keep = [s for s in reader.specs() if s.name.startswith("language_model.")]
+        with CheckpointWriter(out, keep, inputs=[src]) as writer:
+            for spec in keep:
+                writer.write(spec.name, reader.get(spec.name))
+            config = reader.config()
+            writer.finalize(side_files_from=src, files={"config.json": config})
+    return out
+
+
+def _drop(src: Path, out: Path, key: str) -> Path:
+    with CheckpointReader(src) as reader:
+        keep = [s for s in reader.specs() if s.name != key]
+        with CheckpointWriter(out, keep, inputs=[src]) as writer:
+            for spec in keep:
+                writer.write(spec.name, reader.get(spec.name))
+            writer.finalize(side_files_from=src)
+    return out
+
+
+@pytest.mark.parametrize("case", ["no-vision", "dtype-int8", "dtype-bf16-onnx", "opset-16", "out-inside", "missing-layer",
+                                  "no-projector", "max-batch-0", "not-a-checkpoint"])
+def test_bad_input_exits_2_with_one_line(tiny, tmp_path, run_cli, case):
+    src = tiny("InternVL2-1B")
+    out = tmp_path / "e"
+    (tmp_path / "empty").mkdir()
+    args = {
+        "no-vision": [_llm_only(src, tmp_path / "llm-only"), "-o", out],
+        "dtype-int8": [src, "-o", out, "--dtype", "int8"],
+        "dtype-bf16-onnx": [src, "-o", out, "--dtype", "bf16"],
+        "opset-16": [src, "-o", out, "--opset", "16"],
+        "out-inside": [src, "-o", src / "onnx"],
+        "missing-layer": [_drop(src, tmp_path / "holed", "vision_model.encoder.layers.1.mlp.fc2.weight"), "-o", out],
+        "no-projector": [_drop(src, tmp_path / "noproj", "mlp1.1.weight"), "-o", out],
+        "max-batch-0": [src, "-o", out, "--max-batch", "0"],
+        "not-a-checkpoint": [tmp_path / "empty", "-o", out],
+    }[case]
+    result = run_cli("export", *args)
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    assert not out.exists() and not out.with_name("e.partial").exists()
+    if case == "missing-layer":
+        assert "vision_model.encoder.layers.1.mlp.fc2.weight" in lines[0]
+    if case == "no-projector":
+        assert "--part vision" in lines[0]
+        assert run_cli("export", args[0], "-o", out, "--part", "vision", "--no-check").exit_code == 0
+
+
+# -- TensorRT ------------------------------------------------------------------------------
+
+def test_engine_plan_profile():
+    plan = trt_engine.plan_engine("fp16", "pixel_values", 448, 13)
+    assert plan.min_shape == (1, 3, 448, 448) and plan.opt_shape == (13, 3, 448, 448) and plan.max_shape == (13, 3, 448, 448)
+    assert plan.workspace_bytes == 4 << 30
+    assert trt_engine.plan_engine("bf16", "pixel_values", 448, 13, opt_batch=7, workspace_gib=2).opt_shape[0] == 7
+    assert "--minShapes=pixel_values:1x3x448x448" in plan.trtexec_command("m.onnx", "m.engine")
+    for bad in (dict(precision="fp32"), dict(max_batch=0), dict(opt_batch=14), dict(workspace_gib=0)):
+        kwargs = dict(precision="fp16", input_name="pixel_values", image_size=448, max_batch=13) | bad
+        with pytest.raises(InputError):
+            trt_engine.plan_engine(**kwargs)
+
+
+class FakeTensorRT(types.ModuleType):
+    """Records what build_engine asks of TensorRT's builder."""
+
+    def __init__(self, parse_ok: bool = True, build_ok: bool = True):
+        super().__init__("tensorrt")
+        self.calls = {}
+        fake = self
+
+        class Logger:
+            WARNING = 2
+
+            def __init__(self, level):
+                fake.calls["logger"] = level
+
+        class Parser:
+            num_errors = 0 if parse_ok else 1
+
+            def __init__(self, network, logger):
+                pass
+
+            def parse_from_file(self, path):
+                fake.calls["parsed"] = path
+                assert Path(path).with_suffix(".onnx.data").exists()  # external data next to the graph
+                return parse_ok
+
+            def get_error(self, i):
+                return "In node 3 (Conv): unsupported"
+
+        class Profile:
+            def set_shape(self, name, lo, opt, hi):
+                fake.calls["profile"] = (name, tuple(lo), tuple(opt), tuple(hi))
+
+        class Config:
+            def set_memory_pool_limit(self, pool, size):
+                fake.calls["workspace"] = (pool, size)
+
+            def set_flag(self, flag):
+                fake.calls.setdefault("flags", []).append(flag)
+
+            def add_optimization_profile(self, profile):
+                fake.calls["profiles"] = fake.calls.get("profiles", 0) + 1
+
+        class Builder:
+            def __init__(self, logger):
+                pass
+
+            def create_network(self, flags):
+                fake.calls["network_flags"] = flags
+                return object()
+
+            def create_builder_config(self):
+                return Config()
+
+            def create_optimization_profile(self):
+                return Profile()
+
+            def build_serialized_network(self, network, config):
+                return b"ENGINE-BYTES" if build_ok else None
+
+        self.Logger, self.OnnxParser, self.Builder = Logger, Parser, Builder
+        self.MemoryPoolType = types.SimpleNamespace(WORKSPACE="workspace")
+        self.BuilderFlag = types.SimpleNamespace(FP16="fp16-flag", BF16="bf16-flag")
+        self.__version__ = "10.fake"
+
+
+@pytest.mark.parametrize("precision,onnx_dtype", [("fp16", "fp16"), ("bf16", "fp32")])
+def test_tensorrt_engine_through_the_cli(tiny, tmp_path, run_cli, monkeypatch, precision, onnx_dtype):
+    fake = FakeTensorRT()
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    out = tmp_path / "trt"
+    result = run_cli("export", tiny("InternVL2-1B"), "-o", out, "--format", "tensorrt", "--dtype", precision, "--max-batch", "5",
+                     "--opt-batch", "2", "--workspace", "1", "--json")
+    assert result.exit_code == 0, result.output
+    assert (out / "model.engine").read_bytes() == b"ENGINE-BYTES"
+    meta = json.loads((out / "export.json").read_text())
+    assert meta["dtype"] == onnx_dtype and meta["engine"]["precision"] == precision
+    config, _ = load_state(tiny("InternVL2-1B"))
+    size = config["force_image_size"]
+    assert fake.calls["profile"] == ("pixel_values", (1, 3, size, size), (2, 3, size, size), (5, 3, size, size))
+    assert fake.calls["flags"] == [f"{precision}-flag"] and fake.calls["workspace"] == ("workspace", 1 << 30)
+    assert fake.calls["profiles"] == 1 and fake.calls["parsed"] == str(out.with_name("trt.partial") / "model.onnx")
+
+
+@pytest.mark.parametrize("fake,message", [(FakeTensorRT(parse_ok=False), "In node 3 (Conv): unsupported"),
+                                          (FakeTensorRT(build_ok=False), "could not build an engine"),
+                                          (None, "pip install --extra-index-url https://pypi.nvidia.com tensorrt")])
+def test_tensorrt_errors_exit_2(tiny, tmp_path, run_cli, monkeypatch, fake, message):
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)  # None: import fails, as on a machine without TensorRT
+    out = tmp_path / "trt"
+    result = run_cli("export", tiny("InternVL2-1B"), "-o", out, "--format", "tensorrt", "--no-check")
+    assert result.exit_code == 2
+    assert message in result.output.strip().splitlines()[-1]
+    assert not out.exists() and not out.with_name("trt.partial").exists()
+    assert run_cli("export", tiny("InternVL2-1B"), "-o", out, "--format", "tensorrt", "--dtype", "fp32").exit_code == 2
