@@ -168,6 +168,16 @@ def test_native_layout_input_exports_the_same_model(tiny, exported, tmp_path, ru
     np.testing.assert_array_equal(run_onnx(tmp_path / "e", pixels), run_onnx(exported("InternVL-Chat-V1-2"), pixels))
 
 
+def test_int8_checkpoint_exports_its_unquantized_tower(tiny, exported, tmp_path, run_cli):
+    """Quantized checkpoints keep InternViT and mlp1 in bf16: their export is the original's."""
+    int8 = tmp_path / "int8"
+    assert run_cli("quantize", tiny("InternVL2-1B"), "-o", int8, "--method", "int8").exit_code == 0
+    assert run_cli("export", int8, "-o", tmp_path / "e", "--dtype", "fp32", "--no-check").exit_code == 0
+    config, _ = load_state(tiny("InternVL2-1B"))
+    pixels = sample_pixels(config, 2)
+    np.testing.assert_array_equal(run_onnx(tmp_path / "e", pixels), run_onnx(exported("InternVL2-1B"), pixels))
+
+
 def test_onnx_embeddings_feed_the_llm(tiny, exported):
     """The documented use: the LLM generates the same answer from ONNX image embeddings."""
     from PIL import Image

@@ -186,9 +186,17 @@ def test_vision_onnx_damaged_tower_flagged_and_mismatch_refused(tiny, slice_tsv,
     assert run_cli("export", bad, "-o", export, "--dtype", "fp32", "--no-check").exit_code == 0
     result, report = run_verify_onnx(run_cli, tiny(FAMILY), export, slice_tsv)
     assert result.exit_code == 1 and report["overall"]["image_cosine"] < 0.99
-    other = tmp_path / "other"  # another family's tower (different LLM width)
-    assert run_cli("export", tiny("InternVL2-Llama3-76B"), "-o", other, "--no-check").exit_code == 0
-    result, _ = run_verify_onnx(run_cli, tiny(FAMILY), other, slice_tsv)
-    assert result.exit_code == 2 and "export the vision tower of this checkpoint" in result.output
+    tower_only = tmp_path / "tower"  # features before the projector cannot feed the LLM
+    assert run_cli("export", tiny(FAMILY), "-o", tower_only, "--part", "vision", "--no-check").exit_code == 0
+    result, _ = run_verify_onnx(run_cli, tiny(FAMILY), tower_only, slice_tsv)
+    assert result.exit_code == 2 and "--part vision+projector" in result.output
+    from internvl_tools.errors import InputError
+    from internvl_tools.export.onnx_runner import OnnxVision
+
+    with CheckpointReader(tiny(FAMILY)) as reader:
+        config = reader.config()
+    config["llm_config"]["hidden_size"] *= 2  # another checkpoint's LLM width
+    with pytest.raises(InputError, match="export the vision tower of this checkpoint"):
+        OnnxVision(export, config)
     missing = run_cli("verify", tiny(FAMILY), "--bench", slice_tsv)
     assert missing.exit_code == 2 and "missing CANDIDATE" in missing.output
