@@ -366,3 +366,10 @@ def test_tensorrt_errors_exit_2(tiny, tmp_path, run_cli, monkeypatch, fake, mess
     assert message in result.output.strip().splitlines()[-1]
     assert not out.exists() and not out.with_name("trt.partial").exists()
     assert run_cli("export", tiny("InternVL2-1B"), "-o", out, "--format", "tensorrt", "--dtype", "fp32").exit_code == 2
+
+
+@pytest.mark.parametrize("missing,extra", [("onnx", ["--no-check"]), ("onnxruntime", [])])
+def test_missing_onnx_packages_exit_2(tiny, tmp_path, run_cli, monkeypatch, missing, extra):
+    monkeypatch.setitem(sys.modules, missing, None)  # as if not installed
+    result = run_cli("export", tiny("InternVL2-1B"), "-o", tmp_path / "e", *extra)
+    assert result.exit_code == 2 and f"needs the {missing} package" in result.output and "internvl-tools[onnx]" in result.output

@@ -41,6 +41,12 @@ def export_cmd(ctx: click.Context, checkpoint: Path, out: Path, fmt: str, dtype:
                                       export_onnx, parity, plan_export)
 
     check_output(out, [checkpoint], overwrite)
+    for module in ("onnx",) if no_check else ("onnx", "onnxruntime"):
+        try:
+            __import__(module)
+        except ImportError:
+            raise InputError(f"export needs the {module} package: pip install 'internvl-tools[onnx]'"
+                             + ("" if module == "onnx" else " (or pass --no-check to skip the onnxruntime parity check)")) from None
     if fmt == "tensorrt" and dtype not in PRECISIONS:
         raise InputError(f"--dtype {dtype} is not a TensorRT engine precision; choose fp16 or bf16")
     if fmt == "onnx" and dtype not in DTYPES:
