@@ -373,3 +373,46 @@ def test_missing_onnx_packages_exit_2(tiny, tmp_path, run_cli, monkeypatch, miss
     monkeypatch.setitem(sys.modules, missing, None)  # as if not installed
     result = run_cli("export", tiny("InternVL2-1B"), "-o", tmp_path / "e", *extra)
     assert result.exit_code == 2 and f"needs the {missing} package" in result.output and "internvl-tools[onnx]" in result.output
+
+
+# -- bounded-memory (segmented) parity check ------------------------------------------------
+
+@pytest.mark.parametrize("family,dtype", [("InternVL-Chat-V1-1", "fp32"), ("InternVL2-1B", "fp16"), ("InternVL2-Llama3-76B", "fp32")])
+def test_segmented_check_passes(tiny, tmp_path, run_cli, family, dtype):
+    out = tmp_path / "e"
+    result = run_cli("export", tiny(family), "-o", out, "--dtype", dtype, "--check-segment-layers", "1", "--json")
+    assert result.exit_code == 0, result.output
+    rows = json.loads((out / "export.json").read_text())["parity"]
+    assert [r["batch"] for r in rows] == [1, 3] and all(r["passed"] and r["mode"] == "segments of 1 layers" for r in rows)
+    assert not (out / ".check-segment.onnx").exists()
+
+
+def _scale_weight(folder: Path, name: str, factor: float) -> None:
+    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    init = next(i for i in model.graph.initializer if i.name == name)
+    info = {e.key: int(e.value) if e.key != "location" else e.value for e in init.external_data}
+    data = np.memmap(folder / "model.onnx.data", dtype=np.float32, mode="r+", offset=info["offset"], shape=(info["length"] // 4,))
+    data *= factor
+    data.flush()
+
+
+def test_both_checks_catch_a_damaged_weight(tiny, tmp_path, run_cli):
+    family = "InternVL2-Llama3-76B"
+    out = tmp_path / "e"
+    assert run_cli("export", tiny(family), "-o", out, "--dtype", "fp32", "--no-check").exit_code == 0
+    plan = vision_onnx.plan_export(tiny(family), "vision+projector", "fp32", 18)
+    assert all(r["passed"] for r in vision_onnx.parity(plan, out / "model.onnx", [1, 3]))
+    _scale_weight(out, "vision_model.encoder.layers.1.mlp.fc2.weight.T", 1.05)
+    assert not any(r["passed"] for r in vision_onnx.parity(plan, out / "model.onnx", [1, 3]))
+    rows = vision_onnx.parity_segments(plan, out, [1, 3], 1)
+    assert not any(r["passed"] for r in rows) and {r["worst_segment"] for r in rows} == {"layers 1-1 + head"}
+
+
+def test_check_mode_follows_memory(tiny):
+    plan = vision_onnx.plan_export(tiny("InternVL2-Llama3-76B"), "vision+projector", "fp16", 18)
+    full = vision_onnx.check_memory_needed(plan)
+    assert vision_onnx.check_mode(plan, full) == ("full", 0)
+    assert vision_onnx.check_mode(plan, full - 1) == ("segments", 1)  # two layers: halves to one
+    assert vision_onnx.check_mode(plan, vision_onnx.segment_memory_needed(plan, 1) - 1) == ("skip", 0)
+    assert vision_onnx.check_mode(plan, full, segment_layers=5) == ("segments", plan.shape.layers)
+    assert vision_onnx.segment_memory_needed(plan, 2) > vision_onnx.segment_memory_needed(plan, 1)

@@ -152,9 +152,14 @@ def test_scoring():
 def test_torchrun_two_processes_match_single(tiny, slice_tsv, tmp_path, run_cli):
     import sys
 
+    import socket
+
     single, report = run_verify(run_cli, tiny(FAMILY), tiny(FAMILY), slice_tsv)
     out = tmp_path / "dist.json"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29531", "-m", "internvl_tools", "verify",
+    with socket.socket() as probe:  # a free port: a fixed one may be held by another run on the machine
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port), "-m", "internvl_tools", "verify",
                            str(tiny(FAMILY)), str(tiny(FAMILY)), "--bench", str(slice_tsv), "--json", str(out)],
                           capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -26,19 +26,22 @@ from .common import byte_progress, console, emit_json, human_bytes, human_count,
 @click.option("--opt-batch", type=int, default=None, help="tensorrt: batch the profile is tuned for (default: --max-batch)")
 @click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset, 17 to 21")
 @click.option("--workspace", type=float, default=4.0, show_default=True, help="tensorrt: builder workspace in GiB")
-@click.option("--no-check", is_flag=True, help="skip the onnxruntime parity check (it holds the fp32 tower in memory)")
+@click.option("--no-check", is_flag=True, help="skip the onnxruntime parity check")
+@click.option("--check-segment-layers", type=int, default=0, show_default=True,
+              help="check the graph in segments of N layers (bounded memory); 0: whole when it fits, else segments that fit")
 @click.option("--overwrite", is_flag=True, help="replace a non-empty OUT")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def export_cmd(ctx: click.Context, checkpoint: Path, out: Path, fmt: str, dtype: str, part: str, max_batch: int | None,
-               opt_batch: int | None, opset: int, workspace: float, no_check: bool, overwrite: bool, as_json: bool) -> None:
+               opt_batch: int | None, opset: int, workspace: float, no_check: bool, check_segment_layers: int, overwrite: bool,
+               as_json: bool) -> None:
     """Export CHECKPOINT's vision tower and projector: pixel_values [batch, 3, S, S] -> image embeddings.
 
     Weights stream tensor by tensor into external data (memory: about the largest tensor);
     the graph has a dynamic batch; the result is checked with onnx.checker and onnxruntime."""
     from ..export.tensorrt_engine import ENGINE_FILE, ONNX_DTYPE, PRECISIONS, build_engine, import_tensorrt, plan_engine
-    from ..export.vision_onnx import (DTYPES, META_FILE, MODEL_FILE, available_memory, check_memory_needed, default_max_batch,
-                                      export_onnx, parity, plan_export)
+    from ..export.vision_onnx import (DTYPES, META_FILE, MODEL_FILE, available_memory, check_mode, default_max_batch, export_onnx,
+                                      parity, parity_segments, plan_export, segment_memory_needed)
 
     check_output(out, [checkpoint], overwrite)
     for module in ("onnx",) if no_check else ("onnx", "onnxruntime"):
@@ -67,14 +70,23 @@ def export_cmd(ctx: click.Context, checkpoint: Path, out: Path, fmt: str, dtype:
         if no_check:
             meta["parity"] = {"skipped": "--no-check"}
         else:
-            need, have = check_memory_needed(plan), available_memory()
-            if need > have:
-                meta["parity"] = {"skipped": f"the check needs about {human_bytes(need)} and {human_bytes(have)} is available; "
-                                             "run it on a larger machine or pass --no-check"}
+            if check_segment_layers < 0:
+                raise InputError(f"--check-segment-layers {check_segment_layers} must be 0 (automatic) or more")
+            have = available_memory()
+            mode, layers = check_mode(plan, have, check_segment_layers)
+            batches = [1, 3]  # the graph is batch-dynamic whatever --max-batch says
+            if mode == "skip":
+                need = segment_memory_needed(plan, 1)
+                meta["parity"] = {"skipped": f"even one layer at a time the check needs about {human_bytes(need)} and "
+                                             f"{human_bytes(have)} is available; run it on a larger machine or pass --no-check"}
             else:
                 if not as_json:
-                    console.print("checking onnxruntime against the PyTorch forward ...")
-                meta["parity"] = parity(plan, folder / MODEL_FILE, [1, 3])  # the graph is batch-dynamic whatever --max-batch says
+                    how = "whole" if mode == "full" else f"in segments of {layers} layer(s), one segment in memory at a time"
+                    console.print(f"checking onnxruntime against the PyTorch forward ({how}) ...")
+                if mode == "full":
+                    meta["parity"] = parity(plan, folder / MODEL_FILE, batches)
+                else:
+                    meta["parity"] = parity_segments(plan, folder, batches, layers)
                 failed = not all(row["passed"] for row in meta["parity"])
         if engine_plan is not None:
             if not as_json:
@@ -110,7 +122,8 @@ def print_summary(summary: dict, plan, out: Path) -> None:
     if isinstance(parity_rows, dict):
         stdout.print(f"  parity check skipped: {parity_rows['skipped']}")
     else:
-        table = Table(title="onnxruntime vs PyTorch (fp32)")
+        mode = parity_rows[0].get("mode")
+        table = Table(title="onnxruntime vs PyTorch (fp32)" + (f", {mode}, worst segment shown" if mode else ""))
         for column in ("batch", "max abs error", "relative error", "tolerance", "result"):
             table.add_column(column, justify="right")
         for row in parity_rows:

@@ -24,6 +24,7 @@ from ..runtime.build import vision_layers_needed
 PARTS = ("vision+projector", "vision")
 INPUT_NAME = "pixel_values"
 OUTPUT_NAMES = {"vision+projector": "image_embeds", "vision": "vision_features"}
+HIDDEN_IN, HIDDEN_OUT = "hidden_in", "hidden_out"  # the ends of a segment graph (parity check)
 MIN_OPSET, MAX_OPSET = 17, 21
 PROJECTOR_EPS = 1e-5  # mlp1.0 is a plain nn.LayerNorm
 INT64_MAX = np.iinfo(np.int64).max
@@ -130,14 +131,30 @@ class VisionGraph:
     part: str
     dtype: str  # fp32 | fp16
     opset: int
+    start: int = 0  # a segment [start, stop) of the layers, for the bounded-memory check
+    stop: int | None = None
     nodes: list = field(default_factory=list)
     constants: list = field(default_factory=list)
     weights: list[WeightRef] = field(default_factory=list)
     _count: int = 0
 
     @property
+    def input_name(self) -> str:
+        return INPUT_NAME if self.start == 0 else HIDDEN_IN
+
+    @property
     def output_name(self) -> str:
-        return OUTPUT_NAMES[self.part]
+        return OUTPUT_NAMES[self.part] if self.stop in (None, self.shape.layers) else HIDDEN_OUT
+
+    def input_shape(self) -> list:
+        if self.start == 0:
+            return ["batch", 3, self.shape.image_size, self.shape.image_size]
+        return ["batch", self.shape.patches + 1, self.shape.hidden]
+
+    def output_shape(self) -> list:
+        if self.output_name == HIDDEN_OUT:
+            return ["batch", self.shape.patches + 1, self.shape.hidden]
+        return list(self.shape.output_shape(self.part))
 
 
 class _Builder:
@@ -233,14 +250,39 @@ class _Builder:
         return self.op("Transpose", [split], "heads_t", perm=perm)
 
 
-def build_graph(shape: TowerShape, part: str = "vision+projector", dtype: str = "fp16", opset: int = 18) -> VisionGraph:
-    """The whole export graph: pixel_values [batch, 3, S, S] -> the part's output."""
+def build_graph(shape: TowerShape, part: str = "vision+projector", dtype: str = "fp16", opset: int = 18,
+                start: int = 0, stop: int | None = None) -> VisionGraph:
+    """The export graph: pixel_values [batch, 3, S, S] -> the part's output.
+
+    `start`/`stop` give a segment of it (for the bounded-memory parity check): a segment that
+    does not start at layer 0 takes `hidden_in` [batch, 1 + patches, hidden] instead of pixels,
+    one that stops before the last layer gives `hidden_out`. Its nodes and weight references
+    are those of the same layers in the whole graph."""
     if part not in PARTS:
         raise InputError(f"--part {part!r} is not one of {', '.join(PARTS)}")
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise InputError(f"--opset {opset} is not supported; choose {MIN_OPSET} to {MAX_OPSET} (LayerNormalization needs 17)")
-    graph = VisionGraph(shape=shape, part=part, dtype=dtype, opset=opset)
+    stop = shape.layers if stop is None else stop
+    if not 0 <= start <= stop <= shape.layers:
+        raise ValueError(f"segment {start}:{stop} outside 0:{shape.layers}")
+    graph = VisionGraph(shape=shape, part=part, dtype=dtype, opset=opset, start=start, stop=stop)
     b = _Builder(graph)
+    x = _embeddings(b, shape) if start == 0 else HIDDEN_IN
+    scale = b.scalar((shape.hidden // shape.heads) ** -0.5)
+    for index in range(start, stop):
+        x = _layer(b, shape, x, index, scale)
+    if stop < shape.layers:
+        x = b.op("Identity", [x], "segment_out")
+    else:
+        x = b.op("Slice", [x, b.ints(1), b.ints(INT64_MAX), b.ints(1)], "drop_cls")
+        if part == "vision+projector":
+            _projector(b, shape, x)
+    graph.nodes[-1].output[0] = graph.output_name
+    return graph
+
+
+def _embeddings(b: _Builder, shape: TowerShape) -> str:
+    """Patch convolution, class token, position embedding: [batch, 1 + patches, hidden]."""
     e = "vision_model.embeddings."
     patches = b.op("Conv", [INPUT_NAME, b.weight(e + "patch_embedding.weight"), b.weight(e + "patch_embedding.bias")], "patch_embed",
                    kernel_shape=[shape.patch, shape.patch], strides=[shape.patch, shape.patch])
@@ -249,27 +291,29 @@ def build_graph(shape: TowerShape, part: str = "vision+projector", dtype: str = 
     cls_shape = b.op("Concat", [batch, b.ints(1, shape.hidden)], "cls_shape", axis=0)
     cls = b.op("Expand", [b.weight(e + "class_embedding"), cls_shape], "cls")
     x = b.op("Concat", [cls, tokens], "embed_cat", axis=1)
-    x = b.op("Add", [x, b.weight(e + "position_embedding")], "embeddings")
-    scale = b.scalar((shape.hidden // shape.heads) ** -0.5)
-    for index in range(shape.layers):
-        p = f"vision_model.encoder.layers.{index}."
-        h = b.norm(x, p + "norm1")
-        qkv = b.linear(h, p + "attn.qkv", bias=shape.qkv_bias)
-        q, k, v = b.op("Split", [qkv, b.ints(shape.hidden, shape.hidden, shape.hidden)], "qkv_split", outputs=3, axis=-1)
-        if shape.qk_norm:
-            q = b.rms_norm(q, p + "attn.q_norm.weight", shape.eps)
-            k = b.rms_norm(k, p + "attn.k_norm.weight", shape.eps)
-        scores = b.op("Mul", [b.op("MatMul", [b.heads(q, [0, 2, 1, 3]), b.heads(k, [0, 2, 3, 1])], "qk"), scale], "scores")
-        probs = b.from_fp32(b.op("Softmax", [b.to_fp32(scores)], "softmax", axis=-1))
-        attn = b.op("Transpose", [b.op("MatMul", [probs, b.heads(v, [0, 2, 1, 3])], "attn")], "attn_t", perm=[0, 2, 1, 3])
-        attn = b.linear(b.op("Reshape", [attn, b.ints(0, 0, shape.hidden)], "attn_merged"), p + "attn.proj")
-        x = b.op("Add", [x, b.op("Mul", [attn, b.weight(p + "ls1")], "ls1")], "residual1")
-        h = b.linear(b.gelu(b.linear(b.norm(x, p + "norm2"), p + "mlp.fc1")), p + "mlp.fc2")
-        x = b.op("Add", [x, b.op("Mul", [h, b.weight(p + "ls2")], "ls2")], "residual2")
-    features = b.op("Slice", [x, b.ints(1), b.ints(INT64_MAX), b.ints(1)], "drop_cls")
-    if part == "vision":
-        graph.nodes[-1].output[0] = graph.output_name
-        return graph
+    return b.op("Add", [x, b.weight(e + "position_embedding")], "embeddings")
+
+
+def _layer(b: _Builder, shape: TowerShape, x: str, index: int, scale: str) -> str:
+    """One InternViT layer: x + ls1 * attn(norm1(x)), then + ls2 * mlp(norm2(.))."""
+    p = f"vision_model.encoder.layers.{index}."
+    h = b.norm(x, p + "norm1")
+    qkv = b.linear(h, p + "attn.qkv", bias=shape.qkv_bias)
+    q, k, v = b.op("Split", [qkv, b.ints(shape.hidden, shape.hidden, shape.hidden)], "qkv_split", outputs=3, axis=-1)
+    if shape.qk_norm:
+        q = b.rms_norm(q, p + "attn.q_norm.weight", shape.eps)
+        k = b.rms_norm(k, p + "attn.k_norm.weight", shape.eps)
+    scores = b.op("Mul", [b.op("MatMul", [b.heads(q, [0, 2, 1, 3]), b.heads(k, [0, 2, 3, 1])], "qk"), scale], "scores")
+    probs = b.from_fp32(b.op("Softmax", [b.to_fp32(scores)], "softmax", axis=-1))
+    attn = b.op("Transpose", [b.op("MatMul", [probs, b.heads(v, [0, 2, 1, 3])], "attn")], "attn_t", perm=[0, 2, 1, 3])
+    attn = b.linear(b.op("Reshape", [attn, b.ints(0, 0, shape.hidden)], "attn_merged"), p + "attn.proj")
+    x = b.op("Add", [x, b.op("Mul", [attn, b.weight(p + "ls1")], "ls1")], "residual1")
+    h = b.linear(b.gelu(b.linear(b.norm(x, p + "norm2"), p + "mlp.fc1")), p + "mlp.fc2")
+    return b.op("Add", [x, b.op("Mul", [h, b.weight(p + "ls2")], "ls2")], "residual2")
+
+
+def _projector(b: _Builder, shape: TowerShape, features: str) -> str:
+    """Pixel shuffle (v1 or v2) and mlp1: [batch, patches, hidden] -> [batch, tokens, llm_hidden]."""
     r, s, c = shape.ratio, shape.side, shape.hidden
     grid = b.op("Reshape", [features, b.ints(0, s, s, c)], "grid")
     grid = b.op("Reshape", [grid, b.ints(0, s, int(s * r), int(c / r))], "shuffle_a")
@@ -280,6 +324,4 @@ def build_graph(shape: TowerShape, part: str = "vision+projector", dtype: str = 
     y = b.op("Reshape", [grid, b.ints(0, -1, shape.projector_in)], "shuffled")
     y = b.op("LayerNormalization", [y, b.weight("mlp1.0.weight"), b.weight("mlp1.0.bias")], "mlp1_norm",
              axis=-1, epsilon=PROJECTOR_EPS, stash_type=1)
-    y = b.linear(b.gelu(b.linear(y, "mlp1.1")), "mlp1.3")
-    graph.nodes[-1].output[0] = graph.output_name
-    return graph
+    return b.linear(b.gelu(b.linear(y, "mlp1.1")), "mlp1.3")

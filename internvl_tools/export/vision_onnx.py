@@ -20,7 +20,7 @@ import numpy as np
 from .. import __version__
 from ..arch.layout import build_layout
 from ..errors import InputError
-from .graph import INPUT_NAME, TowerShape, VisionGraph, build_graph, tower_shape
+from .graph import INPUT_NAME, TowerShape, VisionGraph, build_graph, tower_shape  # noqa: F401
 
 MODEL_FILE = "model.onnx"
 WEIGHTS_FILE = "model.onnx.data"
@@ -43,6 +43,7 @@ class ExportPlan:
     weight_bytes: int  # in the export dtype
     params: int
     largest_bytes: int
+    layer_params: int  # one vision layer's
 
 
 def plan_export(checkpoint: Path, part: str, dtype: str, opset: int) -> ExportPlan:
@@ -69,7 +70,8 @@ def plan_export(checkpoint: Path, part: str, dtype: str, opset: int) -> ExportPl
                 raise InputError(f"{checkpoint}: {ref.key} is {spec.dtype}; export reads bf16/fp16/fp32 vision weights "
                                  "(export from the unquantized checkpoint)")
             sizes.append(int(np.prod(spec.shape, dtype=np.int64)))
-    return ExportPlan(Path(checkpoint), config, shape, graph, sum(sizes) * itemsize, sum(sizes), max(sizes) * itemsize)
+        first_layer = sum(size for ref, size in zip(graph.weights, sizes) if ref.key.startswith("vision_model.encoder.layers.0."))
+    return ExportPlan(Path(checkpoint), config, shape, graph, sum(sizes) * itemsize, sum(sizes), max(sizes) * itemsize, first_layer)
 
 
 def write_weights(checkpoint: Path, graph: VisionGraph, path: Path, progress=None) -> list:
@@ -115,10 +117,9 @@ def make_model(graph: VisionGraph, initializers: list, metadata: dict):
     """The ModelProto (weights stay external)."""
     from onnx import TensorProto, helper
 
-    shape = graph.shape
     elem = TensorProto.FLOAT16 if graph.dtype == "fp16" else TensorProto.FLOAT
-    inputs = [helper.make_tensor_value_info(INPUT_NAME, elem, ["batch", 3, shape.image_size, shape.image_size])]
-    outputs = [helper.make_tensor_value_info(graph.output_name, elem, list(shape.output_shape(graph.part)))]
+    inputs = [helper.make_tensor_value_info(graph.input_name, elem, graph.input_shape())]
+    outputs = [helper.make_tensor_value_info(graph.output_name, elem, graph.output_shape())]
     onnx_graph = helper.make_graph(graph.nodes, "internvl_vision", inputs, outputs, initializer=[*graph.constants, *initializers])
     model = helper.make_model(onnx_graph, opset_imports=[helper.make_opsetid("", graph.opset)],
                               producer_name="internvl-tools", producer_version=__version__)
@@ -226,6 +227,91 @@ def parity(plan: ExportPlan, model_path: Path, batches: list[int]) -> list[dict]
         passed = bool(np.isfinite(got).all()) and relative <= tolerance
         results.append({"batch": batch, "max_abs_error": max_abs, "relative_error": relative, "tolerance": tolerance, "passed": passed})
     return results
+
+
+def segment_memory_needed(plan: ExportPlan, layers: int) -> int:
+    """What the segmented check holds for `layers` layers at a time (plus the head's projector)."""
+    itemsize = 2 if plan.graph.dtype == "fp16" else 4
+    per_param = 4 + itemsize + (4 if plan.graph.dtype == "fp16" else 0)  # torch fp32, onnx weights, fp32 copies
+    head = plan.params - plan.shape.layers * plan.layer_params  # embeddings and mlp1
+    return (layers * plan.layer_params + head) * per_param + (1 << 30)
+
+
+def check_mode(plan: ExportPlan, available: int, segment_layers: int = 0) -> tuple[str, int]:
+    """("full", 0), ("segments", layers per segment) or ("skip", 0) for the memory available."""
+    if segment_layers:
+        return "segments", min(segment_layers, plan.shape.layers)
+    if check_memory_needed(plan) <= available:
+        return "full", 0
+    layers = plan.shape.layers
+    while layers > 1 and segment_memory_needed(plan, layers) > available:
+        layers = max(1, layers // 2)
+    return ("segments", layers) if segment_memory_needed(plan, layers) <= available else ("skip", 0)
+
+
+def parity_segments(plan: ExportPlan, folder: Path, batches: list[int], layers_per_segment: int) -> list[dict]:
+    """The parity check in bounded memory: the graph is cut into segments of layers (the same
+    builder, the same initializers in model.onnx.data); each segment runs in onnxruntime on the
+    PyTorch hidden state that enters it and is compared with the same PyTorch layers, built one
+    segment at a time. The first segment starts from pixel_values, the last ends with the
+    part's output. Per batch, the worst segment is reported."""
+    import onnx
+    import onnxruntime as ort
+    import torch
+
+    from ..runtime.build import VisionParts
+    from ..runtime.model import open_for_runtime, pixel_shuffle
+
+    full = onnx.load(str(folder / MODEL_FILE), load_external_data=False)
+    stored = {init.name: init for init in full.graph.initializer}
+    del full
+    shape, graph = plan.shape, plan.graph
+    np_dtype = np.float16 if graph.dtype == "fp16" else np.float32
+    pixels = {batch: sample_pixels(plan.config, batch, seed=batch) for batch in batches}
+    hidden: dict[int, torch.Tensor] = {}
+    worst = {batch: (0.0, 0.0, "") for batch in batches}
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    segment_path = folder / ".check-segment.onnx"
+    with open_for_runtime(plan.checkpoint) as reader, torch.no_grad():
+        parts = VisionParts(reader, plan.config, build_layout(plan.config, reader.specs()), torch.float32)
+        embeddings = parts.embeddings()
+        for batch in batches:
+            hidden[batch] = embeddings(pixels[batch])
+        del embeddings
+        for start in range(0, shape.layers, layers_per_segment):
+            stop = min(start + layers_per_segment, shape.layers)
+            segment = build_graph(shape, graph.part, graph.dtype, graph.opset, start, stop)
+            names = list(dict.fromkeys(ref.name for ref in segment.weights))
+            onnx.save_model(make_model(segment, [stored[name] for name in names], {}), segment_path)
+            try:
+                session = ort.InferenceSession(str(segment_path), options, providers=["CPUExecutionProvider"])
+            finally:
+                segment_path.unlink(missing_ok=True)
+            layers = [parts.layer(index) for index in range(start, stop)]
+            head = parts.projector() if stop == shape.layers and graph.part == "vision+projector" else None
+            for batch in batches:
+                feed = pixels[batch] if start == 0 else hidden[batch]
+                x = hidden[batch]
+                for layer in layers:
+                    x = layer(x)
+                hidden[batch] = x
+                if stop == shape.layers:
+                    x = x[:, 1:, :]
+                    if head is not None:
+                        grid = pixel_shuffle(x.reshape(x.shape[0], shape.side, shape.side, -1), shape.ratio, shape.ps_version)
+                        x = head(grid.reshape(grid.shape[0], -1, grid.shape[-1]))
+                got = session.run([segment.output_name], {segment.input_name: feed.numpy().astype(np_dtype)})[0].astype(np.float32)
+                want = x.float().numpy()
+                max_abs = float(np.abs(got - want).max()) if np.isfinite(got).all() else float("inf")
+                relative = max_abs / max(float(np.abs(want).max()), 1e-30)
+                if relative >= worst[batch][1]:
+                    worst[batch] = (max_abs, relative, f"layers {start}-{stop - 1}" + (" + head" if stop == shape.layers else ""))
+            del layers, head, session
+    tolerance = TOLERANCE[graph.dtype]
+    return [{"batch": batch, "max_abs_error": worst[batch][0], "relative_error": worst[batch][1], "tolerance": tolerance,
+             "passed": worst[batch][1] <= tolerance, "mode": f"segments of {layers_per_segment} layers", "worst_segment": worst[batch][2]}
+            for batch in batches]
 
 
 def export_onnx(plan: ExportPlan, folder: Path, max_batch: int, progress=None) -> dict:

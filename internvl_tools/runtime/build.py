@@ -92,6 +92,41 @@ def vision_layers_needed(config: dict, layout: Layout) -> int:
     return layout.vision_layers + 1 + select if select < 0 else select
 
 
+class VisionParts:
+    """The vision tower's pieces built one at a time from the stream (embeddings, layer i, the
+    projector), for layer-by-layer work whose whole tower would not fit in memory."""
+
+    def __init__(self, reader: CheckpointReader, config: dict, layout: Layout, dtype: torch.dtype | None = None):
+        from transformers import InternVLConfig
+
+        self.full = InternVLConfig(vision_config=nc.vision_config(config, vision_layers_needed(config, layout)),
+                                   text_config=nc.text_config(config, layout.dialect), downsample_ratio=config.get("downsample_ratio", 0.5))
+        self.full.vision_config._attn_implementation = "eager"
+        self.outputs = native_outputs(reader, config, layout)
+        self.reader, self.dtype = reader, dtype
+
+    def embeddings(self) -> nn.Module:
+        from transformers.models.internvl.modeling_internvl import InternVLVisionEmbeddings
+
+        with params_on_meta():
+            module = InternVLVisionEmbeddings(self.full.vision_config)
+        return load_into(module, self.outputs, self.reader, "model.vision_tower.embeddings.", self.dtype)
+
+    def layer(self, index: int) -> nn.Module:
+        from transformers.models.internvl.modeling_internvl import InternVLVisionLayer
+
+        with params_on_meta():
+            module = InternVLVisionLayer(self.full.vision_config)
+        return load_into(module, self.outputs, self.reader, f"model.vision_tower.encoder.layer.{index}.", self.dtype)
+
+    def projector(self) -> nn.Module:
+        from transformers.models.internvl.modeling_internvl import InternVLMultiModalProjector
+
+        with params_on_meta():
+            module = InternVLMultiModalProjector(self.full)
+        return load_into(module, self.outputs, self.reader, "model.multi_modal_projector.", self.dtype)
+
+
 def build_vision(reader: CheckpointReader, config: dict, layout: Layout, dtype: torch.dtype | None = None, placement=None,
                  with_projector: bool = True):
     """InternViT (only the layers select_layer needs) and the mlp1 projector (None without
