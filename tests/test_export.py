@@ -192,6 +192,26 @@ def test_onnx_embeddings_feed_the_llm(tiny, exported):
     assert torch_runtime.generate("Describe.", image, 6) == onnx_runtime.generate("Describe.", image, 6)
 
 
+def test_readme_splice_example(tiny, exported):
+    """The README's low-level example, step by step: ONNX embeddings spliced by hand into the LLM."""
+    from PIL import Image
+
+    from internvl_tools.runtime.model import InternVLRuntime
+
+    family = "InternVL2-1B"
+    image = Image.new("RGB", (150, 90), (30, 160, 40))
+    rt = InternVLRuntime(tiny(family), dtype=torch.float32, load_vision=False)
+    vit = ort.InferenceSession(str(exported(family) / "model.onnx"), providers=["CPUExecutionProvider"])
+    pixels = rt.pixel_values(image)
+    embeds = torch.from_numpy(vit.run(["image_embeds"], {"pixel_values": pixels.numpy().astype(np.float32)})[0])
+    ids = rt.prompt_ids("Describe the image.", num_tiles=pixels.shape[0])
+    out = rt.llm.generate(inputs_embeds=rt.embeddings(ids, embeds), max_new_tokens=5, do_sample=False)
+    full = InternVLRuntime(tiny(family), dtype=torch.float32)
+    with torch.no_grad():
+        want = full.llm.generate(inputs_embeds=full.embeddings(ids, full.image_features(pixels)), max_new_tokens=5, do_sample=False)
+    assert out.tolist() == want.tolist()
+
+
 def test_parity_failure_exits_1_and_keeps_the_export(tiny, tmp_path, run_cli, monkeypatch):
     monkeypatch.setitem(vision_onnx.TOLERANCE, "fp32", 0.0)
     result = run_cli("export", tiny("InternVL2-1B"), "-o", tmp_path / "e", "--dtype", "fp32")
