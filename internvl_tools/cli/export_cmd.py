@@ -40,7 +40,7 @@ def export_cmd(ctx: click.Context, checkpoint: Path, out: Path, fmt: str, dtype:
     Weights stream tensor by tensor into external data (memory: about the largest tensor);
     the graph has a dynamic batch; the result is checked with onnx.checker and onnxruntime."""
     from ..export.tensorrt_engine import ENGINE_FILE, ONNX_DTYPE, PRECISIONS, build_engine, import_tensorrt, plan_engine
-    from ..export.vision_onnx import (DTYPES, META_FILE, MODEL_FILE, available_memory, check_mode, default_max_batch, export_onnx,
+    from ..export.vision_onnx import (META_FILE, MODEL_FILE, available_memory, check_mode, default_max_batch, export_onnx,
                                       parity, parity_segments, plan_export, segment_memory_needed)
 
     check_output(out, [checkpoint], overwrite)
@@ -52,9 +52,6 @@ def export_cmd(ctx: click.Context, checkpoint: Path, out: Path, fmt: str, dtype:
                              + ("" if module == "onnx" else " (or pass --no-check to skip the onnxruntime parity check)")) from None
     if fmt == "tensorrt" and dtype not in PRECISIONS:
         raise InputError(f"--dtype {dtype} is not a TensorRT engine precision; choose fp16 or bf16")
-    if fmt == "onnx" and dtype not in DTYPES:
-        raise InputError(f"--dtype {dtype} is not supported for ONNX; choose fp16 or fp32 (bf16 is a TensorRT precision: "
-                         "--format tensorrt --dtype bf16)")
     trt = import_tensorrt() if fmt == "tensorrt" else None  # fail before any work
     plan = plan_export(checkpoint, part, ONNX_DTYPE[dtype] if fmt == "tensorrt" else dtype, opset)
     if max_batch is None:

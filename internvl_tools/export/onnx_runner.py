@@ -9,7 +9,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..runtime.native_config import image_tokens_per_tile
-from .vision_onnx import META_FILE, MODEL_FILE
+from .vision_onnx import META_FILE, MODEL_FILE, session_for
 
 
 class OnnxVision:
@@ -24,7 +24,7 @@ class OnnxVision:
         if not meta_path.exists() or not (folder / MODEL_FILE).exists():
             raise InputError(f"{folder}: no {MODEL_FILE} and {META_FILE}; pass a folder written by `internvl-tools export --format onnx`")
         try:
-            import onnxruntime as ort
+            import onnxruntime  # noqa: F401
         except ImportError:
             raise InputError("running an ONNX vision export needs onnxruntime: pip install 'internvl-tools[onnx]'") from None
         self.meta = json.loads(meta_path.read_text())
@@ -37,12 +37,7 @@ class OnnxVision:
         if found != expected:
             raise InputError(f"{folder}: the export takes {found[0]} px tiles -> {found[1]} tokens x {found[2]}, but the checkpoint needs "
                              f"{expected[0]} px -> {expected[1]} x {expected[2]}; export the vision tower of this checkpoint")
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        providers = ["CPUExecutionProvider"]
-        if device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
-            providers.insert(0, "CUDAExecutionProvider")
-        self.session = ort.InferenceSession(str(folder / MODEL_FILE), options, providers=providers)
+        self.session = session_for(folder / MODEL_FILE, device)
         self.np_dtype = np.float16 if self.meta["dtype"] == "fp16" else np.float32
         self.max_batch = max(1, int(self.meta.get("max_batch", 1)))
 

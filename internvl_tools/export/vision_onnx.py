@@ -191,41 +191,59 @@ def available_memory() -> int:
     return 1 << 62
 
 
+def session_for(path: Path, device: str = "cpu"):
+    """A quiet onnxruntime session (CUDA first when asked for and available)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    providers = ["CPUExecutionProvider"]
+    if device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
+        providers.insert(0, "CUDAExecutionProvider")
+    return ort.InferenceSession(str(path), options, providers=providers)
+
+
+def input_dtype(graph: VisionGraph):
+    return np.float16 if graph.dtype == "fp16" else np.float32
+
+
+def errors(got: np.ndarray, want: np.ndarray) -> tuple[float, float]:
+    """(max |got - want|, that / max |want|); infinite when the output is not finite."""
+    if got.shape != want.shape:
+        raise RuntimeError(f"onnx output {got.shape} differs from the torch output {want.shape}")
+    max_abs = float(np.abs(got - want).max()) if np.isfinite(got).all() else float("inf")
+    return max_abs, max_abs / max(float(np.abs(want).max()), 1e-30)
+
+
 def parity(plan: ExportPlan, model_path: Path, batches: list[int]) -> list[dict]:
     """onnxruntime vs the fp32 PyTorch forward (the runtime's transformers modules) at each batch size.
 
     relative_error = max |onnx - torch| / max |torch|."""
-    import onnxruntime as ort
     import torch
 
-    from ..runtime.build import build_vision
+    from ..runtime.build import VisionParts
     from ..runtime.model import InternVLRuntime, open_for_runtime
 
     if plan.graph.part == "vision":
         with open_for_runtime(plan.checkpoint) as reader:
-            tower, _ = build_vision(reader, plan.config, build_layout(plan.config, reader.specs()), torch.float32, with_projector=False)
+            tower = VisionParts(reader, plan.config, build_layout(plan.config, reader.specs()), torch.float32).tower()
 
         def forward(pixels):
             return tower(pixel_values=pixels).last_hidden_state[:, 1:, :]
     else:
         forward = InternVLRuntime(plan.checkpoint, dtype=torch.float32, load_llm=False).image_features
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
-    np_dtype = np.float16 if plan.graph.dtype == "fp16" else np.float32
+    session = session_for(model_path)
+    np_dtype = input_dtype(plan.graph)
     results = []
     for batch in batches:
         pixels = sample_pixels(plan.config, batch, seed=batch)
         with torch.no_grad():
             reference = forward(pixels).float().numpy()
         got = session.run([plan.graph.output_name], {INPUT_NAME: pixels.numpy().astype(np_dtype)})[0].astype(np.float32)
-        if got.shape != reference.shape:
-            raise RuntimeError(f"onnx output {got.shape} differs from the torch output {reference.shape}")
-        max_abs = float(np.abs(got - reference).max())
-        relative = max_abs / max(float(np.abs(reference).max()), 1e-30)
+        max_abs, relative = errors(got, reference)
         tolerance = TOLERANCE[plan.graph.dtype]
-        passed = bool(np.isfinite(got).all()) and relative <= tolerance
-        results.append({"batch": batch, "max_abs_error": max_abs, "relative_error": relative, "tolerance": tolerance, "passed": passed})
+        results.append({"batch": batch, "max_abs_error": max_abs, "relative_error": relative, "tolerance": tolerance,
+                        "passed": relative <= tolerance})
     return results
 
 
@@ -256,7 +274,6 @@ def parity_segments(plan: ExportPlan, folder: Path, batches: list[int], layers_p
     segment at a time. The first segment starts from pixel_values, the last ends with the
     part's output. Per batch, the worst segment is reported."""
     import onnx
-    import onnxruntime as ort
     import torch
 
     from ..runtime.build import VisionParts
@@ -266,12 +283,10 @@ def parity_segments(plan: ExportPlan, folder: Path, batches: list[int], layers_p
     stored = {init.name: init for init in full.graph.initializer}
     del full
     shape, graph = plan.shape, plan.graph
-    np_dtype = np.float16 if graph.dtype == "fp16" else np.float32
+    np_dtype = input_dtype(graph)
     pixels = {batch: sample_pixels(plan.config, batch, seed=batch) for batch in batches}
     hidden: dict[int, torch.Tensor] = {}
     worst = {batch: (0.0, 0.0, "") for batch in batches}
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
     segment_path = folder / ".check-segment.onnx"
     with open_for_runtime(plan.checkpoint) as reader, torch.no_grad():
         parts = VisionParts(reader, plan.config, build_layout(plan.config, reader.specs()), torch.float32)
@@ -285,7 +300,7 @@ def parity_segments(plan: ExportPlan, folder: Path, batches: list[int], layers_p
             names = list(dict.fromkeys(ref.name for ref in segment.weights))
             onnx.save_model(make_model(segment, [stored[name] for name in names], {}), segment_path)
             try:
-                session = ort.InferenceSession(str(segment_path), options, providers=["CPUExecutionProvider"])
+                session = session_for(segment_path)
             finally:
                 segment_path.unlink(missing_ok=True)
             layers = [parts.layer(index) for index in range(start, stop)]
@@ -302,9 +317,7 @@ def parity_segments(plan: ExportPlan, folder: Path, batches: list[int], layers_p
                         grid = pixel_shuffle(x.reshape(x.shape[0], shape.side, shape.side, -1), shape.ratio, shape.ps_version)
                         x = head(grid.reshape(grid.shape[0], -1, grid.shape[-1]))
                 got = session.run([segment.output_name], {segment.input_name: feed.numpy().astype(np_dtype)})[0].astype(np.float32)
-                want = x.float().numpy()
-                max_abs = float(np.abs(got - want).max()) if np.isfinite(got).all() else float("inf")
-                relative = max_abs / max(float(np.abs(want).max()), 1e-30)
+                max_abs, relative = errors(got, x.float().numpy())
                 if relative >= worst[batch][1]:
                     worst[batch] = (max_abs, relative, f"layers {start}-{stop - 1}" + (" + head" if stop == shape.layers else ""))
             del layers, head, session

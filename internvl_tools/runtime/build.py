@@ -93,67 +93,62 @@ def vision_layers_needed(config: dict, layout: Layout) -> int:
 
 
 class VisionParts:
-    """The vision tower's pieces built one at a time from the stream (embeddings, layer i, the
-    projector), for layer-by-layer work whose whole tower would not fit in memory."""
+    """The vision tower's pieces built from the stream: the whole tower (only the layers
+    select_layer needs), or one piece at a time (embeddings, layer i) for layer-by-layer work
+    whose whole tower would not fit in memory; and the mlp1 projector."""
 
-    def __init__(self, reader: CheckpointReader, config: dict, layout: Layout, dtype: torch.dtype | None = None):
+    def __init__(self, reader: CheckpointReader, config: dict, layout: Layout, dtype: torch.dtype | None = None, placement=None):
         from transformers import InternVLConfig
 
-        self.full = InternVLConfig(vision_config=nc.vision_config(config, vision_layers_needed(config, layout)),
-                                   text_config=nc.text_config(config, layout.dialect), downsample_ratio=config.get("downsample_ratio", 0.5))
+        self.keep = vision_layers_needed(config, layout)
+        self.full = InternVLConfig(vision_config=nc.vision_config(config, self.keep), text_config=nc.text_config(config, layout.dialect),
+                                   downsample_ratio=config.get("downsample_ratio", 0.5))
         self.full.vision_config._attn_implementation = "eager"
         self.outputs = native_outputs(reader, config, layout)
-        self.reader, self.dtype = reader, dtype
+        self.reader, self.dtype, self.placement = reader, dtype, placement
+
+    def _load(self, module: nn.Module, prefix: str, rename=None) -> nn.Module:
+        return load_into(module, self.outputs, self.reader, prefix, self.dtype, rename, self.placement)
+
+    def tower(self) -> nn.Module:
+        from transformers.models.internvl.modeling_internvl import InternVLVisionModel
+
+        def drop_unused(name: str) -> str | None:
+            parts = name.split(".")
+            return None if parts[:2] == ["encoder", "layer"] and int(parts[2]) >= self.keep else name
+
+        with params_on_meta():
+            module = InternVLVisionModel(self.full.vision_config)
+        return self._load(module, "model.vision_tower.", drop_unused)
 
     def embeddings(self) -> nn.Module:
         from transformers.models.internvl.modeling_internvl import InternVLVisionEmbeddings
 
         with params_on_meta():
             module = InternVLVisionEmbeddings(self.full.vision_config)
-        return load_into(module, self.outputs, self.reader, "model.vision_tower.embeddings.", self.dtype)
+        return self._load(module, "model.vision_tower.embeddings.")
 
     def layer(self, index: int) -> nn.Module:
         from transformers.models.internvl.modeling_internvl import InternVLVisionLayer
 
         with params_on_meta():
             module = InternVLVisionLayer(self.full.vision_config)
-        return load_into(module, self.outputs, self.reader, f"model.vision_tower.encoder.layer.{index}.", self.dtype)
+        return self._load(module, f"model.vision_tower.encoder.layer.{index}.")
 
     def projector(self) -> nn.Module:
         from transformers.models.internvl.modeling_internvl import InternVLMultiModalProjector
 
         with params_on_meta():
             module = InternVLMultiModalProjector(self.full)
-        return load_into(module, self.outputs, self.reader, "model.multi_modal_projector.", self.dtype)
+        return self._load(module, "model.multi_modal_projector.")
 
 
 def build_vision(reader: CheckpointReader, config: dict, layout: Layout, dtype: torch.dtype | None = None, placement=None,
                  with_projector: bool = True):
     """InternViT (only the layers select_layer needs) and the mlp1 projector (None without
     `with_projector`) as native modules."""
-    from transformers import InternVLConfig
-    from transformers.models.internvl.modeling_internvl import InternVLMultiModalProjector, InternVLVisionModel
-
-    keep = vision_layers_needed(config, layout)
-    full = InternVLConfig(vision_config=nc.vision_config(config, keep), text_config=nc.text_config(config, layout.dialect),
-                          downsample_ratio=config.get("downsample_ratio", 0.5))
-    full.vision_config._attn_implementation = "eager"
-    outputs = native_outputs(reader, config, layout)
-
-    def drop_unused(name: str) -> str | None:
-        parts = name.split(".")
-        if parts[:2] == ["encoder", "layer"] and int(parts[2]) >= keep:
-            return None
-        return name
-
-    with params_on_meta():
-        tower = InternVLVisionModel(full.vision_config)
-        projector = InternVLMultiModalProjector(full)
-    load_into(tower, outputs, reader, "model.vision_tower.", dtype, drop_unused, placement)
-    if not with_projector:
-        return tower, None
-    load_into(projector, outputs, reader, "model.multi_modal_projector.", dtype, placement=placement)
-    return tower, projector
+    parts = VisionParts(reader, config, layout, dtype, placement)
+    return parts.tower(), parts.projector() if with_projector else None
 
 
 def build_llm(reader: CheckpointReader, config: dict, layout: Layout, dtype: torch.dtype | None = None, placement=None):
