@@ -22,7 +22,7 @@ FAMILY = "InternVL2-Llama3-76B"
 
 
 def main() -> None:
-    from internvl_tools.arch.families import FAMILIES
+    from internvl_tools.models.families import FAMILIES
     from internvl_tools.tiny.generator import make_checkpoint
 
     layers = FAMILIES[FAMILY].vision.num_hidden_layers

@@ -46,7 +46,7 @@ def main() -> None:
     parser.add_argument("--vision-layers", type=int, default=8)
     parser.add_argument("--skip-baseline", action="store_true")
     args = parser.parse_args()
-    from internvl_tools.arch.families import FAMILIES
+    from internvl_tools.models.families import FAMILIES
 
     checkpoint = vision_checkpoint(args.vision_layers)
     stored, per_layer, largest = tower_bytes(checkpoint)

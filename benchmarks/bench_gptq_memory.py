@@ -21,7 +21,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     args = parser.parse_args()
     src = wide_checkpoint()
-    from internvl_tools.arch.layout import build_layout
+    from internvl_tools.models.layout import build_layout
     from internvl_tools.io.reader import CheckpointReader
 
     with CheckpointReader(src) as reader:

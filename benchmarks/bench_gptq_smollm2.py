@@ -43,7 +43,7 @@ def smollm2() -> tuple[object, object]:
 
 def build_checkpoint(out: Path) -> Path:
     """InternVL original layout: tiny random InternViT-300M-style tower + mlp1 + SmolLM2."""
-    from internvl_tools.arch.families import FAMILIES, tiny_family
+    from internvl_tools.models.families import FAMILIES, tiny_family
     from internvl_tools.io.writer import CheckpointWriter
     from internvl_tools.tiny.generator import make_config, projector_tensors, vision_tensors, _fill
 
@@ -91,7 +91,7 @@ def heldout_ids(tokenizer, chunks: int, length: int) -> list[torch.Tensor]:
     """Held-out text: docstrings of standard-library modules the calibration corpus does not use."""
     import importlib
 
-    from internvl_tools.quant.calibration import CORPUS_MODULES
+    from internvl_tools.calibrate.samples import CORPUS_MODULES
 
     assert not set(HELDOUT_MODULES) & set(CORPUS_MODULES)
     docs = []
@@ -118,7 +118,7 @@ def perplexity(llm, chunks: list[torch.Tensor]) -> float:
 def rtn_llm(bf16_llm, group: int):
     import copy
 
-    from internvl_tools.quant.gptq import GPTQConfig, rtn_quantize
+    from internvl_tools.calibrate.gptq import GPTQConfig, rtn_quantize
 
     llm = copy.deepcopy(bf16_llm)
     for name, module in llm.named_modules():
@@ -128,8 +128,8 @@ def rtn_llm(bf16_llm, group: int):
 
 
 def calibration_texts(samples: int) -> list[str]:
-    from internvl_tools.quant.calibration import builtin_samples
-    from internvl_tools.runtime.conversation import build_prompt, get_template
+    from internvl_tools.calibrate.samples import builtin_samples
+    from internvl_tools.models.templates import build_prompt, get_template
 
     return [build_prompt("Hermes-2", s.question) + s.answer + get_template("Hermes-2").sep for s in builtin_samples(2 * samples) if s.image is None]
 
@@ -210,7 +210,7 @@ def dequantized_hf(folder: Path, like):
     import copy
 
     from internvl_tools.io.reader import CheckpointReader
-    from internvl_tools.quant.gptq_format import unpack
+    from internvl_tools.formats.gptq import unpack
 
     config = json.loads((folder / "config.json").read_text())["quantization_config"]
     if config.get("checkpoint_format", "gptq") != "gptq":

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from internvl_tools.arch.families import FAMILIES
+from internvl_tools.models.families import FAMILIES
 from internvl_tools.cli.main import cli
 from internvl_tools.tiny.generator import make_checkpoint
 

@@ -6,10 +6,10 @@ import math
 
 import pytest
 
-from internvl_tools.arch.families import FAMILIES
-from internvl_tools.arch.layout import build_layout
-from internvl_tools.ops.device_map import GIB, ModelSizes, plan_devices
-from internvl_tools.ops.gpu_layout import model_sizes, quantized_sizes
+from internvl_tools.models.families import FAMILIES
+from internvl_tools.models.layout import build_layout
+from internvl_tools.planners.device_map import GIB, ModelSizes, plan_devices
+from internvl_tools.planners.gpu_layout import model_sizes, quantized_sizes
 from internvl_tools.tiny.generator import llm_tensors, make_config, projector_tensors, vision_tensors
 
 GB = 10**9

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from internvl_tools.ops.gptq_runner import GPTQJob, quantize_gptq
-from internvl_tools.quant.gptq import GPTQConfig, HessianAccumulator, gptq_quantize, rtn_quantize
-from internvl_tools.quant.gptq_format import pack, unpack
+from internvl_tools.calibrate.pipeline import GPTQJob, quantize_gptq
+from internvl_tools.calibrate.gptq import GPTQConfig, HessianAccumulator, gptq_quantize, rtn_quantize
+from internvl_tools.formats.gptq import pack, unpack
 
 from .test_quantize_int8 import _tensors
 from .test_runtime import sample_image

@@ -62,8 +62,8 @@ def test_inspect_reports_lora(tiny, run_cli):
 
 def test_real_family_sizes_in_memory_estimate():
     """The estimate for the real 76B shapes: about 152 GB bf16, half of the LLM in int8."""
-    from internvl_tools.arch.families import FAMILIES
-    from internvl_tools.ops.inspect import memory_estimate
+    from internvl_tools.models.families import FAMILIES
+    from internvl_tools.evaluate.inspect import memory_estimate
     from internvl_tools.tiny.generator import llm_layer_shapes, llm_tensors, projector_tensors, vision_tensors
 
     fam = FAMILIES["InternVL2-Llama3-76B"]
@@ -110,7 +110,7 @@ def test_tiny_tokenizer_has_family_tokens(family, tiny):
 
 
 def test_wide_family_keeps_true_widths():
-    from internvl_tools.arch.families import FAMILIES, wide_family
+    from internvl_tools.models.families import FAMILIES, wide_family
     from internvl_tools.tiny.generator import llm_tensors
 
     fam = wide_family(FAMILIES["InternVL2-Llama3-76B"])

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from internvl_tools.arch.families import FAMILIES, tiny_family
-from internvl_tools.arch.layout import build_layout, classify_key, llm_dialect
+from internvl_tools.models.families import FAMILIES, tiny_family
+from internvl_tools.models.layout import build_layout, classify_key, llm_dialect
 from internvl_tools.errors import LayoutError
 from internvl_tools.io.reader import CheckpointReader
 from internvl_tools.tiny.generator import make_config, projector_tensors, vision_tensors, llm_tensors

@@ -109,7 +109,7 @@ def test_peft_adapter_on_bare_llm(family, tiny, tmp_path, run_cli):
 def test_peft_merge_and_unload_agrees(family, tiny, tmp_path, run_cli):
     """peft's own merge_and_unload on the LLM (runtime-built native modules) gives the same weights."""
     peft = pytest.importorskip("peft")
-    from internvl_tools.arch.layout import build_layout
+    from internvl_tools.models.layout import build_layout
     from internvl_tools.runtime.build import build_llm
 
     adapter = make_peft_adapter(tiny(family), tmp_path / "adapter", rank=4, alpha=8,

@@ -62,7 +62,7 @@ def test_does_not_fit_exits_2_with_advice(tiny, tmp_path, run_cli):
 
 def test_does_not_fit_message_real_sizes():
     from internvl_tools.cli.gpu_plan import GpuOptions, does_not_fit_message
-    from internvl_tools.ops.device_map import GIB, plan_devices
+    from internvl_tools.planners.device_map import GIB, plan_devices
 
     from .test_device_map import real_sizes
 

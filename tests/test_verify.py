@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from internvl_tools.bench.slices import BenchItem, read_slice, write_tsv
+from internvl_tools.evaluate.slices import BenchItem, read_slice, write_tsv
 from internvl_tools.io.reader import CheckpointReader
 from internvl_tools.io.writer import CheckpointWriter
-from internvl_tools.quant.calibration import draw_image
+from internvl_tools.calibrate.samples import draw_image
 
 ROOT = Path(__file__).resolve().parent.parent
 FAMILY = "InternVL2-1B"
@@ -101,7 +101,7 @@ def test_int8_candidate_and_reference_cache(tiny, slice_tsv, run_cli, tmp_path, 
     assert first.exit_code == 0, first.output
     assert len(list(cache.glob("reference-*.pt"))) == 1
     assert 0 < report["overall"]["mean_kl"] < 0.05 and report["overall"]["image_cosine"] == pytest.approx(1.0, abs=1e-6)
-    import internvl_tools.ops.verify as verify
+    import internvl_tools.evaluate.verify as verify
 
     monkeypatch.setattr(verify, "run_reference", lambda *a, **k: (_ for _ in ()).throw(AssertionError("reference ran again")))
     again, cached = run_verify(run_cli, tiny(FAMILY), cand, slice_tsv, "--ref-cache", cache, "--max-kl", "1", "--min-top1", "0")
@@ -139,7 +139,7 @@ def test_malformed_rows_exit_2(tiny, slice_tsv, run_cli, tmp_path):
 
 
 def test_scoring():
-    from internvl_tools.ops.verify import score
+    from internvl_tools.evaluate.verify import score
 
     mc = BenchItem("1", "q", "B", None, {"A": "cat", "B": "dog"})
     assert score(mc, "B") and score(mc, "The answer is B.") and score(mc, "dog") and not score(mc, "A")

@@ -9,7 +9,7 @@ from rich.table import Table
 
 from ..errors import InputError
 from ..io.writer import parse_size
-from ..ops.device_map import GIB, DevicePlan
+from ..planners.device_map import GIB, DevicePlan
 from .common import human_bytes, stdout
 
 

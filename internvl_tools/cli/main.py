@@ -10,14 +10,14 @@ import click
 from rich.table import Table
 
 from .. import __version__
-from ..arch.families import FAMILIES
-from ..arch.layout import build_layout
+from ..models.families import FAMILIES
+from ..models.layout import build_layout
 from ..errors import InputError
 from ..io.reader import CheckpointReader
 from ..io.writer import check_output, parse_size
-from ..ops.gpu_layout import order_by_gpu, plan_for_checkpoint
-from ..ops.inspect import summarize
-from ..ops.shard import reshard
+from ..planners.gpu_layout import order_by_gpu, plan_for_checkpoint
+from ..evaluate.inspect import summarize
+from ..transforms.shard import reshard
 from .gpu_plan import GpuOptions, does_not_fit_message, gpu_options, parse_gpu_options, plan_json, print_plan
 from .common import ToolGroup, byte_progress, layer_progress, emit_json, human_bytes, human_count, stdout
 
@@ -203,7 +203,7 @@ def shard_cmd(checkpoint: Path, out: Path | None, max_shard_size: str, plan_only
 @click.option("--json", "as_json", is_flag=True)
 def convert_cmd(checkpoint: Path, out: Path, target: str, max_shard_size: str, overwrite: bool, as_json: bool) -> None:
     """Convert CHECKPOINT between the original and the transformers-native layout, streaming."""
-    from ..ops.convert import to_hf, to_original
+    from ..transforms.convert import to_hf, to_original
 
     limit = parse_size(max_shard_size)
     check_output(out, [checkpoint], overwrite)
@@ -299,8 +299,8 @@ VISION_BELOW_8 = ("quantizing the vision tower below 8 bits is refused: InternVi
 def _run_gptq(checkpoint: Path, out: Path, options: dict, limit: int, as_json: bool) -> dict:
     import torch
 
-    from ..ops.gptq_runner import GPTQJob, quantize_gptq
-    from ..quant.gptq import GPTQConfig
+    from ..calibrate.pipeline import GPTQJob, quantize_gptq
+    from ..calibrate.gptq import GPTQConfig
 
     if options["only"] or options["skip"]:
         if any(re.search(p, "vision_model.encoder.layers.0.attn.qkv.weight") for p in options["only"]):
@@ -324,7 +324,7 @@ def _run_gptq(checkpoint: Path, out: Path, options: dict, limit: int, as_json: b
 
 
 def _run_int8(checkpoint: Path, out: Path, options: dict, limit: int, total: int, as_json: bool) -> dict:
-    from ..ops.quantize import quantize_int8
+    from ..transforms.int8 import quantize_int8
 
     with byte_progress("quantizing (int8)", total, enabled=not as_json) as advance:
         path, plan = quantize_int8(checkpoint, out, only=options["only"], skip=options["skip"], fmt=options["fmt"],
@@ -347,7 +347,7 @@ def _run_int8(checkpoint: Path, out: Path, options: dict, limit: int, total: int
 def merge_lora_cmd(checkpoint: Path, out: Path, adapters: tuple[Path, ...], alpha: float | None, max_shard_size: str,
                    overwrite: bool, as_json: bool) -> None:
     """Merge the LoRA embedded in CHECKPOINT and/or PEFT --adapter folders into the base weights."""
-    from ..ops.merge_lora import merge_lora
+    from ..transforms.merge_lora import merge_lora
 
     limit = parse_size(max_shard_size)
     check_output(out, [checkpoint, *adapters], overwrite)

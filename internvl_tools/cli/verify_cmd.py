@@ -45,8 +45,8 @@ def verify_cmd(reference: Path, candidate: Path | None, bench: Path, limit: int,
     With --vision-onnx EXPORT and no CANDIDATE, the candidate is REFERENCE's LLM fed by the ONNX export."""
     import torch
 
-    from ..bench.slices import read_slice
-    from ..ops.verify import cache_key, compare_candidate, load_or_run_reference, summarize, verdict
+    from ..evaluate.slices import read_slice
+    from ..evaluate.verify import cache_key, compare_candidate, load_or_run_reference, summarize, verdict
     from ..runtime.model import InternVLRuntime
 
     if candidate is None:

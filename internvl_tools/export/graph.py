@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..arch.layout import Layout
+from ..models.layout import Layout
 from ..errors import InputError
 from ..runtime.build import vision_layers_needed
 

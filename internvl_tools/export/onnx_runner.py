@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
-from ..runtime.native_config import image_tokens_per_tile
+from ..models.native_config import image_tokens_per_tile
 from .vision_onnx import META_FILE, MODEL_FILE, session_for
 
 

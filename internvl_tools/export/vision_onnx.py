@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
-from ..arch.layout import build_layout
+from ..models.layout import build_layout
 from ..errors import InputError
 from .graph import INPUT_NAME, TowerShape, VisionGraph, build_graph, tower_shape  # noqa: F401
 
@@ -164,7 +164,7 @@ def sample_pixels(config: dict, batch: int, seed: int = 0):
     """Preprocessed tiles of drawn pictures (realistic value ranges), [batch, 3, S, S] fp32."""
     import torch
 
-    from ..quant.calibration import draw_image
+    from ..calibrate.samples import draw_image
     from ..runtime.preprocess import to_tensor
 
     size = config.get("force_image_size") or config["vision_config"]["image_size"]

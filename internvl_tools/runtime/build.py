@@ -13,12 +13,12 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from ..arch.layout import Layout
-from ..arch.native_map import links, to_native_outputs
+from ..models.layout import Layout
+from ..models.native_map import links, to_native_outputs
 from ..errors import LayoutError
 from ..io.reader import CheckpointReader
-from ..ops.transform import Output, SourceCache, compute
-from . import native_config as nc
+from ..transforms.stream import Output, SourceCache, compute
+from ..models import native_config as nc
 
 DECODER_LAYER_CLASSES = {
     "llama": ("transformers.models.llama.modeling_llama", "LlamaDecoderLayer", "LlamaRotaryEmbedding"),

@@ -11,14 +11,14 @@ from pathlib import Path
 
 import torch
 
-from ..arch.layout import build_layout
+from ..models.layout import build_layout
 from ..errors import InputError
 from ..io.reader import CheckpointReader
 from .build import build_llm, build_vision
-from .conversation import IMG_CONTEXT, build_prompt, get_template
-from .native_config import image_tokens_per_tile
+from ..models.templates import IMG_CONTEXT, build_prompt, get_template
+from ..models.native_config import image_tokens_per_tile
 from .preprocess import pixel_values as preprocess
-from .quantized import DequantizedView, OriginalView
+from ..formats.dequantized import DequantizedView, OriginalView
 
 
 def pixel_shuffle(features: torch.Tensor, ratio: float, version: str) -> torch.Tensor:

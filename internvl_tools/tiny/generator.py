@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from ..arch.families import ARCHITECTURE_OF_DIALECT, Family, get_family, tiny_family, wide_family
-from ..arch.layout import DIALECT_EMBED, DIALECT_HEAD
+from ..models.families import ARCHITECTURE_OF_DIALECT, Family, get_family, tiny_family, wide_family
+from ..models.layout import DIALECT_EMBED, DIALECT_HEAD
 from ..io.safetensors_format import TensorSpec
 from ..io.writer import CheckpointWriter, plan_shards
 from .tokenizer import tokenizer_files
@@ -272,7 +272,7 @@ def make_peft_adapter(checkpoint: Path, out: Path, *, rank: int = 4, alpha: floa
 
     from safetensors.torch import save_file
 
-    from ..arch.layout import build_layout
+    from ..models.layout import build_layout
     from ..io.reader import CheckpointReader
 
     with CheckpointReader(checkpoint) as reader:

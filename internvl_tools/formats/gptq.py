@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .gptq import GPTQResult
+from ..calibrate.gptq import GPTQResult
 
 
 def _pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:

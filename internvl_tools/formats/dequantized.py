@@ -46,14 +46,14 @@ class DequantizedView:
 
     def get(self, name: str):
         if name in self._gptq:
-            from ..quant.gptq_format import unpack
+            from ..formats.gptq import unpack
 
             stem = self._gptq[name]
             parts = {part: self.reader.get(f"{stem}.{part}") for part in ("qweight", "qzeros", "scales", "g_idx")}
             return unpack(**parts, bits=self.bits)
         if name not in self._scales:
             return self.reader.get(name)
-        from ..quant.int8 import dequantize_rowwise
+        from ..formats.int8 import dequantize_rowwise
 
         return dequantize_rowwise(self.reader.get(name), self.reader.get(self._scales[name]))
 
@@ -72,10 +72,10 @@ class OriginalView:
     that convert used and the original config and keys it kept in internvl_original.json)."""
 
     def __init__(self, reader: CheckpointReader):
-        from ..arch.layout import build_layout
-        from ..arch.native_map import links
+        from ..models.layout import build_layout
+        from ..models.native_map import links
         from ..io.reader import read_json
-        from ..ops.convert import SIDECAR
+        from ..transforms.convert import SIDECAR
 
         saved = read_json(reader.folder / SIDECAR)
         self.reader, self.folder, self._config = reader, reader.folder, saved["config"]

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..errors import LayoutError
-from ..ops.transform import Output
+from ..transforms.stream import Output
 from .layout import Layout
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
-from ..arch.layout import Layout
+from ..models.layout import Layout
 from ..io.reader import CheckpointReader
 from .device_map import DevicePlan, ModelSizes, plan_devices
 

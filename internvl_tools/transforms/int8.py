@@ -15,10 +15,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..arch.layout import build_layout
+from ..models.layout import build_layout
 from ..errors import InputError
 from ..io.reader import CheckpointReader
-from .transform import Output, run_transform
+from .stream import Output, run_transform
 
 NATIVE_DECODER_LINEAR = re.compile(r"model\.language_model\.layers\.\d+\.(?:self_attn|mlp)\.[a-z_]+_proj\.weight")
 NATIVE_GROUPS = {"vision": "model.vision_tower", "projector": "model.multi_modal_projector", "head": "lm_head"}
@@ -145,7 +145,7 @@ def int8_outputs(reader: CheckpointReader, plan: QuantPlan, fmt: str = "bnb") ->
     """The output stream: each quantized weight expanded to its format's tensors, the rest copied."""
     import torch
 
-    from ..quant.int8 import pack_int8_to_int32, quantize_rowwise, quantize_symmetric_channel, weight_format
+    from ..formats.int8 import pack_int8_to_int32, quantize_rowwise, quantize_symmetric_channel, weight_format
 
     chosen = set(plan.selected)
     last = _LastQuantized(quantize_rowwise if fmt == "bnb" else quantize_symmetric_channel)

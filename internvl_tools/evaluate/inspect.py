@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
-from ..arch.families import identify
-from ..arch.layout import Layout, build_layout
+from ..models.families import identify
+from ..models.layout import Layout, build_layout
 from ..io.reader import CheckpointReader
 
 QUANT_AUX = {"qzeros", "scales", "g_idx", "SCB", "weight_format", "weight_scale", "weight_zero_point", "weight_shape"}

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..arch.layout import Layout
+from ..models.layout import Layout
 from ..errors import InputError
 from ..io.reader import read_json
 from ..io.safetensors_format import read_header

@@ -23,17 +23,17 @@ from pathlib import Path
 
 import torch
 
-from ..arch.layout import build_layout
-from ..arch.native_map import links
+from ..models.layout import build_layout
+from ..models.native_map import links
 from ..errors import InputError
 from ..io.reader import CheckpointReader
 from ..io.safetensors_format import TensorSpec
 from ..io.writer import CheckpointWriter
-from ..quant.calibration import Sample, builtin_samples, load_samples
-from ..quant.gptq import GPTQConfig, HessianAccumulator, gptq_quantize, prepare_hessian
-from ..quant.gptq_format import pack, packed_shapes
+from ..calibrate.samples import Sample, builtin_samples, load_samples
+from ..calibrate.gptq import GPTQConfig, HessianAccumulator, gptq_quantize, prepare_hessian
+from ..formats.gptq import pack, packed_shapes
 from ..runtime.build import build_decoder_layer
-from ..runtime.conversation import IMG_CONTEXT, build_prompt, get_template
+from ..models.templates import IMG_CONTEXT, build_prompt, get_template
 
 # the order GPTQ quantizes a layer's linears in: (original module, native module that sees its input)
 SEQUENCE = {

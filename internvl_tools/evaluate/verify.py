@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..bench.slices import BenchItem
+from ..evaluate.slices import BenchItem
 from ..errors import InputError
 
 TOP_K = 32

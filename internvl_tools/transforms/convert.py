@@ -11,13 +11,13 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from ..arch.layout import build_layout
-from ..arch.native_map import links, to_native_outputs, to_original_outputs
+from ..models.layout import build_layout
+from ..models.native_map import links, to_native_outputs, to_original_outputs
 from ..errors import InputError
 from ..io.reader import CheckpointReader, read_json
 from ..io.safetensors_format import TensorSpec
-from ..runtime.native_config import native_config
-from .transform import run_transform
+from ..models.native_config import native_config
+from .stream import run_transform
 
 SIDECAR = "internvl_original.json"
 
@@ -66,8 +66,8 @@ def native_quantization_config(quant: dict, dialect: str, source: Path) -> dict:
                          "convert the bf16 checkpoint first, then quantize the converted one")
     method = quant.get("quant_method")
     if method == "gptq":
-        from .gptq_runner import gptq_quantization_config
-        from ..quant.gptq import GPTQConfig
+        from ..calibrate.pipeline import gptq_quantization_config
+        from ..calibrate.gptq import GPTQConfig
 
         config = GPTQConfig(bits=quant["bits"], group_size=quant["group_size"], sym=quant["sym"], desc_act=quant["desc_act"],
                             damp=quant.get("damp_percent", 0.01))

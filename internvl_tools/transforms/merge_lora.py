@@ -11,11 +11,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from ..arch.layout import build_layout
+from ..models.layout import build_layout
 from ..errors import InputError
 from ..io.reader import CheckpointReader
 from .adapters import AdapterSet, Delta, embedded_deltas, open_peft_adapter, peft_deltas, plain_key
-from .transform import Output, run_transform
+from .stream import Output, run_transform
 
 ROW_BLOCK = 2048
 
