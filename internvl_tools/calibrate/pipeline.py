@@ -116,7 +116,7 @@ def calibration_embeddings(reader: CheckpointReader, config: dict, layout, sampl
     embed_key = next(k for k, i in layout.keys.items() if i.family == "llm" and i.part == "embeddings")
     table = reader.get(embed_key).float()
     context_id = vision.tokenizer.convert_tokens_to_ids(IMG_CONTEXT)
-    template = config.get("template", "Hermes-2")
+    template = config.get("template")
     acts = Activations(work, budget)
     for sample in samples:
         tiles = vision.pixel_values(sample.image) if sample.image is not None else None

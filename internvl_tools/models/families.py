@@ -31,7 +31,7 @@ class LLMFacts:
     """A language model, in the dialect its checkpoint keys use."""
 
     name: str
-    dialect: str  # llama | qwen2 | internlm2 | phi3
+    dialect: str  # a key of models.dialects.DIALECTS
     hidden_size: int
     num_hidden_layers: int
     num_attention_heads: int
@@ -41,6 +41,7 @@ class LLMFacts:
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-5
     max_position_embeddings: int = 4096
+    head_dim: int | None = None  # explicit where it differs from hidden / heads (Qwen3, InternLM3)
 
 
 @dataclass(frozen=True)
@@ -90,15 +91,6 @@ FAMILIES: dict[str, Family] = {
         Family("InternVL2-Llama3-76B", VIT_6B_V1_5, LLAMA3_70B, "v2", "Hermes-2"),
     ]
 }
-
-DIALECT_ARCHITECTURES = {
-    "LlamaForCausalLM": "llama",
-    "Qwen2ForCausalLM": "qwen2",
-    "InternLM2ForCausalLM": "internlm2",
-    "Phi3ForCausalLM": "phi3",
-}
-ARCHITECTURE_OF_DIALECT = {v: k for k, v in DIALECT_ARCHITECTURES.items()}
-
 
 def get_family(name: str) -> Family:
     """Look a family up by name, case-insensitively."""

@@ -14,29 +14,22 @@ from dataclasses import dataclass, field
 
 from ..errors import LayoutError
 from ..io.safetensors_format import TensorSpec
-from .families import DIALECT_ARCHITECTURES
+from .dialects import Dialect, dialect_of_architecture, get_dialect
+from .vision import PROJECTOR, VISION
 
-# parameter names a linear may carry: plain, bitsandbytes int8, GPTQ, compressed-tensors
-LINEAR_PARAMS = r"(?:weight|bias|SCB|weight_format|qweight|qzeros|scales|g_idx|weight_scale|weight_packed|weight_shape|weight_zero_point)"
+# A linear's parameter names are checked by its on-disk format (formats/), not here: the
+# layout accepts any identifier after a linear's module path and leaves plain weight/bias,
+# bitsandbytes SCB, GPTQ qweight ... to the format that owns them.
+LINEAR_PARAMS = r"[A-Za-z_][A-Za-z0-9_]*"
 NORM_PARAMS = r"(?:weight|bias)"
 
-VISION_LINEARS = r"(?:attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)"
-VISION_NORMS = r"(?:attn\.q_norm|attn\.k_norm|norm1|norm2)"
+VISION_LINEARS = "(?:" + "|".join(re.escape(m) for m in VISION.linears) + ")"
+VISION_NORMS = "(?:" + "|".join(re.escape(m) for m in VISION.norms) + ")"
 
-DIALECT_LINEARS = {
-    "llama": r"(?:self_attn\.(?:q|k|v|o)_proj|mlp\.(?:gate|up|down)_proj)",
-    "qwen2": r"(?:self_attn\.(?:q|k|v|o)_proj|mlp\.(?:gate|up|down)_proj)",
-    "internlm2": r"(?:attention\.wqkv|attention\.wo|feed_forward\.w[123])",
-    "phi3": r"(?:self_attn\.(?:qkv_proj|o_proj)|mlp\.(?:gate_up_proj|down_proj))",
-}
-DIALECT_NORMS = {
-    "llama": r"(?:input_layernorm|post_attention_layernorm)",
-    "qwen2": r"(?:input_layernorm|post_attention_layernorm)",
-    "internlm2": r"(?:attention_norm|ffn_norm)",
-    "phi3": r"(?:input_layernorm|post_attention_layernorm)",
-}
-DIALECT_EMBED = {"llama": "embed_tokens", "qwen2": "embed_tokens", "internlm2": "tok_embeddings", "phi3": "embed_tokens"}
-DIALECT_HEAD = {"llama": "lm_head", "qwen2": "lm_head", "internlm2": "output", "phi3": "lm_head"}
+
+def _alternation(names) -> str:
+    return "(?:" + "|".join(re.escape(n) for n in names) + ")"
+
 
 LORA_SUFFIX = re.compile(r"^(?P<base>.+)\.lora_(?P<ab>[AB])\.(?P<adapter>[^.]+)\.weight$")
 
@@ -47,8 +40,9 @@ class KeyInfo:
 
     `family` is vision / projector / llm; `part` is embeddings, layer, final_norm or head
     (projector keys use part "mlp1"); `layer` is the layer number for layer parts; `module`
-    the dotted module path inside that part; `param` the parameter name; `lora` is None,
-    "A" or "B" for embedded LoRA factors; `plain_key` the key with LoRA wrapping removed.
+    the dotted module path inside that part (original layout, as in models/dialects.py);
+    `param` the parameter name; `lora` is None, "A" or "B" for embedded LoRA factors;
+    `plain_key` the key with LoRA wrapping removed.
     """
 
     key: str
@@ -59,6 +53,7 @@ class KeyInfo:
     param: str
     plain_key: str
     lora: str | None = None
+    linear: bool = False  # a parameter of a linear (decoder layer, ViT layer, mlp1)
 
     @property
     def is_linear(self) -> bool:
@@ -66,13 +61,8 @@ class KeyInfo:
 
     @property
     def kind(self) -> str:
-        if self.family == "vision" and self.part == "layer":
-            return "linear" if re.fullmatch(VISION_LINEARS, self.module) else "other"
-        if self.family == "llm" and self.part == "layer":
-            return "linear" if "norm" not in self.module and "rotary" not in self.module else "other"
-        if self.family == "projector":
-            return "linear" if self.module in ("1", "3") else "other"
-        return "other"
+        """"linear" for a linear's parameter (decoder layer, ViT layer, mlp1), else "other"."""
+        return "linear" if self.linear else "other"
 
 
 @dataclass
@@ -84,6 +74,11 @@ class Layout:
     vision_layers: int
     llm_layers: int
     lora: dict[str, "LoraInfo"] = field(default_factory=dict)
+
+    @property
+    def record(self) -> Dialect:
+        """The dialect record of the LLM (models/dialects.py)."""
+        return get_dialect(self.dialect)
 
     def family_of(self, key: str) -> str:
         return self.keys[key].family
@@ -105,17 +100,11 @@ class LoraInfo:
 
 
 def llm_dialect(config: dict) -> str:
-    """The LLM key dialect from config.json's llm_config.architectures."""
+    """The LLM key dialect from config.json's llm_config.architectures (see models/dialects.py)."""
     llm_config = config.get("llm_config")
     if not isinstance(llm_config, dict):
         raise LayoutError("config.json: no llm_config object; this is not an original-layout InternVL checkpoint (model_type internvl_chat)")
-    architectures = llm_config.get("architectures") or []
-    for arch in architectures:
-        if arch in DIALECT_ARCHITECTURES:
-            return DIALECT_ARCHITECTURES[arch]
-    raise LayoutError(
-        f"config.json: llm_config.architectures {architectures!r} is not a supported LLM; supported: {', '.join(DIALECT_ARCHITECTURES)}"
-    )
+    return dialect_of_architecture(llm_config.get("architectures") or [], "config.json: llm_config.architectures").name
 
 
 def check_internvl_config(config: dict) -> None:
@@ -138,9 +127,9 @@ def classify_key(key: str, dialect: str) -> KeyInfo:
     if info is None:
         raise LayoutError(f"key {key!r} is not part of an InternVL checkpoint with a {dialect} LLM; is this the right checkpoint (or a newer InternVL this tool does not know)?")
     if lora is not None:
-        info = KeyInfo(key, info.family, info.part, info.layer, info.module, "weight", info.plain_key, lora)
+        info = KeyInfo(key, info.family, info.part, info.layer, info.module, "weight", info.plain_key, lora, info.linear)
     else:
-        info = KeyInfo(key, info.family, info.part, info.layer, info.module, info.param, info.plain_key)
+        info = KeyInfo(key, info.family, info.part, info.layer, info.module, info.param, info.plain_key, None, info.linear)
     return info
 
 
@@ -168,8 +157,8 @@ def check_config_matches(config: dict, layout: Layout, shapes: dict[str, tuple[i
     plain = {info.plain_key: shapes[key] for key, info in layout.keys.items() if info.lora is None and info.param == "weight"}
     checks = [
         ("vision_model.embeddings.patch_embedding.weight", 0, vision_cfg.get("hidden_size"), "vision_config.hidden_size"),
-        (f"language_model.model.{DIALECT_EMBED[layout.dialect]}.weight", 1, llm_cfg.get("hidden_size"), "llm_config.hidden_size"),
-        (f"language_model.model.{DIALECT_EMBED[layout.dialect]}.weight", 0, llm_cfg.get("vocab_size"), "llm_config.vocab_size"),
+        (f"language_model.model.{layout.record.embed}.weight", 1, llm_cfg.get("hidden_size"), "llm_config.hidden_size"),
+        (f"language_model.model.{layout.record.embed}.weight", 0, llm_cfg.get("vocab_size"), "llm_config.vocab_size"),
     ]
     for key, dim, declared, field_name in checks:
         shape = plain.get(key)
@@ -191,38 +180,41 @@ def _strip_lora(key: str) -> tuple[str, str | None]:
 
 
 def _classify_plain(key: str, dialect: str) -> KeyInfo | None:
-    for pattern, family, part in _patterns(dialect):
+    for pattern, family, part, linear in _patterns(dialect):
         match = pattern.fullmatch(key)
         if match:
             groups = match.groupdict()
             layer = int(groups["layer"]) if groups.get("layer") is not None else None
-            return KeyInfo(key, family, part, layer, groups["module"], groups.get("param") or "", key)
+            return KeyInfo(key, family, part, layer, groups["module"], groups.get("param") or "", key, None, linear)
     return None
 
 
-_PATTERN_CACHE: dict[str, list[tuple[re.Pattern, str, str]]] = {}
+_PATTERN_CACHE: dict[str, list[tuple[re.Pattern, str, str, bool]]] = {}
 
 
-def _patterns(dialect: str) -> list[tuple[re.Pattern, str, str]]:
+def _patterns(dialect: str) -> list[tuple[re.Pattern, str, str, bool]]:
+    """(regex, family, part, is_linear) for every key an original checkpoint of `dialect` may hold."""
     if dialect not in _PATTERN_CACHE:
-        embed, head = DIALECT_EMBED[dialect], DIALECT_HEAD[dialect]
-        layer_modules = f"(?:{DIALECT_LINEARS[dialect]})"
+        record = get_dialect(dialect)
+        v, p = re.escape(VISION.prefix), re.escape(PROJECTOR.prefix)
+        layer_linears = _alternation(record.linear_names)
+        layer_norms = _alternation([*record.norms, *record.extra_norms])
         raw = [
-            (r"vision_model\.embeddings\.(?P<module>class_embedding|position_embedding)", "vision", "embeddings"),
-            (r"vision_model\.embeddings\.(?P<module>patch_embedding)\.(?P<param>weight|bias)", "vision", "embeddings"),
-            (rf"vision_model\.encoder\.layers\.(?P<layer>\d+)\.(?P<module>{VISION_LINEARS})\.(?P<param>{LINEAR_PARAMS})", "vision", "layer"),
-            (rf"vision_model\.encoder\.layers\.(?P<layer>\d+)\.(?P<module>{VISION_NORMS})\.(?P<param>{NORM_PARAMS})", "vision", "layer"),
-            (r"vision_model\.encoder\.layers\.(?P<layer>\d+)\.(?P<module>ls1|ls2)", "vision", "layer"),
-            (rf"mlp1\.(?P<module>0)\.(?P<param>{NORM_PARAMS})", "projector", "mlp1"),
-            (rf"mlp1\.(?P<module>1|3)\.(?P<param>{LINEAR_PARAMS})", "projector", "mlp1"),
-            (rf"language_model\.model\.(?P<module>{embed})\.(?P<param>weight)", "llm", "embeddings"),
-            (rf"language_model\.model\.layers\.(?P<layer>\d+)\.(?P<module>{layer_modules})\.(?P<param>{LINEAR_PARAMS})", "llm", "layer"),
-            (rf"language_model\.model\.layers\.(?P<layer>\d+)\.(?P<module>{DIALECT_NORMS[dialect]})\.(?P<param>weight)", "llm", "layer"),
-            (r"language_model\.model\.layers\.(?P<layer>\d+)\.(?P<module>self_attn\.rotary_emb|attention\.rotary_emb)\.(?P<param>inv_freq)", "llm", "layer"),
-            (r"language_model\.model\.(?P<module>norm)\.(?P<param>weight)", "llm", "final_norm"),
-            (rf"language_model\.(?P<module>{head})\.(?P<param>{LINEAR_PARAMS})", "llm", "head"),
+            (rf"{v}\.embeddings\.(?P<module>class_embedding|position_embedding)", "vision", "embeddings", False),
+            (rf"{v}\.embeddings\.(?P<module>patch_embedding)\.(?P<param>weight|bias)", "vision", "embeddings", False),
+            (rf"{v}\.encoder\.layers\.(?P<layer>\d+)\.(?P<module>{VISION_LINEARS})\.(?P<param>{LINEAR_PARAMS})", "vision", "layer", True),
+            (rf"{v}\.encoder\.layers\.(?P<layer>\d+)\.(?P<module>{VISION_NORMS})\.(?P<param>{NORM_PARAMS})", "vision", "layer", False),
+            (rf"{v}\.encoder\.layers\.(?P<layer>\d+)\.(?P<module>{_alternation(VISION.layer_scales)})", "vision", "layer", False),
+            (rf"{p}\.(?P<module>{re.escape(PROJECTOR.norm)})\.(?P<param>{NORM_PARAMS})", "projector", "mlp1", False),
+            (rf"{p}\.(?P<module>{_alternation(PROJECTOR.linears)})\.(?P<param>{LINEAR_PARAMS})", "projector", "mlp1", True),
+            (rf"language_model\.model\.(?P<module>{re.escape(record.embed)})\.(?P<param>weight)", "llm", "embeddings", False),
+            (rf"language_model\.model\.layers\.(?P<layer>\d+)\.(?P<module>{layer_linears})\.(?P<param>{LINEAR_PARAMS})", "llm", "layer", True),
+            (rf"language_model\.model\.layers\.(?P<layer>\d+)\.(?P<module>{layer_norms})\.(?P<param>weight)", "llm", "layer", False),
+            (rf"language_model\.model\.layers\.(?P<layer>\d+)\.(?P<module>{_alternation(record.buffers)})\.(?P<param>inv_freq)", "llm", "layer", False),
+            (rf"language_model\.model\.(?P<module>{re.escape(record.final_norm)})\.(?P<param>weight)", "llm", "final_norm", False),
+            (rf"language_model\.(?P<module>{re.escape(record.head)})\.(?P<param>{LINEAR_PARAMS})", "llm", "head", False),
         ]
-        _PATTERN_CACHE[dialect] = [(re.compile(p), fam, part) for p, fam, part in raw]
+        _PATTERN_CACHE[dialect] = [(re.compile(p), fam, part, linear) for p, fam, part, linear in raw]
     return _PATTERN_CACHE[dialect]
 
 

@@ -1,4 +1,9 @@
-"""Prompt formats of the InternVL chat templates, and image-token insertion."""
+"""The InternVL chat templates as data (prompt format, stop token, the tokenizer's special
+tokens), and image-token insertion.
+
+Source: InternVL's `internvl_chat/internvl/conversation.py` (templates named by config.json's
+`template`) and the tokenizers of the LLMs they pair with.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +23,8 @@ class Template:
     assistant: str
     sep: str
     stop: str
+    special_tokens: tuple[str, ...] = ()  # the LLM tokenizer's own special tokens, in id order
+    bos: str | None = None
 
     def prompt(self, question: str) -> str:
         """A single-turn prompt that ends where the assistant's answer starts."""
@@ -29,20 +36,31 @@ class Template:
 
 TEMPLATES = {
     "Hermes-2": Template("<|im_start|>system\n{system_message}", INTERNVL2_SYSTEM, "<|im_start|>user\n",
-                         "<|im_start|>assistant\n", "<|im_end|>", "<|im_end|>"),
+                         "<|im_start|>assistant\n", "<|im_end|>", "<|im_end|>",
+                         ("<|endoftext|>", "<|im_start|>", "<|im_end|>")),
     "internlm2-chat": Template("<|im_start|>system\n{system_message}", INTERNVL2_SYSTEM, "<|im_start|>user\n",
-                               "<|im_start|>assistant\n", "<|im_end|>", "<|im_end|>"),
-    "phi3-chat": Template("<|system|>\n{system_message}", INTERNVL2_SYSTEM, "<|user|>\n", "<|assistant|>\n", "<|end|>", "<|end|>"),
+                               "<|im_start|>assistant\n", "<|im_end|>", "<|im_end|>",
+                               ("<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "<|action_start|>", "<|action_end|>",
+                                "<|interpreter|>", "<|plugin|>"), "<s>"),
+    "phi3-chat": Template("<|system|>\n{system_message}", INTERNVL2_SYSTEM, "<|user|>\n", "<|assistant|>\n", "<|end|>", "<|end|>",
+                          ("<unk>", "<s>", "</s>", "<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"), "<s>"),
     "vicuna_v1.1": Template("{system_message}",
                             "A chat between a curious user and an artificial intelligence assistant. "
                             "The assistant gives helpful, detailed, and polite answers to the user's questions.",
-                            "USER", "ASSISTANT", " ", "</s>"),
+                            "USER", "ASSISTANT", " ", "</s>", ("<unk>", "<s>", "</s>"), "<s>"),
 }
 
 
-def get_template(name: str) -> Template:
-    """The template a config names (unknown names fall back to Hermes-2, InternVL2's default)."""
-    return TEMPLATES.get(name, TEMPLATES["Hermes-2"])
+def get_template(name: str | None) -> Template:
+    """The template config.json's `template` names.
+
+    Raises LayoutError for a missing or unknown name, listing the supported ones (never a
+    guess: a wrong template silently degrades every answer)."""
+    from ..errors import LayoutError
+
+    if name not in TEMPLATES:
+        raise LayoutError(f"config.json: template {name!r} is not a supported chat template; supported: {', '.join(TEMPLATES)}")
+    return TEMPLATES[name]
 
 
 def image_placeholder(tokens_per_tile: int, num_tiles: int) -> str:

@@ -113,6 +113,7 @@ class InternVLRuntime:
             self.onnx_vision = OnnxVision(vision_onnx, self.config, device or "cpu")
         self.dtype = dtype
         self.tokens_per_tile = image_tokens_per_tile(self.config)
+        self.template = get_template(self.config.get("template"))  # an unknown template is an error, never a guess
         self._tokenizer = None
 
     @property
@@ -150,7 +151,7 @@ class InternVLRuntime:
 
     def prompt_ids(self, question: str, num_tiles: int) -> torch.Tensor:
         """Token ids of the chat prompt with the image placeholder expanded."""
-        text = build_prompt(self.config.get("template", "Hermes-2"), question, self.tokens_per_tile, num_tiles)
+        text = build_prompt(self.config.get("template"), question, self.tokens_per_tile, num_tiles)
         return self.tokenizer(text, return_tensors="pt").input_ids
 
     @torch.no_grad()
@@ -182,7 +183,7 @@ class InternVLRuntime:
         pixels = self.pixel_values(image) if image is not None else None
         input_ids = self.prompt_ids(question, pixels.shape[0] if pixels is not None else 0)
         features = self.image_features(pixels) if pixels is not None else None
-        stop = self.tokenizer.convert_tokens_to_ids(get_template(self.config.get("template", "")).stop)
+        stop = self.tokenizer.convert_tokens_to_ids(get_template(self.config.get("template")).stop)
         embeds = self.embeddings(input_ids, features)
         output = self.llm.generate(inputs_embeds=embeds, attention_mask=torch.ones(input_ids.shape, dtype=torch.long, device=embeds.device),
                                    max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop, pad_token_id=stop)

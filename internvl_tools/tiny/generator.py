@@ -13,8 +13,9 @@ from pathlib import Path
 
 import torch
 
-from ..models.families import ARCHITECTURE_OF_DIALECT, Family, get_family, tiny_family, wide_family
-from ..models.layout import DIALECT_EMBED, DIALECT_HEAD
+from ..models.dialects import get_dialect, layer_dims, linear_shape
+from ..models.families import Family, get_family, tiny_family, wide_family
+from ..models.vision import VISION
 from ..io.safetensors_format import TensorSpec
 from ..io.writer import CheckpointWriter, plan_shards
 from .tokenizer import tokenizer_files
@@ -22,13 +23,7 @@ from .tokenizer import tokenizer_files
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 
-LLM_LORA_TARGETS = {
-    "llama": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"],
-    "qwen2": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"],
-    "internlm2": ["attention.wqkv", "attention.wo", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"],
-    "phi3": ["self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"],
-}
-VISION_LORA_TARGETS = ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]
+VISION_LORA_TARGETS = list(VISION.linears)
 
 
 @dataclass(frozen=True)
@@ -80,37 +75,36 @@ def projector_tensors(family: Family) -> list[Planned]:
     ]
 
 
+def llm_config_dims(family: Family) -> dict[str, int]:
+    """The symbolic decoder-layer dimensions of a family's LLM (models.dialects.layer_dims)."""
+    m = family.llm
+    return layer_dims({"hidden_size": m.hidden_size, "num_attention_heads": m.num_attention_heads, "head_dim": m.head_dim,
+                       "num_key_value_heads": m.num_key_value_heads, "intermediate_size": m.intermediate_size})
+
+
 def llm_layer_shapes(family: Family) -> dict[str, tuple[int, ...]]:
     """Module path -> weight shape for one decoder layer, in the family's dialect."""
-    m = family.llm
-    d, i, hd = m.hidden_size, m.intermediate_size, m.hidden_size // m.num_attention_heads
-    q, kv = m.num_attention_heads * hd, m.num_key_value_heads * hd
-    if m.dialect == "internlm2":
-        return {"attention.wqkv": (q + 2 * kv, d), "attention.wo": (d, q),
-                "feed_forward.w1": (i, d), "feed_forward.w3": (i, d), "feed_forward.w2": (d, i)}
-    if m.dialect == "phi3":
-        return {"self_attn.qkv_proj": (q + 2 * kv, d), "self_attn.o_proj": (d, q),
-                "mlp.gate_up_proj": (2 * i, d), "mlp.down_proj": (d, i)}
-    return {"self_attn.q_proj": (q, d), "self_attn.k_proj": (kv, d), "self_attn.v_proj": (kv, d),
-            "self_attn.o_proj": (d, q), "mlp.gate_proj": (i, d), "mlp.up_proj": (i, d), "mlp.down_proj": (d, i)}
+    dims = llm_config_dims(family)
+    return {linear.name: linear_shape(linear, dims) for linear in get_dialect(family.llm.dialect).linears}
 
 
 def llm_tensors(family: Family) -> list[Planned]:
     """The language model keys of a family (original layout, its own dialect)."""
     m = family.llm
-    d = m.hidden_size
-    norms = ("attention_norm", "ffn_norm") if m.dialect == "internlm2" else ("input_layernorm", "post_attention_layernorm")
-    out = [_p(f"language_model.model.{DIALECT_EMBED[m.dialect]}.weight", (m.vocab_size, d))]
+    record = get_dialect(m.dialect)
+    d, head_dim = m.hidden_size, llm_config_dims(family)["head_dim"]
+    out = [_p(f"language_model.model.{record.embed}.weight", (m.vocab_size, d))]
     shapes = llm_layer_shapes(family)
     for n in range(m.num_hidden_layers):
         pre = f"language_model.model.layers.{n}."
-        for module, shape in shapes.items():
-            out.append(_p(pre + module + ".weight", shape))
-            if m.dialect == "qwen2" and module in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
-                out.append(_p(pre + module + ".bias", shape[:1], "small"))
-        out += [_p(pre + norms[0] + ".weight", (d,), "ones"), _p(pre + norms[1] + ".weight", (d,), "ones")]
-    out.append(_p("language_model.model.norm.weight", (d,), "ones"))
-    out.append(_p(f"language_model.{DIALECT_HEAD[m.dialect]}.weight", (m.vocab_size, d)))
+        for linear in record.linears:
+            out.append(_p(pre + linear.name + ".weight", shapes[linear.name]))
+            if linear.bias:
+                out.append(_p(pre + linear.name + ".bias", shapes[linear.name][:1], "small"))
+        out += [_p(pre + norm + ".weight", (head_dim,), "ones") for norm in record.extra_norms]
+        out += [_p(pre + norm + ".weight", (d,), "ones") for norm in record.norms]
+    out.append(_p(f"language_model.model.{record.final_norm}.weight", (d,), "ones"))
+    out.append(_p(f"language_model.{record.head}.weight", (m.vocab_size, d)))
     return out
 
 
@@ -142,8 +136,8 @@ def make_config(family: Family, *, use_llm_lora: int = 0, use_backbone_lora: int
     v, m = family.vision, family.llm
     llm = {
         "_name_or_path": m.name,
-        "architectures": [ARCHITECTURE_OF_DIALECT[m.dialect]],
-        "model_type": {"llama": "llama", "qwen2": "qwen2", "internlm2": "internlm2", "phi3": "phi3"}[m.dialect],
+        "architectures": [get_dialect(m.dialect).architectures[0]],
+        "model_type": get_dialect(m.dialect).model_type,
         "hidden_size": m.hidden_size,
         "num_hidden_layers": m.num_hidden_layers,
         "num_attention_heads": m.num_attention_heads,
@@ -157,6 +151,8 @@ def make_config(family: Family, *, use_llm_lora: int = 0, use_backbone_lora: int
         "tie_word_embeddings": False,
         "torch_dtype": "bfloat16",
     }
+    if m.head_dim is not None:
+        llm["head_dim"] = m.head_dim
     if m.dialect == "internlm2":
         llm["bias"] = False
     llm.update(token_ids or {})
@@ -237,7 +233,7 @@ def make_checkpoint(
     llm_rank = rank if lora in ("embedded", "embedded-llm") else 0
     vision_rank = rank if lora in ("embedded", "embedded-vision") else 0
     if llm_rank:
-        planned = with_embedded_lora(planned, "language_model", LLM_LORA_TARGETS[family.llm.dialect], llm_rank)
+        planned = with_embedded_lora(planned, "language_model", list(get_dialect(family.llm.dialect).linear_names), llm_rank)
     if vision_rank:
         planned = with_embedded_lora(planned, "vision_model", VISION_LORA_TARGETS, vision_rank)
     specs = [item.spec for item in planned]
@@ -279,7 +275,7 @@ def make_peft_adapter(checkpoint: Path, out: Path, *, rank: int = 4, alpha: floa
         config = reader.config()
         layout = build_layout(config, reader.specs())
         shapes = {s.name: s.shape for s in reader.specs()}
-    names = targets or (LLM_LORA_TARGETS[layout.dialect] + (VISION_LORA_TARGETS if vision else []))
+    names = targets or (list(get_dialect(layout.dialect).linear_names) + (VISION_LORA_TARGETS if vision else []))
     generator = torch.Generator().manual_seed(seed)
     tensors = {}
     for key, info in layout.keys.items():

@@ -4,17 +4,10 @@ from __future__ import annotations
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+from ..models.templates import get_template
+
 IMAGE_TOKENS = ["<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>"]
 IMG_CONTEXT = "<IMG_CONTEXT>"
-
-# per chat template: (special tokens, bos, eos)
-TEMPLATE_TOKENS: dict[str, tuple[list[str], str | None, str]] = {
-    "vicuna_v1.1": (["<unk>", "<s>", "</s>"], "<s>", "</s>"),
-    "Hermes-2": (["<|endoftext|>", "<|im_start|>", "<|im_end|>"], None, "<|im_end|>"),
-    "internlm2-chat": (["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "<|action_start|>", "<|action_end|>",
-                        "<|interpreter|>", "<|plugin|>"], "<s>", "<|im_end|>"),
-    "phi3-chat": (["<unk>", "<s>", "</s>", "<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"], "<s>", "<|end|>"),
-}
 
 CORPUS = """\
 The image shows a cat sitting on a red chair next to a window. Describe the image in detail.
@@ -30,7 +23,8 @@ Circle, square, triangle, rectangle; red, green, blue, yellow, black, white, gra
 
 def build_tokenizer(template: str, vocab_size: int = 384) -> tuple[Tokenizer, list[str], str | None, str]:
     """Train a byte-level BPE on a built-in corpus and add the template's special tokens."""
-    specials, bos, eos = TEMPLATE_TOKENS[template]
+    record = get_template(template)
+    specials, bos, eos = list(record.special_tokens), record.bos, record.stop
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()

@@ -1,0 +1,224 @@
+"""LLM dialects as data: one record per key dialect an InternVL checkpoint's language model uses.
+
+A dialect record says everything the rest of the toolkit needs to know about a decoder-only
+LLM's checkpoint keys, with no code paths of its own:
+
+- the keys outside the decoder layers (embedding table, final norm, head), original layout;
+- the linears of one decoder layer in execution order, their weight shapes in symbolic
+  dimensions, which of them carry a bias, how a fused one splits into the native (transformers)
+  modules, and the groups of linears that read the same input (what GPTQ shares a Hessian
+  over and what AWQ scales together, with the module whose output feeds the group);
+- the norms of a decoder layer and their native names;
+- the native config's `model_type` and the transformers decoder-layer / rotary classes.
+
+Sources: the architectures' transformers implementations (`models/llama`, `models/qwen2`,
+`models/phi3`, `models/qwen3`), InternLM2's remote code (`modeling_internlm2.py`: fused,
+GQA-interleaved `wqkv`), and InternVL's checkpoints (../shared/DESIGN.md §2, §2b).
+
+Adding a dialect = one `Dialect(...)` in `DIALECTS`; a split rule for a new kind of fused
+tensor is the only code that may come with it (models/native_map.py `SPLITS`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..errors import LayoutError
+
+
+@dataclass(frozen=True)
+class Linear:
+    """One linear of a decoder layer (original layout).
+
+    `name` is the module path inside the layer (e.g. "self_attn.q_proj"); `shape` the weight's
+    [out, in] in symbolic dimensions ("hidden", "q" = heads x head_dim, "kv" = kv_heads x
+    head_dim, "inter" = intermediate_size, sums like "q+2kv" and multiples like "2inter");
+    `native` the native module(s) it becomes (several when the tensor is fused and `split`
+    names the rule in native_map.SPLITS that cuts it, e.g. "internlm2_wqkv").
+    """
+
+    name: str
+    shape: tuple[str, str]
+    native: tuple[str, ...] = ()
+    split: str | None = None
+    bias: bool = False
+
+    @property
+    def natives(self) -> tuple[str, ...]:
+        return self.native or (self.name,)
+
+
+@dataclass(frozen=True)
+class InputGroup:
+    """Linears that read the same input, in execution order of the layer.
+
+    `hook` is the native module whose input is the group's input (a forward pre-hook there
+    sees it); `after` is the module (norm or linear, original layout) whose output is that
+    input, so a per-channel input scale can be folded into it (AWQ; Lin et al. 2023), or None
+    where no such fold is exact (e.g. v -> o under GQA with unequal widths)."""
+
+    linears: tuple[str, ...]
+    hook: str
+    after: str | None
+
+
+@dataclass(frozen=True)
+class Dialect:
+    """The key dialect of one LLM family (see the module docstring)."""
+
+    name: str
+    architectures: tuple[str, ...]
+    model_type: str
+    native_model_type: str
+    embed: str
+    head: str
+    linears: tuple[Linear, ...]
+    groups: tuple[InputGroup, ...]
+    norms: dict[str, str]  # original norm module -> native norm module (attention norm first, then MLP norm)
+    extra_norms: tuple[str, ...] = ()  # per-head norms inside attention (Qwen3 q_norm / k_norm), same name natively
+    decoder_layer: tuple[str, str, str] = ("transformers.models.llama.modeling_llama", "LlamaDecoderLayer", "LlamaRotaryEmbedding")
+    final_norm: str = "norm"
+    native_renames: dict[str, str] = field(default_factory=dict)  # linear name -> native name for unfused renames
+    buffers: tuple[str, ...] = ("self_attn.rotary_emb", "attention.rotary_emb")  # non-weight buffers some checkpoints carry
+
+    def linear(self, name: str) -> Linear:
+        """The record of one linear by its original module path."""
+        for item in self.linears:
+            if item.name == name:
+                return item
+        raise LayoutError(f"{self.name}: no linear {name!r}; its linears are {', '.join(l.name for l in self.linears)}")
+
+    @property
+    def linear_names(self) -> tuple[str, ...]:
+        return tuple(item.name for item in self.linears)
+
+    @property
+    def biased(self) -> tuple[str, ...]:
+        return tuple(item.name for item in self.linears if item.bias)
+
+
+_LLAMA_DECODER = ("transformers.models.llama.modeling_llama", "LlamaDecoderLayer", "LlamaRotaryEmbedding")
+_NORMS = {"input_layernorm": "input_layernorm", "post_attention_layernorm": "post_attention_layernorm"}
+
+
+def _qkvo_mlp(bias: bool = False) -> tuple[Linear, ...]:
+    return (
+        Linear("self_attn.q_proj", ("q", "hidden"), bias=bias),
+        Linear("self_attn.k_proj", ("kv", "hidden"), bias=bias),
+        Linear("self_attn.v_proj", ("kv", "hidden"), bias=bias),
+        Linear("self_attn.o_proj", ("hidden", "q")),
+        Linear("mlp.gate_proj", ("inter", "hidden")),
+        Linear("mlp.up_proj", ("inter", "hidden")),
+        Linear("mlp.down_proj", ("hidden", "inter")),
+    )
+
+
+_QKVO_GROUPS = (
+    InputGroup(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn.q_proj", "input_layernorm"),
+    InputGroup(("self_attn.o_proj",), "self_attn.o_proj", "self_attn.v_proj"),
+    InputGroup(("mlp.gate_proj", "mlp.up_proj"), "mlp.gate_proj", "post_attention_layernorm"),
+    InputGroup(("mlp.down_proj",), "mlp.down_proj", "mlp.up_proj"),
+)
+
+LLAMA = Dialect(
+    name="llama", architectures=("LlamaForCausalLM",), model_type="llama", native_model_type="llama",
+    embed="embed_tokens", head="lm_head", linears=_qkvo_mlp(), groups=_QKVO_GROUPS, norms=_NORMS,
+    decoder_layer=_LLAMA_DECODER,
+)
+
+QWEN2 = Dialect(
+    name="qwen2", architectures=("Qwen2ForCausalLM",), model_type="qwen2", native_model_type="qwen2",
+    embed="embed_tokens", head="lm_head", linears=_qkvo_mlp(bias=True), groups=_QKVO_GROUPS, norms=_NORMS,
+    decoder_layer=("transformers.models.qwen2.modeling_qwen2", "Qwen2DecoderLayer", "Qwen2RotaryEmbedding"),
+)
+
+INTERNLM2 = Dialect(
+    name="internlm2", architectures=("InternLM2ForCausalLM",), model_type="internlm2", native_model_type="llama",
+    embed="tok_embeddings", head="output",
+    linears=(
+        Linear("attention.wqkv", ("q+2kv", "hidden"), native=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+               split="internlm2_wqkv"),
+        Linear("attention.wo", ("hidden", "q"), native=("self_attn.o_proj",)),
+        Linear("feed_forward.w1", ("inter", "hidden"), native=("mlp.gate_proj",)),
+        Linear("feed_forward.w3", ("inter", "hidden"), native=("mlp.up_proj",)),
+        Linear("feed_forward.w2", ("hidden", "inter"), native=("mlp.down_proj",)),
+    ),
+    groups=(
+        InputGroup(("attention.wqkv",), "self_attn.q_proj", "attention_norm"),
+        InputGroup(("attention.wo",), "self_attn.o_proj", None),  # wqkv's v rows are interleaved per KV head
+        InputGroup(("feed_forward.w1", "feed_forward.w3"), "mlp.gate_proj", "ffn_norm"),
+        InputGroup(("feed_forward.w2",), "mlp.down_proj", "feed_forward.w3"),
+    ),
+    norms={"attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"},
+    decoder_layer=_LLAMA_DECODER,
+)
+
+PHI3 = Dialect(
+    name="phi3", architectures=("Phi3ForCausalLM",), model_type="phi3", native_model_type="phi3",
+    embed="embed_tokens", head="lm_head",
+    linears=(
+        Linear("self_attn.qkv_proj", ("q+2kv", "hidden")),
+        Linear("self_attn.o_proj", ("hidden", "q")),
+        Linear("mlp.gate_up_proj", ("2inter", "hidden")),
+        Linear("mlp.down_proj", ("hidden", "inter")),
+    ),
+    groups=(
+        InputGroup(("self_attn.qkv_proj",), "self_attn.qkv_proj", "input_layernorm"),
+        InputGroup(("self_attn.o_proj",), "self_attn.o_proj", None),  # v is rows of the fused qkv_proj
+        InputGroup(("mlp.gate_up_proj",), "mlp.gate_up_proj", "post_attention_layernorm"),
+        InputGroup(("mlp.down_proj",), "mlp.down_proj", None),  # up is the second half of gate_up_proj
+    ),
+    norms=_NORMS,
+    decoder_layer=("transformers.models.phi3.modeling_phi3", "Phi3DecoderLayer", "Phi3RotaryEmbedding"),
+)
+
+DIALECTS: dict[str, Dialect] = {d.name: d for d in (LLAMA, QWEN2, INTERNLM2, PHI3)}
+
+# released InternVL LLMs this toolkit refuses with a reason (not a guess)
+NOT_SUPPORTED: dict[str, str] = {}
+
+
+def get_dialect(name: str) -> Dialect:
+    """The record of a dialect by name; LayoutError lists the supported ones."""
+    try:
+        return DIALECTS[name]
+    except KeyError:
+        raise LayoutError(f"unknown LLM dialect {name!r}; supported: {', '.join(DIALECTS)}") from None
+
+
+def dialect_of_architecture(architectures: list[str], where: str) -> Dialect:
+    """The dialect whose architectures include one of `architectures` (llm_config.architectures).
+
+    Raises LayoutError naming `where` (the config field) and listing what is supported."""
+    for arch in architectures or []:
+        for dialect in DIALECTS.values():
+            if arch in dialect.architectures:
+                return dialect
+        if arch in NOT_SUPPORTED:
+            raise LayoutError(f"{where}: {arch} is not supported yet ({NOT_SUPPORTED[arch]})")
+    supported = ", ".join(a for d in DIALECTS.values() for a in d.architectures)
+    raise LayoutError(f"{where} {list(architectures or [])!r} is not a supported LLM; supported: {supported}")
+
+
+def dialect_of_native_model_type(model_type: str | None, where: str) -> Dialect:
+    """The dialect a native text_config.model_type stands for (InternLM2 converts to llama)."""
+    for dialect in DIALECTS.values():
+        if dialect.native_model_type == model_type and dialect.model_type == model_type:
+            return dialect
+    supported = sorted({d.native_model_type for d in DIALECTS.values()})
+    raise LayoutError(f"{where} {model_type!r} is not a supported LLM; supported: {', '.join(supported)}")
+
+
+def layer_dims(llm_config: dict) -> dict[str, int]:
+    """Symbolic dimensions of a decoder layer from an LLM config (head_dim explicit or derived)."""
+    heads = llm_config["num_attention_heads"]
+    head_dim = llm_config.get("head_dim") or llm_config["hidden_size"] // heads
+    kv_heads = llm_config.get("num_key_value_heads") or heads
+    inter = llm_config["intermediate_size"]
+    return {"hidden": llm_config["hidden_size"], "q": heads * head_dim, "kv": kv_heads * head_dim, "inter": inter,
+            "head_dim": head_dim, "q+2kv": (heads + 2 * kv_heads) * head_dim, "2inter": 2 * inter}
+
+
+def linear_shape(linear: Linear, dims: dict[str, int]) -> tuple[int, int]:
+    """A linear's weight shape [out, in] for concrete dimensions (see `layer_dims`)."""
+    return dims[linear.shape[0]], dims[linear.shape[1]]
