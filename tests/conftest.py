@@ -1,7 +1,9 @@
-"""Fixtures: tiny checkpoints of every family, generated once per test session."""
+"""Fixtures: tiny checkpoints of every family, generated once per test session; the `requires` marker."""
 
 from __future__ import annotations
 
+import functools
+import importlib
 import shutil
 from pathlib import Path
 
@@ -13,6 +15,29 @@ from internvl_tools.cli.main import cli
 from internvl_tools.tiny.generator import make_checkpoint
 
 ALL_FAMILIES = list(FAMILIES)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "requires(*modules): the test needs these optional packages (bitsandbytes, onnx, "
+                                       "peft, ...); it alone is skipped when one cannot be imported")
+
+
+@functools.cache
+def _missing(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return True
+    return False
+
+
+def pytest_collection_modifyitems(config, items):
+    """@pytest.mark.requires("bitsandbytes", "accelerate") skips just the marked test (or parameter set) when a
+    package is missing; test modules import optional packages inside the tests, so the rest still runs."""
+    for item in items:
+        missing = [m for mark in item.iter_markers("requires") for m in mark.args if _missing(m)]
+        if missing:
+            item.add_marker(pytest.mark.skip(reason=f"optional package not installed: {', '.join(dict.fromkeys(missing))}"))
 
 
 @pytest.fixture(scope="session")

@@ -11,8 +11,7 @@ import torch
 from internvl_tools.runtime.model import InternVLRuntime
 
 from .conftest import ALL_FAMILIES
-from .test_runtime import sample_image
-from .test_shard_reshard import _all_bytes
+from .support import all_bytes, sample_image
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +38,7 @@ def test_round_trip_bit_identical(family, tiny, converted, tmp_path, run_cli):
     back = tmp_path / "back"
     result = run_cli("convert", converted(family), "-o", back, "--to", "original")
     assert result.exit_code == 0, result.output
-    assert _all_bytes(back) == _all_bytes(tiny(family))
+    assert all_bytes(back) == all_bytes(tiny(family))
     assert json.loads((back / "config.json").read_text()) == json.loads((tiny(family) / "config.json").read_text())
     assert not (back / "internvl_original.json").exists()
 

@@ -6,33 +6,11 @@ import math
 
 import pytest
 
-from internvl_tools.models.families import FAMILIES
-from internvl_tools.models.layout import build_layout
 from internvl_tools.planners.device_map import GIB, ModelSizes, plan_devices
-from internvl_tools.planners.gpu_layout import model_sizes, quantized_sizes
-from internvl_tools.tiny.generator import llm_tensors, make_config, projector_tensors, vision_tensors
+
+from .support import real_sizes
 
 GB = 10**9
-
-
-class HeaderOnly:
-    """A reader stand-in that knows tensor specs only (what the planner reads)."""
-
-    def __init__(self, specs):
-        self._specs = {s.name: s for s in specs}
-
-    def spec(self, name):
-        return self._specs[name]
-
-
-def real_sizes(family: str, method: str | None = None) -> ModelSizes:
-    fam = FAMILIES[family]
-    specs = [p.spec for p in vision_tensors(fam) + llm_tensors(fam) + projector_tensors(fam)]
-    config = make_config(fam)
-    layout = build_layout(config, specs)
-    reader = HeaderOnly(specs)
-    sizes = model_sizes(reader, config, layout)
-    return quantized_sizes(sizes, reader, layout, method) if method else sizes
 
 
 def model_card_split(num_layers: int, world_size: int) -> dict[int, int]:

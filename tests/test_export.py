@@ -9,8 +9,6 @@ import types
 from pathlib import Path
 
 import numpy as np
-import onnx
-import onnxruntime as ort
 import pytest
 import torch
 
@@ -23,11 +21,18 @@ from internvl_tools.io.writer import CheckpointWriter
 
 from .reference_internvl import image_features, load_state, vit_forward
 
+# onnx and onnxruntime are optional (the onnx extra): the tests that need them are marked
+# (skipped one by one when a package is missing) and import them inside. Exporting needs onnx;
+# the parity check and running the graph need onnxruntime too.
+ONNX = pytest.mark.requires("onnx", "onnxruntime")
+
 # 300M style (LayerNorm, qkv bias, v2), 6B style with v1 (V1-2) and v2 (76B), InternLM2's 300M (2B)
 STYLES = ["InternVL2-1B", "InternVL-Chat-V1-2", "InternVL2-Llama3-76B", "InternVL-Chat-V1-1"]
 
 
 def run_onnx(folder: Path, pixels: torch.Tensor) -> np.ndarray:
+    import onnxruntime as ort
+
     meta = json.loads((folder / "export.json").read_text())
     session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
     dtype = np.float16 if meta["dtype"] == "fp16" else np.float32
@@ -61,6 +66,7 @@ def exported(tiny, tmp_path_factory):
     return make
 
 
+@ONNX
 @pytest.mark.parametrize("family", STYLES)
 def test_fp32_equals_independent_reference_at_batch_1_and_3(tiny, exported, family):
     config, sd = load_state(tiny(family))
@@ -76,8 +82,11 @@ def test_fp32_equals_independent_reference_at_batch_1_and_3(tiny, exported, fami
         assert relative(got, want) <= 1e-4
 
 
+@ONNX
 @pytest.mark.parametrize("family", ["InternVL2-1B", "InternVL2-Llama3-76B"])
 def test_fp16_within_1e_2(tiny, exported, family):
+    import onnx
+
     config, sd = load_state(tiny(family))
     out = exported(family, "fp16")
     model = onnx.load(str(out / "model.onnx"), load_external_data=False)
@@ -87,8 +96,11 @@ def test_fp16_within_1e_2(tiny, exported, family):
     assert all(row["passed"] for row in json.loads((out / "export.json").read_text())["parity"])
 
 
+@ONNX
 @pytest.mark.parametrize("opset", [17, 21])
 def test_opsets(tiny, exported, opset):
+    import onnx
+
     config, sd = load_state(tiny("InternVL2-40B"))
     out = exported("InternVL2-40B", "fp32", opset=opset)
     assert onnx.load(str(out / "model.onnx"), load_external_data=False).opset_import[0].version == opset
@@ -96,7 +108,10 @@ def test_opsets(tiny, exported, opset):
     assert relative(run_onnx(out, pixels), image_features(config, sd, pixels)) <= 1e-4
 
 
+@ONNX
 def test_part_vision_is_the_selected_layer_without_cls(tiny, exported):
+    import onnx
+
     family = "InternVL-Chat-V1-1"  # select_layer -2 on the tiny copy: the last layer is never run
     config, sd = load_state(tiny(family))
     out = exported(family, part="vision")
@@ -110,6 +125,7 @@ def test_part_vision_is_the_selected_layer_without_cls(tiny, exported):
     assert not any(f"layers.{last}." in name for name in used) and not any(name.startswith("mlp1") for name in used)
 
 
+@ONNX
 def test_ps_v1_and_v2_differ_by_the_token_grid_transpose(tiny, tmp_path, run_cli):
     """The same weights exported as v1 and v2: token (i, j) of one is token (j, i) of the other."""
     src = tiny("InternVL2-Llama3-76B")
@@ -129,6 +145,7 @@ def test_ps_v1_and_v2_differ_by_the_token_grid_transpose(tiny, tmp_path, run_cli
     np.testing.assert_allclose(a.reshape(2, side, side, -1).transpose(0, 2, 1, 3), b.reshape(2, side, side, -1), rtol=0, atol=1e-6)
 
 
+@ONNX
 def test_dynamic_batch_rows_are_independent(tiny, exported):
     config, _ = load_state(tiny("InternVL2-1B"))
     out = exported("InternVL2-1B")
@@ -138,7 +155,10 @@ def test_dynamic_batch_rows_are_independent(tiny, exported):
         np.testing.assert_allclose(run_onnx(out, pixels[i:i + 1])[0], whole[i], rtol=0, atol=1e-5)
 
 
+@ONNX
 def test_weights_are_external_and_aligned(tiny, exported):
+    import onnx
+
     out = exported("InternVL2-Llama3-76B")
     model = onnx.load(str(out / "model.onnx"), load_external_data=False)
     onnx.checker.check_model(str(out / "model.onnx"))
@@ -159,6 +179,7 @@ def test_weights_are_external_and_aligned(tiny, exported):
     assert (out / "model.onnx").stat().st_size < 64 * 1024  # the graph alone
 
 
+@ONNX
 def test_native_layout_input_exports_the_same_model(tiny, exported, tmp_path, run_cli):
     native = tmp_path / "native"
     assert run_cli("convert", tiny("InternVL-Chat-V1-2"), "-o", native).exit_code == 0
@@ -168,6 +189,7 @@ def test_native_layout_input_exports_the_same_model(tiny, exported, tmp_path, ru
     np.testing.assert_array_equal(run_onnx(tmp_path / "e", pixels), run_onnx(exported("InternVL-Chat-V1-2"), pixels))
 
 
+@ONNX
 def test_int8_checkpoint_exports_its_unquantized_tower(tiny, exported, tmp_path, run_cli):
     """Quantized checkpoints keep InternViT and mlp1 in bf16: their export is the original's."""
     int8 = tmp_path / "int8"
@@ -178,6 +200,7 @@ def test_int8_checkpoint_exports_its_unquantized_tower(tiny, exported, tmp_path,
     np.testing.assert_array_equal(run_onnx(tmp_path / "e", pixels), run_onnx(exported("InternVL2-1B"), pixels))
 
 
+@ONNX
 def test_onnx_embeddings_feed_the_llm(tiny, exported):
     """The documented use: the LLM generates the same answer from ONNX image embeddings."""
     from PIL import Image
@@ -192,8 +215,10 @@ def test_onnx_embeddings_feed_the_llm(tiny, exported):
     assert torch_runtime.generate("Describe.", image, 6) == onnx_runtime.generate("Describe.", image, 6)
 
 
+@ONNX
 def test_readme_splice_example(tiny, exported):
     """The README's low-level example, step by step: ONNX embeddings spliced by hand into the LLM."""
+    import onnxruntime as ort
     from PIL import Image
 
     from internvl_tools.runtime.model import InternVLRuntime
@@ -212,6 +237,7 @@ def test_readme_splice_example(tiny, exported):
     assert out.tolist() == want.tolist()
 
 
+@ONNX
 def test_parity_failure_exits_1_and_keeps_the_export(tiny, tmp_path, run_cli, monkeypatch):
     monkeypatch.setitem(vision_onnx.TOLERANCE, "fp32", 0.0)
     result = run_cli("export", tiny("InternVL2-1B"), "-o", tmp_path / "e", "--dtype", "fp32")
@@ -221,6 +247,7 @@ def test_parity_failure_exits_1_and_keeps_the_export(tiny, tmp_path, run_cli, mo
     assert not any(row["passed"] for row in meta["parity"])
 
 
+@ONNX
 def test_check_skipped_when_memory_is_short(tiny, tmp_path, run_cli, monkeypatch):
     monkeypatch.setattr(vision_onnx, "available_memory", lambda: 1)
     result = run_cli("export", tiny("InternVL2-1B"), "-o", tmp_path / "e", "--json")
@@ -249,8 +276,9 @@ def _drop(src: Path, out: Path, key: str) -> Path:
     return out
 
 
-@pytest.mark.parametrize("case", ["no-vision", "dtype-int8", "dtype-bf16-onnx", "opset-16", "out-inside", "missing-layer",
-                                  "no-projector", "max-batch-0", "not-a-checkpoint"])
+@pytest.mark.parametrize("case", ["no-vision", "dtype-int8", "dtype-bf16-onnx", "opset-16", "out-inside",
+                                  pytest.param("missing-layer", marks=ONNX), pytest.param("no-projector", marks=ONNX),
+                                  "max-batch-0", "not-a-checkpoint"])
 def test_bad_input_exits_2_with_one_line(tiny, tmp_path, run_cli, case):
     src = tiny("InternVL2-1B")
     out = tmp_path / "e"
@@ -357,6 +385,7 @@ class FakeTensorRT(types.ModuleType):
         self.__version__ = "10.fake"
 
 
+@ONNX
 @pytest.mark.parametrize("precision,onnx_dtype", [("fp16", "fp16"), ("bf16", "fp32")])
 def test_tensorrt_engine_through_the_cli(tiny, tmp_path, run_cli, monkeypatch, precision, onnx_dtype):
     fake = FakeTensorRT()
@@ -375,6 +404,7 @@ def test_tensorrt_engine_through_the_cli(tiny, tmp_path, run_cli, monkeypatch, p
     assert fake.calls["profiles"] == 1 and fake.calls["parsed"] == str(out.with_name("trt.partial") / "model.onnx")
 
 
+@pytest.mark.requires("onnx")  # the graph is exported before TensorRT is asked for
 @pytest.mark.parametrize("fake,message", [(FakeTensorRT(parse_ok=False), "In node 3 (Conv): unsupported"),
                                           (FakeTensorRT(build_ok=False), "could not build an engine"),
                                           (None, "pip install --extra-index-url https://pypi.nvidia.com tensorrt")])
@@ -388,7 +418,7 @@ def test_tensorrt_errors_exit_2(tiny, tmp_path, run_cli, monkeypatch, fake, mess
     assert run_cli("export", tiny("InternVL2-1B"), "-o", out, "--format", "tensorrt", "--dtype", "fp32").exit_code == 2
 
 
-@pytest.mark.parametrize("missing,extra", [("onnx", ["--no-check"]), ("onnxruntime", [])])
+@pytest.mark.parametrize("missing,extra", [("onnx", ["--no-check"]), pytest.param("onnxruntime", [], marks=pytest.mark.requires("onnx"))])
 def test_missing_onnx_packages_exit_2(tiny, tmp_path, run_cli, monkeypatch, missing, extra):
     monkeypatch.setitem(sys.modules, missing, None)  # as if not installed
     result = run_cli("export", tiny("InternVL2-1B"), "-o", tmp_path / "e", *extra)
@@ -397,6 +427,7 @@ def test_missing_onnx_packages_exit_2(tiny, tmp_path, run_cli, monkeypatch, miss
 
 # -- bounded-memory (segmented) parity check ------------------------------------------------
 
+@ONNX
 @pytest.mark.parametrize("family,dtype", [("InternVL-Chat-V1-1", "fp32"), ("InternVL2-1B", "fp16"), ("InternVL2-Llama3-76B", "fp32")])
 def test_segmented_check_passes(tiny, tmp_path, run_cli, family, dtype):
     out = tmp_path / "e"
@@ -408,6 +439,8 @@ def test_segmented_check_passes(tiny, tmp_path, run_cli, family, dtype):
 
 
 def _scale_weight(folder: Path, name: str, factor: float) -> None:
+    import onnx
+
     model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
     init = next(i for i in model.graph.initializer if i.name == name)
     info = {e.key: int(e.value) if e.key != "location" else e.value for e in init.external_data}
@@ -416,6 +449,7 @@ def _scale_weight(folder: Path, name: str, factor: float) -> None:
     data.flush()
 
 
+@ONNX
 def test_both_checks_catch_a_damaged_weight(tiny, tmp_path, run_cli):
     family = "InternVL2-Llama3-76B"
     out = tmp_path / "e"
@@ -428,6 +462,7 @@ def test_both_checks_catch_a_damaged_weight(tiny, tmp_path, run_cli):
     assert not any(r["passed"] for r in rows) and {r["worst_segment"] for r in rows} == {"layers 1-1 + head"}
 
 
+@pytest.mark.requires("onnx")  # plan_export builds the graph
 def test_check_mode_follows_memory(tiny):
     plan = vision_onnx.plan_export(tiny("InternVL2-Llama3-76B"), "vision+projector", "fp16", 18)
     full = vision_onnx.check_memory_needed(plan)

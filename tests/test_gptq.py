@@ -17,8 +17,7 @@ from internvl_tools.calibrate.pipeline import GPTQJob, quantize_gptq
 from internvl_tools.calibrate.gptq import GPTQConfig, HessianAccumulator, gptq_quantize, rtn_quantize
 from internvl_tools.formats.gptq import pack, unpack
 
-from .test_quantize_int8 import _tensors
-from .test_runtime import sample_image
+from .support import all_tensors, sample_image
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_GPTQ = ["--method", "gptq", "--group-size", "32", "--num-samples", "6", "--seq-len", "96"]
@@ -109,7 +108,7 @@ def gptq_tiny(tiny, tmp_path_factory):
 @pytest.mark.parametrize("family", ["InternVL2-Llama3-76B", "InternVL2-1B", "InternVL2-4B", "InternVL2-2B", "InternVL-Chat-V1-2"])
 def test_runner_on_every_dialect(family, tiny, gptq_tiny):
     out = gptq_tiny(family)
-    src, dst = _tensors(tiny(family)), _tensors(out)
+    src, dst = all_tensors(tiny(family)), all_tensors(out)
     config = json.loads((out / "config.json").read_text())
     qc = config["quantization_config"]
     assert qc["quant_method"] == "gptq" and qc["bits"] == 4 and qc["group_size"] == 32 and qc["checkpoint_format"] == "gptq"
@@ -158,9 +157,9 @@ def test_resume_continues_from_last_finished_layer(tiny, tmp_path):
     seen = []
     quantize_gptq(tiny("InternVL2-40B"), out, job, max_shard_size=10**9, resume=True, progress=seen.append)
     assert seen == [3]  # only the last layer ran again
-    assert _tensors(out).keys() == _tensors(whole).keys()
-    for key, tensor in _tensors(whole).items():
-        assert torch.equal(_tensors(out)[key], tensor), key
+    assert all_tensors(out).keys() == all_tensors(whole).keys()
+    for key, tensor in all_tensors(whole).items():
+        assert torch.equal(all_tensors(out)[key], tensor), key
     assert not (tmp_path / "resumed.partial").exists() and not (out / ".gptq_state.json").exists()
 
 

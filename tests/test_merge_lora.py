@@ -14,7 +14,7 @@ from internvl_tools.tiny.generator import make_peft_adapter
 
 from . import reference_internvl as ref
 from .conftest import ALL_FAMILIES
-from .test_quantize_int8 import _tensors
+from .support import all_tensors
 
 
 def _assert_bf16_close(got: torch.Tensor, want: torch.Tensor, key: str):
@@ -48,12 +48,12 @@ def test_embedded_lora_merge_matches_float32_reference(family, lora, tiny, tmp_p
     out = tmp_path / "merged"
     result = run_cli("merge-lora", src_dir, "-o", out, "--max-shard-size", "100KB", "--json")
     assert result.exit_code == 0, result.output
-    merged, expected = _tensors(out), _reference_merge(_tensors(src_dir))
-    assert set(merged) == set(expected) == set(_tensors(tiny(family)))  # the plain layout's keys
+    merged, expected = all_tensors(out), _reference_merge(all_tensors(src_dir))
+    assert set(merged) == set(expected) == set(all_tensors(tiny(family)))  # the plain layout's keys
     changed = 0
     for key, want in expected.items():
         _assert_bf16_close(merged[key], want, key)
-        changed += not torch.equal(merged[key], _tensors(tiny(family))[key])
+        changed += not torch.equal(merged[key], all_tensors(tiny(family))[key])
     assert changed >= (8 if "vision" in lora else 12)
     config = json.loads((out / "config.json").read_text())
     assert config["use_llm_lora"] == 0 and config["use_backbone_lora"] == 0
@@ -66,7 +66,7 @@ def test_merged_forward_equals_lora_forward(tiny, tmp_path, run_cli):
     """The merged checkpoint (runtime) computes what the unmerged LoRA model computes."""
     from internvl_tools.runtime.model import InternVLRuntime
 
-    from .test_runtime import sample_image
+    from .support import sample_image
 
     src_dir = tiny("InternVL2-Llama3-76B", lora="embedded")
     out = tmp_path / "m"
@@ -91,7 +91,7 @@ def test_peft_adapter_on_bare_llm(family, tiny, tmp_path, run_cli):
     out = tmp_path / "merged"
     result = run_cli("merge-lora", tiny(family), "--adapter", adapter, "-o", out, "--json")
     assert result.exit_code == 0, result.output
-    base, merged, factors = _tensors(tiny(family)), _tensors(out), load_file(adapter / "adapter_model.safetensors")
+    base, merged, factors = all_tensors(tiny(family)), all_tensors(out), load_file(adapter / "adapter_model.safetensors")
     touched = 0
     for key, tensor in base.items():
         stem = "base_model.model." + key.removeprefix("language_model.").removesuffix(".weight")
@@ -105,10 +105,12 @@ def test_peft_adapter_on_bare_llm(family, tiny, tmp_path, run_cli):
     assert touched == len(factors) // 2 > 0
 
 
+@pytest.mark.requires("peft")
 @pytest.mark.parametrize("family", ["InternVL2-40B", "InternVL2-1B", "InternVL2-4B"])
 def test_peft_merge_and_unload_agrees(family, tiny, tmp_path, run_cli):
     """peft's own merge_and_unload on the LLM (runtime-built native modules) gives the same weights."""
-    peft = pytest.importorskip("peft")
+    import peft
+
     from internvl_tools.models.layout import build_layout
     from internvl_tools.runtime.build import build_llm
 
@@ -120,7 +122,7 @@ def test_peft_merge_and_unload_agrees(family, tiny, tmp_path, run_cli):
         config = reader.config()
         llm = build_llm(reader, config, build_layout(config, reader.specs()), torch.bfloat16)
     merged_by_peft = peft.PeftModel.from_pretrained(llm, str(adapter)).merge_and_unload().state_dict()
-    ours = _tensors(out)
+    ours = all_tensors(out)
     compared = 0
     for name, tensor in merged_by_peft.items():
         key = "language_model." + name
@@ -136,7 +138,7 @@ def test_adapter_options(tiny, tmp_path, run_cli):
     first = make_peft_adapter(tiny(family), tmp_path / "a1", rank=2, alpha=4, bare_llm=False, vision=True)
     second = make_peft_adapter(tiny(family), tmp_path / "a2", rank=3, alpha=3, seed=7, targets=["attention.wo"])
     tensors = load_file(second / "adapter_model.safetensors")
-    head = torch.randn(_tensors(tiny(family))["language_model.output.weight"].shape)
+    head = torch.randn(all_tensors(tiny(family))["language_model.output.weight"].shape)
     tensors["base_model.model.output.weight"] = head  # modules_to_save: a full replacement
     (second / "adapter_model.safetensors").unlink()
     torch.save(tensors, second / "adapter_model.bin")
@@ -145,7 +147,7 @@ def test_adapter_options(tiny, tmp_path, run_cli):
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output)
     assert summary["replaced"] == 1 and set(summary["towers"]) == {"language_model", "vision_model"}
-    base, merged = _tensors(tiny(family)), _tensors(out)
+    base, merged = all_tensors(tiny(family)), all_tensors(out)
     f1 = load_file(first / "adapter_model.safetensors")
     key = "language_model.model.layers.1.attention.wo.weight"
     d1 = 2 * (f1["base_model.model." + key[:-7] + ".lora_B.weight"] @ f1["base_model.model." + key[:-7] + ".lora_A.weight"])

@@ -6,24 +6,12 @@ import json
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from internvl_tools.io.reader import CheckpointReader
 from internvl_tools.formats.int8 import quantize_rowwise
 
 from .conftest import ALL_FAMILIES
-from .test_runtime import sample_image
-from .test_shard_reshard import _all_bytes
-
-bnb_functional = pytest.importorskip("bitsandbytes.functional", reason="the int8 extra (bitsandbytes) is not installed")
-
-
-def _tensors(folder):
-    out = {}
-    for shard in folder.glob("*.safetensors"):
-        with safe_open(str(shard), "pt") as handle:
-            out.update({k: handle.get_tensor(k) for k in handle.keys()})
-    return out
+from .support import all_tensors, sample_image
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +35,12 @@ def quantized(tiny, tmp_path_factory):
     return get
 
 
+@pytest.mark.requires("bitsandbytes")
 @pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_int8_bytes_equal_bitsandbytes_and_rest_untouched(family, tiny, quantized):
-    src, out = _tensors(tiny(family)), _tensors(quantized(family))
+    import bitsandbytes.functional as bnb_functional
+
+    src, out = all_tensors(tiny(family)), all_tensors(quantized(family))
     config = json.loads((quantized(family) / "config.json").read_text())
     qc = config["quantization_config"]
     assert qc["quant_method"] == "bitsandbytes" and qc["load_in_8bit"] is True
@@ -70,7 +61,10 @@ def test_int8_bytes_equal_bitsandbytes_and_rest_untouched(family, tiny, quantize
             assert out[key].dtype == tensor.dtype and torch.equal(out[key], tensor), key
 
 
+@pytest.mark.requires("bitsandbytes")
 def test_quantize_rowwise_matches_bitsandbytes_on_awkward_rows():
+    import bitsandbytes.functional as bnb_functional
+
     g = torch.Generator().manual_seed(5)
     w = (torch.randn(300, 257, generator=g) * 3).to(torch.bfloat16)
     w[7] = 0
@@ -80,10 +74,10 @@ def test_quantize_rowwise_matches_bitsandbytes_on_awkward_rows():
     assert torch.equal(q, cb) and torch.equal(s, scb)
 
 
+@pytest.mark.requires("bitsandbytes", "accelerate")
 @pytest.mark.parametrize("family", ["InternVL2-2B", "InternVL2-1B", "InternVL2-4B", "InternVL2-Llama3-76B"])
 def test_native_int8_loads_in_transformers(family, tiny, tmp_path, quantized, run_cli):
     """make-tiny -> convert --to hf -> quantize: from_pretrained with no extra arguments on CPU."""
-    pytest.importorskip("accelerate")
     from bitsandbytes.nn import Linear8bitLt
     from transformers import AutoModelForImageTextToText
 
@@ -103,7 +97,7 @@ def test_native_int8_loads_in_transformers(family, tiny, tmp_path, quantized, ru
     assert relative < 0.05, relative
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.8
     # vision tower tensors are bit-identical to the input
-    src, dst = _tensors(native), _tensors(out)
+    src, dst = all_tensors(native), all_tensors(out)
     for key in src:
         if key.startswith(("model.vision_tower.", "model.multi_modal_projector.")):
             assert torch.equal(src[key], dst[key])
@@ -161,11 +155,11 @@ def test_shard_plans_real_int8_sizes(tiny, quantized, run_cli):
     assert layer_bytes == int8["bytes"]["total"]
 
 
+@pytest.mark.requires("compressed_tensors")
 @pytest.mark.parametrize("family", ["InternVL2-2B", "InternVL2-Llama3-76B"])
 def test_compressed_tensors_w8a16_loads_in_transformers(family, tiny, tmp_path, run_cli):
     """--format compressed-tensors: vLLM's pack-quantized W8A16; the compressed-tensors package
     decompresses it in transformers to q x scale of our own quantization."""
-    pytest.importorskip("compressed_tensors")
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
     from transformers import AutoModelForImageTextToText
 
@@ -175,7 +169,7 @@ def test_compressed_tensors_w8a16_loads_in_transformers(family, tiny, tmp_path, 
     assert run_cli("convert", tiny(family), "-o", native).exit_code == 0
     result = run_cli("quantize", native, "-o", out, "--method", "int8", "--format", "compressed-tensors")
     assert result.exit_code == 0, result.output
-    src, dst = _tensors(native), _tensors(out)
+    src, dst = all_tensors(native), all_tensors(out)
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["quant_method"] == "compressed-tensors" and qc["format"] == "pack-quantized"
     assert qc["config_groups"]["group_0"]["weights"]["num_bits"] == 8

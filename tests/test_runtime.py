@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from internvl_tools.errors import LayoutError
 from internvl_tools.runtime.build import build_decoder_layer
@@ -14,11 +12,7 @@ from internvl_tools.runtime.preprocess import target_grid, tiles
 
 from . import reference_internvl as ref
 from .conftest import ALL_FAMILIES
-
-
-def sample_image(seed=0, size=(120, 80)):
-    rng = np.random.RandomState(seed)
-    return Image.fromarray((rng.rand(size[1], size[0], 3) * 255).astype("uint8"))
+from .support import sample_image
 
 
 @pytest.fixture(scope="module")

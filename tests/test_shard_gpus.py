@@ -9,7 +9,7 @@ import pytest
 from internvl_tools.io.reader import CheckpointReader
 
 from .conftest import ALL_FAMILIES
-from .test_shard_reshard import _all_bytes
+from .support import all_bytes
 
 SMALL_GPUS = ["--gpu-memory", "600KB", "--reserve", "1KB", "--context", "4"]
 
@@ -38,7 +38,7 @@ def test_shard_with_gpus_groups_shards_by_gpu(family, tiny, tmp_path, run_cli):
         # every key is covered by the device map
         for key in reader.keys():
             _gpu_of(key, device_map)
-    assert _all_bytes(src) == _all_bytes(out)
+    assert all_bytes(src) == all_bytes(out)
 
 
 def test_plan_only_writes_nothing(tiny, tmp_path, run_cli):
@@ -64,7 +64,7 @@ def test_does_not_fit_message_real_sizes():
     from internvl_tools.cli.gpu_plan import GpuOptions, does_not_fit_message
     from internvl_tools.planners.device_map import GIB, plan_devices
 
-    from .test_device_map import real_sizes
+    from .support import real_sizes
 
     options = GpuOptions(2, 40 * GIB, 2 * GIB, 8192, 1)
     plan = plan_devices(real_sizes("InternVL2-Llama3-76B"), 2, options.gpu_bytes)
@@ -100,7 +100,7 @@ def test_resharded_with_device_map_runs_identically(family, tiny, tmp_path, run_
 
     from internvl_tools.runtime.model import InternVLRuntime
 
-    from .test_runtime import sample_image
+    from .support import sample_image
 
     out = tmp_path / "out"
     assert run_cli("shard", tiny(family), "-o", out, "--gpus", "3", *SMALL_GPUS).exit_code == 0

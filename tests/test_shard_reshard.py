@@ -5,21 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from safetensors import safe_open
 
 from internvl_tools.io.reader import INDEX_NAME, CheckpointReader
 
 from .conftest import ALL_FAMILIES
-
-
-def _all_bytes(folder):
-    out = {}
-    for shard in folder.glob("*.safetensors"):
-        with safe_open(str(shard), "pt") as handle:
-            for key in handle.keys():
-                t = handle.get_tensor(key)
-                out[key] = (str(t.dtype), tuple(t.shape), t.contiguous().view(-1).view(__import__("torch").uint8).numpy().tobytes())
-    return out
+from .support import all_bytes
 
 
 @pytest.mark.parametrize("family", ALL_FAMILIES)
@@ -35,7 +25,7 @@ def test_reshard_bit_identical(family, tiny, tmp_path, run_cli):
         for shard in reader.shards:
             data = sum(t.nbytes for t in shard.tensors.values())
             assert data <= 60_000 or len(shard.tensors) == 1
-    assert _all_bytes(src) == _all_bytes(out)
+    assert all_bytes(src) == all_bytes(out)
     for side in ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json", "preprocessor_config.json"):
         assert (out / side).read_bytes() == (src / side).read_bytes()
 
@@ -45,7 +35,7 @@ def test_reshard_to_single_file(tiny, tmp_path, run_cli):
     out = tmp_path / "single"
     assert run_cli("shard", src, "-o", out, "--max-shard-size", "5GB").exit_code == 0
     assert (out / "model.safetensors").exists() and not (out / INDEX_NAME).exists()
-    assert _all_bytes(src) == _all_bytes(out)
+    assert all_bytes(src) == all_bytes(out)
 
 
 def test_reshard_refuses_bad_outputs(tiny, tmp_path, run_cli):

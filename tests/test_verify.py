@@ -63,6 +63,7 @@ def run_verify(run_cli, ref, cand, bench, *extra):
     return result, report
 
 
+@pytest.mark.requires("matplotlib")  # --plot
 def test_identical_model_zero_drift(tiny, slice_tsv, run_cli, tmp_path):
     result, report = run_verify(run_cli, tiny(FAMILY), tiny(FAMILY), slice_tsv, "--markdown", tmp_path / "r.md",
                                 "--plot", tmp_path / "r.png")
@@ -174,6 +175,7 @@ def run_verify_onnx(run_cli, ref, export, bench, *extra):
     return result, json.loads(result.output) if result.exit_code in (0, 1) else None
 
 
+@pytest.mark.requires("onnx", "onnxruntime")
 @pytest.mark.parametrize("dtype,kl", [("fp32", 1e-6), ("fp16", 1e-3)])
 def test_vision_onnx_with_the_reference_llm(tiny, slice_tsv, run_cli, tmp_path, dtype, kl):
     export = tmp_path / "vit"
@@ -185,6 +187,7 @@ def test_vision_onnx_with_the_reference_llm(tiny, slice_tsv, run_cli, tmp_path, 
     assert overall["answer_agreement"] == 100.0
 
 
+@pytest.mark.requires("onnx", "onnxruntime")
 def test_vision_onnx_damaged_tower_flagged_and_mismatch_refused(tiny, slice_tsv, run_cli, tmp_path):
     bad = damaged(tiny(FAMILY), tmp_path / "vision2", vision_bits=2)
     export = tmp_path / "vit2"

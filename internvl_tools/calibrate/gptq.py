@@ -1,10 +1,16 @@
-"""GPTQ (Frantar et al., 2022): pure math, no I/O.
+"""GPTQ (Frantar et al., 2022, "GPTQ: Accurate Post-Training Quantization for Generative
+Pre-trained Transformers", arXiv:2210.17323): pure math, no I/O, no pipeline.
 
 For a linear layer W [out, in] with inputs X, GPTQ quantizes W column by column, each time
 spreading the column's rounding error over the not-yet-quantized columns through the inverse
 Hessian H^-1 of the layer's squared error (H = 2 X^T X / n): dampening, a Cholesky-based
 inverse, blocks of columns with lazy batch updates, group-wise scales and zeros, and optional
-act-order (columns in order of decreasing H diagonal).
+act-order (columns in order of decreasing H diagonal) or group-aware reordering (GAR).
+
+A Hessian whose Cholesky fails (not numerically positive definite: non-finite or degenerate
+inputs) is retried with 10x the dampening up to `MAX_DAMP`, then `prepare_hessian` raises
+`HessianNotPositiveDefinite`; the caller (calibrate/gptq_quantizer.py) falls back to
+round-to-nearest (`rtn_quantize`) for the linears that share it.
 """
 
 from __future__ import annotations
@@ -16,7 +22,10 @@ import torch
 
 @dataclass(frozen=True)
 class GPTQConfig:
-    """Quantization scheme."""
+    """The GPTQ scheme: `bits` per weight (2..8, 32 divisible by it for packing), `group_size`
+    input columns per scale/zero (-1: one group per row), `sym` symmetric (zero fixed at
+    2^(bits-1)) or asymmetric, `desc_act` act-order, `damp` the dampening as a fraction of the
+    mean Hessian diagonal, `block_size` columns per lazy batch update, `act_group_aware` GAR."""
 
     bits: int = 4
     group_size: int = 128  # -1: one group per row
@@ -29,7 +38,7 @@ class GPTQConfig:
 
 @dataclass
 class GPTQResult:
-    """Integer weights and their group parameters (unpacked)."""
+    """Integer weights and their group parameters (unpacked; formats/gptq.py packs them)."""
 
     q: torch.Tensor  # int32 [out, in], values in [0, 2^bits - 1]
     scales: torch.Tensor  # float32 [groups, out]
@@ -44,19 +53,22 @@ class GPTQResult:
 
 
 class HessianAccumulator:
-    """Running H = 2 X^T X / n over calibration inputs of one linear layer."""
+    """Running H = 2 X^T X / n (float32 [in, in] on `device`) over the calibration inputs of
+    one linear (or of the linears that share an input); Frantar et al. 2022, eq. (2)."""
 
     def __init__(self, columns: int, device: str | torch.device = "cpu"):
         self.h = torch.zeros(columns, columns, dtype=torch.float32, device=device)
         self.samples = 0
 
     def take(self) -> torch.Tensor:
-        """Hand the Hessian over (the accumulator keeps no reference)."""
+        """Hand the Hessian over, float32 [in, in] (the accumulator keeps no reference; a
+        second take returns None)."""
         h, self.h = self.h, None
         return h
 
     def add(self, inputs: torch.Tensor) -> None:
-        """Add a batch of inputs [..., in] (every row a sample position)."""
+        """Add a batch of inputs [..., in] of any float dtype (every row a sample position;
+        computed in float32 on the accumulator's device, where `inputs` must already be)."""
         x = inputs.reshape(-1, inputs.shape[-1]).float()
         count = x.shape[0]
         self.h *= self.samples / (self.samples + count)
@@ -66,7 +78,9 @@ class HessianAccumulator:
 
 
 def group_params(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row scale and integer zero for a block of columns w [out, k] (range includes 0)."""
+    """Per-row scale and zero, both float32 [out], for a block of columns w [out, k] (the range
+    always includes 0; the scale is rounded to the fp16 value the checkpoint stores; an all-zero
+    row gets the range [-1, 1])."""
     maxq = 2**bits - 1
     zero_t = torch.zeros(w.shape[0], device=w.device)
     xmin = torch.minimum(w.min(dim=1).values, zero_t)
@@ -82,23 +96,38 @@ def group_params(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, t
 
 
 def quantize_column(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
-    """Integer codes of a column."""
+    """Integer codes round(x / scale) + zero clamped to [0, 2^bits - 1], as float32 (shapes broadcast)."""
     return torch.clamp(torch.round(x / scale) + zero, 0, 2**bits - 1)
+
+
+MAX_DAMP = 1.0  # the top of the dampening ladder: H + mean(diag H) x I
+
+
+class HessianNotPositiveDefinite(ArithmeticError):
+    """The dampened Hessian's Cholesky failed even at MAX_DAMP (non-finite or degenerate inputs)."""
 
 
 @dataclass
 class PreparedHessian:
-    """What GPTQ needs from a Hessian: the column order and the upper Cholesky factor of the
-    dampened inverse. Linears that read the same input share one."""
+    """What GPTQ needs from a Hessian: the column order `perm` (int64 [in]), `hinv` the upper
+    Cholesky factor of the dampened inverse (float32 [in, in], in `perm` order), `dead` (bool [in]:
+    columns no input ever reached) and the dampening actually used (`damp`, a fraction of the
+    mean diagonal; above the configured one when the Cholesky needed more). Linears that read
+    the same input share one."""
 
     perm: torch.Tensor
     hinv: torch.Tensor
     dead: torch.Tensor
+    damp: float = 0.0
 
 
-def prepare_hessian(h: torch.Tensor, config: GPTQConfig) -> PreparedHessian:
-    """Order columns (act-order / GAR), dampen, and invert. Consumes `h` (modified in place,
-    no full-size copy kept: H can be 28672^2 floats)."""
+def prepare_hessian(h: torch.Tensor, config: GPTQConfig, max_damp: float = MAX_DAMP) -> PreparedHessian:
+    """Order columns (act-order / GAR), dampen, and invert H float32 [in, in] (Frantar et al. 2022, §4 step 3).
+
+    Consumes `h` (modified in place; no full-size copy kept: H can be 28672^2 floats, and at most
+    two full-size matrices are alive at a time). A failing Cholesky is retried with 10x the
+    dampening up to `max_damp` (the result records the damp used); raises
+    HessianNotPositiveDefinite when even that fails."""
     cols = h.shape[0]
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
@@ -110,18 +139,40 @@ def prepare_hessian(h: torch.Tensor, config: GPTQConfig) -> PreparedHessian:
     else:
         perm = torch.arange(cols, device=h.device)
     if not torch.equal(perm, torch.arange(cols, device=h.device)):
-        h = h.index_select(0, perm).index_select(1, perm)
-    h.diagonal().add_(config.damp * torch.mean(torch.diag(h)))
-    # the upper Cholesky factor of H^-1; rebinding `h` frees each step, so at most two
-    # full-size matrices are alive at a time
-    h = torch.linalg.cholesky(h)
-    h = torch.cholesky_inverse(h)
-    h = torch.linalg.cholesky(h, upper=True)
-    return PreparedHessian(perm, h, dead)
+        h = h.index_select(0, perm)
+        h = h.index_select(1, perm)
+    diag = h.diagonal().clone()
+    mean = torch.mean(diag)
+    damp = config.damp
+    while True:
+        h.diagonal().copy_(diag + damp * mean)
+        # the upper Cholesky factor of H^-1 with at most two full-size matrices alive: H goes
+        # once its factor exists, the second factorization runs in place on H^-1, and when that
+        # one fails H (dampened) is rebuilt as L L^T in the failed matrix's storage
+        lower, info = torch.linalg.cholesky_ex(h)
+        if _factored(lower, info):
+            del h
+            inverse = torch.cholesky_inverse(lower)
+            hinv, info = torch.linalg.cholesky_ex(inverse, upper=True, out=(inverse, torch.empty_like(info)))
+            if _factored(hinv, info):
+                return PreparedHessian(perm, hinv, dead, damp)
+            h = torch.matmul(lower, lower.T, out=inverse)
+        del lower
+        if damp >= max_damp:
+            raise HessianNotPositiveDefinite(f"the Cholesky factorization failed up to damp {damp:g} "
+                                             f"(mean Hessian diagonal {float(mean):.4g})")
+        damp = min(max(damp * 10, 0.01), max_damp)
+
+
+def _factored(factor: torch.Tensor, info: torch.Tensor) -> bool:
+    return int(info) == 0 and bool(torch.isfinite(factor.diagonal()).all())
 
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor | PreparedHessian, config: GPTQConfig) -> GPTQResult:
-    """Quantize W [out, in] given H [in, in] (or a PreparedHessian); returns integer codes and group parameters."""
+    """Quantize W [out, in] (any float dtype, on H's device) given H float [in, in] (not modified)
+    or a PreparedHessian; Frantar et al. 2022, Algorithm 1 with lazy batches of `block_size`
+    columns. Returns integer codes and group parameters on the CPU. Raises
+    HessianNotPositiveDefinite (from prepare_hessian) when given a raw H that cannot be inverted."""
     prepared = hessian if isinstance(hessian, PreparedHessian) else prepare_hessian(hessian.float().clone(), config)
     perm, hinv = prepared.perm, prepared.hinv
     w = weight.to(torch.float32, copy=True)
@@ -168,7 +219,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor | PreparedHessian,
 
 
 def group_aware_order(diag: torch.Tensor, group: int) -> torch.Tensor:
-    """GAR column order: whole groups by decreasing max importance (H diagonal), columns
+    """GAR column order (int64 [in]) from the H diagonal `diag` [in]: whole groups by decreasing max importance, columns
     inside each group by decreasing importance; a partial last group stays last. Groups stay
     contiguous, so the stored g_idx is the plain static one."""
     cols = diag.numel()
@@ -184,8 +235,10 @@ def group_aware_order(diag: torch.Tensor, group: int) -> torch.Tensor:
 
 
 def rtn_quantize(weight: torch.Tensor, config: GPTQConfig) -> GPTQResult:
-    """Round-to-nearest with the same groups (the baseline GPTQ must beat)."""
-    w = weight.float()
+    """Round-to-nearest of W [out, in] (any float dtype; computed on the CPU) with the same static
+    groups, scales and zeros as GPTQ: the baseline GPTQ must beat, and the fallback for a
+    linear whose Hessian cannot be inverted. loss is 0 (no Hessian to measure it with)."""
+    w = weight.float().cpu()
     rows, cols = w.shape
     group = config.group_size if config.group_size > 0 else cols
     n_groups = -(-cols // group)

@@ -31,7 +31,7 @@ from ..io.safetensors_format import TensorSpec
 from ..io.writer import CheckpointWriter
 from ..calibrate.samples import Sample, builtin_samples, load_samples
 from ..calibrate.gptq import GPTQConfig, HessianAccumulator, gptq_quantize, prepare_hessian
-from ..formats.gptq import pack, packed_shapes
+from ..formats.gptq import gptq_quantization_config, pack, packed_shapes
 from ..runtime.build import build_decoder_layer
 from ..models.templates import IMG_CONTEXT, build_prompt, get_template
 
@@ -149,21 +149,6 @@ def output_plan(reader: CheckpointReader, layout, config: GPTQConfig) -> tuple[l
         else:
             specs.append(spec)
     return specs, per_layer
-
-
-def gptq_quantization_config(config: GPTQConfig, layout_name: str = "original") -> dict:
-    """quantization_config for transformers (optimum/gptqmodel) and vLLM: vision and mlp1 stay as they are."""
-    if layout_name == "native":
-        block, skip = "model.language_model.layers", ["-:.*vision_tower.*", "-:.*multi_modal_projector.*"]
-    else:
-        block, skip = "language_model.model.layers", ["-:.*vision_model.*", "-:.*mlp1.*"]
-    return {
-        "quant_method": "gptq", "bits": config.bits, "group_size": config.group_size, "desc_act": config.desc_act,
-        "sym": config.sym, "damp_percent": config.damp, "true_sequential": True, "static_groups": False,
-        "checkpoint_format": "gptq", "block_name_to_quantize": block, "lm_head": False,
-        "dynamic": {rule: {} for rule in skip},
-        "meta": {"quantizer": ["internvl-tools"]},
-    }
 
 
 def _causal_mask(length: int) -> torch.Tensor:

@@ -58,3 +58,18 @@ def packed_shapes(rows: int, cols: int, bits: int, group_size: int) -> dict[str,
         "scales": ((groups, rows), "F16"),
         "g_idx": ((cols,), "I32"),
     }
+
+
+def gptq_quantization_config(config: GPTQConfig, layout_name: str = "original") -> dict:
+    """quantization_config for transformers (optimum/gptqmodel) and vLLM: vision and mlp1 stay as they are."""
+    if layout_name == "native":
+        block, skip = "model.language_model.layers", ["-:.*vision_tower.*", "-:.*multi_modal_projector.*"]
+    else:
+        block, skip = "language_model.model.layers", ["-:.*vision_model.*", "-:.*mlp1.*"]
+    return {
+        "quant_method": "gptq", "bits": config.bits, "group_size": config.group_size, "desc_act": config.desc_act,
+        "sym": config.sym, "damp_percent": config.damp, "true_sequential": True, "static_groups": False,
+        "checkpoint_format": "gptq", "block_name_to_quantize": block, "lm_head": False,
+        "dynamic": {rule: {} for rule in skip},
+        "meta": {"quantizer": ["internvl-tools"]},
+    }

@@ -19,8 +19,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..errors import LayoutError
-from ..transforms.stream import Output
-from .layout import Layout
+from .dialects import Dialect, get_dialect
+from .layout import Layout, llm_dialect
+from .vision import LLM_PREFIX, NATIVE_HEAD, NATIVE_LLM_PREFIX, PROJECTOR, VISION
 
 
 @dataclass(frozen=True)
@@ -33,83 +34,54 @@ class Link:
     merge: Callable | None  # native tensors -> original tensor; None: same tensor
 
 
-VISION_RENAMES = {
-    "attn.proj": "attention.projection_layer",
-    "attn.q_norm": "attention.q_norm",
-    "attn.k_norm": "attention.k_norm",
-    "norm1": "layernorm_before",
-    "norm2": "layernorm_after",
-    "ls1": "lambda_1",
-    "ls2": "lambda_2",
-    "mlp.fc1": "mlp.fc1",
-    "mlp.fc2": "mlp.fc2",
-}
-INTERNLM2_RENAMES = {
-    "attention.wo": "self_attn.o_proj",
-    "feed_forward.w1": "mlp.gate_proj",
-    "feed_forward.w3": "mlp.up_proj",
-    "feed_forward.w2": "mlp.down_proj",
-    "attention_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-}
-PROJECTOR = {"0": "layer_norm", "1": "linear_1", "3": "linear_2"}
+VISION_RENAMES = dict(VISION.renames)
+VISION_EMBEDDINGS = dict(VISION.embeddings)
+PROJECTOR_RENAMES = dict(PROJECTOR.renames)
+SIDECAR = "internvl_original.json"  # written by `convert --to hf`: the original config and key order
 
 
 def links(config: dict, layout: Layout, *, adapt_v1: bool) -> list[Link]:
-    """Every original key linked to its native keys, in checkpoint order."""
+    """Every original key linked to its native keys, in checkpoint order (rotary buffers,
+    recomputed from the config, have no native key)."""
     if layout.lora:
         raise LayoutError("checkpoint has embedded LoRA adapters; merge them first with `internvl-tools merge-lora`")
+    return [link_for_key(config, info, adapt_v1=adapt_v1) for info in layout.keys.values()
+            if not (info.part == "layer" and "rotary_emb" in info.module)]
+
+
+def link_for_key(config: dict, info, *, adapt_v1: bool) -> Link:
+    """The link of one classified original key (models.layout.KeyInfo) to its native key(s)."""
+    key = info.key
     v1 = adapt_v1 and config.get("ps_version", "v1") == "v1"
+    if info.family == "vision":
+        vision = config["vision_config"]
+        grid = (config.get("force_image_size") or vision["image_size"]) // vision["patch_size"]
+        return _vision_link(key, info, v1, grid)
+    if info.family == "projector":
+        # the 4 x vit_hidden input axis: LayerNorm weight/bias, linear_1's weight columns
+        swap = v1 and (info.module == "0" or (info.module == "1" and info.param == "weight"))
+        native = f"{PROJECTOR.native_prefix}.{PROJECTOR_RENAMES[info.module]}.{info.param}"
+        return Link(key, (native,), _one(swap_chunks) if swap else None, swap_chunks if swap else None)
     llm = config["llm_config"]
     heads = llm["num_attention_heads"]
-    kv_heads = llm.get("num_key_value_heads", heads)
+    kv_heads = llm.get("num_key_value_heads") or heads
     head_dim = llm.get("head_dim") or llm["hidden_size"] // heads
-    grid = (config.get("force_image_size") or config["vision_config"]["image_size"]) // config["vision_config"]["patch_size"]
-    result = []
-    for key, info in layout.keys.items():
-        if info.part == "layer" and "rotary_emb" in info.module:
-            continue  # a buffer recomputed from the config; not a weight
-        if info.family == "vision":
-            result.append(_vision_link(key, info, v1, grid))
-        elif info.family == "projector":
-            # the 4 x vit_hidden input axis: LayerNorm weight/bias, linear_1's weight columns
-            swap = v1 and (info.module == "0" or (info.module == "1" and info.param == "weight"))
-            native = f"model.multi_modal_projector.{PROJECTOR[info.module]}.{info.param}"
-            result.append(Link(key, (native,), _one(swap_chunks) if swap else None, swap_chunks if swap else None))
-        else:
-            result.append(_llm_link(key, info, layout.dialect, heads, kv_heads, head_dim))
-    return result
-
-
-def to_native_outputs(link_list: list[Link]) -> list[Output]:
-    """Outputs that build native tensors from an original checkpoint."""
-    outputs = []
-    for link in link_list:
-        for index, native in enumerate(link.natives):
-            fn = None if link.split is None else (lambda t, s=link.split, i=index: s(t)[i])
-            outputs.append(Output(native, (link.original,), fn))
-    return outputs
-
-
-def to_original_outputs(link_list: list[Link]) -> list[Output]:
-    """Outputs that rebuild the original tensors from a native checkpoint."""
-    return [Output(link.original, link.natives, link.merge) for link in link_list]
+    return _llm_link(key, info, get_dialect(llm_dialect(config)), heads, kv_heads, head_dim)
 
 
 # -- vision -------------------------------------------------------------------------------
 def _vision_link(key: str, info, v1: bool, grid: int) -> Link:
-    base = "model.vision_tower."
+    base = VISION.native_prefix + "."
     if info.part == "embeddings":
-        if info.module == "class_embedding":
-            return Link(key, (base + "embeddings.cls_token",), None, None)
-        if info.module == "position_embedding":
-            fn = (lambda t: transpose_position_grid(t, grid)) if v1 else None
-            return Link(key, (base + "embeddings.position_embeddings",), _one(fn) if fn else None, fn)
-        native = base + f"embeddings.patch_embeddings.projection.{info.param}"
-        fn = transpose_kernel if v1 and info.param == "weight" else None
-        return Link(key, (native,), _one(fn) if fn else None, fn)
+        native = base + VISION_EMBEDDINGS[info.module] + (f".{info.param}" if info.param else "")
+        if info.module == "position_embedding" and v1:
+            fn = lambda t: transpose_position_grid(t, grid)  # noqa: E731
+            return Link(key, (native,), _one(fn), fn)
+        if info.module == "patch_embedding" and v1 and info.param == "weight":
+            return Link(key, (native,), _one(transpose_kernel), transpose_kernel)
+        return Link(key, (native,), None, None)
     prefix = f"{base}encoder.layer.{info.layer}."
-    if info.module == "attn.qkv":
+    if info.module == VISION.fused_qkv:
         natives = tuple(f"{prefix}attention.{p}_proj.{info.param}" for p in "qkv")
         return Link(key, natives, split_thirds, concat_rows)
     suffix = f".{info.param}" if info.param else ""
@@ -117,21 +89,39 @@ def _vision_link(key: str, info, v1: bool, grid: int) -> Link:
 
 
 # -- language model ------------------------------------------------------------------------
-def _llm_link(key: str, info, dialect: str, heads: int, kv_heads: int, head_dim: int) -> Link:
+def native_llm_module(record: Dialect, module: str) -> tuple[str, ...]:
+    """Native module(s) of a decoder-layer module (linear or norm) of the original layout."""
+    if module in record.norms:
+        return (record.norms[module],)
+    if module in record.linear_names:
+        return record.linear(module).natives
+    return (module,)
+
+
+def _llm_link(key: str, info, record: Dialect, heads: int, kv_heads: int, head_dim: int) -> Link:
     if info.part == "head":
-        return Link(key, (f"lm_head.{info.param}",), None, None)
+        return Link(key, (f"{NATIVE_HEAD}.{info.param}",), None, None)
     if info.part in ("embeddings", "final_norm"):
         module = "embed_tokens" if info.part == "embeddings" else "norm"
-        return Link(key, (f"model.language_model.{module}.{info.param}",), None, None)
-    prefix = f"model.language_model.layers.{info.layer}."
-    if dialect != "internlm2":
-        return Link(key, (f"{prefix}{info.module}.{info.param}",), None, None)
-    if info.module == "attention.wqkv":
-        natives = tuple(f"{prefix}self_attn.{p}_proj.{info.param}" for p in "qkv")
-        groups = heads // kv_heads
-        return Link(key, natives, lambda t: split_internlm2_wqkv(t, kv_heads, groups, head_dim),
-                    lambda q, k, v: merge_internlm2_wqkv(q, k, v, kv_heads, groups, head_dim))
-    return Link(key, (f"{prefix}{INTERNLM2_RENAMES[info.module]}.{info.param}",), None, None)
+        return Link(key, (f"{NATIVE_LLM_PREFIX}.{module}.{info.param}",), None, None)
+    prefix = f"{NATIVE_LLM_PREFIX}.layers.{info.layer}."
+    natives = tuple(f"{prefix}{module}.{info.param}" for module in native_llm_module(record, info.module))
+    if len(natives) == 1:
+        return Link(key, natives, None, None)
+    split_name = record.linear(info.module).split
+    split, merge = SPLITS[split_name](heads, kv_heads, head_dim)
+    return Link(key, natives, split, merge)
+
+
+def _internlm2_wqkv(heads: int, kv_heads: int, head_dim: int):
+    groups = heads // kv_heads
+    return (lambda t: split_internlm2_wqkv(t, kv_heads, groups, head_dim),
+            lambda q, k, v: merge_internlm2_wqkv(q, k, v, kv_heads, groups, head_dim))
+
+
+# how a fused tensor named by Linear.split is cut into its native tensors, and put back:
+# name -> (heads, kv_heads, head_dim) -> (split, merge)
+SPLITS: dict[str, Callable] = {"internlm2_wqkv": _internlm2_wqkv}
 
 
 # -- tensor functions (pure, work on meta tensors too) --------------------------------------

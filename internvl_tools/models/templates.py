@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
+INTERNVL2_5_SYSTEM = "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
 INTERNVL2_SYSTEM = "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"
 
 
@@ -38,6 +39,9 @@ TEMPLATES = {
     "Hermes-2": Template("<|im_start|>system\n{system_message}", INTERNVL2_SYSTEM, "<|im_start|>user\n",
                          "<|im_start|>assistant\n", "<|im_end|>", "<|im_end|>",
                          ("<|endoftext|>", "<|im_start|>", "<|im_end|>")),
+    "internvl2_5": Template("<|im_start|>system\n{system_message}", INTERNVL2_5_SYSTEM, "<|im_start|>user\n",
+                            "<|im_start|>assistant\n", "<|im_end|>\n", "<|im_end|>",
+                            ("<|endoftext|>", "<|im_start|>", "<|im_end|>")),
     "internlm2-chat": Template("<|im_start|>system\n{system_message}", INTERNVL2_SYSTEM, "<|im_start|>user\n",
                                "<|im_start|>assistant\n", "<|im_end|>", "<|im_end|>",
                                ("<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "<|action_start|>", "<|action_end|>",

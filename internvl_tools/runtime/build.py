@@ -14,10 +14,10 @@ import torch
 from torch import nn
 
 from ..models.layout import Layout
-from ..models.native_map import links, to_native_outputs
+from ..models.native_map import links
 from ..errors import LayoutError
 from ..io.reader import CheckpointReader
-from ..transforms.stream import Output, SourceCache, compute
+from ..transforms.stream import Output, SourceCache, compute, to_native_outputs
 from ..models import native_config as nc
 
 DECODER_LAYER_CLASSES = {

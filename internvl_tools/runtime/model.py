@@ -18,7 +18,8 @@ from .build import build_llm, build_vision
 from ..models.templates import IMG_CONTEXT, build_prompt, get_template
 from ..models.native_config import image_tokens_per_tile
 from .preprocess import pixel_values as preprocess
-from ..formats.dequantized import DequantizedView, OriginalView
+from ..formats.dequantized import DequantizedView
+from ..models.views import open_view
 
 
 def pixel_shuffle(features: torch.Tensor, ratio: float, version: str) -> torch.Tensor:
@@ -30,21 +31,17 @@ def pixel_shuffle(features: torch.Tensor, ratio: float, version: str) -> torch.T
 
 
 def open_for_runtime(folder: str | Path):
-    """A reader of the checkpoint; int8 (bitsandbytes) checkpoints are seen dequantized."""
-    reader = CheckpointReader(folder)
-    if reader.config().get("model_type") == "internvl":
-        if not (reader.folder / "internvl_original.json").exists():
-            reader.close()
-            raise InputError(f"{folder}: a native-layout checkpoint without internvl_original.json; the runtime reads the original "
-                             "layout or checkpoints written by `convert --to hf`")
-        reader = OriginalView(reader)
-    method = (reader.config().get("quantization_config") or {}).get("quant_method")
-    if method in ("bitsandbytes", "gptq"):
-        return DequantizedView(reader)
-    if method is not None:
-        reader.close()
-        raise InputError(f"{folder}: the runtime does not run {method} checkpoints; run the bf16 or int8 checkpoint")
-    return reader
+    """A view of the checkpoint in original key names (either layout); quantized checkpoints
+    are seen dequantized (formats/dequantized.py)."""
+    view = open_view(folder)
+    method = (view.config().get("quantization_config") or {}).get("quant_method")
+    if method is None:
+        return view
+    try:
+        return DequantizedView(view)
+    except BaseException:
+        view.close()
+        raise
 
 
 def device_placement(device_map: dict[str, int | str]):

@@ -12,14 +12,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..models.layout import build_layout
-from ..models.native_map import links, to_native_outputs, to_original_outputs
+from ..models.native_map import SIDECAR, links
 from ..errors import InputError
 from ..io.reader import CheckpointReader, read_json
 from ..io.safetensors_format import TensorSpec
 from ..models.native_config import native_config
-from .stream import run_transform
+from .stream import run_transform, to_native_outputs, to_original_outputs
 
-SIDECAR = "internvl_original.json"
 
 
 def image_token_id(folder: Path) -> int:
@@ -66,7 +65,7 @@ def native_quantization_config(quant: dict, dialect: str, source: Path) -> dict:
                          "convert the bf16 checkpoint first, then quantize the converted one")
     method = quant.get("quant_method")
     if method == "gptq":
-        from ..calibrate.pipeline import gptq_quantization_config
+        from ..formats.gptq import gptq_quantization_config
         from ..calibrate.gptq import GPTQConfig
 
         config = GPTQConfig(bits=quant["bits"], group_size=quant["group_size"], sym=quant["sym"], desc_act=quant["desc_act"],

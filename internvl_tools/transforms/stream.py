@@ -13,6 +13,8 @@ from pathlib import Path
 from ..io.reader import CheckpointReader
 from ..io.safetensors_format import TensorSpec, spec_of
 from ..io.writer import CheckpointWriter
+from ..models.native_map import SIDECAR
+from ..models.views import link_for, open_view
 
 
 @dataclass(frozen=True)
@@ -72,24 +74,93 @@ def run_transform(
     max_shard_size: int,
     overwrite: bool = False,
     files: dict[str, object] | None = None,
+    config_update: dict[str, object] | None = None,
+    names: str = "stored",
     progress: Callable[[int], None] | None = None,
 ) -> Path:
     """Write `outputs` computed from checkpoint `source` into a new checkpoint `out`.
 
-    `files` adds or replaces side files (None leaves one out), as CheckpointWriter.finalize."""
-    with CheckpointReader(source) as reader:
-        specs = output_specs(reader, outputs)
-        cache = SourceCache(reader)
+    `names="stored"`: output and source names are the checkpoint's own keys (any layout).
+    `names="original"`: they are original-layout keys; a native-layout input is read through
+    models.views.NativeView and the outputs are written back in the native layout (renamed,
+    fused tensors split), with `internvl_original.json` updated to the new keys and config.
+    `files` adds or replaces side files (None leaves one out), as CheckpointWriter.finalize;
+    `config_update` sets (None: deletes) top-level fields of the output's config.json, in the
+    output's layout."""
+    view = open_view(source) if names == "original" else CheckpointReader(source)
+    with view:
+        original_names = [o.name for o in outputs]
+        if getattr(view, "layout_name", "original") == "native":
+            outputs = to_layout_outputs(view, outputs)
+        specs = output_specs(view, outputs)
+        cache = SourceCache(view)
+        files = dict(files or {})
+        if config_update:
+            files["config.json"] = _updated(files.get("config.json") or _stored_config(source), config_update)
+        if getattr(view, "layout_name", "original") == "native":
+            files[SIDECAR] = {"config": _updated(view.config(), {k: v for k, v in (config_update or {}).items()}),
+                              "keys": original_names}
         with CheckpointWriter(out, specs, max_shard_size=max_shard_size, inputs=[Path(source)], overwrite=overwrite) as writer:
             seen: set[str] = set()
             for item in outputs:
-                if item.fn is None:
-                    writer.copy_stored(item.name, reader.stored(item.sources[0]))
+                stored = view.stored(item.sources[0]) if item.fn is None else None
+                if stored is not None:
+                    writer.copy_stored(item.name, stored)
                 else:
                     writer.write(item.name, compute(cache, item).contiguous())
                 if progress:  # in input bytes consumed, so the bar ends at the input's size
-                    progress(sum(reader.spec(s).nbytes for s in item.sources if s not in seen))
+                    progress(sum(view.spec(s).nbytes for s in item.sources if s not in seen))
                     seen.update(item.sources)
             if progress:
-                progress(reader.total_bytes - sum(reader.spec(s).nbytes for s in seen))
+                progress(max(view.total_bytes - sum(view.spec(s).nbytes for s in seen), 0))
             return writer.finalize(side_files_from=Path(source), files=files)
+
+
+def to_layout_outputs(view, outputs: list[Output]) -> list[Output]:
+    """Original-layout outputs renamed (and fused tensors split) into the native layout of `view`."""
+    result = []
+    for item in outputs:
+        link = link_for(view, item.name)
+        if link.split is None:
+            result.append(Output(link.natives[0], item.sources, item.fn))
+            continue
+        for index, native in enumerate(link.natives):
+            result.append(Output(native, item.sources, _split_part(item.fn, link.split, index)))
+    return result
+
+
+def _split_part(fn: Callable | None, split: Callable, index: int) -> Callable:
+    if fn is None:
+        return lambda t: split(t)[index]
+    return lambda *tensors: split(fn(*tensors))[index]
+
+
+def _stored_config(source: Path) -> dict:
+    from ..io.reader import read_json
+
+    return read_json(Path(source) / "config.json")
+
+
+def _updated(config: dict, update: dict[str, object]) -> dict:
+    result = dict(config)
+    for key, value in update.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = value
+    return result
+
+
+def to_native_outputs(link_list: list[Link]) -> list[Output]:
+    """Outputs that build native tensors from an original checkpoint."""
+    outputs = []
+    for link in link_list:
+        for index, native in enumerate(link.natives):
+            fn = None if link.split is None else (lambda t, s=link.split, i=index: s(t)[i])
+            outputs.append(Output(native, (link.original,), fn))
+    return outputs
+
+
+def to_original_outputs(link_list: list[Link]) -> list[Output]:
+    """Outputs that rebuild the original tensors from a native checkpoint."""
+    return [Output(link.original, link.natives, link.merge) for link in link_list]

@@ -1,0 +1,160 @@
+"""Views: any checkpoint through one interface, in the ORIGINAL layout's key names.
+
+Every view has `folder`, `layout_name` ("original" or "native"), `keys()`, `spec(name)`,
+`specs()`, `get(name)`, `stored(name)` (byte location, for tensors stored as they are),
+`config()` (the original-layout config), `close()` and works as a context manager. Commands
+work on original key names through a view and write outputs back in the input's layout
+(transforms/stream.py translates output names through `link_for`).
+
+- `CheckpointReader` (io/) is the view of an original-layout checkpoint;
+- `NativeView` presents a transformers-native checkpoint (`convert --to hf` output or a
+  published "-hf" checkpoint) in original key names through the links of models/native_map.py.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..errors import LayoutError
+from ..io.reader import CheckpointReader, read_json
+from ..io.safetensors_format import TensorSpec
+from .dialects import dialect_of_native_model_type
+from .layout import build_layout, classify_key, llm_dialect
+from .native_layout import is_native, modern_key, original_config, original_keys
+from .native_map import SIDECAR, Link, link_for_key, links
+
+
+class NativeView:
+    """A native-layout checkpoint seen in the original layout (see the module docstring).
+
+    With `internvl_original.json` (written by `convert --to hf`) the original config and key
+    order are exact; without it they are derived from the native config and keys."""
+
+    layout_name = "native"
+
+    def __init__(self, reader: CheckpointReader):
+        self.reader, self.folder = reader, reader.folder
+        native_config = reader.config()
+        self.native_config = native_config
+        sidecar = reader.folder / SIDECAR
+        self._renamed = {modern_key(k): k for k in reader.keys()}  # legacy -hf prefixes
+        if sidecar.exists():
+            saved = read_json(sidecar)
+            self._config, keys = saved["config"], list(saved["keys"])
+            self.sidecar = True
+        else:
+            self._config = original_config(native_config, reader.folder)
+            dialect = dialect_of_native_model_type(native_config["text_config"].get("model_type"), "config.json: text_config.model_type")
+            keys = original_keys(reader.keys(), dialect)
+            self.sidecar = False
+        self._layout = build_layout(self._config, [TensorSpec(k, "BF16", ()) for k in keys])
+        self._links = {link.original: link for link in links(self._config, self._layout, adapt_v1=True)}
+        self._keys = [k for k in keys if k in self._links]
+        missing = [n for link in self._links.values() for n in link.natives if n not in self._renamed]
+        if missing:
+            raise LayoutError(f"{reader.folder}: native key {missing[0]!r} is missing ({len(missing)} missing); "
+                              "the checkpoint is incomplete or its config.json does not match the weights")
+
+    def keys(self) -> list[str]:
+        return list(self._keys)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._links
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def link(self, name: str) -> Link:
+        """The link of an original key to its native key(s)."""
+        try:
+            return self._links[name]
+        except KeyError:
+            raise LayoutError(f"{self.folder}: no tensor named {name!r} (original layout)") from None
+
+    def _native(self, native_name: str) -> str:
+        return self._renamed[native_name]
+
+    def spec(self, name: str) -> TensorSpec:
+        link = self.link(name)
+        if link.merge is None:
+            native = self.reader.spec(self._native(link.natives[0]))
+            return TensorSpec(name, native.dtype, native.shape)
+        import torch
+
+        specs = [self.reader.spec(self._native(n)) for n in link.natives]
+        merged = link.merge(*[torch.empty(s.shape, dtype=s.torch_dtype, device="meta") for s in specs])
+        return TensorSpec(name, specs[0].dtype, tuple(merged.shape))
+
+    def specs(self) -> list[TensorSpec]:
+        return [self.spec(k) for k in self._keys]
+
+    def stored(self, name: str):
+        """Byte location of a tensor stored unchanged (a rename); None when it is computed."""
+        link = self.link(name)
+        return self.reader.stored(self._native(link.natives[0])) if link.split is None else None
+
+    def get(self, name: str):
+        link = self.link(name)
+        tensors = [self.reader.get(self._native(n)) for n in link.natives]
+        return tensors[0] if link.merge is None else link.merge(*tensors)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.reader.total_bytes
+
+    @property
+    def shards(self):
+        return self.reader.shards
+
+    def config(self) -> dict:
+        return self._config
+
+    def close(self) -> None:
+        self.reader.close()
+
+    def __enter__(self) -> "NativeView":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class OriginalView(NativeView):
+    """Former name of NativeView (a native checkpoint seen in the original layout)."""
+
+
+def open_view(folder: str | os.PathLike[str]):
+    """The checkpoint at `folder` as a view in original key names (see the module docstring).
+
+    Raises CheckpointError / LayoutError (one line) for an unreadable folder or an unknown layout."""
+    reader = CheckpointReader(folder)
+    try:
+        config = reader.config()
+        if is_native(config):
+            return NativeView(reader)
+    except BaseException:
+        reader.close()
+        raise
+    reader.layout_name = "original"
+    return reader
+
+
+def native_output_names(view, name: str) -> tuple[str, ...]:
+    """The key(s) an original-layout output tensor gets in the layout of `view`'s checkpoint."""
+    if getattr(view, "layout_name", "original") == "original":
+        return (name,)
+    return link_for(view, name).natives
+
+
+def link_for(view, name: str) -> Link:
+    """The link of an original key (existing or new, e.g. a quantized `qweight`) in a native view."""
+    if name in view._links:
+        return view._links[name]
+    config = view.config()
+    return link_for_key(config, classify_key(name, llm_dialect(config)), adapt_v1=True)
+
+
+def layout_name_of(folder: str | Path) -> str:
+    """"native" or "original", from config.json alone."""
+    return "native" if is_native(read_json(Path(folder) / "config.json")) else "original"

@@ -1,0 +1,68 @@
+"""Helpers shared by several test modules.
+
+Test modules import shared code from here (or from conftest / reference_internvl), never from
+another test_*.py file: each test module must import, collect and skip on its own.
+This module needs only the required dependencies; optional packages are imported by the tests
+that need them (see the `requires` marker in conftest.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+from internvl_tools.models.families import FAMILIES
+from internvl_tools.models.layout import build_layout
+from internvl_tools.planners.device_map import ModelSizes
+from internvl_tools.planners.gpu_layout import model_sizes, quantized_sizes
+from internvl_tools.tiny.generator import llm_tensors, make_config, projector_tensors, vision_tensors
+
+
+def sample_image(seed=0, size=(120, 80)):
+    """A deterministic noise RGB image (PIL) of `size` (width, height)."""
+    rng = np.random.RandomState(seed)
+    return Image.fromarray((rng.rand(size[1], size[0], 3) * 255).astype("uint8"))
+
+
+def all_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of every *.safetensors file in a checkpoint folder, by key."""
+    out = {}
+    for shard in folder.glob("*.safetensors"):
+        with safe_open(str(shard), "pt") as handle:
+            out.update({k: handle.get_tensor(k) for k in handle.keys()})
+    return out
+
+
+def all_bytes(folder: Path) -> dict[str, tuple[str, tuple[int, ...], bytes]]:
+    """key -> (dtype, shape, raw bytes) of every tensor in a checkpoint folder (bit-exact comparisons)."""
+    out = {}
+    for shard in folder.glob("*.safetensors"):
+        with safe_open(str(shard), "pt") as handle:
+            for key in handle.keys():
+                t = handle.get_tensor(key)
+                out[key] = (str(t.dtype), tuple(t.shape), t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return out
+
+
+class HeaderOnly:
+    """A reader stand-in that knows tensor specs only (what the planner reads)."""
+
+    def __init__(self, specs):
+        self._specs = {s.name: s for s in specs}
+
+    def spec(self, name):
+        return self._specs[name]
+
+
+def real_sizes(family: str, method: str | None = None) -> ModelSizes:
+    """The planner's sizes of a family at its real (full) shapes, from specs alone (no tensors)."""
+    fam = FAMILIES[family]
+    specs = [p.spec for p in vision_tensors(fam) + llm_tensors(fam) + projector_tensors(fam)]
+    config = make_config(fam)
+    layout = build_layout(config, specs)
+    reader = HeaderOnly(specs)
+    sizes = model_sizes(reader, config, layout)
+    return quantized_sizes(sizes, reader, layout, method) if method else sizes
