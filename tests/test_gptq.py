@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from internvl_tools.calibrate.pipeline import GPTQJob, quantize_gptq
+from internvl_tools.calibrate.gptq_quantizer import GPTQJob, quantize_gptq
 from internvl_tools.calibrate.gptq import GPTQConfig, HessianAccumulator, gptq_quantize, rtn_quantize
 from internvl_tools.formats.gptq import pack, unpack
 

@@ -1,112 +1,65 @@
-"""`quantize --method gptq`: layer-by-layer GPTQ straight from the checkpoint stream.
+"""Layer-by-layer calibrated quantization straight from the checkpoint stream, for any method
+that implements calibrate.quantizer.Quantizer (GPTQ: calibrate/gptq_quantizer.py).
 
 1. Calibration: image + text samples go through the vision tower and mlp1 (never quantized)
    and are spliced into the LLM's input embeddings as the model does; text-only samples too.
-2. For each decoder layer: build it alone from the stream, run the cached inputs through it
-   with hooks that accumulate each linear's Hessian, GPTQ its linears group by group (q/k/v,
-   then o, then gate/up, then down: each group sees the outputs of the already-quantized
-   ones), write the packed tensors, and run the inputs through the quantized layer to get the
-   next layer's inputs. Activations live in memory up to a budget and on disk beyond it.
-3. Everything else is copied byte for byte; config.json gets a top-level quantization_config.
+2. For each decoder layer: build it alone from the stream (float32), let the quantizer prepare
+   it, then for each input group of the dialect's record (models/dialects.py: linears in
+   execution order, the native module whose input they share, the module that produces it)
+   run the cached samples up to that module with a forward pre-hook that hands each input to
+   the quantizer, let it quantize the group, write the tensors it returns and put their
+   weights into the layer (fused tensors split as native_map's links say), so each group
+   sees the outputs of the already-quantized ones. Then run the samples through the quantized
+   layer to get the next layer's inputs. Activations live in memory up to a budget and on
+   disk beyond it (calibrate/activations.py).
+3. Everything else is copied byte for byte; config.json gets the quantizer's top-level
+   quantization_config.
 
-Peak memory: one decoder layer in float32, its Hessians, and the activations in memory.
-With `resume`, OUT.partial/ keeps the finished layers and the activations after each layer.
+Peak memory: one decoder layer in float32, what the quantizer keeps for one group (GPTQ: one
+Hessian), and the activations in memory. With `resume`, OUT.partial/ keeps the finished layers
+and the activations after each layer.
 """
 
 from __future__ import annotations
 
-import json
-import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from ..models.layout import build_layout
-from ..models.native_map import links
 from ..errors import InputError
 from ..io.reader import CheckpointReader
 from ..io.safetensors_format import TensorSpec
 from ..io.writer import CheckpointWriter
-from ..calibrate.samples import Sample, builtin_samples, load_samples
-from ..calibrate.gptq import GPTQConfig, HessianAccumulator, gptq_quantize, prepare_hessian
-from ..formats.gptq import gptq_quantization_config, pack, packed_shapes
-from ..runtime.build import build_decoder_layer
+from ..models.dialects import Dialect
+from ..models.layout import Layout, build_layout
+from ..models.native_map import Link, links
 from ..models.templates import IMG_CONTEXT, build_prompt, get_template
-
-# the order GPTQ quantizes a layer's linears in: (original module, native module that sees its input)
-SEQUENCE = {
-    "llama": [[("self_attn.q_proj", "self_attn.q_proj"), ("self_attn.k_proj", "self_attn.k_proj"), ("self_attn.v_proj", "self_attn.v_proj")],
-              [("self_attn.o_proj", "self_attn.o_proj")],
-              [("mlp.gate_proj", "mlp.gate_proj"), ("mlp.up_proj", "mlp.up_proj")],
-              [("mlp.down_proj", "mlp.down_proj")]],
-    "internlm2": [[("attention.wqkv", "self_attn.q_proj")], [("attention.wo", "self_attn.o_proj")],
-                  [("feed_forward.w1", "mlp.gate_proj"), ("feed_forward.w3", "mlp.up_proj")], [("feed_forward.w2", "mlp.down_proj")]],
-    "phi3": [[("self_attn.qkv_proj", "self_attn.qkv_proj")], [("self_attn.o_proj", "self_attn.o_proj")],
-             [("mlp.gate_up_proj", "mlp.gate_up_proj")], [("mlp.down_proj", "mlp.down_proj")]],
-}
-SEQUENCE["qwen2"] = SEQUENCE["llama"]
-STATE = ".gptq_state.json"
-WORK = ".gptq_activations"
+from ..runtime.build import build_decoder_layer
+from .activations import Activations, ResumeState
+from .quantizer import GroupWork, LayerWork, ModuleUpdate, Quantizer
+from .samples import Sample, builtin_samples, load_samples
 
 
 @dataclass(frozen=True)
-class GPTQJob:
-    """Everything that defines a GPTQ run (a resumed run must match it)."""
+class CalibrationJob:
+    """The calibration settings of a run (a resumed run must match them): samples (`calib`, a
+    folder of *.jsonl, or the built-in set drawn with `seed`), tokens per sample at most,
+    bytes of activations kept in memory, and where layers run ("cpu" or "cuda")."""
 
-    config: GPTQConfig
     num_samples: int = 128
     seq_len: int = 2048
     calib: str | None = None
     seed: int = 0
-    memory_budget: int = 2 * 2**30  # bytes of activations kept in memory
+    memory_budget: int = 2 * 2**30
     device: str = "cpu"
 
 
-class Activations:
-    """Per-sample hidden states [1, T, D], in memory up to a budget, on disk beyond it."""
-
-    def __init__(self, folder: Path, budget: int):
-        self.folder, self.budget = folder, budget
-        self.items: list[torch.Tensor | Path] = []
-        self.in_memory = 0
-
-    def append(self, tensor: torch.Tensor) -> None:
-        size = tensor.numel() * tensor.element_size()
-        if self.in_memory + size <= self.budget:
-            self.items.append(tensor)
-            self.in_memory += size
-        else:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            path = self.folder / f"{len(self.items):06d}.pt"
-            torch.save(tensor, path)
-            self.items.append(path)
-
-    def __iter__(self):
-        for item in self.items:
-            yield torch.load(item, weights_only=True) if isinstance(item, Path) else item
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def save_all(self, folder: Path) -> None:
-        """Persist every sample (resume)."""
-        folder.mkdir(parents=True, exist_ok=True)
-        for index, tensor in enumerate(self):
-            torch.save(tensor, folder / f"{index:06d}.pt")
-
-    @classmethod
-    def load_all(cls, folder: Path, budget: int) -> "Activations":
-        acts = cls(folder.with_name(folder.name + "-spill"), budget)
-        for path in sorted(folder.glob("*.pt")):
-            acts.append(torch.load(path, weights_only=True))
-        return acts
-
-
-def calibration_embeddings(reader: CheckpointReader, config: dict, layout, samples: list[Sample], seq_len: int,
+def calibration_embeddings(reader: CheckpointReader, config: dict, layout: Layout, samples: list[Sample], seq_len: int,
                            budget: int, work: Path) -> Activations:
-    """Input embeddings of every sample, image features spliced in (float32).
+    """Input embeddings of every sample, float32 [1, T, hidden] with T <= seq_len, image features
+    spliced in at the IMG_CONTEXT tokens; spilled into `work` beyond `budget` bytes.
 
     The runtime's vision part (InternViT + pixel shuffle + mlp1, never quantized) and tokenizer
     make the image features and prompts; the LLM is not built, only its embedding table read."""
@@ -132,132 +85,183 @@ def calibration_embeddings(reader: CheckpointReader, config: dict, layout, sampl
     return acts
 
 
-def output_plan(reader: CheckpointReader, layout, config: GPTQConfig) -> tuple[list[TensorSpec], dict[str, list[str]]]:
-    """Output specs (quantized linears expanded) and, per layer, the output names it writes."""
+def output_plan(reader: CheckpointReader, layout: Layout, quantizer: Quantizer) -> tuple[list[TensorSpec], dict[int, list[str]]]:
+    """The output's tensor specs (decoder-layer keys as the quantizer replaces them, the rest as
+    they are) and, per layer, the names the quantizer writes. InputError from the quantizer."""
     specs: list[TensorSpec] = []
-    per_layer: dict[str, list[str]] = {}
+    per_layer: dict[int, list[str]] = {}
     for name, info in layout.keys.items():
         spec = reader.spec(name)
-        if info.family == "llm" and info.part == "layer" and info.is_linear and info.param == "weight":
-            rows, cols = spec.shape
-            if cols % (32 // config.bits):
-                raise InputError(f"{name}: {cols} input features do not pack into 32-bit words of {config.bits}-bit values")
-            stem = name.removesuffix(".weight")
-            for part, (shape, dtype) in packed_shapes(rows, cols, config.bits, config.group_size).items():
-                specs.append(TensorSpec(f"{stem}.{part}", dtype, shape))
-                per_layer.setdefault(str(info.layer), []).append(f"{stem}.{part}")
-        else:
+        replaced = quantizer.output_specs(spec, info) if info.family == "llm" and info.part == "layer" else None
+        if replaced is None:
             specs.append(spec)
+        else:
+            specs.extend(replaced)
+            per_layer.setdefault(info.layer, []).extend(s.name for s in replaced)
     return specs, per_layer
 
 
-def _causal_mask(length: int) -> torch.Tensor:
-    return torch.full((length, length), float("-inf")).triu(1)[None, None]
+class _Captured(Exception):
+    """Ends a forward at a pre-hook once the wanted input is seen."""
 
 
-def _run_layer(layer, rotary, hidden: torch.Tensor) -> torch.Tensor:
-    positions = torch.arange(hidden.shape[1])[None]
-    with torch.no_grad():
-        out = layer(hidden, attention_mask=_causal_mask(hidden.shape[1]), position_ids=positions,
-                    position_embeddings=rotary(hidden, positions))
-    return out[0] if isinstance(out, tuple) else out
+class DecoderLayer:
+    """One decoder layer under calibration: the native module (float32, on `device`), its rotary
+    embedding, the cached samples, and the original-layout view of its modules.
+
+    `stems` maps an original module name ("attention.wqkv") to its key stem
+    ("language_model.model.layers.3.attention.wqkv"); `layer_links` maps an original key to
+    its native_map Link (native names, split and merge). KeyError for a module the layer lacks."""
+
+    def __init__(self, index: int, module: torch.nn.Module, rotary: torch.nn.Module, acts: Activations,
+                 stems: dict[str, str], layer_links: dict[str, Link], device: str):
+        self.index, self.module, self.rotary, self.acts = index, module, rotary, acts
+        self.stems, self.links, self.device = stems, layer_links, device
+        self._native_prefix = f"model.language_model.layers.{index}."
+
+    def work(self, dialect: Dialect, log: Callable[[str], None]) -> LayerWork:
+        """The LayerWork a quantizer sees for this layer."""
+        return LayerWork(self.index, dialect, self.weight, self.set_weight, self.inputs, self.outputs, log, self.device)
+
+    def _params(self, module: str) -> tuple[Link, list[torch.nn.Module], list[str]]:
+        link = self.links[f"{self.stems[module]}.weight"]
+        owners, leaves = [], []
+        for native in link.natives:
+            *path, leaf = native.removeprefix(self._native_prefix).split(".")
+            owners.append(self.module.get_submodule(".".join(path)))
+            leaves.append(leaf)
+        return link, owners, leaves
+
+    def weight(self, module: str) -> torch.Tensor:
+        """The current weight of an original-layout module (fused tensors merged), float32; read-only."""
+        link, owners, leaves = self._params(module)
+        parts = [owner._parameters[leaf].detach() for owner, leaf in zip(owners, leaves)]
+        return link.merge(*parts) if link.merge else parts[0]
+
+    def set_weight(self, module: str, tensor: torch.Tensor) -> None:
+        """Put an original-layout weight into the native layer (split when fused), on the layer's device."""
+        link, owners, leaves = self._params(module)
+        parts = link.split(tensor) if link.split else (tensor,)
+        for owner, leaf, part in zip(owners, leaves, parts):
+            owner._parameters[leaf] = torch.nn.Parameter(part.to(self.device).contiguous(), requires_grad=False)
+
+    def _forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        hidden = hidden.to(self.device)
+        positions = torch.arange(hidden.shape[1], device=hidden.device)[None]
+        mask = torch.full((hidden.shape[1], hidden.shape[1]), float("-inf"), device=hidden.device).triu(1)[None, None]
+        with torch.no_grad():
+            out = self.module(hidden, attention_mask=mask, position_ids=positions,
+                              position_embeddings=self.rotary(hidden, positions))
+        return out[0] if isinstance(out, tuple) else out
+
+    def inputs(self, hook: str) -> Iterator[torch.Tensor]:
+        """Per cached sample, the input of native module `hook` (the forward stops there)."""
+        target = self.module.get_submodule(hook)
+
+        def capture(_module, args):
+            raise _Captured(args[0])
+
+        for hidden in self.acts:
+            handle = target.register_forward_pre_hook(capture)  # only while this sample runs
+            try:
+                self._forward(hidden)
+            except _Captured as seen:
+                captured = seen.args[0]
+            else:
+                raise RuntimeError(f"layer {self.index}: {hook} never ran in the decoder layer's forward")
+            finally:
+                handle.remove()
+            yield captured
+
+    def outputs(self) -> Iterator[torch.Tensor]:
+        """Per cached sample, the layer's output [1, T, hidden] under its current weights."""
+        for hidden in self.acts:
+            yield self._forward(hidden)
 
 
-def _assign_dequantized(layer, layer_links: dict, key: str, weight: torch.Tensor, index: int) -> None:
-    """Put a dequantized original weight into the native layer (splitting fused InternLM2 wqkv)."""
-    link = layer_links[key]
-    parts = link.split(weight) if link.split else (weight,)
-    prefix = f"model.language_model.layers.{index}."
-    for native, tensor in zip(link.natives, parts):
-        *path, leaf = native[len(prefix):].split(".")
-        module = layer
-        for piece in path:
-            module = getattr(module, piece)
-        module._parameters[leaf] = torch.nn.Parameter(tensor.contiguous(), requires_grad=False)
-
-
-def quantize_layer(reader, config: dict, layout, index: int, acts: Activations, job: GPTQJob, writer: CheckpointWriter,
+def quantize_layer(reader: CheckpointReader, config: dict, layout: Layout, index: int, acts: Activations, quantizer: Quantizer,
+                   job: CalibrationJob, writer: CheckpointWriter, planned: list[str], all_links: dict[str, Link],
                    log: Callable[[str], None]) -> Activations:
-    """GPTQ one decoder layer; returns its outputs (the next layer's inputs)."""
-    layer, rotary = build_decoder_layer(reader, config, layout, index, torch.float32)
-    layer, rotary = layer.to(job.device), rotary.to(job.device)
-    layer_links = {l.original: l for l in links(config, layout, adapt_v1=False)
-                   if l.original.startswith(f"language_model.model.layers.{index}.")}
-    for group in SEQUENCE[layout.dialect]:
-        # the linears of a group read the same input, so they share one Hessian
-        module = layer.get_submodule(group[0][1])
-        accumulator = HessianAccumulator(module.in_features, job.device)
-        handle = module.register_forward_pre_hook(lambda _m, args: accumulator.add(args[0]))
-        for hidden in acts:
-            _run_layer(layer, rotary, hidden.to(job.device))
-        handle.remove()
-        prepared = prepare_hessian(accumulator.take(), job.config)  # consumes H; shared by the group's linears
-        for original, _native in group:
-            key = f"language_model.model.layers.{index}.{original}.weight"
-            result = gptq_quantize(reader.get(key).to(job.device), prepared, job.config)
-            stem = key.removesuffix(".weight")
-            for part, tensor in pack(result, job.config.bits).items():
-                writer.write(f"{stem}.{part}", tensor)
-            _assign_dequantized(layer, layer_links, key, result.dequantize().to(job.device), index)
-            log(f"layer {index} {original}: GPTQ loss {result.loss:.4g}")
-            del result
-        del prepared
+    """Quantize decoder layer `index` with `quantizer`, writing its `planned` tensors; returns the
+    layer's outputs (the next layer's inputs). RuntimeError when the quantizer leaves a planned
+    tensor unwritten."""
+    module, rotary = build_decoder_layer(reader, config, layout, index, torch.float32)
+    stems = {}
+    for key in layout.llm_layer_keys(index):
+        info = layout.keys[key]
+        stems[info.module] = key.removesuffix(f".{info.param}")
+    layer = DecoderLayer(index, module.to(job.device), rotary.to(job.device), acts, stems, all_links, job.device)
+    work = layer.work(layout.record, log)
+    written: set[str] = set()
+
+    def apply(updates: Iterable[tuple[str, ModuleUpdate]]) -> None:
+        for name, update in updates:
+            for suffix, tensor in update.tensors.items():
+                writer.write(f"{stems[name]}.{suffix}", tensor)
+                written.add(f"{stems[name]}.{suffix}")
+            if update.weight is not None:
+                layer.set_weight(name, update.weight)
+
+    apply(quantizer.prepare_layer(work))
+    for group in layout.record.groups:
+        for inputs in layer.inputs(group.hook):
+            quantizer.observe(group, inputs)
+        apply(quantizer.quantize_group(GroupWork(work, group)))
+    missing = [name for name in planned if name not in written]
+    if missing:
+        raise RuntimeError(f"{quantizer.name}: layer {index} left {len(missing)} planned tensors unwritten (first: {missing[0]})")
     outputs = Activations(acts.folder.parent / f"after-layer-{index}", job.memory_budget)
-    for hidden in acts:
-        outputs.append(_run_layer(layer, rotary, hidden.to(job.device)).cpu())
-    shutil.rmtree(acts.folder, ignore_errors=True)
+    for hidden in layer.outputs():
+        outputs.append(hidden.cpu())
+    acts.discard()
     return outputs
 
 
-def quantize_gptq(source: Path, out: Path, job: GPTQJob, *, max_shard_size: int, overwrite: bool = False, resume: bool = False,
-                  progress: Callable[[int], None] | None = None, log: Callable[[str], None] = lambda _m: None) -> Path:
-    """Run GPTQ over every decoder layer of an original-layout checkpoint and write the result."""
+def quantize_calibrated(source: Path, out: Path, quantizer: Quantizer, job: CalibrationJob, *, max_shard_size: int,
+                        overwrite: bool = False, resume: bool = False, progress: Callable[[int], None] | None = None,
+                        log: Callable[[str], None] = lambda _m: None) -> Path:
+    """Quantize every decoder layer of an original-layout checkpoint with `quantizer` and write OUT.
+
+    `progress(n)` is called after each finished layer (n layers done); `log` gets progress lines
+    and warnings. `resume` continues an interrupted run from OUT.partial/. Raises InputError for a
+    quantized, native-layout or LoRA-carrying input, and for a resume whose options differ."""
+    method = quantizer.name.upper()
     with CheckpointReader(source) as reader:
         config = reader.config()
         if config.get("quantization_config"):
             raise InputError(f"{source}/config.json: the checkpoint is already quantized; quantize the bf16 checkpoint")
         if config.get("model_type") == "internvl":
-            raise InputError(f"{source}: GPTQ reads the original layout; quantize it first, then `convert --to hf`")
+            raise InputError(f"{source}: {method} reads the original layout; quantize it first, then `convert --to hf`")
         layout = build_layout(config, reader.specs())
         if layout.lora:
             raise InputError(f"{source}: embedded LoRA adapters; merge them first with `internvl-tools merge-lora`")
-        specs, per_layer = output_plan(reader, layout, job.config)
-        quantized = {name for names in per_layer.values() for name in names}
-        new_config = dict(config, quantization_config=gptq_quantization_config(job.config))
+        specs, per_layer = output_plan(reader, layout, quantizer)
+        replaced = {name for names in per_layer.values() for name in names}
+        new_config = dict(config, quantization_config=quantizer.quantization_config(layout))
+        all_links = {link.original: link for link in links(config, layout, adapt_v1=False)}
         with CheckpointWriter(out, specs, max_shard_size=max_shard_size, inputs=[Path(source)], overwrite=overwrite or resume,
                               resumable=True) as writer:
-            state_path, work = writer.partial / STATE, writer.partial / WORK
-            state = json.loads(state_path.read_text()) if resume and writer.resumed and state_path.exists() else None
-            if state is not None and state["job"] != json.loads(json.dumps(asdict(job))):
-                raise InputError(f"{out}.partial: the interrupted run used other options ({state['job']}); rerun without --resume")
-            done = state["layers_done"] if state else 0
-            if state:
-                writer.mark_written([s.name for s in specs if s.name not in quantized])
-                writer.mark_written([n for layer in range(done) for n in per_layer[str(layer)]])
-                acts = Activations.load_all(work / "current", job.memory_budget)
+            state = ResumeState(writer.partial, quantizer.name,
+                                {"method": quantizer.name, "options": quantizer.options(), "calibration": asdict(job)})
+            done = state.load(writer.partial) if resume and writer.resumed else None
+            if done is not None:
+                writer.mark_written([s.name for s in specs if s.name not in replaced])
+                writer.mark_written([n for layer in range(done) for n in per_layer.get(layer, [])])
+                acts = state.activations(job.memory_budget)
                 log(f"resuming after layer {done - 1}")
             else:
+                done = 0
                 for spec in specs:
-                    if spec.name not in quantized:
+                    if spec.name not in replaced:
                         writer.copy_stored(spec.name, reader.stored(spec.name))
                 samples = load_samples(Path(job.calib), job.num_samples) if job.calib else builtin_samples(job.num_samples, job.seed)
-                acts = calibration_embeddings(reader, config, layout, samples, job.seq_len, job.memory_budget, work / "spill")
-                _checkpoint_state(state_path, work, acts, job, 0)
+                acts = calibration_embeddings(reader, config, layout, samples, job.seq_len, job.memory_budget, state.spill)
+                state.save(acts, 0)
             for index in range(done, layout.llm_layers):
-                acts = quantize_layer(reader, config, layout, index, acts, job, writer, log)
-                _checkpoint_state(state_path, work, acts, job, index + 1)
+                acts = quantize_layer(reader, config, layout, index, acts, quantizer, job, writer, per_layer.get(index, []),
+                                      all_links, log)
+                state.save(acts, index + 1)
                 if progress:
                     progress(index + 1)
-            state_path.unlink(missing_ok=True)
-            shutil.rmtree(work, ignore_errors=True)
+            state.clear()
             return writer.finalize(side_files_from=Path(source), files={"config.json": new_config})
-
-
-def _checkpoint_state(state_path: Path, work: Path, acts: Activations, job: GPTQJob, layers_done: int) -> None:
-    """Persist the activations and the number of finished layers (atomically enough: state last)."""
-    fresh = work / "next"
-    shutil.rmtree(fresh, ignore_errors=True)
-    acts.save_all(fresh)
-    shutil.rmtree(work / "current", ignore_errors=True)
-    fresh.rename(work / "current")
-    state_path.write_text(json.dumps({"job": asdict(job), "layers_done": layers_done}))

@@ -6,12 +6,17 @@ writing tensors, resume. A method (GPTQ in calibrate/gptq_quantizer.py; AWQ next
 `Quantizer` and sees one decoder layer at a time:
 
     for each decoder layer (float32, built alone from the checkpoint):
-        updates = quantizer.prepare_layer(layer)             # optional, e.g. AWQ scale search + folds
+        apply(quantizer.prepare_layer(layer))               # optional, e.g. AWQ scale search + folds
         for each input group of the dialect (models/dialects.py InputGroup, execution order):
             for each cached sample: quantizer.observe(group, input of group.hook)  # [1, T, in]
-            updates |= quantizer.quantize_group(GroupWork(layer, group))
-            (each update's weight is put into the layer, so later groups see it)
-        write every update's tensors; run the samples through the layer -> next layer's inputs
+            apply(quantizer.quantize_group(GroupWork(layer, group)))
+        check every planned tensor of the layer was written; run the samples through the
+        (now quantized) layer -> the next layer's inputs; save the resume state
+
+where apply(updates) takes the (module, ModuleUpdate) pairs as they come: it writes each
+update's tensors (a tensor written twice is an error) and puts its weight into the layer, so
+later groups see the quantized outputs (true-sequential) and no two dequantized copies of a
+big linear need to be alive at once.
 
 Module names are those of the original (remote-code) layout inside a decoder layer, e.g.
 "self_attn.q_proj" or "attention.wqkv"; the pipeline maps them to the native modules it runs
@@ -22,7 +27,7 @@ Module names are those of the original (remote-code) layout inside a decoder lay
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -110,11 +115,13 @@ class Quantizer(ABC):
     def quantization_config(self, layout: Layout) -> dict:
         """The top-level `quantization_config` for the output's config.json."""
 
-    def prepare_layer(self, work: LayerWork) -> dict[str, ModuleUpdate]:
+    def prepare_layer(self, work: LayerWork) -> Iterable[tuple[str, ModuleUpdate]]:
         """Called once per layer before its groups, with the layer still in float32: the place
-        for changes across groups (AWQ: search each group's input scales on the layer's
-        forward and fold them into `after`). Returns updates like `quantize_group`; none by default."""
-        return {}
+        for changes across groups (AWQ: search each group's input scales on the layer's forward,
+        fold 1/s into `after` and s into the group's linears, here as ModuleUpdate({}, weight) for a
+        linear quantized later and ModuleUpdate({"weight": w}, w) for a rescaled norm).
+        Returns (module, update) pairs like `quantize_group`; none by default."""
+        return ()
 
     @abstractmethod
     def observe(self, group: InputGroup, inputs: torch.Tensor) -> None:
@@ -122,12 +129,13 @@ class Quantizer(ABC):
         sample order; the tensor must not be kept beyond what the method needs (statistics)."""
 
     @abstractmethod
-    def quantize_group(self, work: GroupWork) -> dict[str, ModuleUpdate]:
-        """Quantize `work.group.linears` after every sample was observed: module -> update.
+    def quantize_group(self, work: GroupWork) -> Iterable[tuple[str, ModuleUpdate]]:
+        """Quantize `work.group.linears` after every sample was observed: (module, update) pairs
+        (a generator, so each is applied before the next is made, or e.g. `dict.items()`).
 
-        Must return an update with tensors for each linear of the group (and may update other
-        modules, e.g. `after`). Errors that one linear can survive (a failing factorization)
-        must be handled here with a warning through `work.layer.log`, never raised."""
+        Must give each linear of the group an update with its planned tensors. Errors that one
+        linear can survive (a failing factorization) are handled here, with a warning through
+        `work.layer.log` that names the linear, never raised."""
 
     def summary(self) -> dict:
         """JSON-able facts about the finished run (e.g. linears that fell back to round-to-nearest)."""

@@ -15,7 +15,8 @@ from ..models.layout import build_layout
 from ..errors import InputError
 from ..io.reader import CheckpointReader
 from ..io.writer import check_output, parse_size
-from ..planners.gpu_layout import order_by_gpu, plan_for_checkpoint
+from ..models.views import open_view
+from ..planners.gpu_layout import native_device_map, order_by_gpu, plan_for_checkpoint
 from ..evaluate.inspect import summarize
 from ..transforms.shard import reshard
 from .gpu_plan import GpuOptions, does_not_fit_message, gpu_options, parse_gpu_options, plan_json, print_plan
@@ -57,12 +58,17 @@ def inspect_cmd(checkpoint: Path, as_json: bool, **gpu_args) -> None:
 
 def _plan(checkpoint: Path, options: GpuOptions):
     """The GPU plan of a checkpoint, the plans of its quantized versions when it does not fit, its layout."""
-    with CheckpointReader(checkpoint) as reader:
-        config = reader.config()
-        layout = build_layout(config, reader.specs())
-        plan, _sizes, alternatives = plan_for_checkpoint(reader, config, layout, options.gpus, options.gpu_bytes,
+    with open_view(checkpoint) as view:
+        config = view.config()
+        layout = build_layout(config, view.specs())
+        plan, _sizes, alternatives = plan_for_checkpoint(view, config, layout, options.gpus, options.gpu_bytes,
                                                          **options.planner_kwargs())
-        return plan, alternatives, layout
+        if view.layout_name == "native":  # device_map.json in the module names from_pretrained sees
+            plan = native_device_map(plan, layout)
+            groups = order_by_gpu(layout, plan, view)
+        else:
+            groups = order_by_gpu(layout, plan)
+        return plan, alternatives, groups
 
 
 def finish(summary: dict, as_json: bool, line: str) -> None:
@@ -163,7 +169,7 @@ def shard_cmd(checkpoint: Path, out: Path | None, max_shard_size: str, plan_only
     summary: dict = {}
     groups = files = None
     if options:
-        plan, alternatives, layout = _plan(checkpoint, options)
+        plan, alternatives, ordered = _plan(checkpoint, options)
         summary["gpu_plan"] = plan_json(plan)
         if not as_json:
             print_plan(plan, options)
@@ -175,7 +181,7 @@ def shard_cmd(checkpoint: Path, out: Path | None, max_shard_size: str, plan_only
             if as_json:
                 emit_json(summary)
             return
-        groups = order_by_gpu(layout, plan)
+        groups = ordered
         files = {"device_map.json": plan.device_map}
     check_output(out, [checkpoint], overwrite)
     total = summarize(checkpoint)["bytes"]["total"]
@@ -299,7 +305,7 @@ VISION_BELOW_8 = ("quantizing the vision tower below 8 bits is refused: InternVi
 def _run_gptq(checkpoint: Path, out: Path, options: dict, limit: int, as_json: bool) -> dict:
     import torch
 
-    from ..calibrate.pipeline import GPTQJob, quantize_gptq
+    from ..calibrate.gptq_quantizer import GPTQJob, quantize_gptq
     from ..calibrate.gptq import GPTQConfig
 
     if options["only"] or options["skip"]:
@@ -317,7 +323,7 @@ def _run_gptq(checkpoint: Path, out: Path, options: dict, limit: int, as_json: b
         layers = reader.config().get("llm_config", {}).get("num_hidden_layers", 0)
     with layer_progress("GPTQ", layers, enabled=not as_json) as advance:
         quantize_gptq(checkpoint, out, job, max_shard_size=limit, overwrite=options["overwrite"], resume=options["resume"],
-                      progress=advance)
+                      progress=advance, log=lambda line: click.echo(line, err=True) if line.startswith("warning:") else None)
     return {"out": str(out), "method": "gptq", "bits": config.bits, "group_size": config.group_size, "sym": config.sym,
             "desc_act": config.desc_act, "layers": layers,
             "detail": f"{layers} decoder layers in GPTQ {config.bits}-bit, group {config.group_size}, {'sym' if config.sym else 'asym'}"}

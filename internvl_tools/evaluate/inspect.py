@@ -8,6 +8,7 @@ from pathlib import Path
 from ..models.families import identify
 from ..models.layout import Layout, build_layout
 from ..io.reader import CheckpointReader
+from ..models.views import open_view
 
 QUANT_AUX = {"qzeros", "scales", "g_idx", "SCB", "weight_format", "weight_scale", "weight_zero_point", "weight_shape"}
 GIB = 2**30
@@ -15,7 +16,7 @@ GIB = 2**30
 
 def load(folder: str | Path) -> tuple[CheckpointReader, dict, Layout]:
     """Open a checkpoint, read its config, and classify its keys (validates everything)."""
-    reader = CheckpointReader(folder)
+    reader = open_view(folder)
     config = reader.config()
     layout = build_layout(config, reader.specs())
     return reader, config, layout
@@ -65,6 +66,7 @@ def summarize(folder: str | Path) -> dict:
     style = vision_cfg.get("norm_type", "rms_norm")
     return {
         "path": str(Path(folder)),
+        "layout": getattr(reader, "layout_name", "original"),
         "family": identify(style, layout.dialect, config.get("ps_version", "v1"), llm_cfg.get("hidden_size", 0),
                            config.get("template"), str(config.get("_name_or_path") or "")),
         "template": config.get("template"),
@@ -91,7 +93,7 @@ def summarize(folder: str | Path) -> dict:
         },
         "quantization": {k: quant[k] for k in ("quant_method", "bits", "group_size", "load_in_8bit") if k in quant} or None,
         "shards": len(reader.shards),
-        "tensors": len(reader),
+        "tensors": len(getattr(reader, "reader", reader)),
         "dtypes": dict(dtypes),
         "bytes": {"total": reader.total_bytes, **dict(bytes_by_family)},
         "params": {"total": total_params, **params},

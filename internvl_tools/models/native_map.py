@@ -69,6 +69,29 @@ def link_for_key(config: dict, info, *, adapt_v1: bool) -> Link:
     return _llm_link(key, info, get_dialect(llm_dialect(config)), heads, kv_heads, head_dim)
 
 
+def native_module(module: str, record: Dialect) -> str:
+    """The native module path of an original-layout module path (a device-map entry):
+    vision_model -> model.vision_tower, mlp1 -> model.multi_modal_projector,
+    language_model.model.layers.N -> model.language_model.layers.N, the embeddings / final
+    norm / head of the dialect -> model.language_model.embed_tokens / .norm, lm_head.
+
+    Raises LayoutError for a path outside these (a device map names whole parts only)."""
+    llm = f"{LLM_PREFIX}.model."
+    if module == VISION.prefix or module.startswith(VISION.prefix + "."):
+        return VISION.native_prefix + module[len(VISION.prefix):]
+    if module == PROJECTOR.prefix:
+        return PROJECTOR.native_prefix
+    if module == f"{LLM_PREFIX}.{record.head}":
+        return NATIVE_HEAD
+    if module == f"{llm}{record.embed}":
+        return f"{NATIVE_LLM_PREFIX}.embed_tokens"
+    if module.startswith(llm):
+        return f"{NATIVE_LLM_PREFIX}.{module[len(llm):]}"
+    if module == LLM_PREFIX:
+        return NATIVE_LLM_PREFIX
+    raise LayoutError(f"module {module!r} has no native counterpart; device maps name vision_model, mlp1 and language_model parts")
+
+
 # -- vision -------------------------------------------------------------------------------
 def _vision_link(key: str, info, v1: bool, grid: int) -> Link:
     base = VISION.native_prefix + "."

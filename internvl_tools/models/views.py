@@ -19,7 +19,7 @@ from pathlib import Path
 from ..errors import LayoutError
 from ..io.reader import CheckpointReader, read_json
 from ..io.safetensors_format import TensorSpec
-from .dialects import dialect_of_native_model_type
+from .dialects import get_dialect
 from .layout import build_layout, classify_key, llm_dialect
 from .native_layout import is_native, modern_key, original_config, original_keys
 from .native_map import SIDECAR, Link, link_for_key, links
@@ -39,15 +39,18 @@ class NativeView:
         self.native_config = native_config
         sidecar = reader.folder / SIDECAR
         self._renamed = {modern_key(k): k for k in reader.keys()}  # legacy -hf prefixes
-        if sidecar.exists():
+        if sidecar.exists():  # exact original config and key order (InternLM2 stays InternLM2)
             saved = read_json(sidecar)
-            self._config, keys = saved["config"], list(saved["keys"])
+            self._config, order = dict(saved["config"]), list(saved["keys"])
             self.sidecar = True
         else:
-            self._config = original_config(native_config, reader.folder)
-            dialect = dialect_of_native_model_type(native_config["text_config"].get("model_type"), "config.json: text_config.model_type")
-            keys = original_keys(reader.keys(), dialect)
+            self._config, order = original_config(native_config, reader.folder), []
             self.sidecar = False
+        if native_config.get("quantization_config"):  # the native config is authoritative for it
+            self._config["quantization_config"] = native_config["quantization_config"]
+        derived = original_keys(reader.keys(), get_dialect(llm_dialect(self._config)))
+        present = set(derived)
+        keys = [k for k in order if k in present] + [k for k in derived if k not in set(order)]
         self._layout = build_layout(self._config, [TensorSpec(k, "BF16", ()) for k in keys])
         self._links = {link.original: link for link in links(self._config, self._layout, adapt_v1=True)}
         self._keys = [k for k in keys if k in self._links]
@@ -55,6 +58,11 @@ class NativeView:
         if missing:
             raise LayoutError(f"{reader.folder}: native key {missing[0]!r} is missing ({len(missing)} missing); "
                               "the checkpoint is incomplete or its config.json does not match the weights")
+        covered = {self._renamed[n] for link in self._links.values() for n in link.natives}
+        extra = [k for k in reader.keys() if k not in covered]
+        if extra:
+            raise LayoutError(f"{reader.folder}: key {extra[0]!r} is not part of the checkpoint's InternVL layout "
+                              f"({len(extra)} such keys); is {SIDECAR} from another checkpoint?")
 
     def keys(self) -> list[str]:
         return list(self._keys)
@@ -145,6 +153,13 @@ def native_output_names(view, name: str) -> tuple[str, ...]:
     if getattr(view, "layout_name", "original") == "original":
         return (name,)
     return link_for(view, name).natives
+
+
+def stored_names(view, name: str) -> list[str]:
+    """The checkpoint's own key(s) behind an original-layout key of `view`."""
+    if getattr(view, "layout_name", "original") == "original":
+        return [name]
+    return [view._native(n) for n in view.link(name).natives]
 
 
 def link_for(view, name: str) -> Link:

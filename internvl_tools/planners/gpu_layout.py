@@ -6,6 +6,8 @@ import math
 from dataclasses import replace
 
 from ..models.layout import Layout
+from ..models.native_map import native_module
+from ..models.views import stored_names
 from ..io.reader import CheckpointReader
 from .device_map import DevicePlan, ModelSizes, plan_devices
 
@@ -79,14 +81,22 @@ def quantized_sizes(sizes: ModelSizes, reader: CheckpointReader, layout: Layout,
     return replace(sizes, layer_bytes=tuple(layers))
 
 
-def order_by_gpu(layout: Layout, plan: DevicePlan) -> list[list[str]]:
-    """Checkpoint keys grouped by the GPU that holds them (GPU 0 first), for shard grouping."""
+def order_by_gpu(layout: Layout, plan: DevicePlan, view=None) -> list[list[str]]:
+    """Checkpoint keys grouped by the GPU that holds them (GPU 0 first), for shard grouping.
+
+    With a native-layout `view` (models.views.NativeView) the keys are its stored native keys."""
     owner: dict[int, int] = {layer: gpu.gpu for gpu in plan.gpus for layer in gpu.layers}
     groups: list[list[str]] = [[] for _ in plan.gpus]
     for name, info in layout.keys.items():
         gpu = owner[info.layer] if (info.family == "llm" and info.part == "layer") else 0
-        groups[gpu].append(name)
+        groups[gpu].extend(stored_names(view, name) if view is not None else [name])
     return groups
+
+
+def native_device_map(plan: DevicePlan, layout: Layout) -> DevicePlan:
+    """The plan with its device map in native module names (InternVLForConditionalGeneration)."""
+    device_map = {native_module(module, layout.record): gpu for module, gpu in plan.device_map.items()}
+    return replace(plan, device_map=device_map)
 
 
 def plan_for_checkpoint(reader: CheckpointReader, config: dict, layout: Layout, num_gpus: int, gpu_bytes: int,

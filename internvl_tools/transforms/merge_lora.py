@@ -14,6 +14,7 @@ from pathlib import Path
 from ..models.layout import build_layout
 from ..errors import InputError
 from ..io.reader import CheckpointReader
+from ..models.views import open_view
 from .adapters import AdapterSet, Delta, embedded_deltas, open_peft_adapter, peft_deltas, plain_key
 from .stream import Output, run_transform
 
@@ -141,12 +142,16 @@ def plan_merge(reader: CheckpointReader, adapters: list[Path], alpha: float | No
 
 def merge_lora(source: Path, out: Path, *, adapters: list[Path] = (), alpha: float | None = None, max_shard_size: int,
                overwrite: bool = False, progress: Callable[[int], None] | None = None) -> tuple[Path, AdapterSet]:
-    """Merge and write; returns the output path and what was merged."""
-    with CheckpointReader(source) as reader:
+    """Merge and write; returns the output path and what was merged.
+
+    Works on either layout: a native-layout checkpoint is merged through its original-layout
+    view (models.views) and written back in the native layout."""
+    with open_view(source) as reader:
         outputs, plan, config, sources = plan_merge(reader, list(adapters), alpha)
+        native = reader.layout_name == "native"
         try:
             path = run_transform(source, out, outputs, max_shard_size=max_shard_size, overwrite=overwrite,
-                                 files={"config.json": config}, progress=progress)
+                                 files={} if native else {"config.json": config}, names="original", progress=progress)
         finally:
             sources.close()
     return path, plan

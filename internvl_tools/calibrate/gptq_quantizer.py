@@ -1,0 +1,140 @@
+"""GPTQ (Frantar et al. 2022) plugged into the calibrated pipeline as a `Quantizer`.
+
+Per input group of a decoder layer: the observed inputs build one Hessian H = 2 X^T X / n
+(shared by the group's linears, e.g. q/k/v), prepared once (order, dampening, inverse
+Cholesky; calibrate/gptq.py), then each linear is quantized with it, packed in the GPTQ v1
+checkpoint format (formats/gptq.py) and handed back with its dequantized weight, so the next
+group sees the quantized layer's outputs (true-sequential).
+
+A Hessian that stays singular up to the top of the dampening ladder (non-finite or degenerate
+calibration inputs) does not stop the run: its linears are quantized with round-to-nearest
+and a warning naming them goes to the log.
+
+`GPTQJob` / `quantize_gptq` are the one-call entry point of `quantize --method gptq`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import InputError
+from ..formats.gptq import gptq_quantization_config, pack, packed_shapes
+from ..io.safetensors_format import TensorSpec
+from ..models.dialects import InputGroup
+from ..models.layout import KeyInfo, Layout
+from .gptq import GPTQConfig, HessianAccumulator, HessianNotPositiveDefinite, prepare_hessian, gptq_quantize, rtn_quantize
+from .pipeline import CalibrationJob, quantize_calibrated
+from .quantizer import GroupWork, ModuleUpdate, Quantizer
+
+
+class GPTQQuantizer(Quantizer):
+    """GPTQ with one Hessian per input group; see the module docstring.
+
+    `summary()` gives {"linears": count, "round_to_nearest": [linears that fell back],
+    "damp_raised": {linears: damp used}}."""
+
+    name = "gptq"
+
+    def __init__(self, config: GPTQConfig):
+        self.config = config
+        self._pending: tuple[InputGroup, HessianAccumulator] | None = None
+        self._linears = 0
+        self._fallbacks: list[str] = []
+        self._damped: dict[str, float] = {}
+
+    def options(self) -> dict:
+        """The GPTQConfig as a dict (a resumed run must match it)."""
+        return asdict(self.config)
+
+    def output_specs(self, spec: TensorSpec, info: KeyInfo) -> list[TensorSpec] | None:
+        """A linear's `weight` [out, in] becomes qweight / qzeros / scales / g_idx; the rest is copied.
+
+        Raises InputError when `in` does not pack into 32-bit words of `bits`-bit values."""
+        if not (info.is_linear and info.param == "weight"):
+            return None
+        rows, cols = spec.shape
+        bits = self.config.bits
+        if cols % (32 // bits):
+            raise InputError(f"{spec.name}: {cols} input features do not pack into 32-bit words of {bits}-bit values")
+        stem = spec.name.removesuffix(".weight")
+        return [TensorSpec(f"{stem}.{part}", dtype, shape)
+                for part, (shape, dtype) in packed_shapes(rows, cols, bits, self.config.group_size).items()]
+
+    def quantization_config(self, layout: Layout) -> dict:
+        """GPTQ v1 quantization_config (formats/gptq.py): vision and mlp1 stay unquantized."""
+        return gptq_quantization_config(self.config)
+
+    def observe(self, group: InputGroup, inputs: torch.Tensor) -> None:
+        """Add one sample's group input [1, T, in] to the group's Hessian (on the input's device)."""
+        if self._pending is None or self._pending[0] != group:
+            self._pending = (group, HessianAccumulator(inputs.shape[-1], inputs.device))
+        self._pending[1].add(inputs)
+
+    def quantize_group(self, work: GroupWork) -> Iterator[tuple[str, ModuleUpdate]]:
+        """GPTQ each linear of the group with the group's Hessian (round-to-nearest when it cannot
+        be inverted, with a warning); yields (linear, update) one linear at a time so the pipeline
+        puts each dequantized weight in place before the next is made.
+
+        Raises RuntimeError when no input of the group was observed (a pipeline bug)."""
+        group, layer = work.group, work.layer
+        if self._pending is None or self._pending[0] != group:
+            raise RuntimeError(f"layer {layer.index} {', '.join(group.linears)}: no calibration input was observed")
+        accumulator, self._pending = self._pending[1], None
+        where = f"layer {layer.index} {', '.join(group.linears)}"
+        try:
+            prepared = prepare_hessian(accumulator.take(), self.config)  # consumes H; shared by the group's linears
+        except HessianNotPositiveDefinite as err:
+            prepared = None
+            self._fallbacks += [f"layer {layer.index} {name}" for name in group.linears]
+            layer.log(f"warning: {where}: GPTQ is impossible, {err} (non-finite or degenerate calibration inputs?); "
+                      "quantized with round-to-nearest instead")
+        if prepared is not None and prepared.damp != self.config.damp:
+            self._damped.update({f"layer {layer.index} {name}": prepared.damp for name in group.linears})
+            layer.log(f"warning: {where}: the Hessian needed damp {prepared.damp:g} (configured {self.config.damp:g})")
+        del accumulator
+        for name in group.linears:
+            weight = layer.weight(name)
+            result = gptq_quantize(weight, prepared, self.config) if prepared is not None else rtn_quantize(weight, self.config)
+            del weight
+            self._linears += 1
+            method = f"GPTQ loss {result.loss:.4g}" if prepared is not None else "round-to-nearest"
+            layer.log(f"layer {layer.index} {name}: {method}")
+            update = ModuleUpdate(pack(result, self.config.bits), result.dequantize().to(layer.device))
+            del result
+            yield name, update
+
+    def summary(self) -> dict:
+        """{"linears": count, "round_to_nearest": [...], "damp_raised": {...}} so far."""
+        return {"linears": self._linears, "round_to_nearest": list(self._fallbacks), "damp_raised": dict(self._damped)}
+
+
+@dataclass(frozen=True)
+class GPTQJob:
+    """Everything that defines a GPTQ run (a resumed run must match it): the scheme and the
+    calibration settings (see CalibrationJob)."""
+
+    config: GPTQConfig
+    num_samples: int = 128
+    seq_len: int = 2048
+    calib: str | None = None
+    seed: int = 0
+    memory_budget: int = 2 * 2**30  # bytes of activations kept in memory
+    device: str = "cpu"
+
+    def calibration(self) -> CalibrationJob:
+        """The calibration part of the job."""
+        fields = asdict(self)
+        fields.pop("config")
+        return CalibrationJob(**fields)
+
+
+def quantize_gptq(source: Path, out: Path, job: GPTQJob, *, max_shard_size: int, overwrite: bool = False, resume: bool = False,
+                  progress: Callable[[int], None] | None = None, log: Callable[[str], None] = lambda _m: None) -> Path:
+    """Run GPTQ over every decoder layer of an original-layout checkpoint and write OUT
+    (calibrate.pipeline.quantize_calibrated with a GPTQQuantizer; same errors)."""
+    return quantize_calibrated(source, out, GPTQQuantizer(job.config), job.calibration(), max_shard_size=max_shard_size,
+                               overwrite=overwrite, resume=resume, progress=progress, log=log)

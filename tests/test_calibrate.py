@@ -1,0 +1,192 @@
+"""The calibrated pipeline apart from GPTQ: what a Quantizer sees (groups from the dialect
+records, inputs, reruns, fused weights), AWQ-style folding through `prepare_layer`, and
+GPTQ's robustness when a Hessian cannot be inverted (dampening ladder, round-to-nearest)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from internvl_tools.calibrate import gptq as gptq_math
+from internvl_tools.calibrate.gptq import GPTQConfig, HessianNotPositiveDefinite, prepare_hessian, rtn_quantize
+from internvl_tools.calibrate.gptq_quantizer import GPTQQuantizer
+from internvl_tools.calibrate.pipeline import CalibrationJob, quantize_calibrated
+from internvl_tools.calibrate.quantizer import ModuleUpdate, Quantizer
+from internvl_tools.formats.gptq import pack
+from internvl_tools.models.dialects import get_dialect
+
+from .support import all_tensors
+
+DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+
+
+# -- the dampening ladder ---------------------------------------------------------------------
+def _upper_inverse_ok(prepared, h, damp):
+    dampened = h + damp * h.diagonal().mean() * torch.eye(h.shape[0])
+    torch.testing.assert_close(prepared.hinv.T @ prepared.hinv, torch.linalg.inv(dampened), rtol=1e-4, atol=1e-5)
+
+
+def test_indefinite_hessian_gets_more_dampening():
+    h = torch.tensor([[1.0, 1.05], [1.05, 1.0]])  # eigenvalues -0.05 and 2.05: damp 0.01 fails, 0.1 works
+    prepared = prepare_hessian(h.clone(), GPTQConfig(group_size=-1, damp=0.01))
+    assert prepared.damp == pytest.approx(0.1)
+    _upper_inverse_ok(prepared, h, prepared.damp)
+
+
+def test_second_factorization_failure_rebuilds_the_hessian(monkeypatch):
+    """When the factor of H^-1 fails after H's succeeded, H is rebuilt from L L^T and retried."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 8, generator=g)
+    h = 2 * x.T @ x / 64
+    real = torch.linalg.cholesky_ex
+    failures = []
+
+    def flaky(matrix, *, upper=False, out=None):
+        result = real(matrix, upper=upper, out=out)
+        if upper and not failures:
+            failures.append(1)
+            result.info.fill_(1)
+        return result
+
+    monkeypatch.setattr(gptq_math.torch.linalg, "cholesky_ex", flaky)
+    prepared = prepare_hessian(h.clone(), GPTQConfig(group_size=-1, damp=0.01))
+    assert failures and prepared.damp == pytest.approx(0.1)
+    _upper_inverse_ok(prepared, h, prepared.damp)
+
+
+def test_non_finite_hessian_is_refused_after_the_ladder():
+    h = torch.full((4, 4), float("nan"))
+    with pytest.raises(HessianNotPositiveDefinite, match="damp 1"):
+        prepare_hessian(h, GPTQConfig(group_size=-1))
+
+
+# -- GPTQ in the pipeline: a linear whose Hessian cannot be inverted --------------------------
+class PoisonedGPTQ(GPTQQuantizer):
+    """GPTQ whose layer-1 down_proj sees non-finite inputs (what a float16 overflow upstream makes)."""
+
+    layer = -1
+
+    def prepare_layer(self, work):
+        self.layer = work.index
+        return super().prepare_layer(work)
+
+    def observe(self, group, inputs):
+        if self.layer == 1 and group.linears == ("mlp.down_proj",):
+            inputs = torch.full_like(inputs, float("nan"))
+        super().observe(group, inputs)
+
+
+def test_failing_cholesky_falls_back_to_round_to_nearest(tiny, tmp_path, run_cli, monkeypatch):
+    import internvl_tools.calibrate.gptq_quantizer as module
+
+    family = "InternVL2-Llama3-76B"
+    monkeypatch.setattr(module, "GPTQQuantizer", PoisonedGPTQ)
+    result = run_cli("quantize", tiny(family), "-o", tmp_path / "q", "--method", "gptq", "--group-size", "32",
+                     "--num-samples", "4", "--seq-len", "64")
+    assert result.exit_code == 0, result.output
+    assert "Traceback" not in result.output
+    warnings = [line for line in result.output.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "layer 1 mlp.down_proj" in warnings[0] and "round-to-nearest" in warnings[0], result.output
+    src, dst = all_tensors(tiny(family)), all_tensors(tmp_path / "q")
+    config = GPTQConfig(4, 32)
+    for layer, expect_rtn in ((1, True), (0, False)):
+        stem = f"language_model.model.layers.{layer}.mlp.down_proj"
+        rtn = pack(rtn_quantize(src[stem + ".weight"], config), config.bits)
+        same = all(torch.equal(dst[f"{stem}.{part}"], tensor) for part, tensor in rtn.items())
+        assert same == expect_rtn, stem
+
+
+def test_summary_names_the_round_to_nearest_linears(tiny, tmp_path):
+    quantizer, lines = PoisonedGPTQ(GPTQConfig(4, 32)), []
+    quantize_calibrated(tiny("InternVL2-1B"), tmp_path / "q", quantizer, CalibrationJob(num_samples=2, seq_len=48),
+                        max_shard_size=10**9, log=lines.append)
+    summary = quantizer.summary()
+    assert summary["round_to_nearest"] == ["layer 1 mlp.down_proj"] and summary["damp_raised"] == {}
+    assert summary["linears"] == len(get_dialect("qwen2").linears) * 2  # the tiny model has 2 decoder layers
+    assert sum(line.startswith("warning:") for line in lines) == 1
+
+
+# -- the Quantizer interface, as AWQ will use it ----------------------------------------------
+class FoldingQuantizer(Quantizer):
+    """Quantizes nothing; checks what the pipeline hands over, and folds a per-channel scale s
+    into each group fed by a norm as AWQ does (norm x s, the group's input columns / s), which
+    leaves the model's function unchanged."""
+
+    name = "fold"
+
+    def __init__(self, dialect):
+        self.dialect = dialect
+        self.folded = {g.after for g in dialect.groups if g.after in dialect.norms}
+        self.calls, self.observed, self.dtypes = [], [], {}
+
+    def options(self):
+        return {"fold": sorted(self.folded)}
+
+    def output_specs(self, spec, info):
+        group = next((g for g in self.dialect.groups if g.after in self.folded and info.module in (g.after, *g.linears)), None)
+        if group is None or info.param != "weight":
+            return None
+        self.dtypes[spec.name] = DTYPES[spec.dtype]
+        return [spec]
+
+    def quantization_config(self, layout):
+        return {"quant_method": "none", "dialect": layout.dialect}
+
+    def _scale(self, columns):
+        return torch.linspace(0.5, 2.0, columns)
+
+    def prepare_layer(self, work):
+        self.calls.append(("prepare", work.index))
+        self.layer = work
+        for group in self.dialect.groups:
+            if group.after not in self.folded:
+                continue
+            norm = work.weight(group.after)
+            s = self._scale(norm.shape[0])
+            yield group.after, ModuleUpdate({"weight": self._stored(work, group.after, norm * s)}, norm * s)
+            for name in group.linears:
+                yield name, ModuleUpdate({}, work.weight(name) / s)
+
+    def _stored(self, work, module, tensor):
+        key = next(k for k in self.dtypes if k.startswith(f"language_model.model.layers.{work.index}.{module}."))
+        return tensor.to(self.dtypes[key])
+
+    def observe(self, group, inputs):
+        self.observed.append(inputs)
+
+    def quantize_group(self, work):
+        self.calls.append(("group", work.group.linears))
+        observed, self.observed = self.observed, []
+        assert all(torch.equal(a, b) for a, b in zip(work.inputs(), observed, strict=True))
+        assert len(list(work.layer.outputs())) == len(observed)
+        for name in work.group.linears:
+            weight = work.layer.weight(name)
+            assert all(x.dim() == 3 and x.shape[0] == 1 and x.shape[-1] == weight.shape[1] for x in observed), name
+            if work.group.after in self.folded:
+                yield name, ModuleUpdate({"weight": self._stored(work.layer, name, weight)}, None)
+
+
+@pytest.mark.parametrize("family", ["InternVL2-2B", "InternVL2-4B"])  # fused InternLM2 wqkv; Phi-3 qkv_proj / gate_up_proj
+def test_quantizer_interface_and_awq_style_folding(family, tiny, tmp_path):
+    from internvl_tools.runtime.model import InternVLRuntime
+
+    config = json.loads((tiny(family) / "config.json").read_text())
+    from internvl_tools.models.layout import llm_dialect
+
+    dialect = get_dialect(llm_dialect(config))
+    quantizer = FoldingQuantizer(dialect)
+    out = quantize_calibrated(tiny(family), tmp_path / "f", quantizer, CalibrationJob(num_samples=3, seq_len=64), max_shard_size=10**9)
+    layers = config["llm_config"]["num_hidden_layers"]
+    expected = [call for index in range(layers) for call in [("prepare", index)] + [("group", g.linears) for g in dialect.groups]]
+    assert quantizer.calls == expected
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == "none"
+    src, dst = all_tensors(tiny(family)), all_tensors(out)
+    assert src.keys() == dst.keys()
+    norm = f"language_model.model.layers.0.{sorted(quantizer.folded)[0]}.weight"
+    s = quantizer._scale(src[norm].shape[0])
+    torch.testing.assert_close(dst[norm].float(), (src[norm].float() * s).to(src[norm].dtype).float())
+    ids = torch.tensor([list(range(1, 30))])
+    want, got = InternVLRuntime(tiny(family)).logits(ids), InternVLRuntime(out).logits(ids)
+    assert (got - want).norm() / want.norm() < 0.02  # the fold is exact up to bf16 rounding
