@@ -55,35 +55,32 @@ def _unit(module: str) -> str:
     return parts[1] if len(parts) > 1 else ROOT_UNIT
 
 
-def _is_package(module: str, path: Path) -> bool:
-    return path.name == "__init__.py"
-
-
 def _imports(module: str, path: Path, top_level_only: bool):
     """(line, imported module) for each import of internvl_tools in the file, absolute names;
     `from X import a` names X.a when that is a module of the package, else X."""
     tree = ast.parse(path.read_text(), filename=str(path))
-    package = module if _is_package(module, path) else module.rpartition(".")[0]
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
 
-    def nodes(body):
+    def executed_at_import(body):
+        """Import statements run when the module is imported: not in functions, not under TYPE_CHECKING."""
         for node in body:
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 yield node
-            if top_level_only:
-                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                    continue  # runs later, not at import
-                if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-                    yield from nodes(node.orelse)  # the checker's imports never run
-                    continue
+            elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+                continue
+            elif isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+                yield from executed_at_import(node.orelse)
+            else:  # class bodies, if / try / with / for blocks
                 for field in ("body", "orelse", "finalbody", "handlers"):
-                    yield from nodes(getattr(node, field, []) or [])
-                for case in getattr(node, "cases", []) or []:
-                    yield from nodes(case.body)
-        if not top_level_only:
-            return
+                    yield from executed_at_import(getattr(node, field, None) or [])
+                for case in getattr(node, "cases", None) or []:
+                    yield from executed_at_import(case.body)
 
     found = []
-    candidates = nodes(tree.body) if top_level_only else (n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom)))
+    if top_level_only:
+        candidates = executed_at_import(tree.body)
+    else:  # every import anywhere: module level, functions, methods
+        candidates = (n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom)))
     for node in candidates:
         if isinstance(node, ast.Import):
             targets = [alias.name for alias in node.names]
@@ -110,8 +107,7 @@ def _rank(unit: str):
 
 def test_imports_point_down_the_layers():
     unknown = sorted({_unit(m) for m in MODULES} - set(RANKS) - {ROOT_UNIT})
-    assert not unknown, f"top-level packages/modules without a rank in RANKS: {unknown}"
-    offending = []
+    offending = [f"{PACKAGE}/{unit}: not in RANKS (give it a rank)" for unit in unknown]
     for module, path in MODULES.items():
         here = _unit(module)
         for line, target in _imports(module, path, top_level_only=False):
@@ -127,7 +123,7 @@ def test_imports_point_down_the_layers():
 def _sort_key(message: str):
     file, _, rest = message.partition(":")
     line = rest.split(" ", 1)[0]
-    return file, int(line), rest
+    return file, int(line) if line.isdigit() else 0, rest
 
 
 def test_no_module_level_import_cycles():
@@ -213,16 +209,21 @@ def test_test_modules_do_not_import_each_other():
     offending = []
     for path in sorted(TESTS.glob("test_*.py")):
         for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
-            if isinstance(node, ast.Import):
+            if isinstance(node, ast.Import):  # import tests.test_x / import test_x
                 names = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                stem = node.module or ""
-                names = [stem] + [f"{stem}.{alias.name}" if stem else alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):  # from .test_x import y / from . import test_x / from tests.test_x import y
+                if not node.level and not (node.module or "").split(".")[0] in ("tests", *test_modules):
+                    continue
+                stem = "tests." * bool(node.level) + (node.module or "")
+                names = [stem.rstrip(".") + "." + alias.name for alias in node.names]
             else:
                 continue
             for name in names:
-                last = [part for part in name.split(".") if part]
-                if any(part in test_modules for part in last):
-                    offending.append(f"{path.relative_to(ROOT)}:{node.lineno} imports {name}")
+                parts = [part for part in name.split(".") if part]
+                if parts and parts[0] == "tests":
+                    parts = parts[1:]
+                if parts and parts[0] in test_modules:
+                    offending.append(f"{path.relative_to(ROOT)}:{node.lineno} imports {name} ({ast.unparse(node)})")
                     break
-    assert not offending, "test modules import other test modules (move shared code to tests/support.py):\n" + "\n".join(offending)
+    assert not offending, ("test modules import other test modules (move shared code to tests/support.py):\n"
+                           + "\n".join(sorted(offending, key=_sort_key)))

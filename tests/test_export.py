@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import torch
 
+from internvl_tools.export.onnx_runner import onnx_vision
+
 from internvl_tools.errors import InputError
 from internvl_tools.export import tensorrt_engine as trt_engine
 from internvl_tools.export import vision_onnx
@@ -210,7 +212,7 @@ def test_onnx_embeddings_feed_the_llm(tiny, exported):
     image = Image.new("RGB", (120, 80), (200, 40, 40))
     family = "InternVL2-1B"
     torch_runtime = InternVLRuntime(tiny(family), dtype=torch.float32)
-    onnx_runtime = InternVLRuntime(tiny(family), dtype=torch.float32, vision_onnx=exported(family))
+    onnx_runtime = InternVLRuntime(tiny(family), dtype=torch.float32, vision_features=onnx_vision(exported(family)))
     assert onnx_runtime.vision is None
     assert torch_runtime.generate("Describe.", image, 6) == onnx_runtime.generate("Describe.", image, 6)
 

@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError
-from ..formats.gptq import gptq_quantization_config, pack, packed_shapes
+from ..formats.gptq import GPTQSettings, pack, packed_shapes
+from ..formats.gptq import quantization_config as gptq_quantization_config
 from ..io.safetensors_format import TensorSpec
 from ..models.dialects import InputGroup
 from ..models.layout import KeyInfo, Layout
@@ -66,7 +67,8 @@ class GPTQQuantizer(Quantizer):
 
     def quantization_config(self, layout: Layout) -> dict:
         """GPTQ v1 quantization_config (formats/gptq.py): vision and mlp1 stay unquantized."""
-        return gptq_quantization_config(self.config)
+        c = self.config
+        return gptq_quantization_config(GPTQSettings(bits=c.bits, group_size=c.group_size, sym=c.sym, desc_act=c.desc_act, damp=c.damp))
 
     def observe(self, group: InputGroup, inputs: torch.Tensor) -> None:
         """Add one sample's group input [1, T, in] to the group's Hessian (on the input's device)."""

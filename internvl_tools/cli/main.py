@@ -389,6 +389,7 @@ def chat_cmd(checkpoint: Path, question: str, image: Path | None, max_new_tokens
     import torch
     from PIL import Image, UnidentifiedImageError
 
+    from ..export.onnx_runner import onnx_vision
     from ..runtime.model import InternVLRuntime
 
     picture = None
@@ -398,7 +399,7 @@ def chat_cmd(checkpoint: Path, question: str, image: Path | None, max_new_tokens
         except (UnidentifiedImageError, OSError) as exc:
             raise InputError(f"{image}: not an image PIL can read ({exc})") from exc
     started = time.perf_counter()
-    runtime = InternVLRuntime(checkpoint, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32, vision_onnx=vision_onnx)
+    runtime = InternVLRuntime(checkpoint, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32, vision_features=onnx_vision(vision_onnx))
     text, ids = runtime.generate(question, picture, max_new_tokens=max_new_tokens)
     seconds = round(time.perf_counter() - started, 2)
     if as_json:

@@ -47,6 +47,7 @@ def verify_cmd(reference: Path, candidate: Path | None, bench: Path, limit: int,
 
     from ..evaluate.slices import read_slice
     from ..evaluate.verify import cache_key, compare_candidate, load_or_run_reference, summarize, verdict
+    from ..export.onnx_runner import onnx_vision
     from ..runtime.model import InternVLRuntime
 
     if candidate is None:
@@ -71,7 +72,7 @@ def verify_cmd(reference: Path, candidate: Path | None, bench: Path, limit: int,
     key = cache_key(reference, bench, limit, max_new_tokens)
     records = load_or_run_reference(reference, mine, ref_cache, key, max_new_tokens, torch_dtype,
                                     f"-rank{rank}of{world}" if world > 1 else "", device)
-    runtime = InternVLRuntime(candidate, dtype=torch_dtype, device=device, vision_onnx=vision_onnx)
+    runtime = InternVLRuntime(candidate, dtype=torch_dtype, device=device, vision_features=onnx_vision(vision_onnx, device))
     rows = compare_candidate(runtime, mine, records, max_new_tokens)
     rows = gather(rows, world, [i.index for i in items])
     if rank != 0:

@@ -48,3 +48,11 @@ class OnnxVision:
         parts = [self.session.run([self.meta["output"]["name"]], {self.meta["input"]["name"]: array[i:i + self.max_batch]})[0]
                  for i in range(0, array.shape[0], self.max_batch)]
         return torch.from_numpy(np.concatenate(parts).astype(np.float32))
+
+
+def onnx_vision(folder: str | Path | None, device: str | None = None):
+    """A `vision_features` factory for runtime.model.InternVLRuntime: config -> OnnxVision
+    (None when `folder` is None, i.e. the PyTorch vision tower runs)."""
+    if folder is None:
+        return None
+    return lambda config: OnnxVision(folder, config, device or "cpu")

@@ -1,15 +1,46 @@
-"""The GPTQ v1 checkpoint format (AutoGPTQ / GPTQModel `checkpoint_format: gptq`).
+"""The GPTQ v1 checkpoint format (AutoGPTQ / GPTQModel `checkpoint_format: gptq`, what
+transformers + optimum + gptqmodel and vLLM's `gptq` load).
 
 Per quantized linear [out, in]: `qweight` int32 [in x bits / 32, out] (consecutive input rows
 packed from the low bits up), `qzeros` int32 [groups, out x bits / 32] holding zero - 1 (the
-v1 quirk) packed along the output axis, `scales` fp16 [groups, out], `g_idx` int32 [in].
+v1 quirk) packed along the output axis, `scales` fp16 [groups, out], `g_idx` int32 [in] (the
+group of each input column), optional `bias`. W = scales[g] x (q - zeros[g]) per column.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
 import torch
 
-from ..calibrate.gptq import GPTQResult
+from ..errors import InputError
+from .base import Format, check_layout_name, packed_bits, plain_count
+from .rules import negative_rules
+
+PARAMS = ("qweight", "qzeros", "scales", "g_idx", "bias")
+BITS = (2, 4, 8)  # widths that pack into whole int32 words
+
+
+@dataclass(frozen=True)
+class GPTQSettings:
+    """The scheme a GPTQ quantization_config records (the calibration's own config may hold more)."""
+
+    bits: int = 4
+    group_size: int = 128  # -1: one group per row
+    sym: bool = True
+    desc_act: bool = False
+    damp: float = 0.01
+
+
+class GPTQCodes(Protocol):
+    """Anything holding a linear's integer codes and group parameters (e.g. calibrate's GPTQResult)."""
+
+    q: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    g_idx: torch.Tensor
 
 
 def _pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
@@ -31,18 +62,28 @@ def _unpack_rows(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.stack(parts, dim=1).reshape(-1, packed.shape[1])
 
 
-def pack(result: GPTQResult, bits: int) -> dict[str, torch.Tensor]:
-    """GPTQResult -> {qweight, qzeros, scales, g_idx} tensors."""
+def pack_codes(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor, bits: int) -> dict[str, torch.Tensor]:
+    """Integer codes -> the GPTQ v1 tensors of one linear.
+
+    q: int [out, in] in [0, 2^bits - 1]; scales: float [groups, out]; zeros: int [groups, out];
+    g_idx: int [in]. Returns {qweight: int32 [in x bits/32, out], qzeros: int32 [groups,
+    out x bits/32] (zero - 1), scales: float16 [groups, out], g_idx: int32 [in]}.
+    Raises ValueError when `in` or `out` does not fill whole int32 words."""
     return {
-        "qweight": _pack_rows(result.q.T.contiguous(), bits),
-        "qzeros": _pack_rows((result.zeros - 1).T.contiguous(), bits).T.contiguous(),
-        "scales": result.scales.to(torch.float16),
-        "g_idx": result.g_idx.to(torch.int32),
+        "qweight": _pack_rows(q.T.contiguous(), bits),
+        "qzeros": _pack_rows((zeros - 1).T.contiguous(), bits).T.contiguous(),
+        "scales": scales.to(torch.float16),
+        "g_idx": g_idx.to(torch.int32),
     }
 
 
+def pack(codes: GPTQCodes, bits: int) -> dict[str, torch.Tensor]:
+    """`pack_codes` of an object holding `q`, `scales`, `zeros`, `g_idx` (see GPTQCodes)."""
+    return pack_codes(codes.q, codes.scales, codes.zeros, codes.g_idx, bits)
+
+
 def unpack(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor, bits: int) -> torch.Tensor:
-    """The float32 weight [out, in] a GPTQ v1 linear stands for."""
+    """The float32 weight [out, in] a GPTQ v1 linear stands for (shapes as in `pack_codes`)."""
     q = _unpack_rows(qweight, bits)  # [in, out]
     zeros = _unpack_rows(qzeros.T.contiguous(), bits).T + 1  # [groups, out]
     g = g_idx.long()
@@ -50,7 +91,7 @@ def unpack(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_
 
 
 def packed_shapes(rows: int, cols: int, bits: int, group_size: int) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Shapes and dtypes of the packed tensors of a [rows, cols] linear."""
+    """Shapes and safetensors dtypes of the packed tensors of a [rows, cols] linear."""
     groups = -(-cols // (group_size if group_size > 0 else cols))
     return {
         "qweight": ((cols * bits // 32, rows), "I32"),
@@ -60,16 +101,78 @@ def packed_shapes(rows: int, cols: int, bits: int, group_size: int) -> dict[str,
     }
 
 
-def gptq_quantization_config(config: GPTQConfig, layout_name: str = "original") -> dict:
-    """quantization_config for transformers (optimum/gptqmodel) and vLLM: vision and mlp1 stay as they are."""
-    if layout_name == "native":
-        block, skip = "model.language_model.layers", ["-:.*vision_tower.*", "-:.*multi_modal_projector.*"]
-    else:
-        block, skip = "language_model.model.layers", ["-:.*vision_model.*", "-:.*mlp1.*"]
+def quantization_config(settings: GPTQSettings, layout: str = "original") -> dict:
+    """quantization_config for transformers (optimum / gptqmodel) and vLLM: the LLM's decoder
+    layers quantized, the vision tower and projector kept (`block_name_to_quantize` for
+    transformers, negative `dynamic` rules for GPTQModel and vLLM, which match both loaders'
+    module names). Raises ValueError for an unknown layout."""
+    check_layout_name(layout)
+    block = "model.language_model.layers" if layout == "native" else "language_model.model.layers"
     return {
-        "quant_method": "gptq", "bits": config.bits, "group_size": config.group_size, "desc_act": config.desc_act,
-        "sym": config.sym, "damp_percent": config.damp, "true_sequential": True, "static_groups": False,
+        "quant_method": "gptq", "bits": settings.bits, "group_size": settings.group_size, "desc_act": settings.desc_act,
+        "sym": settings.sym, "damp_percent": settings.damp, "true_sequential": True, "static_groups": False,
         "checkpoint_format": "gptq", "block_name_to_quantize": block, "lm_head": False,
-        "dynamic": {rule: {} for rule in skip},
+        "dynamic": {rule: {} for rule in negative_rules(layout)},
         "meta": {"quantizer": ["internvl-tools"]},
     }
+
+
+def settings_of(quant: dict) -> GPTQSettings:
+    """The GPTQSettings a GPTQ quantization_config records."""
+    return GPTQSettings(bits=quant["bits"], group_size=quant.get("group_size", 128), sym=quant.get("sym", True),
+                        desc_act=quant.get("desc_act", False), damp=quant.get("damp_percent", 0.01))
+
+
+def matches(quant: dict) -> bool:
+    """True for `quant_method: gptq`."""
+    return quant.get("quant_method") == "gptq"
+
+
+def check_config(quant: dict) -> None:
+    """Raise InputError for GPTQ variants this toolkit does not read (v2 / marlin checkpoints,
+    widths that straddle int32 words)."""
+    fmt = quant.get("checkpoint_format", "gptq")
+    if fmt != "gptq" or quant.get("is_marlin_format"):
+        raise InputError(f"config.json: GPTQ checkpoint_format {fmt!r}{' (marlin)' if quant.get('is_marlin_format') else ''} "
+                         "is not supported; this toolkit reads GPTQ v1 (checkpoint_format: gptq)")
+    packed_bits(quant, "GPTQ", allowed=BITS)
+
+
+def count(param: str, shape: tuple[int, ...], quant: dict) -> int:
+    """Parameters a tensor stands for: `qweight` x 32 / bits (unpacked), `weight` / `bias`
+    element by element, `qzeros` / `scales` / `g_idx` 0."""
+    if param == "qweight":
+        return plain_count(param, shape, quant) * 32 // packed_bits(quant, "GPTQ", allowed=BITS)
+    if param in ("qzeros", "scales", "g_idx"):
+        return 0
+    return plain_count(param, shape, quant)
+
+
+def weight_shape(specs: Mapping[str, object], quant: dict, read=None) -> tuple[int, int]:
+    """(out, in) of a GPTQ linear from its `qweight` header: [in x bits / 32, out]."""
+    rows, out = specs["qweight"].shape
+    return out, rows * 32 // packed_bits(quant, "GPTQ", allowed=BITS)
+
+
+def dequantize(tensors: Mapping[str, torch.Tensor], quant: dict) -> torch.Tensor:
+    """{qweight, qzeros, scales[, g_idx]} of one linear -> float32 weight [out, in]
+    (without g_idx, column c is in group c // group_size)."""
+    bits = packed_bits(quant, "GPTQ", allowed=BITS)
+    g_idx = tensors.get("g_idx")
+    if g_idx is None:
+        columns = tensors["qweight"].shape[0] * 32 // bits
+        group = quant.get("group_size", -1)
+        g_idx = torch.arange(columns) // (group if group and group > 0 else columns)
+    return unpack(tensors["qweight"], tensors["qzeros"], tensors["scales"], g_idx, bits)
+
+
+def to_native(quant: dict) -> dict:
+    """The GPTQ quantization_config rebuilt for the native layout from the scheme it records."""
+    return quantization_config(settings_of(quant), "native")
+
+
+FORMAT = Format(
+    name="gptq", library="AutoGPTQ / GPTQModel (GPTQ v1)", quant_method="gptq", params=PARAMS,
+    required=("qweight", "qzeros", "scales"), marker="qweight", matches=matches, check_config=check_config,
+    count=count, weight_shape=weight_shape, dequantize=dequantize, to_native=to_native,
+)

@@ -82,12 +82,14 @@ class InternVLRuntime:
 
     def __init__(self, folder: str | Path, dtype: torch.dtype | None = torch.float32, load_llm: bool = True,
                  load_vision: bool = True, device_map: dict[str, int | str] | None = None, device: str | None = None,
-                 vision_onnx: str | Path | None = None):
+                 vision_features=None):
         """`device_map` (module prefix of the original layout -> device, as `shard --gpus`
         writes it) places each tensor; activations follow the weights layer by layer.
-        `device` puts the whole model on one device. `vision_onnx` (a folder written by
-        `export`) replaces the PyTorch vision tower and projector by onnxruntime."""
-        if vision_onnx is not None:
+        `device` puts the whole model on one device. `vision_features(config)` makes a
+        callable pixel_values [tiles, 3, S, S] -> image embeddings [tiles, tokens, llm_hidden]
+        that replaces the PyTorch vision tower and projector (e.g. export.onnx_runner.OnnxVision
+        through `export.onnx_runner.onnx_vision(folder, device)`); the runtime imports no exporter."""
+        if vision_features is not None:
             load_vision = False
         self.folder = Path(folder)
         if device is not None and device != "cpu":
@@ -103,11 +105,7 @@ class InternVLRuntime:
             self.llm = build_llm(reader, self.config, self.layout, dtype, placement) if load_llm else None
         if placement:
             follow_weights(self)
-        self.onnx_vision = None
-        if vision_onnx is not None:
-            from ..export.onnx_runner import OnnxVision
-
-            self.onnx_vision = OnnxVision(vision_onnx, self.config, device or "cpu")
+        self.onnx_vision = vision_features(self.config) if vision_features is not None else None
         self.dtype = dtype
         self.tokens_per_tile = image_tokens_per_tile(self.config)
         self.template = get_template(self.config.get("template"))  # an unknown template is an error, never a guess

@@ -1,0 +1,222 @@
+"""compressed-tensors `pack-quantized` (what llm-compressor writes and vLLM serves natively).
+
+Per quantized linear [out, in]: `weight_packed` int32 [out, ceil(in x bits / 32)] (signed codes
++ 2^(bits-1), element i of a row in bits i x bits.. of the row's little-endian bit stream, as
+compressed-tensors' `pack_to_int32`), `weight_scale` [out, 1] (channel), [out, groups] (group)
+or [1] (tensor) in the model dtype, `weight_shape` int64 [2] (out, in), and for asymmetric
+schemes `weight_zero_point` (packed the same way along the output axis), for act-order
+`weight_g_idx` int [in]. W = (q - zero_point) x scale. config.json: `quant_method:
+compressed-tensors`, `format: pack-quantized`, `config_groups` (targets + weight scheme),
+`ignore` (modules left in float). This toolkit writes W8A16 (8-bit, symmetric, per channel).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from ..errors import InputError
+from .base import Format, check_layout_name, plain_count
+from .rules import ignore_rules, native_rule
+
+PARAMS = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight_g_idx", "bias")
+WRITTEN = ("weight_packed", "weight_scale", "weight_shape")  # what `quantize` returns, in checkpoint order
+FORMAT_NAME = "pack-quantized"
+ROW_BLOCK = 256
+
+
+# -- the scheme recorded in config.json ------------------------------------------------------
+def weight_schemes(quant: dict) -> list[dict]:
+    """The `weights` dict of every config group (empty dicts for groups without one)."""
+    return [dict(group.get("weights") or {}) for group in (quant.get("config_groups") or {}).values()]
+
+
+def formats_of(quant: dict) -> set[str]:
+    """The compression formats a config declares (top-level `format` and each group's)."""
+    found = {g.get("format") for g in (quant.get("config_groups") or {}).values() if g.get("format")}
+    return found | ({quant["format"]} if quant.get("format") else set())
+
+
+def scheme(quant: dict) -> dict:
+    """The one weight scheme of the checkpoint: {num_bits, strategy, group_size, symmetric}."""
+    weights = weight_schemes(quant)[0]
+    return {"num_bits": int(weights.get("num_bits", 8)), "strategy": weights.get("strategy", "channel"),
+            "group_size": weights.get("group_size"), "symmetric": weights.get("symmetric", True)}
+
+
+def matches(quant: dict) -> bool:
+    """True for `quant_method: compressed-tensors`."""
+    return quant.get("quant_method") == "compressed-tensors"
+
+
+def check_config(quant: dict) -> None:
+    """Raise InputError unless the config is pack-quantized integer weights with one bit width
+    (other compressed-tensors formats: dense, int-quantized, float, nvfp4, sparse ones)."""
+    formats = formats_of(quant)
+    if formats != {FORMAT_NAME}:
+        raise InputError(f"config.json: compressed-tensors format {', '.join(sorted(map(str, formats))) or 'unset'} is not supported; "
+                         f"this toolkit reads {FORMAT_NAME} (int weights packed into int32)")
+    weights = weight_schemes(quant)
+    if not weights or any(w.get("type", "int") != "int" for w in weights):
+        raise InputError("config.json: compressed-tensors config_groups need integer weight schemes (weights.type int)")
+    bits = {int(w.get("num_bits", 0)) for w in weights}
+    if len(bits) != 1 or not 1 <= next(iter(bits)) <= 8:
+        raise InputError(f"config.json: compressed-tensors config_groups declare num_bits {sorted(bits)}; "
+                         "one width between 1 and 8 is supported")
+    sparsity = quant.get("sparsity_config") or {}
+    if sparsity.get("format") not in (None, "dense"):
+        raise InputError(f"config.json: compressed-tensors sparsity format {sparsity.get('format')!r} is not supported")
+
+
+# -- packing ---------------------------------------------------------------------------------
+def _bit_positions(count: int, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    start = torch.arange(count, dtype=torch.int64) * bits
+    return start // 32, start % 32
+
+
+def pack_to_int32(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Signed codes [rows, cols] (|v| < 2^(bits-1)) -> int32 [rows, ceil(cols x bits / 32)],
+    packed along dim 1 the way compressed-tensors' `pack_to_int32` does (offset 2^(bits-1)).
+
+    A meta tensor gives a meta output. Raises ValueError for bits outside 1..8."""
+    if not 1 <= bits <= 8:
+        raise ValueError(f"compressed-tensors packs 1..8 bits, got {bits}")
+    rows, cols = values.shape
+    words = -(-cols * bits // 32)
+    if values.device.type == "meta":
+        return torch.empty(rows, words, dtype=torch.int32, device="meta")
+    unsigned = values.to(torch.int64) + (1 << (bits - 1))
+    word, offset = _bit_positions(cols, bits)
+    out = torch.zeros(rows, words + 1, dtype=torch.int64)
+    out.index_add_(1, word, (unsigned << offset) & 0xFFFFFFFF)
+    out.index_add_(1, word + 1, unsigned >> (32 - offset))  # the part that straddles into the next word
+    out = out[:, :words]
+    return (out - (out >= 2**31).to(torch.int64) * 2**32).to(torch.int32)
+
+
+def unpack_from_int32(packed: torch.Tensor, bits: int, columns: int) -> torch.Tensor:
+    """int32 [rows, words] -> signed codes int32 [rows, columns] (the inverse of pack_to_int32)."""
+    words = packed.to(torch.int64) & 0xFFFFFFFF
+    words = torch.nn.functional.pad(words, (0, 1))
+    word, offset = _bit_positions(columns, bits)
+    stream = words[:, word] | (words[:, word + 1] << 32)
+    return ((stream >> offset) & ((1 << bits) - 1)).to(torch.int32) - (1 << (bits - 1))
+
+
+def quantize_symmetric_channel(weight: torch.Tensor, row_block: int = ROW_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """[out, in] -> (int8 in [-127, 127], scale [out, 1] in the weight's dtype): W ~ q x scale.
+
+    compressed-tensors' W8A16 per-channel symmetric scheme: scale = row absmax / 127 computed in
+    float32 and stored in the weight's dtype, q = round(W / scale). Meta in, meta out."""
+    if weight.device.type == "meta":
+        return torch.empty(weight.shape, dtype=torch.int8, device="meta"), torch.empty(weight.shape[0], 1, dtype=weight.dtype, device="meta")
+    quantized = torch.empty(weight.shape, dtype=torch.int8)
+    scales = torch.empty(weight.shape[0], 1, dtype=weight.dtype)
+    for start in range(0, weight.shape[0], row_block):
+        block = weight[start : start + row_block].float()
+        scale = (block.abs().amax(dim=1, keepdim=True) / 127.0).to(weight.dtype)
+        safe = scale.float().clamp_min(torch.finfo(torch.float32).tiny)
+        quantized[start : start + row_block] = block.div_(safe).round_().clamp_(-127, 127).to(torch.int8)
+        scales[start : start + row_block] = scale
+    return quantized, scales
+
+
+def quantize(weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One float linear weight [out, in] -> the W8A16 tensors of WRITTEN: {weight_packed: int32
+    [out, ceil(in / 4)], weight_scale: [out, 1] (weight dtype), weight_shape: int64 [2]}."""
+    q, scale = quantize_symmetric_channel(weight)
+    return {"weight_packed": pack_to_int32(q, 8), "weight_scale": scale,
+            "weight_shape": torch.tensor(list(weight.shape), dtype=torch.int64, device=weight.device)}
+
+
+# -- reading ---------------------------------------------------------------------------------
+def count(param: str, shape: tuple[int, ...], quant: dict) -> int:
+    """Parameters a tensor stands for: `weight_packed` x 32 / bits (exact when `in` is a multiple
+    of 32 / bits), `weight` / `bias` element by element, scales, zero points, shape, g_idx 0."""
+    if param == "weight_packed":
+        return plain_count(param, shape, quant) * 32 // scheme(quant)["num_bits"]
+    if param in ("weight_scale", "weight_shape", "weight_zero_point", "weight_g_idx"):
+        return 0
+    return plain_count(param, shape, quant)
+
+
+def weight_shape(specs: Mapping[str, object], quant: dict, read=None) -> tuple[int, int]:
+    """(out, in) of a linear: the `weight_shape` tensor when `read(param)` can fetch it, else
+    the packed width x 32 / bits (an upper bound by less than 32 / bits)."""
+    if read is not None and "weight_shape" in specs:
+        out, cols = (int(v) for v in read("weight_shape").tolist())
+        return out, cols
+    rows, words = specs["weight_packed"].shape
+    return rows, words * 32 // scheme(quant)["num_bits"]
+
+
+def dequantize(tensors: Mapping[str, torch.Tensor], quant: dict) -> torch.Tensor:
+    """{weight_packed, weight_scale, weight_shape[, weight_zero_point, weight_g_idx]} of one
+    linear -> float32 weight [out, in] = (q - zero_point) x scale, per channel, group or tensor.
+
+    Raises InputError when the scale's shape fits none of these."""
+    info = scheme(quant)
+    bits = info["num_bits"]
+    out, cols = (int(v) for v in tensors["weight_shape"].tolist())
+    q = unpack_from_int32(tensors["weight_packed"], bits, cols).float()
+    scale = tensors["weight_scale"].float()
+    scale = scale.reshape(1, 1) if scale.dim() < 2 else scale
+    zero = tensors.get("weight_zero_point")
+    zero = torch.zeros_like(scale) if zero is None else unpack_from_int32(zero.T.contiguous(), bits, scale.shape[0]).T.float()
+    if scale.shape[0] not in (1, out):
+        raise InputError(f"weight_scale of shape {list(tensors['weight_scale'].shape)} does not fit a weight of {out} rows")
+    if scale.shape[1] > 1:  # groups along the input axis
+        g_idx = tensors.get("weight_g_idx")
+        if g_idx is None or (g_idx < 0).any():
+            size = info["group_size"] or -(-cols // scale.shape[1])
+            g_idx = torch.arange(cols) // size
+        g = g_idx.long()
+        scale, zero = scale[:, g], zero[:, g]
+    return (q - zero) * scale
+
+
+# -- writing ---------------------------------------------------------------------------------
+def quantization_config(skip_modules: Sequence[str], layout: str = "original", *, bits: int = 8,
+                        group_size: int | None = None, symmetric: bool = True) -> dict:
+    """quantization_config of a pack-quantized checkpoint (weights only, activations in float).
+
+    Default W8A16 per channel; `group_size` makes it per group (e.g. W4A16: bits=4, 128).
+    `skip_modules`: modules left in float, in the layout's names; written as `ignore` rules that
+    transformers and vLLM both match (towers as `re:.*vision_tower.*`). Raises ValueError for an
+    unknown layout."""
+    check_layout_name(layout)
+    return {
+        "quant_method": "compressed-tensors",
+        "format": FORMAT_NAME,
+        "quantization_status": "compressed",
+        "config_groups": {
+            "group_0": {
+                "targets": ["Linear"],
+                "weights": {"num_bits": bits, "type": "int", "symmetric": symmetric,
+                            "strategy": "group" if group_size else "channel", "group_size": group_size,
+                            "dynamic": False, "actorder": None, "observer": "minmax"},
+                "input_activations": None,
+                "output_activations": None,
+                "format": FORMAT_NAME,
+            }
+        },
+        "ignore": ignore_rules(skip_modules, layout),
+        "kv_cache_scheme": None,
+        "sparsity_config": {},
+    }
+
+
+def to_native(quant: dict) -> dict:
+    """An original-layout config with its `ignore` rules rewritten for the native layout.
+
+    Raises InputError for a rule that cannot be rewritten (a regex over LLM modules)."""
+    ignore = [rule for entry in quant.get("ignore") or [] for rule in native_rule(entry)]
+    return dict(quant, ignore=list(dict.fromkeys(ignore)))
+
+
+FORMAT = Format(
+    name="compressed_tensors", library="compressed-tensors (llm-compressor, vLLM)", quant_method="compressed-tensors",
+    params=PARAMS, required=("weight_packed", "weight_scale", "weight_shape"), marker="weight_packed", matches=matches,
+    check_config=check_config, count=count, weight_shape=weight_shape, dequantize=dequantize, to_native=to_native,
+)
