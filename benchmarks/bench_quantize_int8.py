@@ -19,13 +19,13 @@ def math_speed() -> list[list[str]]:
     """Seconds to quantize one 8192 x 28672 bf16 weight (a Llama-3-70B MLP matrix)."""
     import torch
 
-    from internvl_tools.formats.int8 import quantize_rowwise
+    from internvl_tools.formats.bnb_int8 import quantize_rowwise
 
     weight = torch.randn(8192, 28672).to(torch.bfloat16)
     rows = []
     started = time.perf_counter()
     ours = quantize_rowwise(weight)
-    rows.append(["internvl_tools.formats.int8.quantize_rowwise", f"{time.perf_counter() - started:.2f}"])
+    rows.append(["internvl_tools.formats.bnb_int8.quantize_rowwise", f"{time.perf_counter() - started:.2f}"])
     try:
         import bitsandbytes.functional as F
     except ImportError:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from internvl_tools.io.reader import CheckpointReader
-from internvl_tools.formats.int8 import quantize_rowwise
+from internvl_tools.formats.bnb_int8 import quantize_rowwise
 
 from .conftest import ALL_FAMILIES
 from .support import all_tensors, sample_image
@@ -163,7 +163,7 @@ def test_compressed_tensors_w8a16_loads_in_transformers(family, tiny, tmp_path, 
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
     from transformers import AutoModelForImageTextToText
 
-    from internvl_tools.formats.int8 import quantize_symmetric_channel
+    from internvl_tools.formats.compressed_tensors import quantize_symmetric_channel
 
     native, out = tmp_path / "hf", tmp_path / "ct"
     assert run_cli("convert", tiny(family), "-o", native).exit_code == 0

@@ -108,6 +108,7 @@ class GPTQQuantizer(Quantizer):
             update = ModuleUpdate(pack(result, self.config.bits), result.dequantize().to(layer.device))
             del result
             yield name, update
+            del update  # the layer holds the weight now; keep no second reference while the next linear runs
 
     def summary(self) -> dict:
         """{"linears": count, "round_to_nearest": [...], "damp_raised": {...}} so far."""

@@ -13,7 +13,7 @@ that implements calibrate.quantizer.Quantizer (GPTQ: calibrate/gptq_quantizer.py
    layer to get the next layer's inputs. Activations live in memory up to a budget and on
    disk beyond it (calibrate/activations.py).
 3. Everything else is copied byte for byte; config.json gets the quantizer's top-level
-   quantization_config.
+   quantization_config (none for a method whose output stays plain weights).
 
 Peak memory: one decoder layer in float32, what the quantizer keeps for one group (GPTQ: one
 Hessian), and the activations in memory. With `resume`, OUT.partial/ keeps the finished layers
@@ -237,7 +237,10 @@ def quantize_calibrated(source: Path, out: Path, quantizer: Quantizer, job: Cali
             raise InputError(f"{source}: embedded LoRA adapters; merge them first with `internvl-tools merge-lora`")
         specs, per_layer = output_plan(reader, layout, quantizer)
         replaced = {name for names in per_layer.values() for name in names}
-        new_config = dict(config, quantization_config=quantizer.quantization_config(layout))
+        new_config = dict(config)
+        quantization_config = quantizer.quantization_config(layout)
+        if quantization_config is not None:
+            new_config["quantization_config"] = quantization_config
         all_links = {link.original: link for link in links(config, layout, adapt_v1=False)}
         with CheckpointWriter(out, specs, max_shard_size=max_shard_size, inputs=[Path(source)], overwrite=overwrite or resume,
                               resumable=True) as writer:

@@ -112,8 +112,9 @@ class Quantizer(ABC):
         that does not pack)."""
 
     @abstractmethod
-    def quantization_config(self, layout: Layout) -> dict:
-        """The top-level `quantization_config` for the output's config.json."""
+    def quantization_config(self, layout: Layout) -> dict | None:
+        """The top-level `quantization_config` for the output's config.json (None: the output
+        holds plain weights and gets none)."""
 
     def prepare_layer(self, work: LayerWork) -> Iterable[tuple[str, ModuleUpdate]]:
         """Called once per layer before its groups, with the layer still in float32: the place

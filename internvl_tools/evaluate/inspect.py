@@ -5,32 +5,35 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
+from ..formats import Format, check, detect, parameter_count as tensor_parameters
 from ..models.families import identify
 from ..models.layout import Layout, build_layout
 from ..io.reader import CheckpointReader
 from ..models.views import open_view
 
-QUANT_AUX = {"qzeros", "scales", "g_idx", "SCB", "weight_format", "weight_scale", "weight_zero_point", "weight_shape"}
 GIB = 2**30
 
 
 def load(folder: str | Path) -> tuple[CheckpointReader, dict, Layout]:
-    """Open a checkpoint, read its config, and classify its keys (validates everything)."""
+    """Open a checkpoint, read its config, and classify its keys (validates everything, the
+    linears' tensor names against the checkpoint's format included: formats/registry.py)."""
     reader = open_view(folder)
-    config = reader.config()
-    layout = build_layout(config, reader.specs())
+    try:
+        config = reader.config()
+        layout = build_layout(config, reader.specs())
+        check(config, layout)
+    except BaseException:
+        reader.close()
+        raise
     return reader, config, layout
 
 
-def parameter_count(reader: CheckpointReader, layout: Layout, bits: int | None) -> dict[str, int]:
-    """Parameters per family, counting packed quantized weights at their unpacked size."""
+def parameter_count(reader: CheckpointReader, layout: Layout, fmt: Format, quant: dict) -> dict[str, int]:
+    """Parameters per family as the format counts them: packed quantized weights at their
+    unpacked size, quantization state (scales, zeros, SCB, ...) and LoRA factors not at all."""
     counts: dict[str, int] = defaultdict(int)
     for name, info in layout.keys.items():
-        spec = reader.spec(name)
-        if info.param in QUANT_AUX or info.lora is not None:
-            continue
-        numel = spec.numel * (32 // bits if info.param in ("qweight", "weight_packed") and bits else 1)
-        counts[info.family] += numel
+        counts[info.family] += tensor_parameters(fmt, quant, info, reader.spec(name).shape)
     return dict(counts)
 
 
@@ -39,7 +42,7 @@ def summarize(folder: str | Path) -> dict:
     reader, config, layout = load(folder)
     vision_cfg, llm_cfg = config["vision_config"], config["llm_config"]
     quant = config.get("quantization_config") or {}
-    bits = quant.get("bits") if quant.get("quant_method") == "gptq" else None
+    fmt = detect(config)  # validated against the keys by load()
     bytes_by_family: dict[str, int] = defaultdict(int)
     layer_bytes: dict[int, int] = defaultdict(int)
     dtypes: dict[str, dict[str, int]] = defaultdict(lambda: {"tensors": 0, "bytes": 0})
@@ -57,7 +60,7 @@ def summarize(folder: str | Path) -> dict:
                 linear["rows"] += rows
                 linear["groups"] += rows * -(-cols // 128)
                 linear["in_features"] += cols
-    params = parameter_count(reader, layout, bits)
+    params = parameter_count(reader, layout, fmt, quant)
     total_params = sum(params.values())
     largest = max(reader.specs(), key=lambda s: s.nbytes)
     image_size = config.get("force_image_size") or vision_cfg.get("image_size", 448)
@@ -91,7 +94,7 @@ def summarize(folder: str | Path) -> dict:
             "intermediate_size": llm_cfg.get("intermediate_size"),
             "vocab_size": llm_cfg.get("vocab_size"),
         },
-        "quantization": {k: quant[k] for k in ("quant_method", "bits", "group_size", "load_in_8bit") if k in quant} or None,
+        "quantization": {"format": fmt.name, **{k: quant[k] for k in ("quant_method", "bits", "group_size", "load_in_8bit") if k in quant}} if quant else None,
         "shards": len(reader.shards),
         "tensors": len(getattr(reader, "reader", reader)),
         "dtypes": dict(dtypes),

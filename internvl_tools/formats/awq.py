@@ -13,12 +13,14 @@ not find it: vllm#11122). The AWQ search itself (calibrate/) is not part of this
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import InputError
 from .base import Format, check_layout_name, first_present, plain_count
 from .rules import loader_names, native_modules
+
+if TYPE_CHECKING:
+    import torch
 
 PARAMS = ("qweight", "qzeros", "scales", "bias")
 BITS = 4
@@ -51,6 +53,8 @@ def check_config(quant: dict) -> None:
 
 def _unpack_columns(packed: torch.Tensor) -> torch.Tensor:
     """int32 [rows, out / 8] -> int32 [rows, out] in output order (undoes the interleave)."""
+    import torch
+
     p = packed.to(torch.int64) & 0xFFFFFFFF
     nibbles = torch.stack([(p >> (4 * i)) & 0xF for i in range(8)], dim=-1)  # [rows, words, nibble]
     return nibbles[..., list(REVERSE_ORDER)].reshape(packed.shape[0], -1).to(torch.int32)
@@ -60,6 +64,8 @@ def _pack_columns(values: torch.Tensor) -> torch.Tensor:
     """int [rows, out] in [0, 15] -> int32 [rows, out / 8] in AWQ's interleaved order.
 
     Raises ValueError when `out` is not a multiple of 8."""
+    import torch
+
     rows, cols = values.shape
     if cols % 8:
         raise ValueError(f"{cols} output columns do not pack into words of 8 nibbles")
@@ -76,11 +82,15 @@ def pack(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> dict[str
     q: int [out, in] in [0, 15]; scales: float [in / group, out]; zeros: int [in / group, out]
     in [0, 15]. Returns {qweight: int32 [in, out / 8], qzeros: int32 [in / group, out / 8],
     scales: float16 [in / group, out]}. Raises ValueError when out is not a multiple of 8."""
+    import torch
+
     return {"qweight": _pack_columns(q.T.contiguous()), "qzeros": _pack_columns(zeros), "scales": scales.to(torch.float16)}
 
 
 def unpack(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """The float32 weight [out, in] an AWQ gemm linear stands for (shapes as in `pack`)."""
+    import torch
+
     q = _unpack_columns(qweight)  # [in, out]
     zeros = _unpack_columns(qzeros)  # [groups, out]
     rows_per_group = -(-q.shape[0] // scales.shape[0])

@@ -11,12 +11,14 @@ bytes equal bitsandbytes' `int8_vectorwise_quant` (tested).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import InputError
 from .base import Format, check_layout_name
 from .rules import loader_names, native_modules
+
+if TYPE_CHECKING:
+    import torch
 
 PARAMS = ("weight", "SCB", "weight_format", "bias")
 WRITTEN = ("weight", "SCB", "weight_format")  # the tensors `quantize` returns, in checkpoint order
@@ -58,6 +60,8 @@ def quantize_rowwise(weight: torch.Tensor, row_block: int = ROW_BLOCK) -> tuple[
     """[out, in] float weight -> (int8 [out, in], float32 row absmax [out]), bitsandbytes' bytes.
 
     A meta tensor gives meta outputs (for spec planning). Raises ValueError for a non-2-D weight."""
+    import torch
+
     if weight.dim() != 2:
         raise ValueError(f"expected a 2-D weight, got shape {list(weight.shape)}")
     if weight.device.type == "meta":
@@ -81,6 +85,8 @@ def dequantize_rowwise(quantized: torch.Tensor, scales: torch.Tensor) -> torch.T
 
 def weight_format(device: torch.device | str = "cpu") -> torch.Tensor:
     """The uint8 scalar `weight_format` bitsandbytes stores next to each int8 weight (0: row)."""
+    import torch
+
     return torch.tensor(WEIGHT_FORMAT_ROW, dtype=torch.uint8, device=device)
 
 

@@ -13,12 +13,14 @@ compressed-tensors`, `format: pack-quantized`, `config_groups` (targets + weight
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import InputError
 from .base import Format, check_layout_name, plain_count
 from .rules import ignore_rules, native_rule
+
+if TYPE_CHECKING:
+    import torch
 
 PARAMS = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight_g_idx", "bias")
 WRITTEN = ("weight_packed", "weight_scale", "weight_shape")  # what `quantize` returns, in checkpoint order
@@ -71,6 +73,8 @@ def check_config(quant: dict) -> None:
 
 # -- packing ---------------------------------------------------------------------------------
 def _bit_positions(count: int, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    import torch
+
     start = torch.arange(count, dtype=torch.int64) * bits
     return start // 32, start % 32
 
@@ -80,6 +84,8 @@ def pack_to_int32(values: torch.Tensor, bits: int) -> torch.Tensor:
     packed along dim 1 the way compressed-tensors' `pack_to_int32` does (offset 2^(bits-1)).
 
     A meta tensor gives a meta output. Raises ValueError for bits outside 1..8."""
+    import torch
+
     if not 1 <= bits <= 8:
         raise ValueError(f"compressed-tensors packs 1..8 bits, got {bits}")
     rows, cols = values.shape
@@ -97,6 +103,8 @@ def pack_to_int32(values: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack_from_int32(packed: torch.Tensor, bits: int, columns: int) -> torch.Tensor:
     """int32 [rows, words] -> signed codes int32 [rows, columns] (the inverse of pack_to_int32)."""
+    import torch
+
     words = packed.to(torch.int64) & 0xFFFFFFFF
     words = torch.nn.functional.pad(words, (0, 1))
     word, offset = _bit_positions(columns, bits)
@@ -109,6 +117,8 @@ def quantize_symmetric_channel(weight: torch.Tensor, row_block: int = ROW_BLOCK)
 
     compressed-tensors' W8A16 per-channel symmetric scheme: scale = row absmax / 127 computed in
     float32 and stored in the weight's dtype, q = round(W / scale). Meta in, meta out."""
+    import torch
+
     if weight.device.type == "meta":
         return torch.empty(weight.shape, dtype=torch.int8, device="meta"), torch.empty(weight.shape[0], 1, dtype=weight.dtype, device="meta")
     quantized = torch.empty(weight.shape, dtype=torch.int8)
@@ -125,6 +135,8 @@ def quantize_symmetric_channel(weight: torch.Tensor, row_block: int = ROW_BLOCK)
 def quantize(weight: torch.Tensor) -> dict[str, torch.Tensor]:
     """One float linear weight [out, in] -> the W8A16 tensors of WRITTEN: {weight_packed: int32
     [out, ceil(in / 4)], weight_scale: [out, 1] (weight dtype), weight_shape: int64 [2]}."""
+    import torch
+
     q, scale = quantize_symmetric_channel(weight)
     return {"weight_packed": pack_to_int32(q, 8), "weight_scale": scale,
             "weight_shape": torch.tensor(list(weight.shape), dtype=torch.int64, device=weight.device)}
@@ -156,6 +168,8 @@ def dequantize(tensors: Mapping[str, torch.Tensor], quant: dict) -> torch.Tensor
     linear -> float32 weight [out, in] = (q - zero_point) x scale, per channel, group or tensor.
 
     Raises InputError when the scale's shape fits none of these."""
+    import torch
+
     info = scheme(quant)
     bits = info["num_bits"]
     out, cols = (int(v) for v in tensors["weight_shape"].tolist())

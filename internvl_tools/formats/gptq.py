@@ -11,13 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol
-
-import torch
+from typing import TYPE_CHECKING, Protocol
 
 from ..errors import InputError
 from .base import Format, check_layout_name, packed_bits, plain_count
 from .rules import negative_rules
+
+if TYPE_CHECKING:
+    import torch
 
 PARAMS = ("qweight", "qzeros", "scales", "g_idx", "bias")
 BITS = (2, 4, 8)  # widths that pack into whole int32 words
@@ -45,6 +46,8 @@ class GPTQCodes(Protocol):
 
 def _pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
     """[n, m] unsigned codes -> int32 [n * bits / 32, m], row k*per + j in bits j*bits.."""
+    import torch
+
     per = 32 // bits
     if values.shape[0] % per:
         raise ValueError(f"{values.shape[0]} rows do not pack into 32-bit words of {per}")
@@ -56,6 +59,8 @@ def _pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def _unpack_rows(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    import torch
+
     per = 32 // bits
     p = packed.to(torch.int64) & 0xFFFFFFFF
     parts = [(p >> (bits * j)) & (2**bits - 1) for j in range(per)]
@@ -69,6 +74,8 @@ def pack_codes(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx
     g_idx: int [in]. Returns {qweight: int32 [in x bits/32, out], qzeros: int32 [groups,
     out x bits/32] (zero - 1), scales: float16 [groups, out], g_idx: int32 [in]}.
     Raises ValueError when `in` or `out` does not fill whole int32 words."""
+    import torch
+
     return {
         "qweight": _pack_rows(q.T.contiguous(), bits),
         "qzeros": _pack_rows((zeros - 1).T.contiguous(), bits).T.contiguous(),
@@ -157,6 +164,8 @@ def weight_shape(specs: Mapping[str, object], quant: dict, read=None) -> tuple[i
 def dequantize(tensors: Mapping[str, torch.Tensor], quant: dict) -> torch.Tensor:
     """{qweight, qzeros, scales[, g_idx]} of one linear -> float32 weight [out, in]
     (without g_idx, column c is in group c // group_size)."""
+    import torch
+
     bits = packed_bits(quant, "GPTQ", allowed=BITS)
     g_idx = tensors.get("g_idx")
     if g_idx is None:

@@ -46,7 +46,7 @@ class NativeView:
         else:
             self._config, order = original_config(native_config, reader.folder), []
             self.sidecar = False
-        if native_config.get("quantization_config"):  # the native config is authoritative for it
+        if native_config.get("quantization_config") and not self._config.get("quantization_config"):
             self._config["quantization_config"] = native_config["quantization_config"]
         derived = original_keys(reader.keys(), get_dialect(llm_dialect(self._config)))
         present = set(derived)

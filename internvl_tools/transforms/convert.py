@@ -12,12 +12,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..models.layout import build_layout
+from ..models.native_layout import is_native
 from ..models.native_map import SIDECAR, links
+from ..models.views import open_view
 from ..errors import InputError
 from ..io.reader import CheckpointReader, read_json
 from ..io.safetensors_format import TensorSpec
 from ..models.native_config import native_config
-from .stream import run_transform, to_native_outputs, to_original_outputs
+from .stream import Output, run_transform, to_native_outputs
 
 
 
@@ -40,6 +42,8 @@ def to_hf(source: Path, out: Path, *, max_shard_size: int, overwrite: bool = Fal
     """Convert an original-layout checkpoint to the transformers-native layout."""
     with CheckpointReader(source) as reader:
         config = reader.config()
+        if is_native(config):
+            raise InputError(f"{source}: already in the transformers-native layout (model_type internvl); nothing to convert")
         layout = build_layout(config, reader.specs())
         keys = reader.keys()
     native = native_config(config, layout.dialect, image_token_id(source))
@@ -59,34 +63,33 @@ def native_quantization_config(quant: dict, dialect: str, source: Path) -> dict:
     Quantized LLM tensors are renamed only, so the dialects whose LLM keys the native layout
     keeps (Llama, Qwen2, Phi-3) convert; InternLM2's fused wqkv would have to be split across
     packed columns, which is refused: convert first, then quantize the native checkpoint.
+    The rewrite itself is the format's (formats/*.py `to_native`). Raises InputError.
     """
     if dialect == "internlm2":
         raise InputError(f"{source}: a quantized InternLM2 checkpoint cannot be converted (its fused wqkv is packed); "
                          "convert the bf16 checkpoint first, then quantize the converted one")
-    method = quant.get("quant_method")
-    if method == "gptq":
-        from ..formats.gptq import gptq_quantization_config
-        from ..calibrate.gptq import GPTQConfig
+    from ..formats import to_native
 
-        config = GPTQConfig(bits=quant["bits"], group_size=quant["group_size"], sym=quant["sym"], desc_act=quant["desc_act"],
-                            damp=quant.get("damp_percent", 0.01))
-        return gptq_quantization_config(config, "native")
-    if method == "bitsandbytes":
-        renames = {"vision_model": "model.vision_tower", "mlp1": "model.multi_modal_projector", "language_model.lm_head": "lm_head"}
-        skip = [renames.get(m, m.replace("language_model.model.", "model.language_model.", 1)) for m in quant.get("llm_int8_skip_modules", [])]
-        return dict(quant, llm_int8_skip_modules=skip)
-    raise InputError(f"{source}: cannot convert a {method} checkpoint; convert the bf16 checkpoint, then quantize")
+    return to_native(quant)
 
 
 def to_original(source: Path, out: Path, *, max_shard_size: int, overwrite: bool = False,
                 progress: Callable[[int], None] | None = None) -> Path:
-    """Convert a checkpoint written by `to_hf` back to the original layout, bit for bit."""
-    sidecar = Path(source) / SIDECAR
-    if not sidecar.exists():
-        raise InputError(f"{source}: no {SIDECAR}; only checkpoints converted by `internvl-tools convert --to hf` can be converted back")
-    saved = read_json(sidecar)
-    config, keys = saved["config"], saved["keys"]
-    layout = build_layout(config, [TensorSpec(key, "BF16", ()) for key in keys])
-    outputs = to_original_outputs(links(config, layout, adapt_v1=True))
-    return run_transform(source, out, outputs, max_shard_size=max_shard_size, overwrite=overwrite,
-                         files={"config.json": config, SIDECAR: None}, progress=progress)
+    """Convert a native-layout checkpoint to the original (remote-code) layout.
+
+    A checkpoint written by `to_hf` comes back bit for bit with its original config and key
+    order (internvl_original.json); any other native checkpoint (e.g. a published "-hf" one)
+    gets the original config derived from its native config (models/native_layout.py).
+    Raises InputError for an original-layout input or a quantized one without the sidecar."""
+    with open_view(source) as view:
+        if view.layout_name != "native":
+            raise InputError(f"{source}: already in the original layout (model_type {view.config().get('model_type')!r}); "
+                             f"--to original reads native checkpoints (`convert --to hf` outputs with {SIDECAR}, or published -hf ones)")
+        config = view.config()
+        if config.get("quantization_config") and not view.sidecar:
+            raise InputError(f"{source}: a quantized native checkpoint without {SIDECAR} cannot be converted back; "
+                             "convert the bf16 checkpoint, then quantize")
+        outputs = [Output(key, (key,)) for key in view.keys()]
+    remote_code = {p.name: None for p in Path(source).glob("*.py")}
+    return run_transform(source, out, outputs, max_shard_size=max_shard_size, overwrite=overwrite, names="view",
+                         files={**remote_code, "config.json": config, SIDECAR: None}, progress=progress)

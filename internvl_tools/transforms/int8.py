@@ -15,14 +15,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..models.layout import build_layout
 from ..errors import InputError
+from ..formats import bnb_int8, compressed_tensors
+from ..formats.registry import check
+from ..formats.rules import towers
 from ..io.reader import CheckpointReader
+from ..models.layout import build_layout
+from ..models.vision import NATIVE_LLM_PREFIX
 from .stream import Output, run_transform
 
-NATIVE_DECODER_LINEAR = re.compile(r"model\.language_model\.layers\.\d+\.(?:self_attn|mlp)\.[a-z_]+_proj\.weight")
-NATIVE_GROUPS = {"vision": "model.vision_tower", "projector": "model.multi_modal_projector", "head": "lm_head"}
-ORIGINAL_GROUPS = {"vision": "vision_model", "projector": "mlp1"}
+NATIVE_DECODER_LINEAR = re.compile(re.escape(NATIVE_LLM_PREFIX) + r"\.layers\.\d+\.(?:self_attn|mlp)\.[a-z_]+_proj\.weight")
+FORMATS = {"bnb": bnb_int8, "compressed-tensors": compressed_tensors}  # --format -> the formats/ module it writes
 
 
 @dataclass(frozen=True)
@@ -45,13 +48,14 @@ def linear_weights(reader: CheckpointReader, config: dict) -> tuple[str, dict[st
         for spec in reader.specs():
             if len(spec.shape) != 2 or not spec.name.endswith(".weight") or "embed_tokens" in spec.name:
                 continue
-            group = next((g for g, prefix in NATIVE_GROUPS.items() if spec.name.startswith(prefix + ".")), None)
+            group = next((g for g, prefix in towers("native").items() if spec.name.startswith(prefix + ".")), None)
             if group is None and NATIVE_DECODER_LINEAR.fullmatch(spec.name):
                 group = "llm"
             if group is not None:
                 groups[spec.name] = group
         return "native", groups
     layout = build_layout(config, reader.specs())
+    check(config, layout)  # every linear holds plain weight / bias only
     if layout.lora:
         raise InputError(f"{reader.folder}: embedded LoRA adapters; merge them first with `internvl-tools merge-lora`")
     groups = {}
@@ -72,7 +76,7 @@ def plan_quantization(layout: str, groups: dict[str, str], *, only: tuple[str, .
     selected = [k for k in selected if not any(re.search(p, k) for p in skip)]
     chosen = set(selected)
     skip_modules: list[str] = []
-    prefixes = NATIVE_GROUPS if layout == "native" else ORIGINAL_GROUPS
+    prefixes = towers(layout)
     for group in ("vision", "projector", "head", "llm"):
         keys = [k for k, g in groups.items() if g == group]
         unselected = [k.removesuffix(".weight") for k in keys if k not in chosen]
@@ -83,49 +87,9 @@ def plan_quantization(layout: str, groups: dict[str, str], *, only: tuple[str, .
     return QuantPlan(layout, tuple(selected), tuple(skip_modules))
 
 
-def bnb_config(skip_modules: tuple[str, ...]) -> dict:
-    """quantization_config that transformers reads for a pre-quantized 8-bit checkpoint."""
-    return {
-        "quant_method": "bitsandbytes",
-        "load_in_8bit": True,
-        "load_in_4bit": False,
-        "llm_int8_threshold": 6.0,
-        "llm_int8_skip_modules": list(skip_modules),
-        "llm_int8_enable_fp32_cpu_offload": False,
-        "llm_int8_has_fp16_weight": False,
-        "bnb_4bit_compute_dtype": "float32",
-        "bnb_4bit_quant_type": "fp4",
-        "bnb_4bit_use_double_quant": False,
-        "bnb_4bit_quant_storage": "uint8",
-    }
-
-
-def compressed_tensors_config(layout: str, skip_modules: tuple[str, ...]) -> dict:
-    """quantization_config of a compressed-tensors W8A16 (int8 weights, per channel) checkpoint."""
-    towers = {NATIVE_GROUPS["vision"], NATIVE_GROUPS["projector"], *ORIGINAL_GROUPS.values()}
-    ignore = [f"re:{re.escape(m)}\\..*" if m in towers else m for m in skip_modules]
-    return {
-        "quant_method": "compressed-tensors",
-        "format": "pack-quantized",
-        "quantization_status": "compressed",
-        "config_groups": {
-            "group_0": {
-                "targets": ["Linear"],
-                "weights": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel", "group_size": None,
-                            "dynamic": False, "actorder": None, "observer": "minmax"},
-                "input_activations": None,
-                "output_activations": None,
-                "format": "pack-quantized",
-            }
-        },
-        "ignore": ignore,
-        "kv_cache_scheme": None,
-        "sparsity_config": {},
-    }
-
-
 class _LastQuantized:
-    """Quantize each weight once even though it feeds several outputs (e.g. int8 weight and SCB)."""
+    """Quantize each weight once even though it feeds several outputs (e.g. int8 weight and SCB);
+    `quantize(weight)` returns the format's tensors by parameter name."""
 
     def __init__(self, quantize):
         self.quantize = quantize
@@ -142,31 +106,18 @@ class _LastQuantized:
 
 
 def int8_outputs(reader: CheckpointReader, plan: QuantPlan, fmt: str = "bnb") -> list[Output]:
-    """The output stream: each quantized weight expanded to its format's tensors, the rest copied."""
-    import torch
-
-    from ..formats.int8 import pack_int8_to_int32, quantize_rowwise, quantize_symmetric_channel, weight_format
-
+    """The output stream: each quantized weight expanded to its format's tensors (formats/bnb_int8.py
+    or formats/compressed_tensors.py: WRITTEN, computed once per weight), the rest copied."""
+    module = FORMATS[fmt]
     chosen = set(plan.selected)
-    last = _LastQuantized(quantize_rowwise if fmt == "bnb" else quantize_symmetric_channel)
+    last = _LastQuantized(module.quantize)
     outputs = []
     for name in reader.keys():
         if name not in chosen:
             outputs.append(Output(name, (name,)))
             continue
         stem = name.removesuffix(".weight")
-        if fmt == "bnb":
-            outputs += [
-                Output(name, (name,), lambda t, n=name: last(n, t)[0]),
-                Output(stem + ".SCB", (name,), lambda t, n=name: last(n, t)[1]),
-                Output(stem + ".weight_format", (name,), lambda t: weight_format().to(t.device)),
-            ]
-        else:
-            outputs += [
-                Output(stem + ".weight_packed", (name,), lambda t, n=name: pack_int8_to_int32(last(n, t)[0])),
-                Output(stem + ".weight_scale", (name,), lambda t, n=name: last(n, t)[1]),
-                Output(stem + ".weight_shape", (name,), lambda t: torch.tensor(list(t.shape), dtype=torch.int64, device=t.device)),
-            ]
+        outputs += [Output(f"{stem}.{param}", (name,), lambda t, n=name, p=param: last(n, t)[p]) for param in module.WRITTEN]
     return outputs
 
 
@@ -181,7 +132,7 @@ def quantize_int8(source: Path, out: Path, *, only: tuple[str, ...] = (), skip: 
             raise InputError("--only/--skip leave nothing to quantize; check the patterns against `internvl-tools inspect` keys")
         outputs = int8_outputs(reader, plan, fmt)
     new_config = dict(config)
-    new_config["quantization_config"] = bnb_config(plan.skip_modules) if fmt == "bnb" else compressed_tensors_config(layout, plan.skip_modules)
+    new_config["quantization_config"] = FORMATS[fmt].quantization_config(plan.skip_modules, layout)
     if isinstance(new_config.get("llm_config"), dict):
         new_config["llm_config"] = {k: v for k, v in new_config["llm_config"].items() if k != "quantization_config"}
     path = run_transform(source, out, outputs, max_shard_size=max_shard_size, overwrite=overwrite,

@@ -81,23 +81,26 @@ def run_transform(
     """Write `outputs` computed from checkpoint `source` into a new checkpoint `out`.
 
     `names="stored"`: output and source names are the checkpoint's own keys (any layout).
+    `names="view"`: sources are original-layout keys read through models.views (either
+    layout), outputs are written under the names given.
     `names="original"`: they are original-layout keys; a native-layout input is read through
     models.views.NativeView and the outputs are written back in the native layout (renamed,
     fused tensors split), with `internvl_original.json` updated to the new keys and config.
     `files` adds or replaces side files (None leaves one out), as CheckpointWriter.finalize;
     `config_update` sets (None: deletes) top-level fields of the output's config.json, in the
     output's layout."""
-    view = open_view(source) if names == "original" else CheckpointReader(source)
+    view = open_view(source) if names in ("original", "view") else CheckpointReader(source)
     with view:
         original_names = [o.name for o in outputs]
-        if getattr(view, "layout_name", "original") == "native":
+        native_out = names == "original" and getattr(view, "layout_name", "original") == "native"
+        if native_out:
             outputs = to_layout_outputs(view, outputs)
         specs = output_specs(view, outputs)
         cache = SourceCache(view)
         files = dict(files or {})
         if config_update:
             files["config.json"] = _updated(files.get("config.json") or _stored_config(source), config_update)
-        if getattr(view, "layout_name", "original") == "native":
+        if native_out:
             files[SIDECAR] = {"config": _updated(view.config(), {k: v for k, v in (config_update or {}).items()}),
                               "keys": original_names}
         with CheckpointWriter(out, specs, max_shard_size=max_shard_size, inputs=[Path(source)], overwrite=overwrite) as writer:
