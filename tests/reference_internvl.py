@@ -84,9 +84,14 @@ def image_features(config, sd, pixels):
     return x @ sd["mlp1.3.weight"].T + sd["mlp1.3.bias"]
 
 
+def head_dim(cfg):
+    """An explicit head_dim (Qwen3, InternLM3) wins over hidden / heads."""
+    return cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+
+
 def _qkv(sd, p, dialect, cfg):
     heads, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    hd = cfg["hidden_size"] // heads
+    hd = head_dim(cfg)
     if dialect == "internlm2":
         w = sd[p + "attention.wqkv.weight"].reshape(kv, heads // kv + 2, hd, -1)
         return (w[:, :-2].reshape(heads * hd, -1), w[:, -2].reshape(kv * hd, -1), w[:, -1].reshape(kv * hd, -1)), (None, None, None)
@@ -119,16 +124,23 @@ def rotate(x, positions, theta):
 
 
 def llm_logits(config, sd, embeds):
-    """Causal decoder over input embeddings [1, T, D] in the checkpoint's own key dialect."""
+    """Causal decoder over input embeddings [1, T, D] in the checkpoint's own key dialect.
+
+    Llama, Yi, Qwen2 (q/k/v bias when present) and InternLM3 share key names; Qwen3 adds an
+    RMSNorm over each query / key head (weights [head_dim]) before RoPE; q has heads x head_dim
+    rows, which need not equal the width. RoPE scaling of the dynamic kind changes nothing below
+    max_position_embeddings, which the test prompts stay under."""
     cfg = config["llm_config"]
-    dialect = {"InternLM2ForCausalLM": "internlm2", "Phi3ForCausalLM": "phi3"}.get(cfg["architectures"][0], "llama")
+    arch = cfg["architectures"][0]
+    dialect = {"InternLM2ForCausalLM": "internlm2", "Phi3ForCausalLM": "phi3", "Qwen3ForCausalLM": "qwen3"}.get(arch, "llama")
     heads, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    hd = cfg["hidden_size"] // heads
+    hd = head_dim(cfg)
     eps, theta = cfg["rms_norm_eps"], cfg["rope_theta"]
     norms = ("attention_norm", "ffn_norm") if dialect == "internlm2" else ("input_layernorm", "post_attention_layernorm")
     out_name = "attention.wo" if dialect == "internlm2" else "self_attn.o_proj"
     x = embeds[0]
     t = x.shape[0]
+    assert t <= cfg["max_position_embeddings"]
     positions = torch.arange(t)
     mask = torch.full((t, t), float("-inf")).triu(1)
     for n in range(cfg["num_hidden_layers"]):
@@ -138,8 +150,12 @@ def llm_logits(config, sd, embeds):
         q, k, v = h @ wq.T, h @ wk.T, h @ wv.T
         if bq is not None:
             q, k, v = q + bq, k + bk, v + bv
-        q = rotate(q.reshape(t, heads, hd).transpose(0, 1), positions, theta)
-        k = rotate(k.reshape(t, kv, hd).transpose(0, 1), positions, theta).repeat_interleave(heads // kv, dim=0)
+        q, k = q.reshape(t, heads, hd), k.reshape(t, kv, hd)
+        if dialect == "qwen3":
+            q = rms(q, sd[p + "self_attn.q_norm.weight"], eps)
+            k = rms(k, sd[p + "self_attn.k_norm.weight"], eps)
+        q = rotate(q.transpose(0, 1), positions, theta)
+        k = rotate(k.transpose(0, 1), positions, theta).repeat_interleave(heads // kv, dim=0)
         v = v.reshape(t, kv, hd).transpose(0, 1).repeat_interleave(heads // kv, dim=0)
         att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(hd) + mask, dim=-1) @ v
         x = x + att.transpose(0, 1).reshape(t, heads * hd) @ sd[p + out_name + ".weight"].T

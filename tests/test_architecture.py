@@ -18,7 +18,7 @@ TESTS = Path(__file__).resolve().parent
 # holds the version only and may be imported by anyone; __main__ is the top. A new top-level
 # package or module must be given a rank here.
 RANKS = {
-    "errors": 0,      # the exception types
+    "errors": -1,     # the exception types: below everything
     "io": 0,          # safetensors reading and writing
     "models": 1,      # facts about the models: families, key layouts, dialects, templates
     "formats": 2,     # on-disk tensor formats: int8, GPTQ, dequantized views

@@ -13,7 +13,7 @@ from internvl_tools.io.reader import CheckpointReader
 from internvl_tools.tiny.generator import make_peft_adapter
 
 from . import reference_internvl as ref
-from .conftest import ALL_FAMILIES
+from .conftest import ALL_FAMILIES, NEW_DIALECTS
 from .support import all_tensors
 
 
@@ -41,8 +41,10 @@ def _reference_merge(src: dict, alpha_of_rank=lambda r: 2 * r) -> dict:
     return out
 
 
-@pytest.mark.parametrize("family", ALL_FAMILIES)
-@pytest.mark.parametrize("lora", ["embedded", "embedded-llm", "embedded-vision"])
+EMBEDDED = [(family, lora) for lora in ("embedded", "embedded-llm", "embedded-vision") for family in ALL_FAMILIES]
+
+
+@pytest.mark.parametrize("family,lora", EMBEDDED + [(family, "embedded") for family in NEW_DIALECTS])
 def test_embedded_lora_merge_matches_float32_reference(family, lora, tiny, tmp_path, run_cli):
     src_dir = tiny(family, lora=lora)
     out = tmp_path / "merged"

@@ -36,6 +36,7 @@ from ..models.dialects import Dialect
 from ..models.layout import Layout, build_layout
 from ..models.native_map import Link, links
 from ..models.templates import IMG_CONTEXT, build_prompt, get_template
+from ..models.vision import NATIVE_LLM_PREFIX
 from ..runtime.build import build_decoder_layer
 from .activations import Activations, ResumeState
 from .quantizer import GroupWork, LayerWork, ModuleUpdate, Quantizer
@@ -117,7 +118,7 @@ class DecoderLayer:
                  stems: dict[str, str], layer_links: dict[str, Link], device: str):
         self.index, self.module, self.rotary, self.acts = index, module, rotary, acts
         self.stems, self.links, self.device = stems, layer_links, device
-        self._native_prefix = f"model.language_model.layers.{index}."
+        self._native_prefix = f"{NATIVE_LLM_PREFIX}.layers.{index}."
 
     def work(self, dialect: Dialect, log: Callable[[str], None]) -> LayerWork:
         """The LayerWork a quantizer sees for this layer."""

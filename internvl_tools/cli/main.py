@@ -27,11 +27,14 @@ SIZE_HELP = "largest shard, e.g. 5GB, 500MB, 2GiB"
 
 @click.group(cls=ToolGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="show tracebacks instead of one-line errors")
+@click.option("--follow-symlinks", is_flag=True,
+              help="read shards that are symlinks to files outside the checkpoint folder (refused by default)")
 @click.version_option(__version__)
 @click.pass_context
-def cli(ctx: click.Context, debug: bool) -> None:
+def cli(ctx: click.Context, debug: bool, follow_symlinks: bool) -> None:
     """Convert, shard and quantize InternVL checkpoints with bounded memory."""
     ctx.obj = {"debug": debug}
+    CheckpointReader.follow_symlinks = follow_symlinks
 
 
 @cli.command("inspect")
@@ -107,6 +110,8 @@ def print_report(report: dict) -> None:
                                           f"{', '.join(lora['targets'])}; config flag {lora['config_flag']}")
     if not report["lora"]:
         table.add_row("LoRA", "none")
+    for mismatch in report.get("lora_flags", []):
+        table.add_row("LoRA flag mismatch", mismatch)
     if report["quantization"]:
         table.add_row("quantization", ", ".join(f"{k}={v}" for k, v in report["quantization"].items()))
     if report["memory_estimate"]:
@@ -343,19 +348,29 @@ def _run_int8(checkpoint: Path, out: Path, options: dict, limit: int, total: int
 
 @cli.command("merge-lora")
 @click.argument("checkpoint", type=click.Path(path_type=Path))
-@click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="output folder")
+@click.option("-o", "--out", type=click.Path(path_type=Path), default=None, help="output folder (not needed with --dry-run)")
 @click.option("--adapter", "adapters", multiple=True, type=click.Path(path_type=Path),
               help="a PEFT adapter folder (repeatable, merged in order after any embedded LoRA)")
 @click.option("--alpha", type=float, default=None, help="alpha of the embedded LoRA (default 2r, as InternVL's training sets it)")
 @click.option("--max-shard-size", default="5GB", show_default=True, help=SIZE_HELP)
 @click.option("--overwrite", is_flag=True, help="replace a non-empty OUT")
+@click.option("--dry-run", is_flag=True, help="show what would be merged (modules, rank, alpha, scale, source) and what "
+              "would be refused, write nothing; exit 2 when something would be refused")
 @click.option("--json", "as_json", is_flag=True)
-def merge_lora_cmd(checkpoint: Path, out: Path, adapters: tuple[Path, ...], alpha: float | None, max_shard_size: str,
-                   overwrite: bool, as_json: bool) -> None:
+def merge_lora_cmd(checkpoint: Path, out: Path | None, adapters: tuple[Path, ...], alpha: float | None, max_shard_size: str,
+                   overwrite: bool, dry_run: bool, as_json: bool) -> None:
     """Merge the LoRA embedded in CHECKPOINT and/or PEFT --adapter folders into the base weights."""
     from ..transforms.merge_lora import merge_lora
 
     limit = parse_size(max_shard_size)
+    if dry_run:
+        _path, plan = merge_lora(checkpoint, None, adapters=list(adapters), alpha=alpha, dry_run=True)
+        _report_merge_plan(plan, as_json)
+        if plan.refused:
+            raise click.exceptions.Exit(2)
+        return
+    if out is None:
+        raise click.UsageError("Missing option '-o' / '--out' (only --dry-run runs without it).")
     check_output(out, [checkpoint, *adapters], overwrite)
     with CheckpointReader(checkpoint) as reader:
         total = reader.total_bytes
@@ -364,14 +379,49 @@ def merge_lora_cmd(checkpoint: Path, out: Path, adapters: tuple[Path, ...], alph
         path, plan = merge_lora(checkpoint, out, adapters=list(adapters), alpha=alpha, max_shard_size=limit,
                                 overwrite=overwrite, progress=advance)
     seconds = time.perf_counter() - started
-    towers = sorted({key.split(".")[0] for key in plan.deltas})
-    summary = {"out": str(path), "merged_weights": len(plan.deltas), "replaced": len(plan.replacements),
-               "towers": towers, "adapters": [str(a) for a in adapters], "seconds": round(seconds, 3)}
+    deltas, replacements = plan.adapters.deltas, plan.adapters.replacements
+    towers = sorted({key.split(".")[0] for key in deltas})
+    summary = {"out": str(path), "merged_weights": len(deltas), "replaced": len(replacements),
+               "towers": towers, "adapters": [str(a) for a in adapters], "warnings": plan.warnings, "seconds": round(seconds, 3)}
     if as_json:
         emit_json(summary)
     else:
-        stdout.print(f"wrote {path}: LoRA merged into {len(plan.deltas)} weights ({', '.join(towers)})"
-                     f"{f', {len(plan.replacements)} replaced' if plan.replacements else ''} in {seconds:.1f} s")
+        for warning in plan.warnings:
+            click.echo(f"warning: {warning}", err=True)
+        stdout.print(f"wrote {path}: LoRA merged into {len(deltas)} weights ({', '.join(towers)})"
+                     f"{f', {len(replacements)} replaced' if replacements else ''} in {seconds:.1f} s")
+
+
+def _report_merge_plan(plan, as_json: bool) -> None:
+    """`merge-lora --dry-run`: the changes (grouped over layers in the table) and the refusals."""
+    rows = plan.rows()
+    if as_json:
+        emit_json({"dry_run": True, "layout": plan.layout_name, "merges": rows,
+                   "refused": [{"source": r.source, "item": r.item, "reason": r.reason} for r in plan.refused],
+                   "warnings": plan.warnings, "output_config": {k: plan.config.get(k) for k in ("use_llm_lora", "use_backbone_lora")}})
+        return
+    groups: dict[tuple, list[int]] = {}
+    for row in rows:
+        layer = re.search(r"\.(?:layers|layer)\.(\d+)\.", row["target"])
+        key = (row["source"], re.sub(r"\.(layers|layer)\.\d+\.", r".\1.N.", row["module"]),
+               re.sub(r"\.(layers|layer)\.\d+\.", r".\1.N.", row["target"]), row["kind"] + (f" ({row['init']})" if row["init"] else ""),
+               row["rank"], row["alpha"], row["scale"])
+        groups.setdefault(key, []).append(int(layer.group(1)) if layer else -1)
+    table = Table(title=f"merge-lora --dry-run ({plan.layout_name} layout): {len(rows)} changes to "
+                        f"{len(plan.adapters.ops)} tensors", show_lines=False)
+    for column in ("source", "module", "into", "kind", "layers", "rank", "alpha", "scale"):
+        table.add_column(column)
+    for (source, module, target, kind, rank, alpha, scale), layers in groups.items():
+        span = "" if layers == [-1] else (f"{min(layers)}..{max(layers)} ({len(layers)})" if len(layers) > 1 else str(layers[0]))
+        table.add_row(str(source), module, target, kind, span, "" if rank is None else str(rank),
+                      "" if alpha is None else f"{alpha:g}", "" if scale is None else f"{scale:.6g}")
+    stdout.print(table)
+    for refusal in plan.refused:
+        stdout.print(f"refused: {refusal.message}", markup=False, highlight=False)
+    for warning in plan.warnings:
+        stdout.print(f"warning: {warning}", markup=False, highlight=False)
+    if not plan.refused:
+        stdout.print("nothing refused; nothing written (dry run)")
 
 
 @cli.command("chat")

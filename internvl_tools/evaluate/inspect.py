@@ -10,6 +10,7 @@ from ..models.families import identify
 from ..models.layout import Layout, build_layout
 from ..io.reader import CheckpointReader
 from ..models.views import open_view
+from ..transforms.adapters import flag_mismatches
 
 GIB = 2**30
 
@@ -71,7 +72,7 @@ def summarize(folder: str | Path) -> dict:
         "path": str(Path(folder)),
         "layout": getattr(reader, "layout_name", "original"),
         "family": identify(style, layout.dialect, config.get("ps_version", "v1"), llm_cfg.get("hidden_size", 0),
-                           config.get("template"), str(config.get("_name_or_path") or "")),
+                           config.get("template"), str(config.get("_name_or_path") or ""), layout.llm_layers),
         "template": config.get("template"),
         "ps_version": config.get("ps_version"),
         "vision": {
@@ -106,6 +107,7 @@ def summarize(folder: str | Path) -> dict:
             family: {"rank": info.rank, "alpha": 2 * info.rank, "targets": list(info.targets), "modules": info.count, "config_flag": info.config_flag}
             for family, info in layout.lora.items()
         },
+        "lora_flags": flag_mismatches(config, layout),  # use_llm_lora / use_backbone_lora that disagree with the tensors
         "memory_estimate": memory_estimate(total_params, linear) if not quant else None,
     }
 

@@ -27,15 +27,26 @@ class CheckpointReader:
     `model.safetensors.index.json`. Everything is validated when the reader is created.
     """
 
-    def __init__(self, folder: str | os.PathLike[str]):
-        """`folder` is a checkpoint folder, or one .safetensors file (e.g. a PEFT adapter's)."""
+    follow_symlinks = False  # the CLI's --follow-symlinks sets it for the run
+
+    def __init__(self, folder: str | os.PathLike[str], *, follow_symlinks: bool | None = None):
+        """`folder` is a checkpoint folder, or one .safetensors file (e.g. a PEFT adapter's).
+
+        A shard that is a symlink to a file outside the folder is refused (CheckpointError)
+        unless `follow_symlinks` (default: the class attribute, set by `--follow-symlinks`);
+        links into the Hugging Face cache's own `blobs/` folder (what `huggingface_hub`
+        downloads look like) are allowed."""
         self.folder = Path(folder)
+        follow = CheckpointReader.follow_symlinks if follow_symlinks is None else follow_symlinks
         if self.folder.is_file() and self.folder.suffix == ".safetensors":
             self.shards: list[ShardHeader] = [read_header(self.folder)]
         elif not self.folder.is_dir():
             raise CheckpointError(f"{self.folder}: not a folder; pass the checkpoint folder (the one with config.json)")
         else:
             self.shards = _load_shards(self.folder)
+            if not follow:
+                for shard in self.shards:
+                    _check_symlink(self.folder, shard.path)
         self._tensors: dict[str, StoredTensor] = {}
         for shard in self.shards:
             self._tensors.update(shard.tensors)
@@ -167,6 +178,7 @@ def _load_indexed(folder: Path, index_path: Path) -> list[ShardHeader]:
     for key, filename in weight_map.items():
         _check_relative(index_path, key, filename)
         files.setdefault(filename, []).append(key)
+    _check_unindexed(folder, index_path, files)
     shards: list[ShardHeader] = []
     owner: dict[str, Path] = {}
     for filename, keys in files.items():
@@ -185,6 +197,31 @@ def _load_indexed(folder: Path, index_path: Path) -> list[ShardHeader]:
             owner[key] = path
         shards.append(header)
     return shards
+
+
+def _check_symlink(folder: Path, path: Path) -> None:
+    """Refuse a shard that resolves outside the checkpoint folder (but a HF-cache blob)."""
+    if not path.is_symlink():
+        return
+    target, home = path.resolve(), folder.resolve()
+    if home in target.parents:
+        return
+    if home.parent.name == "snapshots" and target.parent == home.parent.parent / "blobs":
+        return  # huggingface_hub cache: snapshots/<rev>/file -> ../../blobs/<hash>
+    raise CheckpointError(f"{path}: a symlink to {target}, outside the checkpoint folder; pass --follow-symlinks if that is intended")
+
+
+def _check_unindexed(folder: Path, index_path: Path, files: dict[str, list[str]]) -> None:
+    """Refuse shard files named like the index's shards that the index lists no key of."""
+    import re
+
+    pattern = re.compile(r".+-\d+-of-(\d+)\.safetensors")
+    counts = {m.group(1) for name in files if (m := pattern.fullmatch(name))}
+    for path in sorted(folder.glob("*.safetensors")):
+        match = pattern.fullmatch(path.name)
+        if match and match.group(1) in counts and path.name not in files:
+            raise CheckpointError(f"{index_path}: lists none of the keys of shard {path.name}; regenerate the index "
+                                  "(or remove the stray shard)")
 
 
 def _check_relative(index_path: Path, key: str, filename: object) -> None:

@@ -129,6 +129,10 @@ def read_header(path: Path) -> ShardHeader:
         raise CheckpointError(f"{path}: __metadata__ is not an object of strings; the shard is corrupt")
     tensors = {name: _parse_entry(path, name, entry, data_start, data_len) for name, entry in header.items()}
     _check_no_overlap(path, tensors, data_start)
+    used = max((t.offset + t.nbytes - data_start for t in tensors.values()), default=0)
+    if used != data_len:  # the safetensors library refuses such a file too (MetadataIncompleteBuffer)
+        raise CheckpointError(f"{path}: {data_len - used} bytes after the last tensor; the shard is corrupt or was "
+                              "appended to, copy it again")
     return ShardHeader(path, tensors, {str(k): str(v) for k, v in metadata.items()})
 
 

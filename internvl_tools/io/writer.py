@@ -104,6 +104,50 @@ def copy_side_files(source: Path, dest: Path, skip: set[str] = frozenset()) -> l
     return copied
 
 
+class OutputLock:
+    """An exclusive lock on an output folder for the whole run (`OUT.lock`, flock).
+
+    Two runs into one OUT must never both report success over an incomplete folder: the
+    second one is refused while the first holds the lock. The lock file is removed when the
+    run ends; a run that opened it just before is told by the inode check."""
+
+    def __init__(self, out: Path):
+        self.out = Path(out)
+        self.path = self.out.with_name(self.out.name + ".lock")
+        self.fd: int | None = None
+
+    def __enter__(self) -> "OutputLock":
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.fstat(fd).st_ino != os.stat(self.path).st_ino:
+                raise BlockingIOError
+        except (BlockingIOError, FileNotFoundError):
+            os.close(fd)
+            raise InputError(f"{self.out}: another run is writing this output right now ({self.path} is locked); "
+                             "wait for it to finish or choose another folder") from None
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fd is not None:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+            os.close(self.fd)  # closing releases the flock
+            self.fd = None
+
+
+def _report_leftover(partial: Path) -> None:
+    import sys
+
+    print(f"warning: {partial} was left by an interrupted run; replacing it", file=sys.stderr)
+
+
 class CheckpointWriter:
     """Writes planned tensors into shards of OUT.partial/, then renames it to OUT.
 
@@ -146,13 +190,26 @@ class CheckpointWriter:
         self.bytes_written = 0
         self.resumable = resumable
         self.resumed = False
+        self._inputs, self._overwrite = list(inputs), overwrite
+        self._lock = OutputLock(self.out)
 
     def __enter__(self) -> CheckpointWriter:
+        self._lock.__enter__()
+        try:
+            check_output(self.out, self._inputs, self._overwrite)  # again, now that no other run can write OUT
+            self._start()
+        except BaseException:
+            self._lock.__exit__()
+            raise
+        return self
+
+    def _start(self) -> None:
         headers = [build_header(shard, self.metadata) for shard in self.plan]
         if self.resumable and self._matches(headers):
             self.resumed = True
         else:
             if self.partial.exists():
+                _report_leftover(self.partial)
                 shutil.rmtree(self.partial)
             self.partial.mkdir(parents=True)
             for index, (header, _) in enumerate(headers):
@@ -161,7 +218,6 @@ class CheckpointWriter:
         for index, (_, offsets) in enumerate(headers):
             for name, offset in offsets.items():
                 self._location[name] = (index, offset)
-        return self
 
     def _matches(self, headers: list[tuple[bytes, dict]]) -> bool:
         """Whether OUT.partial/ holds shards started from exactly this plan."""
@@ -186,6 +242,7 @@ class CheckpointWriter:
         self._fds.clear()
         if exc_type is not None and self.partial.exists() and not self.resumable:
             shutil.rmtree(self.partial, ignore_errors=True)
+        self._lock.__exit__()
 
     # -- tensors -----------------------------------------------------------------------
     def write(self, name: str, tensor) -> None:
@@ -196,9 +253,12 @@ class CheckpointWriter:
         data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
         fd, offset = self._target(name)
         view = memoryview(data)
-        while view.nbytes:
-            done = os.pwrite(fd, view[:WRITE_CHUNK], offset)
-            view, offset = view[done:], offset + done
+        try:
+            while view.nbytes:
+                done = os.pwrite(fd, view[:WRITE_CHUNK], offset)
+                view, offset = view[done:], offset + done
+        except OSError as exc:
+            raise self._write_error(name, exc) from exc
         self._done(name)
 
     def copy_stored(self, name: str, source: StoredTensor) -> None:
@@ -206,8 +266,18 @@ class CheckpointWriter:
         self._check_spec(name, TensorSpec(name, source.spec.dtype, source.spec.shape))
         fd, offset = self._target(name)
         with open(source.path, "rb", buffering=0) as src:
-            _copy_range(src.fileno(), source.offset, fd, offset, source.nbytes)
+            try:
+                _copy_range(src.fileno(), source.offset, fd, offset, source.nbytes)
+            except OSError as exc:
+                raise self._write_error(name, exc) from exc
         self._done(name)
+
+    def _write_error(self, name: str, exc: OSError) -> CheckpointError:
+        """A one-line error naming the shard being written (e.g. a full disk)."""
+        index, _ = self._location[name]
+        path = self.partial / self.files[index]
+        hint = "free disk space and run again" if exc.errno == 28 else "check the output folder"
+        return CheckpointError(f"{path}: {exc.strerror or exc} while writing {name!r}; {hint}")
 
     def finalize(self, side_files_from: Path | None = None, files: dict[str, object] | None = None) -> Path:
         """Check completeness, write the index and side files, and rename OUT.partial to OUT.
@@ -286,15 +356,17 @@ def staged_folder(out: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield an empty OUT.partial/ to fill; renamed to OUT on success, removed on an exception."""
     out = Path(out)
     partial = out.with_name(out.name + ".partial")
-    if partial.exists():
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True)
-    try:
-        yield partial
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    publish(partial, out)
+    with OutputLock(out):
+        if partial.exists():
+            _report_leftover(partial)
+            shutil.rmtree(partial)
+        partial.mkdir(parents=True)
+        try:
+            yield partial
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+        publish(partial, out)
 
 
 def write_file(path: Path, content: object) -> None:

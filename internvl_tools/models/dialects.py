@@ -12,8 +12,9 @@ LLM's checkpoint keys, with no code paths of its own:
 - the native config's `model_type` and the transformers decoder-layer / rotary classes.
 
 Sources: the architectures' transformers implementations (`models/llama`, `models/qwen2`,
-`models/phi3`, `models/qwen3`), InternLM2's remote code (`modeling_internlm2.py`: fused,
-GQA-interleaved `wqkv`), and InternVL's checkpoints (../shared/DESIGN.md §2, §2b).
+`models/phi3`, `models/qwen3`, `models/internlm3`: a config-only module that runs InternLM3 as
+Llama), InternLM2's remote code (`modeling_internlm2.py`: fused, GQA-interleaved `wqkv`), and
+InternVL's checkpoints (../shared/DESIGN.md §2, §2b).
 
 Adding a dialect = one `Dialect(...)` in `DIALECTS`; a split rule for a new kind of fused
 tensor is the only code that may come with it (models/native_map.py `SPLITS`).
@@ -80,6 +81,9 @@ class Dialect:
     final_norm: str = "norm"
     native_renames: dict[str, str] = field(default_factory=dict)  # linear name -> native name for unfused renames
     buffers: tuple[str, ...] = ("self_attn.rotary_emb", "attention.rotary_emb")  # non-weight buffers some checkpoints carry
+    # head_dim is a config field of its own (Qwen3: 128 even where hidden / heads is 64 or 80): always written
+    # into configs, never derived; the native class's own default must not decide it
+    explicit_head_dim: bool = False
 
     def linear(self, name: str) -> Linear:
         """The record of one linear by its original module path."""
@@ -172,10 +176,76 @@ PHI3 = Dialect(
     decoder_layer=("transformers.models.phi3.modeling_phi3", "Phi3DecoderLayer", "Phi3RotaryEmbedding"),
 )
 
-DIALECTS: dict[str, Dialect] = {d.name: d for d in (LLAMA, QWEN2, INTERNLM2, PHI3)}
+# Qwen3 (InternVL3.5 dense): Qwen2's key names without q/k/v bias, plus an RMSNorm over head_dim
+# applied to every query and key head before RoPE (`self_attn.q_norm` / `k_norm`, weight [head_dim])
+QWEN3 = Dialect(
+    name="qwen3", architectures=("Qwen3ForCausalLM",), model_type="qwen3", native_model_type="qwen3",
+    embed="embed_tokens", head="lm_head", linears=_qkvo_mlp(), groups=_QKVO_GROUPS, norms=_NORMS,
+    extra_norms=("self_attn.q_norm", "self_attn.k_norm"),
+    decoder_layer=("transformers.models.qwen3.modeling_qwen3", "Qwen3DecoderLayer", "Qwen3RotaryEmbedding"),
+    explicit_head_dim=True,
+)
 
-# released InternVL LLMs this toolkit refuses with a reason (not a guess)
-NOT_SUPPORTED: dict[str, str] = {}
+# InternLM3 as its own remote code saves it: Llama key names, explicit head_dim, no bias; transformers runs
+# it as Llama (its `internlm3` model type maps to LlamaForCausalLM), so the native config is Llama with
+# head_dim kept. (OpenGVLab's InternVL3-9B stores its InternLM3 LLM in InternLM2 keys instead: see families.py.)
+INTERNLM3 = Dialect(
+    name="internlm3", architectures=("InternLM3ForCausalLM",), model_type="internlm3", native_model_type="llama",
+    embed="embed_tokens", head="lm_head", linears=_qkvo_mlp(), groups=_QKVO_GROUPS, norms=_NORMS,
+    decoder_layer=_LLAMA_DECODER, explicit_head_dim=True,
+)
+
+DIALECTS: dict[str, Dialect] = {d.name: d for d in (LLAMA, QWEN2, INTERNLM2, PHI3, QWEN3, INTERNLM3)}
+
+
+@dataclass(frozen=True)
+class Unsupported:
+    """A released InternVL LLM this toolkit refuses, with the reason (never a guess).
+
+    It matches an LLM config whose architecture (original llm_config) or model_type (native
+    text_config) is listed, when every field of `signature` has that value or the checkpoint's
+    `_name_or_path` contains one of `name_hints`; with neither, every config of that
+    architecture matches."""
+
+    model: str
+    architectures: tuple[str, ...]
+    model_types: tuple[str, ...]
+    reason: str
+    signature: dict = field(default_factory=dict, hash=False)
+    name_hints: tuple[str, ...] = ()
+
+    def matches(self, llm_config: dict, name_hint: str = "") -> bool:
+        kind = set(llm_config.get("architectures") or []) & set(self.architectures) or llm_config.get("model_type") in self.model_types
+        if not kind:
+            return False
+        if not self.signature and not self.name_hints:
+            return True
+        by_size = bool(self.signature) and all(llm_config.get(k) == v for k, v in self.signature.items())
+        by_name = any(h.lower() in name_hint.lower() for h in self.name_hints)
+        return by_size or by_name
+
+
+# Checked before the dialects, in order. InternVL3.5-241B-A28B's LLM is Qwen3-235B-A22B, the same Qwen3-MoE
+# architecture as InternVL3.5-30B-A3B's Qwen3-30B-A3B, so once a qwen3_moe dialect exists the architecture alone
+# no longer refuses it: its size signature (width 4096, 94 layers, 128 experts) or its name does. The generic
+# Qwen3-MoE entry stands until that dialect lands (remove it then).
+NOT_SUPPORTED: tuple[Unsupported, ...] = (
+    Unsupported("InternVL3.5-20B-A4B, GPT-OSS", ("GptOssForCausalLM",), ("gpt_oss",),
+                "its experts are packed MXFP4 blocks, which no format here reads"),
+    Unsupported("InternVL3.5-241B-A28B, Qwen3-235B-A22B", ("Qwen3MoeForCausalLM",), ("qwen3_moe",),
+                "its 94-layer, 128-expert LLM is not targeted",
+                signature={"hidden_size": 4096, "num_hidden_layers": 94, "num_experts": 128}, name_hints=("241B", "235B")),
+    Unsupported("InternVL3.5-30B-A3B, Qwen3-MoE", ("Qwen3MoeForCausalLM",), ("qwen3_moe",),
+                "sparse expert layers need a qwen3_moe dialect, which is not there yet"),
+)
+
+
+def refuse_unsupported(llm_config: dict, where: str, name_hint: str = "") -> None:
+    """Raise LayoutError (one line, naming the model and why) for an LLM in NOT_SUPPORTED."""
+    for record in NOT_SUPPORTED:
+        if record.matches(llm_config, name_hint):
+            kind = (llm_config.get("architectures") or [llm_config.get("model_type")])[0]
+            raise LayoutError(f"{where}: {kind} ({record.model}) is not supported yet; {record.reason}")
 
 
 def get_dialect(name: str) -> Dialect:
@@ -189,19 +259,21 @@ def get_dialect(name: str) -> Dialect:
 def dialect_of_architecture(architectures: list[str], where: str) -> Dialect:
     """The dialect whose architectures include one of `architectures` (llm_config.architectures).
 
-    Raises LayoutError naming `where` (the config field) and listing what is supported."""
+    Raises LayoutError naming `where` (the config field) and listing what is supported (models in
+    NOT_SUPPORTED are refused first by `refuse_unsupported`, which sees the whole config)."""
     for arch in architectures or []:
         for dialect in DIALECTS.values():
             if arch in dialect.architectures:
                 return dialect
-        if arch in NOT_SUPPORTED:
-            raise LayoutError(f"{where}: {arch} is not supported yet ({NOT_SUPPORTED[arch]})")
     supported = ", ".join(a for d in DIALECTS.values() for a in d.architectures)
     raise LayoutError(f"{where} {list(architectures or [])!r} is not a supported LLM; supported: {supported}")
 
 
-def dialect_of_native_model_type(model_type: str | None, where: str) -> Dialect:
-    """The dialect a native text_config.model_type stands for (InternLM2 converts to llama)."""
+def dialect_of_native_model_type(model_type: str | None, where: str, text_config: dict | None = None) -> Dialect:
+    """The dialect a native text_config.model_type stands for (InternLM2 and InternLM3 convert to
+    llama and read back as llama). Models in NOT_SUPPORTED are refused (by size signature too when
+    the whole `text_config` is given)."""
+    refuse_unsupported(text_config or {"model_type": model_type}, where)
     for dialect in DIALECTS.values():
         if dialect.native_model_type == model_type and dialect.model_type == model_type:
             return dialect
@@ -210,7 +282,8 @@ def dialect_of_native_model_type(model_type: str | None, where: str) -> Dialect:
 
 
 def layer_dims(llm_config: dict) -> dict[str, int]:
-    """Symbolic dimensions of a decoder layer from an LLM config (head_dim explicit or derived)."""
+    """Symbolic dimensions of a decoder layer from an LLM config (head_dim explicit or derived:
+    an explicit head_dim may differ from hidden / heads, so "q" need not equal "hidden")."""
     heads = llm_config["num_attention_heads"]
     head_dim = llm_config.get("head_dim") or llm_config["hidden_size"] // heads
     kv_heads = llm_config.get("num_key_value_heads") or heads

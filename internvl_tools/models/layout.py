@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from ..errors import LayoutError
 from ..io.safetensors_format import TensorSpec
-from .dialects import Dialect, dialect_of_architecture, get_dialect
+from .dialects import Dialect, dialect_of_architecture, get_dialect, refuse_unsupported
 from .vision import PROJECTOR, VISION
 
 # A linear's parameter names are checked by its on-disk format (formats/), not here: the
@@ -104,6 +104,8 @@ def llm_dialect(config: dict) -> str:
     llm_config = config.get("llm_config")
     if not isinstance(llm_config, dict):
         raise LayoutError("config.json: no llm_config object; this is not an original-layout InternVL checkpoint (model_type internvl_chat)")
+    names = " ".join(str(c.get("_name_or_path") or "") for c in (config, llm_config))
+    refuse_unsupported(llm_config, "config.json: llm_config.architectures", names)
     return dialect_of_architecture(llm_config.get("architectures") or [], "config.json: llm_config.architectures").name
 
 

@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+from .dialects import get_dialect, layer_dims
+
 TEXT_KEYS = (
     "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
     "vocab_size", "rms_norm_eps", "rope_theta", "rope_scaling", "max_position_embeddings", "hidden_act",
     "bos_token_id", "eos_token_id", "pad_token_id", "head_dim", "sliding_window", "original_max_position_embeddings",
     "partial_rotary_factor", "use_sliding_window", "max_window_layers",
 )
-TEXT_MODEL_TYPE = {"llama": "llama", "qwen2": "qwen2", "phi3": "phi3", "internlm2": "llama"}
 
 
 def text_config(config: dict, dialect: str) -> dict:
-    """The LLM's native config: Llama, Qwen2 and Phi-3 as they are; InternLM2 as Llama."""
+    """The LLM's native config, of the dialect record's native model type: Llama, Qwen2, Phi-3 and
+    Qwen3 as they are; InternLM2 and InternLM3 as Llama. A dialect with an explicit head_dim gets it
+    written (the native class's default, e.g. Qwen3's 128, must not decide it)."""
     llm = config["llm_config"]
+    record = get_dialect(dialect)
     out = {key: llm[key] for key in TEXT_KEYS if llm.get(key) is not None}
-    out["model_type"] = TEXT_MODEL_TYPE[dialect]
+    out["model_type"] = record.native_model_type
+    if record.explicit_head_dim:
+        out["head_dim"] = layer_dims(llm)["head_dim"]
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         value = out.get(key)
         if not isinstance(value, int) or not 0 <= value < llm["vocab_size"]:
@@ -27,7 +33,7 @@ def text_config(config: dict, dialect: str) -> dict:
         scaling = llm.get("rope_scaling")
         if scaling:
             out["rope_scaling"] = {"rope_type": scaling.get("type", scaling.get("rope_type")), "factor": scaling["factor"]}
-    if dialect == "llama":
+    if record.native_model_type == "llama":
         out.setdefault("attention_bias", False)
     return out
 

@@ -20,13 +20,6 @@ from ..io.reader import CheckpointReader
 from ..transforms.stream import Output, SourceCache, compute, to_native_outputs
 from ..models import native_config as nc
 
-DECODER_LAYER_CLASSES = {
-    "llama": ("transformers.models.llama.modeling_llama", "LlamaDecoderLayer", "LlamaRotaryEmbedding"),
-    "internlm2": ("transformers.models.llama.modeling_llama", "LlamaDecoderLayer", "LlamaRotaryEmbedding"),
-    "qwen2": ("transformers.models.qwen2.modeling_qwen2", "Qwen2DecoderLayer", "Qwen2RotaryEmbedding"),
-    "phi3": ("transformers.models.phi3.modeling_phi3", "Phi3DecoderLayer", "Phi3RotaryEmbedding"),
-}
-
 
 @contextmanager
 def params_on_meta() -> Iterator[None]:
@@ -174,7 +167,7 @@ def build_decoder_layer(reader: CheckpointReader, config: dict, layout: Layout, 
 
     from transformers import AutoConfig
 
-    module_name, layer_cls, rotary_cls = DECODER_LAYER_CLASSES[layout.dialect]
+    module_name, layer_cls, rotary_cls = layout.record.decoder_layer  # models/dialects.py
     module = importlib.import_module(module_name)
     text = dict(nc.text_config(config, layout.dialect))
     text_cfg = AutoConfig.for_model(text.pop("model_type"), **text)

@@ -113,7 +113,9 @@ class InternVLRuntime:
 
     @property
     def tokenizer(self):
-        """The checkpoint's own tokenizer."""
+        """The checkpoint's own tokenizer, read without remote code: trust_remote_code=False is
+        explicit, because left unset transformers asks on stdin whether to run the code an
+        `auto_map` in config.json names (a prompt that hangs a non-interactive run)."""
         if self._tokenizer is None:
             from transformers import AutoTokenizer
             from transformers.utils import logging
@@ -121,7 +123,7 @@ class InternVLRuntime:
             verbosity = logging.get_verbosity()
             logging.set_verbosity_error()  # the original config.json's model_type is unknown to transformers
             try:
-                self._tokenizer = AutoTokenizer.from_pretrained(self.folder)
+                self._tokenizer = AutoTokenizer.from_pretrained(self.folder, trust_remote_code=False)
             except (OSError, ValueError) as exc:
                 raise InputError(f"{self.folder}: cannot load the tokenizer ({exc}); the folder needs its tokenizer files") from exc
             finally:

@@ -153,8 +153,12 @@ def make_config(family: Family, *, use_llm_lora: int = 0, use_backbone_lora: int
     }
     if m.head_dim is not None:
         llm["head_dim"] = m.head_dim
-    if m.dialect == "internlm2":
-        llm["bias"] = False
+    if m.rope_scaling:
+        llm["rope_scaling"] = dict(m.rope_scaling)
+    if m.dialect in ("internlm2", "internlm3"):
+        llm["bias"] = False  # InternLM2 / InternLM3 configs name their bias flags `bias` (and InternLM3 `qkv_bias`)
+    if m.dialect == "internlm3":
+        llm["qkv_bias"] = False
     llm.update(token_ids or {})
     return {
         "_name_or_path": name or family.name,

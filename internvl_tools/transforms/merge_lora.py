@@ -1,21 +1,25 @@
 """`merge-lora`: merge embedded and PEFT LoRA adapters into the base, tensor by tensor.
 
-Each merged weight is W + sum(scale x B @ A) computed in float32 over blocks of rows and cast
-back to W's dtype once; keys lose peft's wrapping; use_llm_lora / use_backbone_lora become 0.
-Every adapter is validated (keys, shapes, ranks) before anything is written, and a result
-with NaN or Inf stops the run with nothing written.
+Each merged weight is W + sum(scale x B @ A) computed in float32 (over blocks of rows when
+nothing else touches it) and cast back to W's dtype once; keys lose peft's wrapping;
+use_llm_lora / use_backbone_lora become 0. What each adapter means is decided by
+transforms/adapters.py, exactly as peft means it; every adapter is validated (options, keys,
+shapes, ranks, NaN/Inf) before anything is written, and a result with NaN or Inf stops the run
+with nothing written.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..models.layout import build_layout
 from ..errors import InputError
 from ..io.reader import CheckpointReader
+from ..models.layout import Layout, build_layout
 from ..models.views import open_view
-from .adapters import AdapterSet, Delta, embedded_deltas, open_peft_adapter, peft_deltas, plain_key
+from .adapters import (FLAGS, AdapterSet, BaseModel, Op, embedded_deltas, factor_shape_error, flag_mismatches, load_bin,
+                       open_peft_adapter, peft_ops, plain_key)
 from .stream import Output, run_transform
 
 ROW_BLOCK = 2048
@@ -24,7 +28,7 @@ ROW_BLOCK = 2048
 class TensorSources:
     """Adapter tensors by (source, key): the checkpoint itself or an adapter file, read on demand."""
 
-    def __init__(self, checkpoint: CheckpointReader):
+    def __init__(self, checkpoint):
         self.readers: dict[str, object] = {"embedded": checkpoint}
 
     def _reader(self, source: str):
@@ -32,9 +36,7 @@ class TensorSources:
             if source.endswith(".safetensors"):
                 self.readers[source] = CheckpointReader(source)
             else:  # a small adapter_model.bin, loaded whole
-                import torch
-
-                self.readers[source] = _InMemory(torch.load(source, map_location="cpu", weights_only=True))
+                self.readers[source] = _InMemory(load_bin(Path(source)))
         return self.readers[source]
 
     def get(self, source: str, key: str):
@@ -42,11 +44,11 @@ class TensorSources:
 
     def shape(self, source: str, key: str) -> tuple[int, ...]:
         reader = self._reader(source)
-        return tuple(reader.spec(key).shape) if isinstance(reader, CheckpointReader) else tuple(reader.get(key).shape)
+        return tuple(reader.spec(key).shape) if hasattr(reader, "spec") else tuple(reader.get(key).shape)
 
     def close(self) -> None:
-        for reader in self.readers.values():
-            if hasattr(reader, "close"):
+        for name, reader in self.readers.items():
+            if name != "embedded" and hasattr(reader, "close"):
                 reader.close()
 
 
@@ -58,100 +60,227 @@ class _InMemory:
         return self.tensors[key]
 
 
-def delta_shape_error(delta: Delta, base_shape: tuple[int, ...], a: tuple[int, ...], b: tuple[int, ...]) -> str | None:
-    """Why an adapter's A/B cannot update a base weight, or None when they fit."""
-    if len(a) != 2 or len(b) != 2 or a[0] != b[1]:
-        return f"lora_A {list(a)} and lora_B {list(b)} do not share a rank"
-    rows, cols = b[0], a[1]
-    expected = (cols, rows) if delta.fan_in_fan_out or delta.embedding else (rows, cols)
-    if tuple(base_shape) != expected:
-        return f"B @ A is {list(expected)} but the base weight is {list(base_shape)}"
-    return None
+@dataclass
+class MergePlan:
+    """What merge-lora would write: outputs, the changes by base key, the output config, warnings."""
+
+    outputs: list[Output]
+    adapters: AdapterSet
+    config: dict
+    sources: TensorSources
+    base: BaseModel
+    layout_name: str
+    warnings: list[str] = field(default_factory=list)
+    config_update: dict | None = None
+
+    @property
+    def refused(self):
+        return self.adapters.refused
+
+    def rows(self) -> list[dict]:
+        """One row per change: what is merged into which base tensor, with which rank, alpha and scale."""
+        rows = []
+        for key, ops in self.adapters.ops.items():
+            for op in ops:
+                rows.append({"target": self.base.part_name(key, op.part), "base_key": key, "module": op.module, "kind": op.kind,
+                             "rank": op.rank or None, "alpha": op.alpha or None, "scale": op.scale or None,
+                             "init": op.init, "source": op.adapter})
+        return rows
 
 
-def _non_finite(sources: TensorSources, delta: Delta) -> str | None:
+def plan_merge(reader, adapters: list[Path], alpha: float | None) -> MergePlan:
+    """Validate everything and return the output stream (nothing is written here; refusals are collected)."""
+    config = reader.config()
+    layout = build_layout(config, reader.specs())
+    shapes = {spec.name: tuple(spec.shape) for spec in reader.specs()}
+    plan = embedded_deltas(layout, shapes, alpha)
+    base_of = {plain_key(k): k for k, info in layout.keys.items() if info.lora is None}
+    base = BaseModel(config, shapes, base_of)
+    sources = TensorSources(reader)
+    for folder in adapters:
+        try:
+            adapter = open_peft_adapter(folder)
+        except InputError as exc:
+            plan.refuse("", "", str(exc))
+            continue
+        peft_ops(adapter, base, plan, lambda key, w=str(adapter.weights): sources.shape(w, key))
+    _check_tensors(plan, base, sources)
+    if not plan.ops and not plan.refused:
+        sources.close()
+        raise InputError(f"{reader.folder}: no embedded LoRA and no --adapter given; nothing to merge" if not adapters else
+                         f"{', '.join(map(str, adapters))}: no LoRA tensors in the adapter(s); nothing to merge")
+    outputs = []
+    for plain, key in base_of.items():
+        ops = plan.ops.get(plain)
+        if ops:
+            link = base.link(plain) if any(op.part is not None for op in ops) else None
+            outputs.append(Output(plain, (key,), lambda t, o=tuple(ops), p=plain, k=link: apply_ops(t, o, sources, k, p)))
+        else:
+            outputs.append(Output(plain, (key,)))
+    warnings = [f"{message}; corrected: the output has {flag} = 0"
+                for message, flag in zip(flag_mismatches(config, layout), _mismatched_flags(config, layout))]
+    warnings += plan.notes
+    native = getattr(reader, "layout_name", "original") == "native"
+    update = {flag: None for flag, _family, _label in FLAGS if config.get(flag)} if native else None
+    return MergePlan(outputs, plan, dict(config, use_llm_lora=0, use_backbone_lora=0), sources, base,
+                     "native" if native else "original", warnings, update or None)
+
+
+def _mismatched_flags(config: dict, layout: Layout) -> list[str]:
+    return [flag for flag, family, _label in FLAGS if bool(config.get(flag)) != (family in layout.lora)]
+
+
+def _check_tensors(plan: AdapterSet, base: BaseModel, sources: TensorSources) -> None:
+    """Embedded factor shapes, finite scales and tensors; refusals collected, offending changes dropped."""
     import torch
 
-    if not abs(delta.scale) < 3.4e38:
-        return f"its scale alpha/r = {delta.scale:g} is beyond float32"
-    for key in (delta.a, delta.b):
-        if not torch.isfinite(sources.get(delta.source, key)).all():
-            return f"{key} holds NaN or Inf"
-    return None
+    for key in list(plan.ops):
+        kept = []
+        for op in plan.ops[key]:
+            problem = None
+            if op.kind == "lora" and op.source == "embedded":
+                problem = factor_shape_error(base.shape(key, None), sources.shape("embedded", op.a), sources.shape("embedded", op.b), False)
+                problem = problem and f"{problem}; is the checkpoint damaged?"
+            if problem is None and op.scale and not abs(op.scale) < 3.4e38:
+                problem = f"its scale alpha/r = {op.scale:g} is beyond float32; check r and lora_alpha"
+            for name in (op.a, op.b, op.tensor):
+                if problem is None and name is not None and not torch.isfinite(sources.get(op.source, name)).all():
+                    problem = f"{name} holds NaN or Inf; the adapter is broken"
+            if problem:
+                plan.refuse(op.source, f"LoRA for {base.part_name(key, op.part)!r}", problem)
+            else:
+                kept.append(op)
+        if kept:
+            plan.ops[key] = kept
+        else:
+            del plan.ops[key]
 
 
-def merged(weight, deltas: list[Delta], sources: TensorSources, key: str):
-    """W + sum of deltas, float32 per block of rows, cast back once; NaN/Inf refused."""
+# -- the merge itself --------------------------------------------------------------------------
+def apply_ops(weight, ops: tuple[Op, ...], sources: TensorSources, link, key: str):
+    """The base tensor with every change applied in order: float32, cast back to its dtype once
+    (peft's residual inits and loaded full tensors are cast to it where peft casts them)."""
     import torch
 
     if weight.device.type == "meta":
         return weight
+    dtype = weight.dtype
+    if all(op.part is None and op.kind in ("lora", "embedding") for op in ops):
+        return _blocked(weight, ops, sources, key)
+    start = max((i for i, op in enumerate(ops) if op.kind == "replace" and op.part is None), default=None)
+    if start is not None:
+        weight, ops = sources.get(ops[start].source, ops[start].tensor).to(dtype), ops[start + 1:]
+        if not ops:
+            return _finite(weight, key)
+    if all(op.part is None and op.kind == "rows" for op in ops):  # token rows: no float32 copy of the table
+        out = weight.clone()
+        for op in ops:
+            out[list(op.indices)] = sources.get(op.source, op.tensor).to(dtype)
+        return _finite(out, key)
+    work = weight.float()
+    for op in ops:
+        if op.part is None:
+            work = _apply(work, op, sources, dtype)
+        else:
+            parts = list(link.split(work))
+            parts[op.part] = _apply(parts[op.part], op, sources, dtype)
+            work = link.merge(*parts)
+    if not torch.isfinite(work).all():
+        raise InputError(f"merging LoRA into {key!r} gives NaN or Inf; the adapter is broken or its alpha is wrong")
+    return work.to(dtype).contiguous()
+
+
+def _finite(tensor, key: str):
+    import torch
+
+    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        raise InputError(f"merging LoRA into {key!r} gives NaN or Inf; the adapter is broken or its alpha is wrong")
+    return tensor
+
+
+def _apply(work, op: Op, sources: TensorSources, dtype):
+    """One change on a float32 tensor (a whole base tensor or one native part of it)."""
+    if op.kind == "lora":
+        a, b = sources.get(op.source, op.a).float(), sources.get(op.source, op.b).float()
+        return work + (b @ a) * op.scale
+    if op.kind == "embedding":
+        a, b = sources.get(op.source, op.a).float(), sources.get(op.source, op.b).float()
+        return work + (b @ a).T * op.scale
+    if op.kind == "lora_bias":
+        return work + sources.get(op.source, op.tensor).float() * op.scale
+    if op.kind == "replace":
+        return sources.get(op.source, op.tensor).to(dtype).float()
+    if op.kind == "rows":
+        out = work.clone()
+        out[list(op.indices)] = sources.get(op.source, op.tensor).to(dtype).float()
+        return out
+    if op.kind == "residual":
+        return residual(work.to(dtype).float(), op.init, op.rank, op.scale).to(dtype).float()
+    raise AssertionError(op.kind)
+
+
+def residual(weight, init: str, rank: int, scale: float):
+    """The base peft rebuilds on load for PiSSA / OLoRA (LoraLayer.pissa_init / olora_init), float32.
+
+    PiSSA: W - scale x B0 A0 with A0 = sqrt(S_r / scale) Uh_r, B0 = V_r sqrt(S_r / scale) from
+    W's SVD, the same float32 operations as peft. OLoRA: W - scale x Q_r R_r, Q_r R_r the first
+    r columns of W's QR times their rows of R; Q_r comes from the first r columns alone (the
+    same Householder reflectors) and R_r = Q_r^T W, so a 70B-wide weight needs no full QR."""
+    import torch
+
+    if init == "pissa":
+        v, s, uh = torch.linalg.svd(weight, full_matrices=False)
+        vr, sr, uhr = v[:, :rank], s[:rank] / scale, uh[:rank]
+        lora_a = torch.diag(torch.sqrt(sr)) @ uhr
+        lora_b = vr @ torch.diag(torch.sqrt(sr))
+        return weight - scale * lora_b @ lora_a
+    if init == "olora":
+        q, _r = torch.linalg.qr(weight[:, :rank])
+        return weight - scale * q @ (q.T @ weight)
+    raise AssertionError(init)
+
+
+def _blocked(weight, ops: tuple[Op, ...], sources: TensorSources, key: str):
+    """W + sum of deltas, float32 per block of rows, cast back once; NaN/Inf refused."""
+    import torch
+
     factors = []
-    for delta in deltas:
-        a, b = sources.get(delta.source, delta.a).float(), sources.get(delta.source, delta.b).float()
-        transposed = delta.fan_in_fan_out or delta.embedding
-        factors.append((a, b, delta.scale, transposed))
+    for op in ops:
+        a, b = sources.get(op.source, op.a).float(), sources.get(op.source, op.b).float()
+        factors.append((a, b, op.scale, op.kind == "embedding"))
     out = torch.empty_like(weight)
     for start in range(0, weight.shape[0], ROW_BLOCK):
         block = weight[start : start + ROW_BLOCK].float()
         stop = start + block.shape[0]
         for a, b, scale, transposed in factors:
             update = (a[:, start:stop].T @ b.T) if transposed else (b[start:stop] @ a)
-            block.add_(update, alpha=scale)
+            block = block + update * scale
         if not torch.isfinite(block).all():
             raise InputError(f"merging LoRA into {key!r} gives NaN or Inf (rows {start}..{stop}); the adapter is broken or its alpha is wrong")
         out[start:stop] = block.to(weight.dtype)
     return out
 
 
-def plan_merge(reader: CheckpointReader, adapters: list[Path], alpha: float | None) -> tuple[list[Output], AdapterSet, dict, TensorSources]:
-    """Validate everything and return the output stream (nothing is written here)."""
-    config = reader.config()
-    layout = build_layout(config, reader.specs())
-    shapes = {spec.name: spec.shape for spec in reader.specs()}
-    plan = embedded_deltas(layout, shapes, alpha)
-    base_of = {plain_key(k): k for k, info in layout.keys.items() if info.lora is None}
-    for folder in adapters:
-        peft_deltas(open_peft_adapter(folder), set(base_of), plan)
-    if not plan.deltas and not plan.replacements:
-        raise InputError(f"{reader.folder}: no embedded LoRA and no --adapter given; nothing to merge")
-    sources = TensorSources(reader)
-    for base, deltas in plan.deltas.items():
-        for delta in deltas:
-            a, b = sources.shape(delta.source, delta.a), sources.shape(delta.source, delta.b)
-            problem = delta_shape_error(delta, shapes[base_of[base]], a, b) or _non_finite(sources, delta)
-            if problem:
-                raise InputError(f"{delta.source}: LoRA for {base!r}: {problem}; is this adapter for another model?")
-    for base, (source, key) in plan.replacements.items():
-        if sources.shape(source, key) != tuple(shapes[base_of[base]]):
-            raise InputError(f"{source}: {key!r} is {list(sources.shape(source, key))} but {base!r} is {list(shapes[base_of[base]])}")
-    outputs = []
-    for plain, key in base_of.items():
-        if plain in plan.replacements:
-            source, replacement = plan.replacements[plain]
-            dtype = reader.spec(key).torch_dtype
-            outputs.append(Output(plain, (key,), lambda t, s=source, r=replacement, d=dtype: t if t.device.type == "meta"
-                                  else sources.get(s, r).to(d)))
-        elif plain in plan.deltas:
-            outputs.append(Output(plain, (key,), lambda t, ds=plan.deltas[plain], p=plain: merged(t, ds, sources, p)))
-        else:
-            outputs.append(Output(plain, (key,)))
-    new_config = dict(config, use_llm_lora=0, use_backbone_lora=0)
-    return outputs, plan, new_config, sources
-
-
-def merge_lora(source: Path, out: Path, *, adapters: list[Path] = (), alpha: float | None = None, max_shard_size: int,
-               overwrite: bool = False, progress: Callable[[int], None] | None = None) -> tuple[Path, AdapterSet]:
-    """Merge and write; returns the output path and what was merged.
+def merge_lora(source: Path, out: Path | None, *, adapters: list[Path] = (), alpha: float | None = None, max_shard_size: int = 0,
+               overwrite: bool = False, progress: Callable[[int], None] | None = None, dry_run: bool = False) -> tuple[Path | None, MergePlan]:
+    """Merge and write; returns the output path and the plan. `dry_run`: validate and plan only
+    (refusals are in plan.refused, nothing is written). Otherwise the first refusal raises
+    InputError before anything is written.
 
     Works on either layout: a native-layout checkpoint is merged through its original-layout
     view (models.views) and written back in the native layout."""
     with open_view(source) as reader:
-        outputs, plan, config, sources = plan_merge(reader, list(adapters), alpha)
-        native = reader.layout_name == "native"
+        plan = plan_merge(reader, list(adapters), alpha)
         try:
-            path = run_transform(source, out, outputs, max_shard_size=max_shard_size, overwrite=overwrite,
-                                 files={} if native else {"config.json": config}, names="original", progress=progress)
+            if dry_run:
+                return None, plan
+            if plan.refused:
+                more = len(plan.refused) - 1
+                raise InputError(plan.refused[0].message + (f" (and {more} more refusal{'s' * (more > 1)}; --dry-run lists them)" if more else ""))
+            native = plan.layout_name == "native"
+            path = run_transform(source, out, plan.outputs, max_shard_size=max_shard_size, overwrite=overwrite,
+                                 files={} if native else {"config.json": plan.config}, config_update=plan.config_update,
+                                 names="original", progress=progress)
         finally:
-            sources.close()
+            plan.sources.close()
     return path, plan

@@ -1,0 +1,115 @@
+"""Outputs that cannot lie and inputs that are what they claim (shards, links, indexes)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from internvl_tools.io.writer import OutputLock
+
+
+def test_trailing_bytes_after_the_last_tensor_are_refused(tiny, copy_of, run_cli):
+    folder = copy_of(tiny("InternVL2-1B"))
+    shard = sorted(folder.glob("*.safetensors"))[0]
+    with open(shard, "ab") as handle:
+        handle.write(b"\0" * 16)
+    for command in (["inspect", folder], ["shard", folder, "-o", folder.parent / "out"]):
+        result = run_cli(*command)
+        assert result.exit_code == 2, result.output
+        assert shard.name in result.output and "16 bytes after the last tensor" in result.output
+
+
+def test_symlinked_shard_outside_the_folder_needs_follow_symlinks(tiny, copy_of, tmp_path, run_cli):
+    folder = copy_of(tiny("InternVL2-1B"))
+    shard = sorted(folder.glob("*.safetensors"))[0]
+    elsewhere = tmp_path / "elsewhere.safetensors"
+    shard.rename(elsewhere)
+    shard.symlink_to(elsewhere)
+    refused = run_cli("inspect", folder)
+    assert refused.exit_code == 2 and "--follow-symlinks" in refused.output and shard.name in refused.output
+    assert run_cli("--follow-symlinks", "inspect", folder).exit_code == 0
+    assert run_cli("inspect", folder).exit_code == 2  # the flag holds for one run only
+
+
+def test_hugging_face_cache_links_are_read(tiny, tmp_path, run_cli):
+    """snapshots/<rev>/file -> ../../blobs/<hash>, as huggingface_hub downloads are laid out."""
+    source = tiny("InternVL2-1B")
+    snapshot, blobs = tmp_path / "models--x" / "snapshots" / "abc", tmp_path / "models--x" / "blobs"
+    snapshot.mkdir(parents=True)
+    blobs.mkdir()
+    for index, entry in enumerate(sorted(source.iterdir())):
+        blob = blobs / f"blob{index}"
+        blob.write_bytes(entry.read_bytes())
+        (snapshot / entry.name).symlink_to(os.path.relpath(blob, snapshot))
+    assert run_cli("inspect", snapshot).exit_code == 0
+
+
+def test_a_second_run_into_a_locked_output_is_refused(tiny, tmp_path, run_cli):
+    out = tmp_path / "out"
+    with OutputLock(out):
+        result = run_cli("shard", tiny("InternVL2-1B"), "-o", out, "--overwrite")
+    assert result.exit_code == 2 and "another run is writing" in result.output
+    assert not out.exists()
+    assert run_cli("shard", tiny("InternVL2-1B"), "-o", out).exit_code == 0
+    assert not (tmp_path / "out.lock").exists()
+
+
+def test_concurrent_runs_never_both_succeed_over_an_incomplete_output(tiny, tmp_path):
+    """Many processes race into one OUT: every success leaves a complete checkpoint."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "race"
+    script = ("import sys; from internvl_tools.cli.main import main; sys.argv=['internvl-tools','shard',sys.argv[1],'-o',sys.argv[2],"
+              "'--overwrite','--max-shard-size','100KB']; main()")
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(tiny("InternVL2-1B")), str(out)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(6)]
+    results = [(p.wait(), p.stdout.read() + p.stderr.read()) for p in procs]
+    assert any(code == 0 for code, _ in results)
+    assert all(code in (0, 2) for code, _ in results), results
+    assert (out / "config.json").exists() and (out / "model.safetensors.index.json").exists()
+    assert run_inspect_ok(out)
+
+
+def run_inspect_ok(folder) -> bool:
+    from internvl_tools.evaluate.inspect import summarize
+
+    return summarize(folder)["tensors"] > 0
+
+
+def test_leftover_partial_is_reported_when_replaced(tiny, tmp_path, run_cli):
+    out = tmp_path / "out"
+    (tmp_path / "out.partial").mkdir()
+    (tmp_path / "out.partial" / "junk").write_text("x")
+    result = run_cli("shard", tiny("InternVL2-1B"), "-o", out)
+    assert result.exit_code == 0
+    assert "left by an interrupted run" in result.output
+
+
+def test_full_disk_names_the_file_being_written(tiny, tmp_path, run_cli, monkeypatch):
+    import errno
+
+    import internvl_tools.io.writer as writer
+
+    def full(*_args, **_kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(writer.os, "pwrite", full)
+    result = run_cli("quantize", tiny("InternVL2-1B"), "-o", tmp_path / "q", "--method", "int8")
+    assert result.exit_code == 2
+    assert "q.partial/model" in result.output and "No space left on device" in result.output and "free disk space" in result.output
+    assert not (tmp_path / "q").exists() and not (tmp_path / "q.partial").exists()
+
+
+def test_an_index_that_lists_none_of_a_shards_keys_names_the_shard(tiny, copy_of, run_cli):
+    folder = copy_of(tiny("InternVL2-1B"))
+    index_path = folder / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    last = sorted(set(index["weight_map"].values()))[-1]
+    index["weight_map"] = {k: v for k, v in index["weight_map"].items() if v != last}
+    index_path.write_text(json.dumps(index))
+    result = run_cli("inspect", folder)
+    assert result.exit_code == 2
+    assert "model.safetensors.index.json" in result.output and last in result.output and "config.json" not in result.output
