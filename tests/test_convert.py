@@ -10,7 +10,7 @@ import torch
 
 from internvl_tools.runtime.model import InternVLRuntime
 
-from .conftest import DIALECT_FAMILIES
+from .conftest import ALL_FAMILIES, DIALECT_FAMILIES, NEW_DIALECTS
 from .support import all_bytes, sample_image
 
 
@@ -43,7 +43,8 @@ def test_round_trip_bit_identical(family, tiny, converted, tmp_path, run_cli):
     assert not (back / "internvl_original.json").exists()
 
 
-@pytest.mark.parametrize("family", DIALECT_FAMILIES)
+# every seed family, one per new dialect, and InternVL3-9B (InternLM2 keys with 2 KV heads and dynamic RoPE scaling)
+@pytest.mark.parametrize("family", ALL_FAMILIES + NEW_DIALECTS + ["InternVL3-9B"])
 def test_native_model_matches_runtime(family, tiny, converted):
     from transformers import AutoModelForImageTextToText
 

@@ -11,7 +11,7 @@ import pytest
 from internvl_tools.models.dialects import NOT_SUPPORTED, get_dialect
 from internvl_tools.models.families import FAMILIES, identify, tiny_family, wide_family
 from internvl_tools.models.layout import build_layout
-from internvl_tools.tiny.generator import llm_layer_shapes, llm_tensors, make_checkpoint, make_config, projector_tensors, vision_tensors
+from internvl_tools.tiny.generator import llm_layer_shapes, llm_tensors, make_config, projector_tensors, vision_tensors
 
 NEWER = [name for name in FAMILIES if name.startswith(("InternVL2.5-", "InternVL3-", "InternVL3.5-"))]
 
@@ -78,8 +78,10 @@ def test_tiny_keeps_head_dim_explicit(name, head_dim):
     llm = make_config(tiny)["llm_config"]
     assert llm.get("head_dim") == head_dim
     shapes = llm_layer_shapes(tiny)
-    q = "attention.wqkv" if name == "InternVL3-9B" else "self_attn.q_proj"
-    assert shapes[q][0] == (4 + 2 * 2) * 16 if head_dim is None else shapes[q][0] == 4 * head_dim
+    if head_dim is None:  # InternLM2 keys: fused wqkv of 4 query + 2 x 2 KV heads of 64 / 4
+        assert shapes["attention.wqkv"] == ((4 + 2 * 2) * 16, 64)
+    else:
+        assert shapes["self_attn.q_proj"] == (4 * head_dim, 64) and shapes["self_attn.o_proj"] == (64, 4 * head_dim)
 
 
 @pytest.mark.parametrize("name", NEWER)
@@ -115,6 +117,19 @@ def test_unsupported_models_refused_in_one_line(edit, needle, tiny, copy_of, run
     result = run_cli("inspect", folder)
     assert result.exit_code == 2 and result.output.count("\n") == 1
     assert needle in result.output and "not supported yet" in result.output
+
+
+def test_unsupported_native_text_configs_refused():
+    from internvl_tools.errors import LayoutError
+    from internvl_tools.models.dialects import dialect_of_native_model_type
+
+    with pytest.raises(LayoutError, match="InternVL3.5-20B-A4B.*not supported yet"):
+        dialect_of_native_model_type("gpt_oss", "config.json: text_config.model_type")
+    text = {"model_type": "qwen3_moe", "hidden_size": 4096, "num_hidden_layers": 94, "num_experts": 128}
+    with pytest.raises(LayoutError, match="InternVL3.5-241B-A28B"):
+        dialect_of_native_model_type("qwen3_moe", "config.json: text_config.model_type", text)
+    assert dialect_of_native_model_type("qwen3", "x").name == "qwen3"
+    assert dialect_of_native_model_type("llama", "x").name == "llama"  # InternLM2 / InternLM3 read back as Llama
 
 
 def test_unknown_llm_lists_the_supported_ones(tiny, copy_of, run_cli):

@@ -306,3 +306,17 @@ def test_runtime_and_inspect_read_an_awq_checkpoint(copies, tmp_path, run_cli):
     ids = bf16.prompt_ids("Describe the image.", pixels.shape[0])
     want, got = bf16.logits(ids, pixels), q4.logits(ids, pixels)
     assert (got - want).norm() / want.norm() < 0.3
+
+
+def test_to_native_renames_kept_modules_and_refuses_what_it_cannot_rename():
+    from internvl_tools.formats import to_native
+
+    kept = ["vision_model", "mlp1", "language_model.lm_head", "language_model.model.layers.0.mlp.down_proj"]
+    native = to_native(awq.quantization_config(kept, group_size=32))["modules_to_not_convert"]
+    assert native[:4] == ["model.vision_tower", "vision_tower", "model.multi_modal_projector", "multi_modal_projector"]
+    assert {"lm_head", "model.language_model.layers.0.mlp.down_proj", "language_model.model.layers.0.mlp.down_proj"} <= set(native)
+    qkv = to_native(bnb_int8.quantization_config(["vision_model.encoder.layers.2.attn.qkv"]))["llm_int8_skip_modules"]
+    assert qkv == [f"{prefix}vision_tower.encoder.layer.2.attention.{x}_proj" for x in "qkv" for prefix in ("model.", "")]
+    assert to_native(compressed_tensors.quantization_config(["vision_model"]))["ignore"] == ["re:.*vision_tower.*"]
+    with pytest.raises(InputError, match="cannot be rewritten"):
+        to_native({**compressed_tensors.quantization_config([]), "ignore": [r"re:.*layers\.0\..*"]})

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from internvl_tools.io.reader import CheckpointReader
+from internvl_tools.models.views import open_view
 from internvl_tools.tiny.generator import make_peft_adapter
 
 from . import reference_internvl as ref
@@ -209,3 +210,83 @@ def test_input_untouched_and_truncated_adapter(tiny, copy_of, tmp_path, run_cli)
     data = (adapter / "adapter_model.safetensors").read_bytes()
     (adapter / "adapter_model.safetensors").write_bytes(data[:-64])
     _expect_refused(run_cli, tmp_path, [tiny("InternVL2-1B"), "--adapter", adapter], "adapter_model.safetensors", "truncated")
+
+
+def test_dry_run_lists_merges_and_refusals_and_writes_nothing(tiny, tmp_path, run_cli):
+    base = tiny("InternVL2-2B")
+    good = make_peft_adapter(base, tmp_path / "good", rank=4, alpha=16, extra_config={"alpha_pattern": {"wo": 2}})
+    bad = make_peft_adapter(base, tmp_path / "bad", extra_config={"init_lora_weights": "corda"})
+    before = set(tmp_path.iterdir())
+    result = run_cli("merge-lora", base, "--adapter", good, "--dry-run", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["dry_run"] and not report["refused"] and report["layout"] == "original"
+    rows = {row["base_key"]: row for row in report["merges"]}
+    wo = rows["language_model.model.layers.0.attention.wo.weight"]
+    assert (wo["rank"], wo["alpha"], wo["scale"], wo["kind"]) == (4, 2, 0.5, "lora") and wo["source"] == str(good)
+    assert rows["language_model.model.layers.2.feed_forward.w1.weight"]["scale"] == 4
+    assert len(rows) == 15
+    result = run_cli("merge-lora", base, "--adapter", good, "--adapter", bad, "--dry-run")
+    assert result.exit_code == 2
+    assert "refused:" in result.output and "corda" in result.output and "path_initial_model_for_weight_conversion" in result.output
+    assert "feed_forward.w1" in result.output and "0..2 (3)" in result.output  # grouped over layers
+    assert set(tmp_path.iterdir()) == before
+    assert run_cli("merge-lora", base, "--adapter", good).exit_code == 2  # -o is required without --dry-run
+
+
+def test_native_adapter_into_both_layouts_and_fused_rows(tiny, tmp_path, run_cli):
+    """A LoRA on the native q_proj of InternLM2 (split from the fused wqkv) lands on wqkv's q rows only."""
+    base = tiny("InternVL2-2B")
+    native = tmp_path / "hf"
+    assert run_cli("convert", base, "-o", native).exit_code == 0
+    adapter = tmp_path / "native-adapter"
+    adapter.mkdir()
+    a, b = torch.randn(2, 64) * 0.1, torch.randn(64, 2) * 0.1
+    save_file({"base_model.model.model.language_model.layers.1.self_attn.q_proj.lora_A.weight": a,
+               "base_model.model.model.language_model.layers.1.self_attn.q_proj.lora_B.weight": b}, str(adapter / "adapter_model.safetensors"))
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]}))
+    for source, out in ((base, tmp_path / "into-original"), (native, tmp_path / "into-native")):
+        result = run_cli("merge-lora", source, "--adapter", adapter, "-o", out, "--json")
+        assert result.exit_code == 0, result.output
+    merged = all_tensors(tmp_path / "into-native")
+    want = (all_tensors(native)["model.language_model.layers.1.self_attn.q_proj.weight"].float() + 2 * (b @ a)).to(torch.bfloat16)
+    _assert_bf16_close(merged["model.language_model.layers.1.self_attn.q_proj.weight"], want, "q_proj")
+    for name in ("k_proj", "v_proj"):
+        key = f"model.language_model.layers.1.self_attn.{name}.weight"
+        assert torch.equal(merged[key], all_tensors(native)[key])
+    original = all_tensors(tmp_path / "into-original")
+    with open_view(tmp_path / "into-native") as view:
+        assert torch.equal(view.get("language_model.model.layers.1.attention.wqkv.weight"),
+                           original["language_model.model.layers.1.attention.wqkv.weight"])
+
+
+def test_lora_flags_that_disagree_with_the_tensors(tiny, copy_of, tmp_path, run_cli):
+    """use_llm_lora set without LoRA tensors (and LoRA tensors with the flags 0): inspect reports it, every
+    merge-lora output has both flags 0, with a warning line."""
+    stale = copy_of(tiny("InternVL2-1B"))
+    config = json.loads((stale / "config.json").read_text())
+    (stale / "config.json").write_text(json.dumps({**config, "use_llm_lora": 8}))
+    report = json.loads(run_cli("inspect", stale, "--json").output)
+    assert report["lora"] == {} and any("use_llm_lora = 8" in m for m in report["lora_flags"])
+    assert "LoRA flag mismatch" in run_cli("inspect", stale).output
+    assert json.loads(run_cli("inspect", tiny("InternVL2-1B"), "--json").output)["lora_flags"] == []
+    adapter = make_peft_adapter(tiny("InternVL2-1B"), tmp_path / "adapter")
+    result = run_cli("merge-lora", stale, "--adapter", adapter, "-o", tmp_path / "m")
+    assert result.exit_code == 0, result.output
+    assert "warning: config.json sets use_llm_lora = 8" in result.output and "corrected" in result.output
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["use_llm_lora"] == 0
+    # the native layout keeps the original config in its sidecar: corrected there
+    native = tmp_path / "hf"
+    assert run_cli("convert", stale, "-o", native).exit_code == 0
+    assert json.loads((native / "internvl_original.json").read_text())["config"]["use_llm_lora"] == 8
+    result = run_cli("merge-lora", native, "--adapter", adapter, "-o", tmp_path / "m-hf", "--json")
+    assert result.exit_code == 0 and json.loads(result.output)["warnings"]
+    assert not json.loads((tmp_path / "m-hf" / "internvl_original.json").read_text())["config"].get("use_llm_lora")
+    assert json.loads(run_cli("inspect", tmp_path / "m-hf", "--json").output)["lora_flags"] == []
+    # embedded LoRA tensors with the flags 0
+    unflagged = copy_of(tiny("InternVL2-1B", lora="embedded"))
+    (unflagged / "config.json").write_text(json.dumps({**json.loads((unflagged / "config.json").read_text()),
+                                                       "use_llm_lora": 0, "use_backbone_lora": 0}))
+    assert len(json.loads(run_cli("inspect", unflagged, "--json").output)["lora_flags"]) == 2
+    result = run_cli("merge-lora", unflagged, "-o", tmp_path / "m2", "--json")
+    assert result.exit_code == 0 and len(json.loads(result.output)["warnings"]) == 2

@@ -30,6 +30,9 @@ import torch
 
 from ..errors import InputError
 from ..io.reader import CheckpointReader
+from ..formats import to_native
+from ..models.native_map import SIDECAR
+from ..models.views import LayoutWriter, open_view
 from ..io.safetensors_format import TensorSpec
 from ..io.writer import CheckpointWriter
 from ..models.dialects import Dialect
@@ -227,27 +230,27 @@ def quantize_calibrated(source: Path, out: Path, quantizer: Quantizer, job: Cali
     and warnings. `resume` continues an interrupted run from OUT.partial/. Raises InputError for a
     quantized, native-layout or LoRA-carrying input, and for a resume whose options differ."""
     method = quantizer.name.upper()
-    with CheckpointReader(source) as reader:
+    with open_view(source, native_dialect=True) as reader:
         config = reader.config()
         if config.get("quantization_config"):
             raise InputError(f"{source}/config.json: the checkpoint is already quantized; quantize the bf16 checkpoint")
-        if config.get("model_type") == "internvl":
-            raise InputError(f"{source}: {method} reads the original layout; quantize it first, then `convert --to hf`")
         layout = build_layout(config, reader.specs())
         if layout.lora:
             raise InputError(f"{source}: embedded LoRA adapters; merge them first with `internvl-tools merge-lora`")
         specs, per_layer = output_plan(reader, layout, quantizer)
         replaced = {name for names in per_layer.values() for name in names}
-        new_config = dict(config)
         quantization_config = quantizer.quantization_config(layout)
-        if quantization_config is not None:
-            new_config["quantization_config"] = quantization_config
+        native = reader.layout_name == "native"
+        files = _output_config(source, reader, config, quantization_config, [s.name for s in specs]) if native else \
+            {"config.json": dict(config, **({"quantization_config": quantization_config} if quantization_config else {}))}
         all_links = {link.original: link for link in links(config, layout, adapt_v1=False)}
-        with CheckpointWriter(out, specs, max_shard_size=max_shard_size, inputs=[Path(source)], overwrite=overwrite or resume,
-                              resumable=True) as writer:
-            state = ResumeState(writer.partial, quantizer.name,
+        planned = LayoutWriter(reader, None).specs(specs) if native else specs
+        with CheckpointWriter(out, planned, max_shard_size=max_shard_size, inputs=[Path(source)], overwrite=overwrite or resume,
+                              resumable=True) as raw_writer:
+            writer = LayoutWriter(reader, raw_writer)
+            state = ResumeState(raw_writer.partial, quantizer.name,
                                 {"method": quantizer.name, "options": quantizer.options(), "calibration": asdict(job)})
-            done = state.load(writer.partial) if resume and writer.resumed else None
+            done = state.load(raw_writer.partial) if resume and raw_writer.resumed else None
             if done is not None:
                 writer.mark_written([s.name for s in specs if s.name not in replaced])
                 writer.mark_written([n for layer in range(done) for n in per_layer.get(layer, [])])
@@ -257,7 +260,7 @@ def quantize_calibrated(source: Path, out: Path, quantizer: Quantizer, job: Cali
                 done = 0
                 for spec in specs:
                     if spec.name not in replaced:
-                        writer.copy_stored(spec.name, reader.stored(spec.name))
+                        writer.copy(spec.name)
                 samples = load_samples(Path(job.calib), job.num_samples) if job.calib else builtin_samples(job.num_samples, job.seed)
                 acts = calibration_embeddings(reader, config, layout, samples, job.seq_len, job.memory_budget, state.spill)
                 state.save(acts, 0)
@@ -268,4 +271,15 @@ def quantize_calibrated(source: Path, out: Path, quantizer: Quantizer, job: Cali
                 if progress:
                     progress(index + 1)
             state.clear()
-            return writer.finalize(side_files_from=Path(source), files={"config.json": new_config})
+            return raw_writer.finalize(side_files_from=Path(source), files=files)
+
+
+def _output_config(source: Path, view, config: dict, quantization_config: dict | None, keys: list[str]) -> dict[str, object]:
+    """config.json (the input's native config + the quantization_config in native names) and
+    internvl_original.json (the original config and keys) of a native-layout output."""
+    native = dict(view.native_config)
+    original = dict(config)
+    if quantization_config is not None:
+        native["quantization_config"] = to_native(quantization_config)
+        original["quantization_config"] = quantization_config
+    return {"config.json": native, SIDECAR: {"config": original, "keys": keys}}

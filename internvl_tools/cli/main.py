@@ -324,8 +324,8 @@ def _run_gptq(checkpoint: Path, out: Path, options: dict, limit: int, as_json: b
                         act_group_aware=options["act_group_aware"] and not options["desc_act"])
     job = GPTQJob(config, num_samples=options["num_samples"], seq_len=options["seq_len"],
                   calib=str(options["calib"]) if options["calib"] else None, device=options["device"])
-    with CheckpointReader(checkpoint) as reader:
-        layers = reader.config().get("llm_config", {}).get("num_hidden_layers", 0)
+    with open_view(checkpoint) as view:
+        layers = view.config().get("llm_config", {}).get("num_hidden_layers", 0)
     with layer_progress("GPTQ", layers, enabled=not as_json) as advance:
         quantize_gptq(checkpoint, out, job, max_shard_size=limit, overwrite=options["overwrite"], resume=options["resume"],
                       progress=advance, log=lambda line: click.echo(line, err=True) if line.startswith("warning:") else None)

@@ -45,6 +45,7 @@ class DequantizedView:
                 self._keys.append(weight)
             self._stems[weight].append(key)
         self._hidden = {k for parts in self._stems.values() for k in parts}
+        self._shapes: dict[str, tuple[int, ...]] = {}
 
     # -- the view interface --------------------------------------------------------------
     def keys(self) -> list[str]:
@@ -61,11 +62,14 @@ class DequantizedView:
         """The spec of a key; a dequantized weight is F32 [out, in]."""
         if name not in self._stems:
             return self.view.spec(name)
-        specs = {split_key(k)[1]: self.view.spec(k) for k in self._stems[name]}
-        read = lambda param: self.view.get(f"{split_key(name)[0]}.{param}")  # noqa: E731 (small tensors only)
-        return TensorSpec(name, "F32", tuple(self.format.weight_shape(specs, self.quant, read)))
+        if name not in self._shapes:
+            specs = {split_key(k)[1]: self.view.spec(k) for k in self._stems[name]}
+            read = lambda param: self.view.get(f"{split_key(name)[0]}.{param}")  # noqa: E731 (small tensors only)
+            self._shapes[name] = tuple(self.format.weight_shape(specs, self.quant, read))
+        return TensorSpec(name, "F32", self._shapes[name])
 
     def specs(self) -> list[TensorSpec]:
+        """The specs of every key, in `keys()` order."""
         return [self.spec(k) for k in self._keys]
 
     def stored(self, name: str):
@@ -84,16 +88,20 @@ class DequantizedView:
 
     @property
     def total_bytes(self) -> int:
+        """Bytes stored on disk (quantized), not of the float view."""
         return self.view.total_bytes
 
     @property
     def shards(self):
+        """The shard files of the underlying checkpoint."""
         return self.view.shards
 
     def config(self) -> dict:
+        """The underlying view's config.json (quantization_config included)."""
         return self.view.config()
 
     def close(self) -> None:
+        """Close the underlying view (closing twice is harmless)."""
         self.view.close()
 
     def __enter__(self) -> "DequantizedView":

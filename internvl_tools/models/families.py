@@ -231,7 +231,7 @@ def identify(vision_style: str, dialect: str, ps_version: str, llm_hidden: int, 
     exact = [f for f in candidates if f.llm.hidden_size == llm_hidden]
     if llm_layers:
         exact = [f for f in exact if f.llm.num_hidden_layers == llm_layers] or exact
-    hinted = [f for f in candidates if _names(f.name, name_hint)]
+    hinted = sorted((f for f in candidates if _names(f.name, name_hint)), key=lambda f: -len(f.name))  # V1-2-Plus over V1-2
     if hinted and not any(f in exact for f in hinted):
         return f"{hinted[0].name} (reduced size)"
     if hinted:

@@ -33,7 +33,11 @@ class NativeView:
 
     layout_name = "native"
 
-    def __init__(self, reader: CheckpointReader):
+    def __init__(self, reader: CheckpointReader, *, native_dialect: bool = False):
+        """`native_dialect`: the LLM is seen in the native layout's own dialect (e.g. Llama for
+        a converted InternLM2) even when internvl_original.json says otherwise; the rest of
+        the original config (template, image settings) still comes from it. Layer-by-layer
+        quantization uses this: packed tensors cannot be split back into a fused wqkv."""
         self.reader, self.folder = reader, reader.folder
         native_config = reader.config()
         self.native_config = native_config
@@ -43,6 +47,9 @@ class NativeView:
             saved = read_json(sidecar)
             self._config, order = dict(saved["config"]), list(saved["keys"])
             self.sidecar = True
+            derived = original_config(native_config, reader.folder)
+            if native_dialect and llm_dialect(self._config) != llm_dialect(derived):
+                self._config["llm_config"], order = derived["llm_config"], []
         else:
             self._config, order = original_config(native_config, reader.folder), []
             self.sidecar = False
@@ -132,7 +139,7 @@ class OriginalView(NativeView):
     """Former name of NativeView (a native checkpoint seen in the original layout)."""
 
 
-def open_view(folder: str | os.PathLike[str]):
+def open_view(folder: str | os.PathLike[str], *, native_dialect: bool = False):
     """The checkpoint at `folder` as a view in original key names (see the module docstring).
 
     Raises CheckpointError / LayoutError (one line) for an unreadable folder or an unknown layout."""
@@ -140,12 +147,61 @@ def open_view(folder: str | os.PathLike[str]):
     try:
         config = reader.config()
         if is_native(config):
-            return NativeView(reader)
+            return NativeView(reader, native_dialect=native_dialect)
     except BaseException:
         reader.close()
         raise
     reader.layout_name = "original"
     return reader
+
+
+class LayoutWriter:
+    """Writes original-layout tensors into a CheckpointWriter planned in `view`'s layout
+    (renamed; fused tensors split), so layer-by-layer work can name tensors one way."""
+
+    def __init__(self, view, writer):
+        self.view, self.writer = view, writer
+        self.native = getattr(view, "layout_name", "original") == "native"
+
+    def _link(self, name: str) -> Link:
+        return link_for(self.view, name) if self.native else Link(name, (name,), None, None)
+
+    def specs(self, specs: list[TensorSpec]) -> list[TensorSpec]:
+        """The planned specs of original-layout `specs`, in the view's layout."""
+        import torch
+
+        if not self.native:
+            return list(specs)
+        out = []
+        for spec in specs:
+            link = self._link(spec.name)
+            if link.split is None:
+                out.append(TensorSpec(link.natives[0], spec.dtype, spec.shape))
+                continue
+            parts = link.split(torch.empty(spec.shape, dtype=spec.torch_dtype, device="meta"))
+            out += [TensorSpec(n, spec.dtype, tuple(p.shape)) for n, p in zip(link.natives, parts)]
+        return out
+
+    def names(self, name: str) -> list[str]:
+        return list(self._link(name).natives)
+
+    def write(self, name: str, tensor) -> None:
+        link = self._link(name)
+        parts = (tensor,) if link.split is None else link.split(tensor)
+        for native, part in zip(link.natives, parts):
+            self.writer.write(native, part.contiguous())
+
+    def copy(self, name: str) -> None:
+        """Copy an input tensor through unchanged (bytes in the kernel when it is a rename)."""
+        link = self._link(name)
+        stored = self.view.stored(name)
+        if stored is not None:
+            self.writer.copy_stored(link.natives[0], stored)
+        else:
+            self.write(name, self.view.get(name))
+
+    def mark_written(self, names: list[str]) -> None:
+        self.writer.mark_written([n for name in names for n in self.names(name)])
 
 
 def native_output_names(view, name: str) -> tuple[str, ...]:
