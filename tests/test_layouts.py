@@ -214,3 +214,38 @@ def test_gptq_of_a_converted_internlm2_quantizes_the_llama_it_became(native, tmp
     runtime = InternVLRuntime(out, dtype=torch.float32)
     text, ids = runtime.generate("Hello", max_new_tokens=2)
     assert len(ids) >= 1
+
+
+def test_round_trip_restores_the_remote_code_files(tiny, copy_of, tmp_path, run_cli):
+    """convert --to hf drops the remote-code *.py (the native class needs none) and --to original
+    brings them back, byte for byte, so the original loads with its own code again."""
+    folder = copy_of(tiny("InternVL2-1B"))
+    code = {"configuration_internvl_chat.py": "# config code\nX = 1\n", "modeling_internvl_chat.py": "# model code\nY = 2\n"}
+    for name, text in code.items():
+        (folder / name).write_text(text)
+    hf, int8, back = tmp_path / "hf", tmp_path / "int8", tmp_path / "back"
+    assert run_cli("convert", folder, "-o", hf).exit_code == 0
+    assert not list(hf.glob("*.py"))
+    assert run_cli("quantize", hf, "-o", int8, "--method", "int8").exit_code == 0  # the sidecar travels with outputs
+    assert run_cli("convert", hf, "-o", back, "--to", "original").exit_code == 0
+    assert {p.name: p.read_text() for p in back.glob("*.py")} == code
+    sidecar = json.loads((int8 / "internvl_original.json").read_text())
+    assert sidecar["remote_code"] == code
+
+
+@pytest.mark.parametrize("command", [["shard"], ["quantize", "--method", "int8"], ["convert"],
+                                     ["quantize", "--method", "gptq", "--num-samples", "2", "--seq-len", "32"]])
+def test_a_stale_lora_flag_is_corrected_in_every_output(command, tiny, copy_of, tmp_path, run_cli):
+    """use_llm_lora set on an already merged checkpoint makes the remote code wrap the LLM in
+    uninitialised LoRA (InternVL#231, #468): every output corrects it, with a warning."""
+    folder = copy_of(tiny("InternVL2-1B"))
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(dict(config, use_llm_lora=16)))
+    out = tmp_path / "out"
+    result = run_cli(command[0], folder, "-o", out, *command[1:])
+    assert result.exit_code == 0, result.output
+    assert "use_llm_lora: 16 but there are no LoRA tensors" in result.output
+    written = json.loads((out / "config.json").read_text())
+    if written.get("model_type") == "internvl":
+        written = json.loads((out / "internvl_original.json").read_text())["config"]
+    assert written["use_llm_lora"] == 0

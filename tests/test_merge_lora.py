@@ -277,8 +277,12 @@ def test_lora_flags_that_disagree_with_the_tensors(tiny, copy_of, tmp_path, run_
     assert json.loads((tmp_path / "m" / "config.json").read_text())["use_llm_lora"] == 0
     # the native layout keeps the original config in its sidecar: corrected there
     native = tmp_path / "hf"
-    assert run_cli("convert", stale, "-o", native).exit_code == 0
-    assert json.loads((native / "internvl_original.json").read_text())["config"]["use_llm_lora"] == 8
+    converted = run_cli("convert", stale, "-o", native)
+    assert converted.exit_code == 0 and "use_llm_lora: 8 but there are no LoRA tensors" in converted.output
+    sidecar = json.loads((native / "internvl_original.json").read_text())
+    assert sidecar["config"]["use_llm_lora"] == 0  # convert corrects it too
+    sidecar["config"]["use_llm_lora"] = 8  # a stale sidecar, as an older converter left it
+    (native / "internvl_original.json").write_text(json.dumps(sidecar))
     result = run_cli("merge-lora", native, "--adapter", adapter, "-o", tmp_path / "m-hf", "--json")
     assert result.exit_code == 0 and json.loads(result.output)["warnings"]
     assert not json.loads((tmp_path / "m-hf" / "internvl_original.json").read_text())["config"].get("use_llm_lora")

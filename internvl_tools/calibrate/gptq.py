@@ -25,7 +25,9 @@ class GPTQConfig:
     """The GPTQ scheme: `bits` per weight (2..8, 32 divisible by it for packing), `group_size`
     input columns per scale/zero (-1: one group per row), `sym` symmetric (zero fixed at
     2^(bits-1)) or asymmetric, `desc_act` act-order, `damp` the dampening as a fraction of the
-    mean Hessian diagonal, `block_size` columns per lazy batch update, `act_group_aware` GAR."""
+    mean Hessian diagonal, `block_size` columns per lazy batch update, `act_group_aware` GAR,
+    `scale_dtype` the dtype the checkpoint stores scales in (fp16 for GPTQ v1; the model's dtype
+    for compressed-tensors): scales are rounded to it before the codes are computed."""
 
     bits: int = 4
     group_size: int = 128  # -1: one group per row
@@ -34,6 +36,7 @@ class GPTQConfig:
     damp: float = 0.01
     block_size: int = 128
     act_group_aware: bool = True  # GAR: groups (and columns inside them) by importance; static g_idx
+    scale_dtype: str = "float16"
 
 
 @dataclass
@@ -77,10 +80,10 @@ class HessianAccumulator:
         self.h += x.T @ x
 
 
-def group_params(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def group_params(w: torch.Tensor, bits: int, sym: bool, scale_dtype: str = "float16") -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row scale and zero, both float32 [out], for a block of columns w [out, k] (the range
-    always includes 0; the scale is rounded to the fp16 value the checkpoint stores; an all-zero
-    row gets the range [-1, 1])."""
+    always includes 0; the scale is rounded to the `scale_dtype` value the checkpoint stores; an
+    all-zero row gets the range [-1, 1])."""
     maxq = 2**bits - 1
     zero_t = torch.zeros(w.shape[0], device=w.device)
     xmin = torch.minimum(w.min(dim=1).values, zero_t)
@@ -90,7 +93,7 @@ def group_params(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, t
         xmin = torch.where(xmin < 0, -xmax, xmin)
     empty = (xmin == 0) & (xmax == 0)
     xmin[empty], xmax[empty] = -1.0, 1.0
-    scale = ((xmax - xmin) / maxq).half().float()  # the fp16 value the checkpoint will store
+    scale = ((xmax - xmin) / maxq).to(getattr(torch, scale_dtype)).float()  # the value the checkpoint will store
     zero = torch.full_like(scale, (maxq + 1) / 2) if sym else torch.round(-xmin / scale)
     return scale, zero
 
@@ -197,7 +200,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor | PreparedHessian,
             column = start + i
             if column % group == 0:
                 # the group's range from W as of the last block update (as the reference implementation)
-                scale, zero = group_params(w[:, column : column + group], config.bits, config.sym)
+                scale, zero = group_params(w[:, column : column + group], config.bits, config.sym, config.scale_dtype)
                 index = int(perm[column]) // group if static else column // group
                 scales[index], zeros[index] = scale, zero
             x = w1[:, i]
@@ -246,7 +249,7 @@ def rtn_quantize(weight: torch.Tensor, config: GPTQConfig) -> GPTQResult:
     scales, zeros = torch.zeros(n_groups, rows), torch.zeros(n_groups, rows)
     for g in range(n_groups):
         block = w[:, g * group : (g + 1) * group]
-        scale, zero = group_params(block, config.bits, config.sym)
+        scale, zero = group_params(block, config.bits, config.sym, config.scale_dtype)
         scales[g], zeros[g] = scale, zero
         q[:, g * group : (g + 1) * group] = quantize_column(block, scale.unsqueeze(1), zero.unsqueeze(1), config.bits).to(torch.int32)
     return GPTQResult(q, scales, zeros.to(torch.int32), (torch.arange(cols) // group).to(torch.int32), 0.0)

@@ -10,24 +10,30 @@ A Hessian that stays singular up to the top of the dampening ladder (non-finite 
 calibration inputs) does not stop the run: its linears are quantized with round-to-nearest
 and a warning naming them goes to the log.
 
+With `fmt="compressed-tensors"` the same codes are written as vLLM's pack-quantized W4A16 /
+W8A16 (symmetric only, static groups that divide every input width, scales rounded to the
+model's dtype, in which compressed-tensors stores and vLLM loads them).
+
 `GPTQJob` / `quantize_gptq` are the one-call entry point of `quantize --method gptq`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
 from ..errors import InputError
+from ..formats import compressed_tensors
 from ..formats.gptq import GPTQSettings, pack, packed_shapes
 from ..formats.gptq import quantization_config as gptq_quantization_config
 from ..io.safetensors_format import TensorSpec
 from ..models.dialects import InputGroup
 from ..models.layout import KeyInfo, Layout
-from .gptq import GPTQConfig, HessianAccumulator, HessianNotPositiveDefinite, prepare_hessian, gptq_quantize, rtn_quantize
+from .gptq import GPTQConfig, GPTQResult, HessianAccumulator, HessianNotPositiveDefinite, prepare_hessian, gptq_quantize, rtn_quantize
+from .outputs import CT_FORMAT, ct_quantization_config, ct_specs, scale_dtype_name
 from .pipeline import CalibrationJob, quantize_calibrated
 from .quantizer import GroupWork, ModuleUpdate, Quantizer
 
@@ -40,16 +46,24 @@ class GPTQQuantizer(Quantizer):
 
     name = "gptq"
 
-    def __init__(self, config: GPTQConfig):
-        self.config = config
+    def __init__(self, config: GPTQConfig, fmt: str = "gptq"):
+        if fmt not in ("gptq", CT_FORMAT):
+            raise ValueError(f"GPTQ writes gptq or {CT_FORMAT}, not {fmt!r}")
+        if fmt == CT_FORMAT and not config.sym:
+            raise InputError("--format compressed-tensors stores symmetric weights (what vLLM serves by default); "
+                             "drop --asym, or use the GPTQ format for zero points")
+        if fmt == CT_FORMAT and config.desc_act:
+            raise InputError("--format compressed-tensors is written with static groups; drop --desc-act "
+                             "(group-aware reordering, the default, keeps static groups)")
+        self.config, self.fmt = config, fmt
         self._pending: tuple[InputGroup, HessianAccumulator] | None = None
         self._linears = 0
         self._fallbacks: list[str] = []
         self._damped: dict[str, float] = {}
 
     def options(self) -> dict:
-        """The GPTQConfig as a dict (a resumed run must match it)."""
-        return asdict(self.config)
+        """The GPTQConfig (and a format other than gptq) as a dict (a resumed run must match it)."""
+        return asdict(self.config) | ({"format": self.fmt} if self.fmt != "gptq" else {})
 
     def output_specs(self, spec: TensorSpec, info: KeyInfo) -> list[TensorSpec] | None:
         """A linear's `weight` [out, in] becomes qweight / qzeros / scales / g_idx; the rest is copied.
@@ -59,6 +73,10 @@ class GPTQQuantizer(Quantizer):
             return None
         rows, cols = spec.shape
         bits = self.config.bits
+        if self.fmt == CT_FORMAT:
+            if self.config.scale_dtype != scale_dtype_name(spec):
+                self.config = replace(self.config, scale_dtype=scale_dtype_name(spec))
+            return ct_specs(spec, bits, self.config.group_size)
         if cols % (32 // bits):
             raise InputError(f"{spec.name}: {cols} input features do not pack into 32-bit words of {bits}-bit values")
         stem = spec.name.removesuffix(".weight")
@@ -66,8 +84,11 @@ class GPTQQuantizer(Quantizer):
                 for part, (shape, dtype) in packed_shapes(rows, cols, bits, self.config.group_size).items()]
 
     def quantization_config(self, layout: Layout) -> dict:
-        """GPTQ v1 quantization_config (formats/gptq.py): vision and mlp1 stay unquantized."""
+        """GPTQ v1 quantization_config (formats/gptq.py): vision and mlp1 stay unquantized; or the
+        compressed-tensors one with ignore rules for the vision tower, projector and head."""
         c = self.config
+        if self.fmt == CT_FORMAT:
+            return ct_quantization_config(layout, c.bits, c.group_size)
         return gptq_quantization_config(GPTQSettings(bits=c.bits, group_size=c.group_size, sym=c.sym, desc_act=c.desc_act, damp=c.damp))
 
     def observe(self, group: InputGroup, inputs: torch.Tensor) -> None:
@@ -105,10 +126,18 @@ class GPTQQuantizer(Quantizer):
             self._linears += 1
             method = f"GPTQ loss {result.loss:.4g}" if prepared is not None else "round-to-nearest"
             layer.log(f"layer {layer.index} {name}: {method}")
-            update = ModuleUpdate(pack(result, self.config.bits), result.dequantize().to(layer.device))
+            update = ModuleUpdate(self._pack(result), result.dequantize().to(layer.device))
             del result
             yield name, update
             del update  # the layer holds the weight now; keep no second reference while the next linear runs
+
+    def _pack(self, result: GPTQResult) -> dict[str, torch.Tensor]:
+        if self.fmt != CT_FORMAT:
+            return pack(result, self.config.bits)
+        g = result.g_idx.long()
+        signed = result.q - result.zeros[g].T  # symmetric: zero 2^(bits-1) everywhere
+        return compressed_tensors.pack_codes(signed, result.scales.T.contiguous(), self.config.bits,
+                                             getattr(torch, self.config.scale_dtype))
 
     def summary(self) -> dict:
         """{"linears": count, "round_to_nearest": [...], "damp_raised": {...}} so far."""
@@ -121,6 +150,7 @@ class GPTQJob:
     calibration settings (see CalibrationJob)."""
 
     config: GPTQConfig
+    fmt: str = "gptq"
     num_samples: int = 128
     seq_len: int = 2048
     calib: str | None = None
@@ -132,6 +162,7 @@ class GPTQJob:
         """The calibration part of the job."""
         fields = asdict(self)
         fields.pop("config")
+        fields.pop("fmt")
         return CalibrationJob(**fields)
 
 
@@ -139,5 +170,5 @@ def quantize_gptq(source: Path, out: Path, job: GPTQJob, *, max_shard_size: int,
                   progress: Callable[[int], None] | None = None, log: Callable[[str], None] = lambda _m: None) -> Path:
     """Run GPTQ over every decoder layer of an original-layout checkpoint and write OUT
     (calibrate.pipeline.quantize_calibrated with a GPTQQuantizer; same errors)."""
-    return quantize_calibrated(source, out, GPTQQuantizer(job.config), job.calibration(), max_shard_size=max_shard_size,
+    return quantize_calibrated(source, out, GPTQQuantizer(job.config, job.fmt), job.calibration(), max_shard_size=max_shard_size,
                                overwrite=overwrite, resume=resume, progress=progress, log=log)

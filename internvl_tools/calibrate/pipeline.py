@@ -33,6 +33,7 @@ from ..io.reader import CheckpointReader
 from ..formats import to_native
 from ..models.native_map import SIDECAR
 from ..models.views import LayoutWriter, open_view
+from ..transforms.stream import fix_lora_flags
 from ..io.safetensors_format import TensorSpec
 from ..io.writer import CheckpointWriter
 from ..models.dialects import Dialect
@@ -125,10 +126,11 @@ class DecoderLayer:
 
     def work(self, dialect: Dialect, log: Callable[[str], None]) -> LayerWork:
         """The LayerWork a quantizer sees for this layer."""
-        return LayerWork(self.index, dialect, self.weight, self.set_weight, self.inputs, self.outputs, log, self.device)
+        return LayerWork(self.index, dialect, self.weight, self.set_weight, self.inputs, self.outputs, log, self.device,
+                         self.bias)
 
-    def _params(self, module: str) -> tuple[Link, list[torch.nn.Module], list[str]]:
-        link = self.links[f"{self.stems[module]}.weight"]
+    def _params(self, module: str, param: str = "weight") -> tuple[Link, list[torch.nn.Module], list[str]]:
+        link = self.links[f"{self.stems[module]}.{param}"]
         owners, leaves = [], []
         for native in link.natives:
             *path, leaf = native.removeprefix(self._native_prefix).split(".")
@@ -142,9 +144,18 @@ class DecoderLayer:
         parts = [owner._parameters[leaf].detach() for owner, leaf in zip(owners, leaves)]
         return link.merge(*parts) if link.merge else parts[0]
 
-    def set_weight(self, module: str, tensor: torch.Tensor) -> None:
-        """Put an original-layout weight into the native layer (split when fused), on the layer's device."""
-        link, owners, leaves = self._params(module)
+    def bias(self, module: str) -> torch.Tensor | None:
+        """The current bias of an original-layout module (float32; read-only), None when it has none."""
+        if f"{self.stems[module]}.bias" not in self.links:
+            return None
+        link, owners, leaves = self._params(module, "bias")
+        parts = [owner._parameters[leaf].detach() for owner, leaf in zip(owners, leaves)]
+        return link.merge(*parts) if link.merge else parts[0]
+
+    def set_weight(self, module: str, tensor: torch.Tensor, param: str = "weight") -> None:
+        """Put an original-layout weight (or `param` "bias") into the native layer (split when fused),
+        on the layer's device."""
+        link, owners, leaves = self._params(module, param)
         parts = link.split(tensor) if link.split else (tensor,)
         for owner, leaf, part in zip(owners, leaves, parts):
             owner._parameters[leaf] = torch.nn.Parameter(part.to(self.device).contiguous(), requires_grad=False)
@@ -205,6 +216,8 @@ def quantize_layer(reader: CheckpointReader, config: dict, layout: Layout, index
                 written.add(f"{stems[name]}.{suffix}")
             if update.weight is not None:
                 layer.set_weight(name, update.weight)
+            if update.bias is not None:
+                layer.set_weight(name, update.bias, "bias")
 
     apply(quantizer.prepare_layer(work))
     for group in layout.record.groups:
@@ -243,6 +256,7 @@ def quantize_calibrated(source: Path, out: Path, quantizer: Quantizer, job: Cali
         native = reader.layout_name == "native"
         files = _output_config(source, reader, config, quantization_config, [s.name for s in specs]) if native else \
             {"config.json": dict(config, **({"quantization_config": quantization_config} if quantization_config else {}))}
+        files = fix_lora_flags(files, Path(source), [s.name for s in specs])
         all_links = {link.original: link for link in links(config, layout, adapt_v1=False)}
         planned = LayoutWriter(reader, None).specs(specs) if native else specs
         with CheckpointWriter(out, planned, max_shard_size=max_shard_size, inputs=[Path(source)], overwrite=overwrite or resume,
@@ -282,4 +296,4 @@ def _output_config(source: Path, view, config: dict, quantization_config: dict |
     if quantization_config is not None:
         native["quantization_config"] = to_native(quantization_config)
         original["quantization_config"] = quantization_config
-    return {"config.json": native, SIDECAR: {"config": original, "keys": keys}}
+    return {"config.json": native, SIDECAR: {"config": original, "keys": keys, "remote_code": view.remote_code}}

@@ -49,6 +49,7 @@ class ModuleUpdate(NamedTuple):
 
     tensors: dict[str, torch.Tensor]
     weight: torch.Tensor | None
+    bias: torch.Tensor | None = None  # a new float32 bias [out] for the layer's module (AWQ folds into a biased v_proj)
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,7 @@ class LayerWork:
         weights (float32, on `device`): the forward a method reruns to measure an error.
     log: one line of progress or a warning (a warning starts with "warning: ").
     device: where the layer and its inputs live ("cpu", "cuda").
+    bias(module): the module's current float32 bias [out], or None when it has none.
     """
 
     index: int
@@ -77,6 +79,7 @@ class LayerWork:
     outputs: Callable[[], Iterator[torch.Tensor]]
     log: Callable[[str], None]
     device: str = "cpu"
+    bias: Callable[[str], torch.Tensor | None] = lambda _module: None
 
 
 @dataclass(frozen=True)

@@ -235,26 +235,33 @@ def convert_cmd(checkpoint: Path, out: Path, target: str, max_shard_size: str, o
 @cli.command("quantize")
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="output folder")
-@click.option("--method", type=click.Choice(["int8", "gptq"]), default=None,
-              help="int8: LLM.int8() weights; gptq: layer-by-layer GPTQ with multimodal calibration")
+@click.option("--method", type=click.Choice(["int8", "gptq", "awq"]), default=None,
+              help="int8: LLM.int8() weights; gptq / awq: layer-by-layer GPTQ / AWQ with multimodal calibration")
 @click.option("--recipe", type=click.Path(path_type=Path, exists=True, dir_okay=False), help="YAML file of option values (recipes/)")
-@click.option("--format", "fmt", type=click.Choice(["bnb", "compressed-tensors"]), default="bnb", show_default=True,
-              help="int8 only. bnb: bitsandbytes load_in_8bit layout; compressed-tensors: vLLM's W8A16 pack-quantized")
+@click.option("--format", "fmt", type=click.Choice(["bnb", "gptq", "awq", "compressed-tensors"]), default=None,
+              help="int8: bnb (default; bitsandbytes load_in_8bit layout) or compressed-tensors (vLLM's W8A16); gptq: gptq "
+                   "(default; GPTQ v1) or compressed-tensors; awq: awq (default; AutoAWQ gemm) or compressed-tensors "
+                   "(pack-quantized W4A16, symmetric, per group)")
 @click.option("--only", multiple=True, help="int8: regex, quantize only weights whose key matches (repeatable)")
 @click.option("--skip", multiple=True, help="int8: regex, leave weights whose key matches unquantized (repeatable)")
 @click.option("--force", is_flag=True, help="allow a vision-tower selection below 8 bits")
-@click.option("--bits", type=click.Choice(["4", "8"]), default="4", show_default=True, help="gptq")
-@click.option("--group-size", type=int, default=128, show_default=True, help="gptq: inputs per scale group (-1: per row)")
+@click.option("--bits", type=click.Choice(["4", "8"]), default="4", show_default=True, help="gptq (awq: 4 only)")
+@click.option("--group-size", type=int, default=128, show_default=True,
+              help="gptq / awq: inputs per scale group (gptq: -1 per row)")
 @click.option("--desc-act", is_flag=True, help="gptq: act-order (columns by decreasing Hessian diagonal; g_idx follows)")
 @click.option("--act-group-aware/--no-act-group-aware", default=True, show_default=True,
               help="gptq: GAR, quantize whole groups by importance (static groups, so every loader reads it); off with --desc-act")
 @click.option("--sym/--asym", default=True, show_default=True, help="gptq: symmetric or asymmetric zero points")
+@click.option("--zero-point/--no-zero-point", default=None,
+              help="awq: asymmetric codes with zero points (default for --format awq) or symmetric ones (the only "
+                   "choice for --format compressed-tensors)")
 @click.option("--damp", type=float, default=0.01, show_default=True, help="gptq: dampening, fraction of the mean Hessian diagonal")
-@click.option("--calib", type=click.Path(path_type=Path, exists=True, file_okay=False), help="gptq: folder with *.jsonl samples and images")
-@click.option("--num-samples", type=int, default=128, show_default=True, help="gptq: calibration samples")
-@click.option("--seq-len", type=int, default=2048, show_default=True, help="gptq: tokens per sample at most")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="gptq: where layers run")
-@click.option("--resume", is_flag=True, help="gptq: continue an interrupted run from its last finished layer")
+@click.option("--calib", type=click.Path(path_type=Path, exists=True, file_okay=False),
+              help="gptq / awq: folder with *.jsonl samples and images")
+@click.option("--num-samples", type=int, default=128, show_default=True, help="gptq / awq: calibration samples")
+@click.option("--seq-len", type=int, default=2048, show_default=True, help="gptq / awq: tokens per sample at most")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="gptq / awq: where layers run")
+@click.option("--resume", is_flag=True, help="gptq / awq: continue an interrupted run from its last finished layer")
 @click.option("--max-shard-size", default="5GB", show_default=True, help=SIZE_HELP)
 @click.option("--overwrite", is_flag=True, help="replace a non-empty OUT")
 @click.option("--json", "as_json", is_flag=True)
@@ -264,7 +271,8 @@ def quantize_cmd(ctx: click.Context, checkpoint: Path, out: Path, recipe: Path |
     if recipe:
         options = apply_recipe(ctx, recipe, options)
     if options["method"] is None:
-        raise InputError("missing --method: int8 or gptq (or a --recipe that sets it)")
+        raise InputError("missing --method: int8, gptq or awq (or a --recipe that sets it)")
+    options["fmt"] = _output_format(options["method"], options["fmt"])
     limit = parse_size(options["max_shard_size"])
     if not options["resume"]:
         check_output(out, [checkpoint], options["overwrite"])
@@ -273,6 +281,8 @@ def quantize_cmd(ctx: click.Context, checkpoint: Path, out: Path, recipe: Path |
     started = time.perf_counter()
     if options["method"] == "gptq":
         summary = _run_gptq(checkpoint, out, options, limit, as_json)
+    elif options["method"] == "awq":
+        summary = _run_awq(checkpoint, out, options, limit, as_json)
     else:
         summary = _run_int8(checkpoint, out, options, limit, total, as_json)
     summary.update({"bytes_in": total, "seconds": round(time.perf_counter() - started, 3)})
@@ -307,31 +317,88 @@ VISION_BELOW_8 = ("quantizing the vision tower below 8 bits is refused: InternVi
                   "(the model cards say so); keep it bf16")
 
 
-def _run_gptq(checkpoint: Path, out: Path, options: dict, limit: int, as_json: bool) -> dict:
-    import torch
+OUTPUT_FORMATS = {"int8": ("bnb", "compressed-tensors"), "gptq": ("gptq", "compressed-tensors"), "awq": ("awq", "compressed-tensors")}
 
-    from ..calibrate.gptq_quantizer import GPTQJob, quantize_gptq
-    from ..calibrate.gptq import GPTQConfig
+
+def _output_format(method: str, fmt: str | None) -> str:
+    """The --format of a method (its own format when not given); InputError for one it cannot write."""
+    choices = OUTPUT_FORMATS[method]
+    if fmt is None:
+        return choices[0]
+    if fmt not in choices:
+        raise InputError(f"--method {method} writes --format {' or '.join(choices)}, not {fmt}")
+    return fmt
+
+
+def _check_calibrated(options: dict, method: str) -> None:
+    """Options a calibrated method (GPTQ, AWQ) refuses: --only/--skip, --device cuda without CUDA."""
+    import torch
 
     if options["only"] or options["skip"]:
         if any(re.search(p, "vision_model.encoder.layers.0.attn.qkv.weight") for p in options["only"]):
-            raise InputError(VISION_BELOW_8 + ("; GPTQ of the vision tower is not supported even with --force" if options["force"] else ""))
-        raise InputError("--only/--skip apply to --method int8; GPTQ quantizes every linear of the LLM's decoder layers")
+            raise InputError(VISION_BELOW_8 + (f"; {method} of the vision tower is not supported even with --force" if options["force"] else ""))
+        raise InputError(f"--only/--skip apply to --method int8; {method} quantizes every linear of the LLM's decoder layers")
     if options["device"] == "cuda" and not torch.cuda.is_available():
         raise InputError("--device cuda: no CUDA device is available here; use --device cpu")
+
+
+def _llm_layers(checkpoint: Path) -> int:
+    with open_view(checkpoint) as view:
+        return view.config().get("llm_config", {}).get("num_hidden_layers", 0)
+
+
+def _warnings_only(line: str) -> None:
+    if line.startswith("warning:"):
+        click.echo(line, err=True)
+
+
+def _run_gptq(checkpoint: Path, out: Path, options: dict, limit: int, as_json: bool) -> dict:
+    from ..calibrate.gptq_quantizer import GPTQJob, quantize_gptq
+    from ..calibrate.gptq import GPTQConfig
+
+    _check_calibrated(options, "GPTQ")
     config = GPTQConfig(bits=int(options["bits"]), group_size=options["group_size"], sym=options["sym"],
                         desc_act=options["desc_act"], damp=options["damp"],
                         act_group_aware=options["act_group_aware"] and not options["desc_act"])
-    job = GPTQJob(config, num_samples=options["num_samples"], seq_len=options["seq_len"],
+    job = GPTQJob(config, fmt=options["fmt"], num_samples=options["num_samples"], seq_len=options["seq_len"],
                   calib=str(options["calib"]) if options["calib"] else None, device=options["device"])
-    with open_view(checkpoint) as view:
-        layers = view.config().get("llm_config", {}).get("num_hidden_layers", 0)
+    layers = _llm_layers(checkpoint)
     with layer_progress("GPTQ", layers, enabled=not as_json) as advance:
         quantize_gptq(checkpoint, out, job, max_shard_size=limit, overwrite=options["overwrite"], resume=options["resume"],
-                      progress=advance, log=lambda line: click.echo(line, err=True) if line.startswith("warning:") else None)
-    return {"out": str(out), "method": "gptq", "bits": config.bits, "group_size": config.group_size, "sym": config.sym,
-            "desc_act": config.desc_act, "layers": layers,
-            "detail": f"{layers} decoder layers in GPTQ {config.bits}-bit, group {config.group_size}, {'sym' if config.sym else 'asym'}"}
+                      progress=advance, log=_warnings_only)
+    return {"out": str(out), "method": "gptq", "format": options["fmt"], "bits": config.bits, "group_size": config.group_size,
+            "sym": config.sym, "desc_act": config.desc_act, "layers": layers,
+            "detail": f"{layers} decoder layers in GPTQ {config.bits}-bit, group {config.group_size}, {'sym' if config.sym else 'asym'} "
+                      f"({options['fmt']})"}
+
+
+def _run_awq(checkpoint: Path, out: Path, options: dict, limit: int, as_json: bool) -> dict:
+    from ..calibrate.awq import AWQConfig
+    from ..calibrate.awq_quantizer import AWQJob, AWQQuantizer, llm_facts, quantize_awq
+
+    _check_calibrated(options, "AWQ")
+    if options["desc_act"]:
+        raise InputError("--desc-act applies to --method gptq; AWQ keeps the input order")
+    zero_point = options["zero_point"] if options["zero_point"] is not None else options["fmt"] == "awq"
+    config = AWQConfig(bits=int(options["bits"]), group_size=options["group_size"], zero_point=zero_point)
+    job = AWQJob(config, fmt=options["fmt"], num_samples=options["num_samples"], seq_len=options["seq_len"],
+                 calib=str(options["calib"]) if options["calib"] else None, device=options["device"])
+    dialect, head_dim = llm_facts(checkpoint)
+    if dialect is None:
+        raise InputError(f"{checkpoint}/config.json: the checkpoint is already quantized; quantize the bf16 checkpoint")
+    quantizer = AWQQuantizer(config, dialect, options["fmt"], head_dim)
+    layers = _llm_layers(checkpoint)
+    with layer_progress("AWQ", layers, enabled=not as_json) as advance:
+        quantize_awq(checkpoint, out, job, max_shard_size=limit, overwrite=options["overwrite"], resume=options["resume"],
+                     progress=advance, log=_warnings_only, quantizer=quantizer)
+    facts = quantizer.summary()
+    unscaled = sorted(facts["unscaled"])
+    return {"out": str(out), "method": "awq", "format": options["fmt"], "bits": config.bits, "group_size": config.group_size,
+            "zero_point": zero_point, "layers": layers, **facts,
+            "detail": f"{layers} decoder layers in AWQ {config.bits}-bit, group {config.group_size}, "
+                      f"{'zero point' if zero_point else 'symmetric'} ({options['fmt']}); output error "
+                      f"{facts['error_vs_rtn']} x round-to-nearest's on the scaled groups"
+                      + (f"; kept unscaled (no exact fold): {', '.join(unscaled)}" if unscaled else "")}
 
 
 def _run_int8(checkpoint: Path, out: Path, options: dict, limit: int, total: int, as_json: bool) -> dict:
@@ -401,19 +468,19 @@ def _report_merge_plan(plan, as_json: bool) -> None:
                    "warnings": plan.warnings, "output_config": {k: plan.config.get(k) for k in ("use_llm_lora", "use_backbone_lora")}})
         return
     groups: dict[tuple, list[int]] = {}
-    for row in rows:
+    for row in rows:  # one line per (source, module with the layer number folded, kind, rank, alpha, scale)
         layer = re.search(r"\.(?:layers|layer)\.(\d+)\.", row["target"])
-        key = (row["source"], re.sub(r"\.(layers|layer)\.\d+\.", r".\1.N.", row["module"]),
-               re.sub(r"\.(layers|layer)\.\d+\.", r".\1.N.", row["target"]), row["kind"] + (f" ({row['init']})" if row["init"] else ""),
-               row["rank"], row["alpha"], row["scale"])
+        target = re.sub(r"\.(layers|layer)\.\d+\.", r".\1.N.", row["target"]).removesuffix(".weight")
+        key = (Path(row["source"]).name if row["source"] != "embedded" else "embedded", target,
+               row["kind"] + (f" ({row['init']})" if row["init"] else ""), row["rank"], row["alpha"], row["scale"])
         groups.setdefault(key, []).append(int(layer.group(1)) if layer else -1)
     table = Table(title=f"merge-lora --dry-run ({plan.layout_name} layout): {len(rows)} changes to "
-                        f"{len(plan.adapters.ops)} tensors", show_lines=False)
-    for column in ("source", "module", "into", "kind", "layers", "rank", "alpha", "scale"):
-        table.add_column(column)
-    for (source, module, target, kind, rank, alpha, scale), layers in groups.items():
+                        f"{len(plan.adapters.ops)} tensors")
+    for column in ("adapter", "into", "kind", "layers", "rank", "alpha", "scale"):
+        table.add_column(column, overflow="fold")
+    for (source, target, kind, rank, alpha, scale), layers in groups.items():
         span = "" if layers == [-1] else (f"{min(layers)}..{max(layers)} ({len(layers)})" if len(layers) > 1 else str(layers[0]))
-        table.add_row(str(source), module, target, kind, span, "" if rank is None else str(rank),
+        table.add_row(source, target, kind, span, "" if rank is None else str(rank),
                       "" if alpha is None else f"{alpha:g}", "" if scale is None else f"{scale:.6g}")
     stdout.print(table)
     for refusal in plan.refused:

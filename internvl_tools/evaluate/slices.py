@@ -57,26 +57,57 @@ def read_slice(path: str | Path, limit: int | None = None) -> list[BenchItem]:
 
 
 def _read_tsv(path: Path, limit: int | None) -> list[BenchItem]:
+    """Rows of a VLMEvalKit TSV. An `image` field that is a row index rather than base64 (MMBench's
+    circular copies, index >= 1000000, point at the row holding the picture, as VLMEvalKit
+    resolves them: a field of at most 64 characters is a reference) is resolved, with a second
+    pass over the file when the picture lies beyond `limit`."""
     csv.field_size_limit(sys.maxsize)
-    items = []
+    rows: list[tuple[str, dict]] = []
     with open(path, newline="", encoding="utf-8") as handle:
         reader = csv.DictReader(handle, delimiter="\t")
         missing = {"index", "question", "answer"} - set(reader.fieldnames or [])
         if missing:
             raise InputError(f"{path}: header lacks {sorted(missing)}; a VLMEvalKit slice has index, image, question, answer")
         for number, row in enumerate(reader, 2):
-            if limit is not None and len(items) >= limit:
+            if limit is not None and len(rows) >= limit:
                 break
             where = f"{path} row {number} (index {row.get('index')})"
-            options = {k: row[k] for k in OPTION_LETTERS if row.get(k) not in (None, "", "nan")}
-            answer = (row.get("answer") or "").strip()
             if not row.get("question"):
                 raise InputError(f"{where}: empty question")
-            if options and answer not in options:
-                raise InputError(f"{where}: answer {answer!r} is not one of the options {sorted(options)}")
-            items.append(BenchItem(str(row["index"]), row["question"], answer, _decode_image(row.get("image"), where), options,
-                                   row.get("category") or "all", row.get("hint") or ""))
+            rows.append((where, row))
+    pictures = {str(row["index"]): row.get("image") for _, row in rows if not _is_reference(row.get("image"))}
+    wanted = {row["image"].strip() for _, row in rows if _is_reference(row.get("image"))} - set(pictures)
+    if wanted:
+        pictures.update(_pictures_of(path, wanted))
+    items = []
+    for where, row in rows:
+        options = {k: row[k] for k in OPTION_LETTERS if row.get(k) not in (None, "", "nan")}
+        answer = (row.get("answer") or "").strip()
+        if options and answer not in options:
+            raise InputError(f"{where}: answer {answer!r} is not one of the options {sorted(options)}")
+        image = row.get("image")
+        if _is_reference(image):
+            if pictures.get(image.strip()) is None or _is_reference(pictures[image.strip()]):
+                raise InputError(f"{where}: image refers to row index {image.strip()}, which is not in the file or holds no picture")
+            image = pictures[image.strip()]
+        items.append(BenchItem(str(row["index"]), row["question"], answer, _decode_image(image, where), options,
+                               row.get("category") or "all", row.get("hint") or ""))
     return items
+
+
+def _is_reference(image: str | None) -> bool:
+    """A VLMEvalKit image field that names another row's index instead of holding base64."""
+    return bool(image) and len(image) <= 64 and image.strip().isdigit()
+
+
+def _pictures_of(path: Path, indices: set[str]) -> dict[str, str]:
+    """The image fields of the rows with these indices (one more pass over the file)."""
+    found = {}
+    with open(path, newline="", encoding="utf-8") as handle:
+        for row in csv.DictReader(handle, delimiter="\t"):
+            if str(row.get("index")) in indices and not _is_reference(row.get("image")):
+                found[str(row["index"])] = row.get("image")
+    return found
 
 
 def _decode_image(data: str | None, where: str) -> Image.Image | None:

@@ -7,7 +7,9 @@ or [1] (tensor) in the model dtype, `weight_shape` int64 [2] (out, in), and for 
 schemes `weight_zero_point` (packed the same way along the output axis), for act-order
 `weight_g_idx` int [in]. W = (q - zero_point) x scale. config.json: `quant_method:
 compressed-tensors`, `format: pack-quantized`, `config_groups` (targets + weight scheme),
-`ignore` (modules left in float). This toolkit writes W8A16 (8-bit, symmetric, per channel).
+`ignore` (modules left in float). This toolkit writes W8A16 (8-bit, symmetric, per channel;
+`quantize --method int8`) and W4A16 / W8A16 symmetric per group (`quantize --method gptq|awq
+--format compressed-tensors`, codes and scales from the calibrated quantizer).
 """
 
 from __future__ import annotations
@@ -140,6 +142,22 @@ def quantize(weight: torch.Tensor) -> dict[str, torch.Tensor]:
     q, scale = quantize_symmetric_channel(weight)
     return {"weight_packed": pack_to_int32(q, 8), "weight_scale": scale,
             "weight_shape": torch.tensor(list(weight.shape), dtype=torch.int64, device=weight.device)}
+
+
+def packed_shapes(rows: int, cols: int, bits: int, groups: int, scale_dtype: str) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Shapes and safetensors dtypes of WRITTEN for a [rows, cols] linear with `groups` scales
+    per row (1: per channel) stored as `scale_dtype` (a safetensors dtype such as "BF16")."""
+    return {"weight_packed": ((rows, -(-cols * bits // 32)), "I32"), "weight_scale": ((rows, groups), scale_dtype),
+            "weight_shape": ((2,), "I64")}
+
+
+def pack_codes(signed: torch.Tensor, scales: torch.Tensor, bits: int, scale_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Symmetric signed codes [out, in] (|q| <= 2^(bits-1)) and scales [out, groups] (float, already
+    exact in `scale_dtype`) -> the tensors of WRITTEN; W = q x scale per group of in / groups columns."""
+    import torch
+
+    return {"weight_packed": pack_to_int32(signed, bits), "weight_scale": scales.to(scale_dtype).contiguous(),
+            "weight_shape": torch.tensor(list(signed.shape), dtype=torch.int64)}
 
 
 # -- reading ---------------------------------------------------------------------------------

@@ -242,3 +242,27 @@ def _lora_info(config: dict, infos: dict[str, KeyInfo], shapes: dict[str, tuple[
         targets = Counter(i.module for i in factors)
         result[family] = LoraInfo(family, max(ranks), tuple(sorted(targets)), len(factors), flags[family])
     return result
+
+
+LORA_FLAGS = (("use_llm_lora", "language_model"), ("use_backbone_lora", "vision_model"))
+
+
+def lora_flag_fixes(config: dict, keys: list[str]) -> tuple[dict, list[str]]:
+    """config.json with use_llm_lora / use_backbone_lora made to agree with the LoRA tensors
+    among `keys` (the output's original-layout keys), and one warning per correction.
+
+    A flag set without LoRA tensors makes InternVL's remote code wrap the tower in LoRA and
+    load it uninitialised (InternVL#231, #468: garbage or empty answers). LoRA tensors with the
+    flag 0 only get a warning (merge-lora is the fix; it sets both flags to 0)."""
+    fixed, warnings = dict(config), []
+    for flag, tower in LORA_FLAGS:
+        has_lora = any(k.startswith(tower + ".") and ".lora_A." in k for k in keys)
+        value = config.get(flag) or 0
+        if value and not has_lora:
+            fixed[flag] = 0
+            warnings.append(f"warning: config.json says {flag}: {value} but there are no LoRA tensors on {tower}; "
+                            f"the output has {flag} = 0 (the remote code would wrap it in uninitialised LoRA)")
+        elif has_lora and not value:
+            warnings.append(f"warning: {tower} carries LoRA tensors but config.json says {flag}: {value}; "
+                            "merge them with `internvl-tools merge-lora`")
+    return fixed, warnings

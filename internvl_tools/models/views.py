@@ -46,12 +46,14 @@ class NativeView:
         if sidecar.exists():  # exact original config and key order (InternLM2 stays InternLM2)
             saved = read_json(sidecar)
             self._config, order = dict(saved["config"]), list(saved["keys"])
+            self.remote_code = dict(saved.get("remote_code") or {})  # *.py files of the original folder
             self.sidecar = True
             derived = original_config(native_config, reader.folder)
             if native_dialect and llm_dialect(self._config) != llm_dialect(derived):
                 self._config["llm_config"], order = derived["llm_config"], []
         else:
             self._config, order = original_config(native_config, reader.folder), []
+            self.remote_code = {}
             self.sidecar = False
         if native_config.get("quantization_config") and not self._config.get("quantization_config"):
             self._config["quantization_config"] = native_config["quantization_config"]

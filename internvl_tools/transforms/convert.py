@@ -8,6 +8,7 @@ original config and key order so that --to original restores the checkpoint bit 
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from ..errors import InputError
 from ..io.reader import CheckpointReader, read_json
 from ..io.safetensors_format import TensorSpec
 from ..models.native_config import native_config
+from ..models.processor_files import FILES as PROCESSOR_FILES, original_side_files, processor_files
 from .stream import Output, run_transform, to_native_outputs
 
 
@@ -51,10 +53,27 @@ def to_hf(source: Path, out: Path, *, max_shard_size: int, overwrite: bool = Fal
     if quant:
         native["quantization_config"] = native_quantization_config(quant, layout.dialect, source)
     outputs = to_native_outputs(links(config, layout, adapt_v1=True))
-    files: dict[str, object] = {"config.json": native, SIDECAR: {"config": config, "keys": keys}}
-    remote_code = {p.name: None for p in Path(source).glob("*.py")}  # the native class needs none
+    code = {p.name: p.read_text(encoding="utf-8") for p in sorted(Path(source).glob("*.py"))}
+    # the processor's files (tokenizer attributes, chat template, image processor, ...): the folder
+    # works with AutoProcessor and vLLM as it is; the sidecar keeps the files they replace
+    processor, warnings = processor_files(source, config)
+    # the native class needs no remote code; the sidecar keeps it for `--to original`
+    sidecar = {"config": config, "keys": keys, "remote_code": code, "side_files": original_side_files(source)}
+    files: dict[str, object] = {**processor, "config.json": native, SIDECAR: sidecar}
+    remote_code = {name: None for name in code}
+    for line in conversion_warnings(config) + warnings:
+        print(f"warning: {line}", file=sys.stderr)
     return run_transform(source, out, outputs, max_shard_size=max_shard_size, overwrite=overwrite,
                          files={**remote_code, **files}, progress=progress)
+
+
+def conversion_warnings(config: dict) -> list[str]:
+    """What a user of the native output must know and config.json alone would not tell them."""
+    if config.get("ps_version", "v1") != "v1":
+        return []
+    return ["ps_version v1 (InternVL-Chat-V1-1 / V1-2 / V1-2-Plus): the native model is exact only on transposed "
+            "tiles; transformers' image processor cannot transpose, so pass pixel_values.transpose(-1, -2) to the "
+            "model (with vLLM: give it image.transpose(Image.Transpose.TRANSPOSE)); see the README, `convert`"]
 
 
 def native_quantization_config(quant: dict, dialect: str, source: Path) -> dict:
@@ -91,5 +110,17 @@ def to_original(source: Path, out: Path, *, max_shard_size: int, overwrite: bool
                              "convert the bf16 checkpoint, then quantize")
         outputs = [Output(key, (key,)) for key in view.keys()]
     remote_code = {p.name: None for p in Path(source).glob("*.py")}
+    remote_code.update(view.remote_code)  # restored from the sidecar: the round trip is complete
+    side = restored_side_files(source)
     return run_transform(source, out, outputs, max_shard_size=max_shard_size, overwrite=overwrite, names="view",
-                         files={**remote_code, "config.json": config, SIDECAR: None}, progress=progress)
+                         files={**remote_code, **side, "config.json": config, SIDECAR: None}, progress=progress)
+
+
+def restored_side_files(source: Path) -> dict[str, str | None]:
+    """The side files `to_hf` replaced (tokenizer, processor configs), as they were before it
+    (None: the original had none); nothing for a native checkpoint without the sidecar."""
+    path = Path(source) / SIDECAR
+    saved = read_json(path).get("side_files") if path.exists() else None
+    if not isinstance(saved, dict):
+        return {}
+    return {name: saved.get(name) for name in PROCESSOR_FILES if name in saved}

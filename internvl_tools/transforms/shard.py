@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..io.reader import CheckpointReader
 from ..io.writer import CheckpointWriter
+from .stream import fix_lora_flags
 
 
 @dataclass(frozen=True)
@@ -47,5 +48,5 @@ def reshard(
                 writer.copy_stored(name, reader.stored(name))
                 if progress:
                     progress(reader.spec(name).nbytes)
-            written = writer.finalize(side_files_from=Path(source), files=files)
+            written = writer.finalize(side_files_from=Path(source), files=fix_lora_flags(files or {}, Path(source), names))
             return ReshardResult(written, len(writer.plan), len(specs), writer.bytes_written)

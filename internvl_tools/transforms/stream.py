@@ -13,6 +13,8 @@ from pathlib import Path
 from ..io.reader import CheckpointReader
 from ..io.safetensors_format import TensorSpec, spec_of
 from ..io.writer import CheckpointWriter
+from ..models.layout import lora_flag_fixes
+from ..models.native_layout import is_native
 from ..models.native_map import SIDECAR
 from ..models.views import link_for, open_view
 
@@ -102,7 +104,8 @@ def run_transform(
             files["config.json"] = _updated(files.get("config.json") or _stored_config(source), config_update)
         if native_out:
             files[SIDECAR] = {"config": _updated(view.config(), {k: v for k, v in (config_update or {}).items()}),
-                              "keys": original_names}
+                              "keys": original_names, "remote_code": view.remote_code}
+        files = fix_lora_flags(files, source, [o.name for o in outputs])
         with CheckpointWriter(out, specs, max_shard_size=max_shard_size, inputs=[Path(source)], overwrite=overwrite) as writer:
             seen: set[str] = set()
             for item in outputs:
@@ -117,6 +120,35 @@ def run_transform(
             if progress:
                 progress(max(view.total_bytes - sum(view.spec(s).nbytes for s in seen), 0))
             return writer.finalize(side_files_from=Path(source), files=files)
+
+
+def fix_lora_flags(files: dict[str, object], source: Path, keys: list[str]) -> dict[str, object]:
+    """`files` with the output's LoRA flags made to agree with its tensors (models.layout.
+    lora_flag_fixes), in config.json (original layout) or in internvl_original.json (native);
+    each correction is printed as a `warning:` line on stderr."""
+    import sys
+
+    files = dict(files)
+    config = files.get("config.json") if isinstance(files.get("config.json"), dict) else _stored_config(source)
+    if is_native(config):
+        sidecar = files.get(SIDECAR)
+        if sidecar is None and (Path(source) / SIDECAR).exists():
+            from ..io.reader import read_json
+
+            sidecar = read_json(Path(source) / SIDECAR)
+        if isinstance(sidecar, dict) and isinstance(sidecar.get("config"), dict):
+            fixed, warnings = lora_flag_fixes(sidecar["config"], [])
+            if warnings:
+                files[SIDECAR] = dict(sidecar, config=fixed)
+        else:
+            warnings = []
+    else:
+        fixed, warnings = lora_flag_fixes(config, keys)
+        if warnings:
+            files["config.json"] = fixed
+    for line in warnings:
+        print(line, file=sys.stderr)
+    return files
 
 
 def to_layout_outputs(view, outputs: list[Output]) -> list[Output]:

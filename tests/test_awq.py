@@ -1,0 +1,304 @@
+"""AWQ: the gemm tensors against an independent dequantizer, the folds keep the float model's
+function, AWQ against round-to-nearest on outlier channels, every dialect, resume, refusals,
+chat / verify on the output, and compressed-tensors W4A16 (GPTQ and AWQ) loaded by transformers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from internvl_tools.calibrate import awq_quantizer
+from internvl_tools.calibrate.awq import AWQConfig, InputStats, apply_clip, fake_quantize, normalized_scales, quantize, search_clip, \
+    search_scales
+from internvl_tools.calibrate.awq_quantizer import AWQJob, AWQQuantizer, llm_facts, quantize_awq
+
+from .support import all_tensors, sample_image
+
+TINY_AWQ = ["--method", "awq", "--group-size", "32", "--num-samples", "4", "--seq-len", "64"]
+ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # DESIGN §3: nibble i of an int32 holds output column ORDER[i]
+# groups with no exact fold per dialect (InputGroup.after None in models/dialects.py)
+UNSCALED = {"InternVL2-Llama3-76B": set(), "InternVL2-1B": set(), "InternVL2-2B": {"attention.wo"},
+            "InternVL2-4B": {"self_attn.o_proj", "mlp.down_proj"}, "InternVL3.5-1B": set()}
+
+
+def independent_dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """AWQ gemm read with numpy from the format's statement: W^T = (q - z) x s per group of input rows."""
+    def nibbles(packed):
+        words = packed.numpy().astype(np.int64) & 0xFFFFFFFF
+        out = np.zeros((words.shape[0], words.shape[1] * 8), dtype=np.int64)
+        for c in range(words.shape[1]):
+            for i, column in enumerate(ORDER):
+                out[:, 8 * c + column] = (words[:, c] >> (4 * i)) & 0xF
+        return out
+
+    q, z = nibbles(qweight), nibbles(qzeros)  # [in, out], [groups, out]
+    group = q.shape[0] // z.shape[0]
+    s = scales.float().numpy()
+    w_t = (q - np.repeat(z, group, axis=0)) * np.repeat(s, group, axis=0)
+    return torch.from_numpy(w_t.T.astype(np.float32))
+
+
+@pytest.fixture(scope="module")
+def awq_tiny(tiny, tmp_path_factory):
+    cache = {}
+
+    def get(family, *extra):
+        key = (family, extra)
+        if key not in cache:
+            from click.testing import CliRunner
+
+            from internvl_tools.cli.main import cli
+
+            out = tmp_path_factory.mktemp("awq") / family
+            result = CliRunner().invoke(cli, ["quantize", str(tiny(family)), "-o", str(out), *TINY_AWQ, *extra, "--json"])
+            assert result.exit_code == 0, result.output
+            cache[key] = (out, json.loads(result.output))
+        return cache[key]
+
+    return get
+
+
+# -- the math ---------------------------------------------------------------------------------
+def _outlier_problem(seed=0, rows=128, cols=256, tokens=2048):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, cols, generator=g)
+    x[:, :4] *= 40  # a few channels with large activations, as LLMs have
+    w = torch.randn(rows, cols, generator=g) * 0.05
+    return w, x
+
+
+def test_awq_beats_round_to_nearest_on_outlier_channels():
+    w, x = _outlier_problem()
+    config = AWQConfig(group_size=64)
+    stats = InputStats(w.shape[1])
+    for part in x.split(500):
+        stats.add(part)
+    torch.testing.assert_close(stats.h, x.T @ x / x.shape[0], rtol=1e-4, atol=1e-3)
+    found = search_scales([w], stats.h, stats.mean_abs(), config)
+    assert found.alpha > 0 and found.loss < 0.5 * found.rtn_loss
+    scaled = w * found.scales
+    clipped = apply_clip(scaled, search_clip(scaled, stats.h / found.scales[:, None] / found.scales[None, :], config), 64)
+    awq = quantize(clipped, config).dequantize() / found.scales
+    rtn = fake_quantize(w, config)
+    err = lambda approx: float(((x @ (w - approx).T) ** 2).mean())
+    assert err(awq) < 0.5 * err(rtn), (err(awq), err(rtn))
+    # the error the search measures through H is the output MSE itself
+    assert found.rtn_loss == pytest.approx(err(rtn) * w.shape[0], rel=1e-3)
+
+
+def test_rtn_semantics_are_autoawq_s():
+    w = torch.tensor([[-1.0, 0.5, 2.0, 0.25] * 8])
+    codes = quantize(w, AWQConfig(group_size=32))
+    scale = torch.tensor((2.0 + 1.0) / 15).half().float()
+    assert codes.scales.item() == scale and codes.zeros.item() == round(1.0 / scale.item())
+    assert torch.equal(codes.dequantize(), (codes.q - codes.zeros).float() * scale)
+    sym = quantize(w, AWQConfig(group_size=32, zero_point=False))
+    assert sym.zeros.item() == 8 and sym.scales.item() == torch.tensor(2.0 / 7).half().float().item()
+    assert sym.signed().min() >= -8 and sym.signed().max() <= 7
+
+
+# -- the format -------------------------------------------------------------------------------
+def test_independent_dequantizer_equals_the_runtime(tiny, awq_tiny):
+    from internvl_tools.formats.dequantized import DequantizedView
+    from internvl_tools.models.views import open_view
+
+    family = "InternVL2-Llama3-76B"
+    out, _summary = awq_tiny(family)
+    config = json.loads((out / "config.json").read_text())
+    qc = config["quantization_config"]
+    assert "quantization_config" not in config["llm_config"]  # top level, where vLLM looks (vllm#11122)
+    assert qc == {"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True, "version": "gemm",
+                  "modules_to_not_convert": ["vision_model", "mlp1", "language_model.lm_head"]}
+    src, dst = all_tensors(tiny(family)), all_tensors(out)
+    linears = [k for k, t in src.items() if k.startswith("language_model.model.layers.") and t.dim() == 2]
+    with DequantizedView(open_view(out)) as runtime:
+        for key in linears:
+            stem = key.removesuffix(".weight")
+            assert key not in dst and dst[stem + ".scales"].dtype == torch.float16
+            mine = independent_dequantize(dst[stem + ".qweight"], dst[stem + ".qzeros"], dst[stem + ".scales"])
+            assert torch.equal(runtime.get(key).float(), mine), key
+    norms = {k for k in src if k.endswith("layernorm.weight") and ".layers." in k}
+    for key, tensor in src.items():
+        if key not in linears and key not in norms:
+            assert torch.equal(dst[key], tensor), key  # vision, mlp1, embeddings, final norm, head untouched
+    assert any(not torch.equal(dst[k], src[k]) for k in norms)  # the scales folded into the norms
+
+
+# -- the folds ----------------------------------------------------------------------------------
+def _decoder_layer(folder: Path, index: int, hidden: list[torch.Tensor], tmp_path: Path):
+    from internvl_tools.calibrate.activations import Activations
+    from internvl_tools.calibrate.pipeline import DecoderLayer
+    from internvl_tools.models.layout import build_layout
+    from internvl_tools.models.native_map import links
+    from internvl_tools.models.views import open_view
+    from internvl_tools.runtime.build import build_decoder_layer
+
+    with open_view(folder, native_dialect=True) as view:
+        config = view.config()
+        layout = build_layout(config, view.specs())
+        module, rotary = build_decoder_layer(view, config, layout, index, torch.float32)
+        stems = {layout.keys[k].module: k.removesuffix(f".{layout.keys[k].param}") for k in layout.llm_layer_keys(index)}
+        all_links = {link.original: link for link in links(config, layout, adapt_v1=False)}
+    acts = Activations(tmp_path / "acts", 2**30)
+    for h in hidden:
+        acts.append(h)
+    return DecoderLayer(index, module, rotary, acts, stems, all_links, "cpu"), layout.record
+
+
+@pytest.mark.parametrize("family", ["InternVL2-Llama3-76B", "InternVL2-1B", "InternVL2-2B", "InternVL2-4B", "InternVL3.5-1B"])
+def test_folded_scales_keep_the_float_layer_s_function(family, tiny, tmp_path, monkeypatch):
+    """prepare_layer's folds (norms, v_proj rows + bias, GQA-tied v -> o, up -> down) change no output."""
+    g = torch.Generator().manual_seed(1)
+    hidden = [torch.randn(1, 24, 64, generator=g) * torch.linspace(0.1, 8, 64) for _ in range(2)]
+    layer, dialect = _decoder_layer(tiny(family), 1, hidden, tmp_path)
+    before = [out.clone() for out in layer.outputs()]
+    real = awq_quantizer.search_scales
+    alphas = []
+
+    def forced(weights, h, x_mean, config, expand=None):  # alpha 0.5, whatever the search prefers
+        found = real(weights, h, x_mean, config, expand)
+        found.scales, found.alpha = normalized_scales(x_mean, 0.5), 0.5
+        alphas.append(float(found.scales.std()))
+        return found
+
+    monkeypatch.setattr(awq_quantizer, "search_scales", forced)
+    record, head_dim = llm_facts(tiny(family))
+    quantizer = AWQQuantizer(AWQConfig(group_size=32), record, head_dim=head_dim)
+    work = layer.work(dialect, lambda _line: None)
+    biases_before = {g.after: work.bias(g.after) for g in dialect.groups if g.after and g.after not in dialect.norms}
+    for name, update in quantizer.prepare_layer(work):
+        if update.weight is not None:
+            layer.set_weight(name, update.weight)
+        if update.bias is not None:
+            layer.set_weight(name, update.bias, "bias")
+    after = list(layer.outputs())
+    for want, got in zip(before, after, strict=True):
+        assert (got - want).norm() / want.norm() < 1e-4
+    assert len(alphas) == len(dialect.groups) - len(UNSCALED[family]) and min(alphas) > 0.05  # real, uneven scales
+    assert set(quantizer.summary()["unscaled"]) == UNSCALED[family]
+    if family == "InternVL2-1B":  # Qwen2: v_proj has a bias, divided by the o_proj scales too
+        assert not torch.equal(work.bias("self_attn.v_proj"), biases_before["self_attn.v_proj"])
+
+
+# -- the pipeline ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["InternVL2-Llama3-76B", "InternVL2-1B", "InternVL2-2B", "InternVL2-4B", "InternVL3.5-1B"])
+def test_every_dialect_runs(family, tiny, awq_tiny):
+    from internvl_tools.runtime.model import InternVLRuntime
+
+    out, summary = awq_tiny(family)
+    assert set(summary["unscaled"]) == UNSCALED[family]
+    src, dst = all_tensors(tiny(family)), all_tensors(out)
+    linears = [k for k, t in src.items() if k.startswith("language_model.model.layers.") and t.dim() == 2]
+    assert summary["linears"] == len(linears)
+    for key in linears:  # fused tensors (wqkv, w1/w3, qkv_proj, gate_up_proj) stay fused, under their own names
+        stem = key.removesuffix(".weight")
+        assert dst[stem + ".qweight"].shape == (src[key].shape[1], src[key].shape[0] // 8)
+    bf16, q4 = InternVLRuntime(tiny(family)), InternVLRuntime(out)
+    pixels = bf16.pixel_values(sample_image(3))
+    ids = bf16.prompt_ids("Describe the image.", pixels.shape[0])
+    want, got = bf16.logits(ids, pixels), q4.logits(ids, pixels)
+    assert torch.equal(q4.image_features(pixels), bf16.image_features(pixels))
+    assert (got - want).norm() / want.norm() < 0.3
+
+
+def test_resume_continues_from_last_finished_layer(tiny, tmp_path):
+    family = "InternVL2-40B"
+    job = AWQJob(AWQConfig(group_size=32), num_samples=3, seq_len=48)
+    whole = quantize_awq(tiny(family), tmp_path / "whole", job, max_shard_size=10**9)
+
+    class Stop(Exception):
+        pass
+
+    def interrupt(done):
+        if done == 2:
+            raise Stop
+
+    out = tmp_path / "resumed"
+    with pytest.raises(Stop):
+        quantize_awq(tiny(family), out, job, max_shard_size=10**9, progress=interrupt)
+    assert json.loads((tmp_path / "resumed.partial" / ".awq_state.json").read_text())["layers_done"] == 2
+    seen = []
+    quantize_awq(tiny(family), out, job, max_shard_size=10**9, resume=True, progress=seen.append)
+    assert seen == [3]
+    expected, got = all_tensors(whole), all_tensors(out)
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], t) for k, t in expected.items())
+    assert not (tmp_path / "resumed.partial").exists()
+
+
+def test_bad_input_exits_2_and_writes_nothing(tiny, awq_tiny, tmp_path, run_cli):
+    def refused(*args, needle):
+        out = tmp_path / f"out{len(list(tmp_path.iterdir()))}"
+        result = run_cli("quantize", args[0], "-o", out, *args[1:])
+        assert result.exit_code == 2 and needle in result.output, result.output
+        assert result.output.strip().count("\n") == 0, result.output
+        assert not out.exists() and not out.with_name(out.name + ".partial").exists()
+
+    src = tiny("InternVL2-1B")
+    refused(src, *TINY_AWQ, "--bits", "8", needle="4-bit")
+    refused(src, *TINY_AWQ, "--group-size", "64", needle="mlp.down_proj.weight: its 96 input features")
+    refused(awq_tiny("InternVL2-Llama3-76B")[0], *TINY_AWQ, needle="already quantized")
+    refused(tiny("InternVL2-1B", lora="embedded"), *TINY_AWQ, needle="merge-lora")
+    refused(src, *TINY_AWQ, "--format", "compressed-tensors", "--zero-point", needle="symmetric")
+    refused(src, *TINY_AWQ, "--format", "gptq", needle="--format awq or compressed-tensors")
+    refused(src, "--method", "gptq", "--asym", "--format", "compressed-tensors", needle="symmetric")
+
+
+def test_chat_and_verify_run_the_awq_output(tiny, awq_tiny, run_cli, tmp_path):
+    from internvl_tools.evaluate.slices import write_tsv
+
+    from .test_verify import make_items
+
+    family = "InternVL2-1B"
+    out, _ = awq_tiny(family)
+    image = tmp_path / "a.png"
+    sample_image(2).save(image)
+    chat = run_cli("chat", out, "What is this?", "--image", image, "--max-new-tokens", "4", "--json")
+    assert chat.exit_code == 0 and len(json.loads(chat.output)["token_ids"]) > 0, chat.output
+    bench = write_tsv(make_items(3), tmp_path / "slice.tsv")
+    result = run_cli("verify", tiny(family), out, "--bench", bench, "--json", "-", "--max-kl", "10", "--min-top1", "0",
+                     "--max-acc-drop", "100")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["overall"]["n"] == 3
+
+
+# -- compressed-tensors W4A16 -------------------------------------------------------------------
+@pytest.mark.requires("compressed_tensors")
+@pytest.mark.parametrize("method", ["awq", "gptq"])
+def test_compressed_tensors_w4a16_loads_in_transformers(method, tiny, tmp_path, run_cli):
+    """A native-layout input quantized to pack-quantized W4A16 (symmetric, group 32): transformers
+    + compressed-tensors load it with no missing keys and compute what our runtime computes."""
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+    from transformers import AutoModelForImageTextToText
+
+    from internvl_tools.runtime.model import InternVLRuntime
+
+    native, out = tmp_path / "hf", tmp_path / "ct"
+    assert run_cli("convert", tiny("InternVL2-Llama3-76B"), "-o", native).exit_code == 0
+    result = run_cli("quantize", native, "-o", out, "--method", method, "--format", "compressed-tensors", "--group-size", "32",
+                     "--num-samples", "3", "--seq-len", "48")
+    assert result.exit_code == 0, result.output
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    weights = qc["config_groups"]["group_0"]["weights"]
+    assert qc["format"] == "pack-quantized" and weights["num_bits"] == 4 and weights["symmetric"] is True
+    assert weights["strategy"] == "group" and weights["group_size"] == 32
+    assert qc["ignore"][:2] == ["re:.*vision_tower.*", "re:.*multi_modal_projector.*"]
+    dst = all_tensors(out)
+    key = "model.language_model.layers.1.mlp.down_proj"
+    assert dst[key + ".weight_scale"].dtype == all_tensors(native)[key + ".weight"].dtype  # the model's dtype
+    codes = unpack_from_int32(dst[key + ".weight_packed"], 4, torch.Size(dst[key + ".weight_shape"].tolist()))
+    assert codes.min() >= -8 and codes.max() <= 7
+    ours = InternVLRuntime(out)
+    ids = torch.arange(1, 30)[None]
+    model, info = AutoModelForImageTextToText.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    with torch.no_grad():
+        theirs = model(input_ids=ids).logits.float()
+    loaded = model.model.language_model.layers[1].mlp.down_proj.weight
+    expected = codes.float() * dst[key + ".weight_scale"].float().repeat_interleave(32, dim=1)
+    torch.testing.assert_close(loaded.float(), expected.to(loaded.dtype).float(), rtol=0, atol=0)
+    want = ours.logits(ids)
+    assert (theirs[0] - want[0]).norm() / want[0].norm() < 0.02
