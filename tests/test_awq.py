@@ -185,7 +185,7 @@ def test_folded_scales_keep_the_float_layer_s_function(family, tiny, tmp_path, m
 
 
 # -- the pipeline ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("family", ["InternVL2-Llama3-76B", "InternVL2-1B", "InternVL2-2B", "InternVL2-4B", "InternVL3.5-1B"])
+@pytest.mark.parametrize("family", ["InternVL2-Llama3-76B", "InternVL2-1B", "InternVL2-2B", "InternVL2-4B"])
 def test_every_dialect_runs(family, tiny, awq_tiny):
     from internvl_tools.runtime.model import InternVLRuntime
 
@@ -205,10 +205,10 @@ def test_every_dialect_runs(family, tiny, awq_tiny):
     assert (got - want).norm() / want.norm() < 0.3
 
 
-def test_resume_continues_from_last_finished_layer(tiny, tmp_path):
-    family = "InternVL2-40B"
-    job = AWQJob(AWQConfig(group_size=32), num_samples=3, seq_len=48)
-    whole = quantize_awq(tiny(family), tmp_path / "whole", job, max_shard_size=10**9)
+def test_resume_continues_from_last_finished_layer(tiny, awq_tiny, tmp_path):
+    family = "InternVL2-Llama3-76B"
+    job = AWQJob(AWQConfig(group_size=32), num_samples=4, seq_len=64)  # what TINY_AWQ runs
+    whole, _ = awq_tiny(family)
 
     class Stop(Exception):
         pass
@@ -256,13 +256,13 @@ def test_chat_and_verify_run_the_awq_output(tiny, awq_tiny, run_cli, tmp_path):
     out, _ = awq_tiny(family)
     image = tmp_path / "a.png"
     sample_image(2).save(image)
-    chat = run_cli("chat", out, "What is this?", "--image", image, "--max-new-tokens", "4", "--json")
+    chat = run_cli("chat", out, "What is this?", "--image", image, "--max-new-tokens", "3", "--json")
     assert chat.exit_code == 0 and len(json.loads(chat.output)["token_ids"]) > 0, chat.output
-    bench = write_tsv(make_items(3), tmp_path / "slice.tsv")
+    bench = write_tsv(make_items(2), tmp_path / "slice.tsv")
     result = run_cli("verify", tiny(family), out, "--bench", bench, "--json", "-", "--max-kl", "10", "--min-top1", "0",
                      "--max-acc-drop", "100")
     assert result.exit_code == 0, result.output
-    assert json.loads(result.output)["overall"]["n"] == 3
+    assert json.loads(result.output)["overall"]["n"] == 2
 
 
 # -- compressed-tensors W4A16 -------------------------------------------------------------------

@@ -18,6 +18,7 @@ from .build import build_llm, build_vision
 from ..models.templates import IMG_CONTEXT, build_prompt, get_template
 from ..models.native_config import image_tokens_per_tile
 from .preprocess import pixel_values as preprocess
+from .tokenizer import load_tokenizer
 from ..formats.dequantized import DequantizedView
 from ..models.views import open_view
 
@@ -117,17 +118,7 @@ class InternVLRuntime:
         explicit, because left unset transformers asks on stdin whether to run the code an
         `auto_map` in config.json names (a prompt that hangs a non-interactive run)."""
         if self._tokenizer is None:
-            from transformers import AutoTokenizer
-            from transformers.utils import logging
-
-            verbosity = logging.get_verbosity()
-            logging.set_verbosity_error()  # the original config.json's model_type is unknown to transformers
-            try:
-                self._tokenizer = AutoTokenizer.from_pretrained(self.folder, trust_remote_code=False)
-            except (OSError, ValueError) as exc:
-                raise InputError(f"{self.folder}: cannot load the tokenizer ({exc}); the folder needs its tokenizer files") from exc
-            finally:
-                logging.set_verbosity(verbosity)
+            self._tokenizer = load_tokenizer(self.folder)
         return self._tokenizer
 
     @torch.no_grad()
