@@ -20,8 +20,8 @@ ALL_FAMILIES = ["InternVL-Chat-V1-1", "InternVL-Chat-V1-2", "InternVL-Chat-V1-2-
 # One family per dialect added with InternVL2.5 / 3 / 3.5 (Qwen3 twice: head_dim 32 != 64 / 4 heads in 3.5-1B, 16 in
 # 3.5-2B), plus the newer releases of existing dialects: they join the key per-dialect tests only (layout, runtime vs
 # reference, convert round trip and native loading, GPTQ, embedded LoRA), so the suite stays fast.
-NEW_DIALECTS = ["InternVL3-9B-InternLM3", "InternVL3.5-1B"]
-NEW_FAMILIES = ["InternVL2.5-1B", "InternVL3-9B", "InternVL3-9B-InternLM3", "InternVL3.5-1B", "InternVL3.5-2B"]
+NEW_DIALECTS = ["InternVL3-9B-InternLM3", "InternVL3.5-1B", "InternVL3.5-30B-A3B"]
+NEW_FAMILIES = ["InternVL2.5-1B", "InternVL3-9B", "InternVL3-9B-InternLM3", "InternVL3.5-1B", "InternVL3.5-2B", "InternVL3.5-30B-A3B"]
 DIALECT_FAMILIES = ALL_FAMILIES + NEW_FAMILIES
 assert set(DIALECT_FAMILIES) <= set(FAMILIES)
 

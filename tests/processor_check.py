@@ -7,7 +7,10 @@ JOB: {"cases": [{"name", "native", "image", "question", "max_new_tokens", "trans
 case and each image-processor backend ("torchvision": the default and what vLLM uses; "pil":
 `use_fast=False`): AutoProcessor -> apply_chat_template -> processor(images, text) -> greedy
 generate with the folder's own generation_config. pixel_values are saved next to RESULT as
-`{name}-{backend}.pt` for the caller to compare with the runtime's. Imports nothing of the project.
+`{name}-{backend}.pt` for the caller to compare with the runtime's. Cases with "transpose" (ps_version
+v1) get pixel_values.transpose(-1, -2), and are run again with the image transposed before the
+processor instead (`{name}-pretransposed-{backend}.pt`): what a vLLM user can do. Imports nothing
+of the project.
 """
 
 from __future__ import annotations
@@ -49,14 +52,15 @@ def run_case(case: dict, out_dir: Path) -> dict:
             "tokens": output[0, inputs["input_ids"].shape[1]:].tolist(),
         }
     if case.get("transpose"):  # the vLLM recipe: the image transposed before the processor
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            processor = AutoProcessor.from_pretrained(case["native"])
-        transposed = processor(images=[image.transpose(Image.Transpose.TRANSPOSE)], text=text, return_tensors="pt")
-        torch.save(transposed["pixel_values"], out_dir / f"{case['name']}-pretransposed.pt")
-        with torch.no_grad():
-            output = model.generate(**transposed, max_new_tokens=case["max_new_tokens"], do_sample=False)
-        result["pretransposed_tokens"] = output[0, transposed["input_ids"].shape[1]:].tolist()
+        for backend, kwargs in (("torchvision", {}), ("pil", {"use_fast": False})):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                processor = AutoProcessor.from_pretrained(case["native"], **kwargs)
+            transposed = processor(images=[image.transpose(Image.Transpose.TRANSPOSE)], text=text, return_tensors="pt")
+            torch.save(transposed["pixel_values"], out_dir / f"{case['name']}-pretransposed-{backend}.pt")
+            with torch.no_grad():
+                output = model.generate(**transposed, max_new_tokens=case["max_new_tokens"], do_sample=False)
+            result[backend]["pretransposed_tokens"] = output[0, transposed["input_ids"].shape[1]:].tolist()
     return result
 
 

@@ -114,6 +114,23 @@ def _mlp(sd, p, dialect, x):
     return (F.silu(x @ gate.T) * (x @ up.T)) @ down.T
 
 
+def _moe(sd, p, cfg, x):
+    """A sparse block by its definition: router logits -> softmax -> the top-k experts per token,
+    their probabilities renormalised to sum to 1 when norm_topk_prob; the output is the weighted sum
+    of the chosen experts' SwiGLU, each expert computed on its own per-expert tensors."""
+    probs = torch.softmax(x @ sd[p + "mlp.gate.weight"].T, dim=-1)
+    top, chosen = probs.topk(cfg["num_experts_per_tok"], dim=-1)
+    if cfg.get("norm_topk_prob"):
+        top = top / top.sum(dim=-1, keepdim=True)
+    out = torch.zeros_like(x)
+    for token in range(x.shape[0]):
+        for weight, expert in zip(top[token], chosen[token].tolist()):
+            e = f"{p}mlp.experts.{expert}."
+            h = F.silu(x[token] @ sd[e + "gate_proj.weight"].T) * (x[token] @ sd[e + "up_proj.weight"].T)
+            out[token] += weight * (h @ sd[e + "down_proj.weight"].T)
+    return out
+
+
 def rotate(x, positions, theta):
     d = x.shape[-1]
     inv = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
@@ -129,40 +146,53 @@ def llm_logits(config, sd, embeds):
     Llama, Yi, Qwen2 (q/k/v bias when present) and InternLM3 share key names; Qwen3 adds an
     RMSNorm over each query / key head (weights [head_dim]) before RoPE; q has heads x head_dim
     rows, which need not equal the width. RoPE scaling of the dynamic kind changes nothing below
-    max_position_embeddings, which the test prompts stay under."""
+    max_position_embeddings, which the test prompts stay under. Qwen3-MoE is Qwen3's attention with a
+    sparse block (`_moe`) in place of every layer's MLP."""
     cfg = config["llm_config"]
-    arch = cfg["architectures"][0]
-    dialect = {"InternLM2ForCausalLM": "internlm2", "Phi3ForCausalLM": "phi3", "Qwen3ForCausalLM": "qwen3"}.get(arch, "llama")
+    x = embeds[0]
+    assert x.shape[0] <= cfg["max_position_embeddings"]
+    for n in range(cfg["num_hidden_layers"]):
+        x = decoder_layer(config, sd, n, x)[1]
+    x = rms(x, sd["language_model.model.norm.weight"], cfg["rms_norm_eps"])
+    head = sd.get("language_model.lm_head.weight", sd.get("language_model.output.weight"))
+    return (x @ head.T)[None]
+
+
+def llm_dialect(cfg):
+    return {"InternLM2ForCausalLM": "internlm2", "Phi3ForCausalLM": "phi3", "Qwen3ForCausalLM": "qwen3",
+            "Qwen3MoeForCausalLM": "qwen3_moe"}.get(cfg["architectures"][0], "llama")
+
+
+def decoder_layer(config, sd, n, x):
+    """Decoder layer n over hidden states [T, D] (positions 0..T-1, causal): (the MLP's / sparse
+    block's input after the second norm, the layer's output)."""
+    cfg = config["llm_config"]
+    dialect = llm_dialect(cfg)
     heads, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     hd = head_dim(cfg)
     eps, theta = cfg["rms_norm_eps"], cfg["rope_theta"]
     norms = ("attention_norm", "ffn_norm") if dialect == "internlm2" else ("input_layernorm", "post_attention_layernorm")
     out_name = "attention.wo" if dialect == "internlm2" else "self_attn.o_proj"
-    x = embeds[0]
     t = x.shape[0]
-    assert t <= cfg["max_position_embeddings"]
     positions = torch.arange(t)
     mask = torch.full((t, t), float("-inf")).triu(1)
-    for n in range(cfg["num_hidden_layers"]):
-        p = f"language_model.model.layers.{n}."
-        h = rms(x, sd[p + norms[0] + ".weight"], eps)
-        (wq, wk, wv), (bq, bk, bv) = _qkv(sd, p, dialect, cfg)
-        q, k, v = h @ wq.T, h @ wk.T, h @ wv.T
-        if bq is not None:
-            q, k, v = q + bq, k + bk, v + bv
-        q, k = q.reshape(t, heads, hd), k.reshape(t, kv, hd)
-        if dialect == "qwen3":
-            q = rms(q, sd[p + "self_attn.q_norm.weight"], eps)
-            k = rms(k, sd[p + "self_attn.k_norm.weight"], eps)
-        q = rotate(q.transpose(0, 1), positions, theta)
-        k = rotate(k.transpose(0, 1), positions, theta).repeat_interleave(heads // kv, dim=0)
-        v = v.reshape(t, kv, hd).transpose(0, 1).repeat_interleave(heads // kv, dim=0)
-        att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(hd) + mask, dim=-1) @ v
-        x = x + att.transpose(0, 1).reshape(t, heads * hd) @ sd[p + out_name + ".weight"].T
-        x = x + _mlp(sd, p, dialect, rms(x, sd[p + norms[1] + ".weight"], eps))
-    x = rms(x, sd["language_model.model.norm.weight"], eps)
-    head = sd.get("language_model.lm_head.weight", sd.get("language_model.output.weight"))
-    return (x @ head.T)[None]
+    p = f"language_model.model.layers.{n}."
+    h = rms(x, sd[p + norms[0] + ".weight"], eps)
+    (wq, wk, wv), (bq, bk, bv) = _qkv(sd, p, dialect, cfg)
+    q, k, v = h @ wq.T, h @ wk.T, h @ wv.T
+    if bq is not None:
+        q, k, v = q + bq, k + bk, v + bv
+    q, k = q.reshape(t, heads, hd), k.reshape(t, kv, hd)
+    if dialect in ("qwen3", "qwen3_moe"):
+        q = rms(q, sd[p + "self_attn.q_norm.weight"], eps)
+        k = rms(k, sd[p + "self_attn.k_norm.weight"], eps)
+    q = rotate(q.transpose(0, 1), positions, theta)
+    k = rotate(k.transpose(0, 1), positions, theta).repeat_interleave(heads // kv, dim=0)
+    v = v.reshape(t, kv, hd).transpose(0, 1).repeat_interleave(heads // kv, dim=0)
+    att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(hd) + mask, dim=-1) @ v
+    x = x + att.transpose(0, 1).reshape(t, heads * hd) @ sd[p + out_name + ".weight"].T
+    h = rms(x, sd[p + norms[1] + ".weight"], eps)
+    return h, x + (_moe(sd, p, cfg, h) if dialect == "qwen3_moe" else _mlp(sd, p, dialect, h))
 
 
 def embed(config, sd, input_ids, features, context_id):

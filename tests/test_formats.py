@@ -68,7 +68,9 @@ def test_detect_each_format(quant, name):
     ({"quant_method": "gptq", "bits": 4, "checkpoint_format": "gptq_v2"}, "gptq_v2"),
     ({"quant_method": "gptq", "bits": 3}, "bits is 3"),
     ({"quant_method": "awq", "bits": 4, "version": "gemv"}, "gemv"),
-    ({**CT, "format": "int-quantized", "config_groups": {"g": {"weights": {"num_bits": 8}, "format": "int-quantized"}}}, "int-quantized"),
+    ({**CT, "format": "float-quantized", "config_groups": {"g": {"weights": {"num_bits": 8, "type": "float"}, "format": "float-quantized"}}},
+     "float-quantized"),
+    ({**CT, "format": "int-quantized", "config_groups": {"g": {"weights": {"num_bits": 4}, "format": "int-quantized"}}}, "num_bits 8"),
     ({"quant_method": "fp8"}, "'fp8' is not supported"),
 ])
 def test_unsupported_variants_refused(quant, needle):

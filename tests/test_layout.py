@@ -19,7 +19,7 @@ EXPECTED_DIALECT = {
     "InternVL2-1B": "qwen2", "InternVL2-2B": "internlm2", "InternVL2-4B": "phi3", "InternVL2-8B": "internlm2",
     "InternVL2-26B": "internlm2", "InternVL2-40B": "llama", "InternVL2-Llama3-76B": "llama",
     "InternVL2.5-1B": "qwen2", "InternVL3-9B": "internlm2", "InternVL3-9B-InternLM3": "internlm3",
-    "InternVL3.5-1B": "qwen3", "InternVL3.5-2B": "qwen3",
+    "InternVL3.5-1B": "qwen3", "InternVL3.5-2B": "qwen3", "InternVL3.5-30B-A3B": "qwen3_moe",
 }
 
 

@@ -10,6 +10,13 @@ A Hessian that stays singular up to the top of the dampening ladder (non-finite 
 calibration inputs) does not stop the run: its linears are quantized with round-to-nearest
 and a warning naming them goes to the log.
 
+A sparse layer's routed experts (calibrate/experts.py) get one Hessian per expert group, built
+from the calibration tokens routed to that expert. An expert that fewer than `expert_min_tokens`
+of the calibration tokens reach (a share, 0.005 = 0.5%: GPTQModel's default `Fallback`, RTN below
+0.5% of the calibration; at least one token) is quantized with round-to-nearest instead, as
+GPTQModel does: a Hessian from a handful of tokens fits them, not the expert. The summary counts
+them. The router is never quantized.
+
 With `fmt="compressed-tensors"` the same codes are written as vLLM's pack-quantized W4A16 /
 W8A16 (symmetric only, static groups that divide every input width, scales rounded to the
 model's dtype, in which compressed-tensors stores and vLLM loads them).
@@ -42,11 +49,15 @@ class GPTQQuantizer(Quantizer):
     """GPTQ with one Hessian per input group; see the module docstring.
 
     `summary()` gives {"linears": count, "round_to_nearest": [linears that fell back],
-    "damp_raised": {linears: damp used}}."""
+    "damp_raised": {linears: damp used}} and, for a sparse LLM, "experts": {"gptq": experts (of all
+    layers) calibrated with GPTQ, "round_to_nearest": experts below the token threshold, and which,
+    "min_tokens_share", "fewest_tokens" routed to one expert}."""
 
     name = "gptq"
+    supports_experts = True
+    DEFAULT_EXPERT_MIN_TOKENS = 0.005
 
-    def __init__(self, config: GPTQConfig, fmt: str = "gptq"):
+    def __init__(self, config: GPTQConfig, fmt: str = "gptq", expert_min_tokens: float = DEFAULT_EXPERT_MIN_TOKENS):
         if fmt not in ("gptq", CT_FORMAT):
             raise ValueError(f"GPTQ writes gptq or {CT_FORMAT}, not {fmt!r}")
         if fmt == CT_FORMAT and not config.sym:
@@ -56,14 +67,19 @@ class GPTQQuantizer(Quantizer):
             raise InputError("--format compressed-tensors is written with static groups; drop --desc-act "
                              "(group-aware reordering, the default, keeps static groups)")
         self.config, self.fmt = config, fmt
-        self._pending: tuple[InputGroup, HessianAccumulator] | None = None
+        self.expert_min_tokens = expert_min_tokens
+        self._pending: dict[InputGroup, HessianAccumulator] = {}  # several at once for a chunk of experts
+        self._experts: dict[str, set[str]] = {"gptq": set(), "round_to_nearest": set()}  # "layer N mlp.experts.E"
+        self._fewest_tokens: int | None = None
         self._linears = 0
         self._fallbacks: list[str] = []
         self._damped: dict[str, float] = {}
 
     def options(self) -> dict:
-        """The GPTQConfig (and a format other than gptq) as a dict (a resumed run must match it)."""
-        return asdict(self.config) | ({"format": self.fmt} if self.fmt != "gptq" else {})
+        """The GPTQConfig (and a format other than gptq, an expert threshold other than the default) as a
+        dict (a resumed run must match it)."""
+        return (asdict(self.config) | ({"format": self.fmt} if self.fmt != "gptq" else {})
+                | ({"expert_min_tokens": self.expert_min_tokens} if self.expert_min_tokens != self.DEFAULT_EXPERT_MIN_TOKENS else {}))
 
     def output_specs(self, spec: TensorSpec, info: KeyInfo) -> list[TensorSpec] | None:
         """A linear's `weight` [out, in] becomes qweight / qzeros / scales / g_idx; the rest is copied.
@@ -93,9 +109,9 @@ class GPTQQuantizer(Quantizer):
 
     def observe(self, group: InputGroup, inputs: torch.Tensor) -> None:
         """Add one sample's group input [1, T, in] to the group's Hessian (on the input's device)."""
-        if self._pending is None or self._pending[0] != group:
-            self._pending = (group, HessianAccumulator(inputs.shape[-1], inputs.device))
-        self._pending[1].add(inputs)
+        if group not in self._pending:
+            self._pending[group] = HessianAccumulator(inputs.shape[-1], inputs.device)
+        self._pending[group].add(inputs)
 
     def quantize_group(self, work: GroupWork) -> Iterator[tuple[str, ModuleUpdate]]:
         """GPTQ each linear of the group with the group's Hessian (round-to-nearest when it cannot
@@ -104,20 +120,22 @@ class GPTQQuantizer(Quantizer):
 
         Raises RuntimeError when no input of the group was observed (a pipeline bug)."""
         group, layer = work.group, work.layer
-        if self._pending is None or self._pending[0] != group:
-            raise RuntimeError(f"layer {layer.index} {', '.join(group.linears)}: no calibration input was observed")
-        accumulator, self._pending = self._pending[1], None
+        accumulator = self._pending.pop(group, None)
         where = f"layer {layer.index} {', '.join(group.linears)}"
-        try:
-            prepared = prepare_hessian(accumulator.take(), self.config)  # consumes H; shared by the group's linears
-        except HessianNotPositiveDefinite as err:
-            prepared = None
-            self._fallbacks += [f"layer {layer.index} {name}" for name in group.linears]
-            layer.log(f"warning: {where}: GPTQ is impossible, {err} (non-finite or degenerate calibration inputs?); "
-                      "quantized with round-to-nearest instead")
-        if prepared is not None and prepared.damp != self.config.damp:
-            self._damped.update({f"layer {layer.index} {name}": prepared.damp for name in group.linears})
-            layer.log(f"warning: {where}: the Hessian needed damp {prepared.damp:g} (configured {self.config.damp:g})")
+        expert = f"layer {layer.index} {group.linears[0].rsplit('.', 1)[0]}"  # meaningful for an expert group only
+        if work.tokens is not None and work.tokens < self._expert_threshold(work):
+            prepared = None  # an expert (almost) no calibration token reaches
+            self._experts["round_to_nearest"].add(expert)
+            layer.log(f"{where}: {work.tokens} of {work.calibration_tokens} calibration tokens routed to it (fewer than "
+                      f"{self.expert_min_tokens:.1%}); round-to-nearest")
+        elif accumulator is None:
+            raise RuntimeError(f"{where}: no calibration input was observed")
+        else:
+            prepared = self._prepare(accumulator, where, group, layer)
+            if work.tokens is not None:
+                self._experts["gptq"].add(expert)
+        if work.tokens is not None:
+            self._fewest_tokens = work.tokens if self._fewest_tokens is None else min(self._fewest_tokens, work.tokens)
         del accumulator
         for name in group.linears:
             weight = layer.weight(name)
@@ -131,6 +149,24 @@ class GPTQQuantizer(Quantizer):
             yield name, update
             del update  # the layer holds the weight now; keep no second reference while the next linear runs
 
+    def _expert_threshold(self, work: GroupWork) -> int:
+        """The fewest routed tokens an expert needs for GPTQ: a share of the calibration tokens, at least 1."""
+        return max(1, int(self.expert_min_tokens * (work.calibration_tokens or 0)))
+
+    def _prepare(self, accumulator: HessianAccumulator, where: str, group: InputGroup, layer):
+        """The prepared Hessian of a group, or None (round-to-nearest, logged) when it cannot be inverted."""
+        try:
+            prepared = prepare_hessian(accumulator.take(), self.config)  # consumes H; shared by the group's linears
+        except HessianNotPositiveDefinite as err:
+            prepared = None
+            self._fallbacks += [f"layer {layer.index} {name}" for name in group.linears]
+            layer.log(f"warning: {where}: GPTQ is impossible, {err} (non-finite or degenerate calibration inputs?); "
+                      "quantized with round-to-nearest instead")
+        if prepared is not None and prepared.damp != self.config.damp:
+            self._damped.update({f"layer {layer.index} {name}": prepared.damp for name in group.linears})
+            layer.log(f"warning: {where}: the Hessian needed damp {prepared.damp:g} (configured {self.config.damp:g})")
+        return prepared
+
     def _pack(self, result: GPTQResult) -> dict[str, torch.Tensor]:
         if self.fmt != CT_FORMAT:
             return pack(result, self.config.bits)
@@ -140,8 +176,14 @@ class GPTQQuantizer(Quantizer):
                                              getattr(torch, self.config.scale_dtype))
 
     def summary(self) -> dict:
-        """{"linears": count, "round_to_nearest": [...], "damp_raised": {...}} so far."""
-        return {"linears": self._linears, "round_to_nearest": list(self._fallbacks), "damp_raised": dict(self._damped)}
+        """{"linears": count, "round_to_nearest": [...], "damp_raised": {...}} so far; "experts" (expert groups
+        quantized with GPTQ / with round-to-nearest for too few routed tokens) when there were any."""
+        facts = {"linears": self._linears, "round_to_nearest": list(self._fallbacks), "damp_raised": dict(self._damped)}
+        if self._experts["gptq"] or self._experts["round_to_nearest"]:
+            facts["experts"] = {"gptq": len(self._experts["gptq"]), "round_to_nearest": len(self._experts["round_to_nearest"]),
+                                "round_to_nearest_experts": sorted(self._experts["round_to_nearest"]),
+                                "min_tokens_share": self.expert_min_tokens, "fewest_tokens": self._fewest_tokens}
+        return facts
 
 
 @dataclass(frozen=True)
@@ -167,8 +209,11 @@ class GPTQJob:
 
 
 def quantize_gptq(source: Path, out: Path, job: GPTQJob, *, max_shard_size: int, overwrite: bool = False, resume: bool = False,
-                  progress: Callable[[int], None] | None = None, log: Callable[[str], None] = lambda _m: None) -> Path:
+                  progress: Callable[[int], None] | None = None, log: Callable[[str], None] = lambda _m: None,
+                  quantizer: GPTQQuantizer | None = None) -> Path:
     """Run GPTQ over every decoder layer of an original-layout checkpoint and write OUT
-    (calibrate.pipeline.quantize_calibrated with a GPTQQuantizer; same errors)."""
-    return quantize_calibrated(source, out, GPTQQuantizer(job.config, job.fmt), job.calibration(), max_shard_size=max_shard_size,
+    (calibrate.pipeline.quantize_calibrated with a GPTQQuantizer, `quantizer` when given, e.g. to
+    read its summary afterwards; same errors)."""
+    quantizer = quantizer or GPTQQuantizer(job.config, job.fmt)
+    return quantize_calibrated(source, out, quantizer, job.calibration(), max_shard_size=max_shard_size,
                                overwrite=overwrite, resume=resume, progress=progress, log=log)

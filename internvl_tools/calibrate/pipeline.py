@@ -36,13 +36,14 @@ from ..models.views import LayoutWriter, open_view
 from ..transforms.stream import fix_lora_flags
 from ..io.safetensors_format import TensorSpec
 from ..io.writer import CheckpointWriter
-from ..models.dialects import Dialect
+from ..models.dialects import Dialect, Experts
 from ..models.layout import Layout, build_layout
 from ..models.native_map import Link, links
 from ..models.templates import IMG_CONTEXT, build_prompt, get_template
 from ..models.vision import NATIVE_LLM_PREFIX
 from ..runtime.build import build_decoder_layer
 from .activations import Activations, ResumeState
+from .experts import quantize_experts
 from .quantizer import GroupWork, LayerWork, ModuleUpdate, Quantizer
 from .samples import Sample, builtin_samples, load_samples
 
@@ -62,7 +63,7 @@ class CalibrationJob:
 
 
 def calibration_embeddings(reader: CheckpointReader, config: dict, layout: Layout, samples: list[Sample], seq_len: int,
-                           budget: int, work: Path) -> Activations:
+                           budget: int, work: Path, log: Callable[[str], None] = lambda _m: None) -> Activations:
     """Input embeddings of every sample, float32 [1, T, hidden] with T <= seq_len, image features
     spliced in at the IMG_CONTEXT tokens; spilled into `work` beyond `budget` bytes.
 
@@ -76,7 +77,7 @@ def calibration_embeddings(reader: CheckpointReader, config: dict, layout: Layou
     context_id = vision.tokenizer.convert_tokens_to_ids(IMG_CONTEXT)
     template = config.get("template")
     acts = Activations(work, budget)
-    for sample in samples:
+    for number, sample in enumerate(samples, 1):
         tiles = vision.pixel_values(sample.image) if sample.image is not None else None
         text = build_prompt(template, sample.question, vision.tokens_per_tile, tiles.shape[0] if tiles is not None else 0)
         text += sample.answer + get_template(template).sep
@@ -87,6 +88,7 @@ def calibration_embeddings(reader: CheckpointReader, config: dict, layout: Layou
             mask = ids[0] == context_id
             embeds[0, mask] = features[: int(mask.sum())]  # a truncated prompt keeps the leading image tokens
         acts.append(embeds)
+        log(f"calibration {number}/{len(samples)} samples")
     return acts
 
 
@@ -119,10 +121,22 @@ class DecoderLayer:
     its native_map Link (native names, split and merge). KeyError for a module the layer lacks."""
 
     def __init__(self, index: int, module: torch.nn.Module, rotary: torch.nn.Module, acts: Activations,
-                 stems: dict[str, str], layer_links: dict[str, Link], device: str):
+                 stems: dict[str, str], layer_links: dict[str, Link], device: str, experts: Experts | None = None):
         self.index, self.module, self.rotary, self.acts = index, module, rotary, acts
         self.stems, self.links, self.device = stems, layer_links, device
+        self.experts = experts  # a sparse layer's experts: fused in memory (models/dialects.Experts)
         self._native_prefix = f"{NATIVE_LLM_PREFIX}.layers.{index}."
+
+    def expert_rows(self, module: str) -> tuple[torch.nn.Parameter, int, slice] | None:
+        """(fused parameter, expert, its rows) of an expert linear ("mlp.experts.5.up_proj"), else None."""
+        parsed = self.experts.parse(module) if self.experts is not None else None
+        if parsed is None:
+            return None
+        expert, linear = parsed
+        param, chunk, chunks = self.experts.fused_slot(linear)
+        fused = self.module.get_parameter(f"{self.experts.prefix}.{param}")
+        rows = fused.shape[1] // chunks
+        return fused, expert, slice(chunk * rows, (chunk + 1) * rows)
 
     def work(self, dialect: Dialect, log: Callable[[str], None]) -> LayerWork:
         """The LayerWork a quantizer sees for this layer."""
@@ -140,6 +154,10 @@ class DecoderLayer:
 
     def weight(self, module: str) -> torch.Tensor:
         """The current weight of an original-layout module (fused tensors merged), float32; read-only."""
+        slot = self.expert_rows(module)
+        if slot is not None:
+            fused, expert, rows = slot
+            return fused.detach()[expert, rows]
         link, owners, leaves = self._params(module)
         parts = [owner._parameters[leaf].detach() for owner, leaf in zip(owners, leaves)]
         return link.merge(*parts) if link.merge else parts[0]
@@ -155,6 +173,12 @@ class DecoderLayer:
     def set_weight(self, module: str, tensor: torch.Tensor, param: str = "weight") -> None:
         """Put an original-layout weight (or `param` "bias") into the native layer (split when fused),
         on the layer's device."""
+        slot = self.expert_rows(module) if param == "weight" else None
+        if slot is not None:  # an expert's rows of the fused parameter, in place
+            fused, expert, rows = slot
+            with torch.no_grad():
+                fused[expert, rows].copy_(tensor.to(fused.device, fused.dtype))
+            return
         link, owners, leaves = self._params(module, param)
         parts = link.split(tensor) if link.split else (tensor,)
         for owner, leaf, part in zip(owners, leaves, parts):
@@ -205,7 +229,8 @@ def quantize_layer(reader: CheckpointReader, config: dict, layout: Layout, index
     for key in layout.llm_layer_keys(index):
         info = layout.keys[key]
         stems[info.module] = key.removesuffix(f".{info.param}")
-    layer = DecoderLayer(index, module.to(job.device), rotary.to(job.device), acts, stems, all_links, job.device)
+    layer = DecoderLayer(index, module.to(job.device), rotary.to(job.device), acts, stems, all_links, job.device,
+                         layout.record.experts)
     work = layer.work(layout.record, log)
     written: set[str] = set()
 
@@ -224,6 +249,8 @@ def quantize_layer(reader: CheckpointReader, config: dict, layout: Layout, index
         for inputs in layer.inputs(group.hook):
             quantizer.observe(group, inputs)
         apply(quantizer.quantize_group(GroupWork(work, group)))
+    if layout.record.experts is not None:  # each expert on the tokens routed to it (calibrate/experts.py)
+        quantize_experts(layer, work, quantizer, apply, config["llm_config"], job.memory_budget)
     missing = [name for name in planned if name not in written]
     if missing:
         raise RuntimeError(f"{quantizer.name}: layer {index} left {len(missing)} planned tensors unwritten (first: {missing[0]})")
@@ -250,6 +277,9 @@ def quantize_calibrated(source: Path, out: Path, quantizer: Quantizer, job: Cali
         layout = build_layout(config, reader.specs())
         if layout.lora:
             raise InputError(f"{source}: embedded LoRA adapters; merge them first with `internvl-tools merge-lora`")
+        if layout.record.experts is not None and not quantizer.supports_experts:
+            raise InputError(f"{source}: {method} does not calibrate a sparse layer's experts ({layout.dialect}) yet; "
+                             "use --method gptq (each expert on the tokens routed to it) or --method int8")
         specs, per_layer = output_plan(reader, layout, quantizer)
         replaced = {name for names in per_layer.values() for name in names}
         quantization_config = quantizer.quantization_config(layout)
@@ -276,7 +306,7 @@ def quantize_calibrated(source: Path, out: Path, quantizer: Quantizer, job: Cali
                     if spec.name not in replaced:
                         writer.copy(spec.name)
                 samples = load_samples(Path(job.calib), job.num_samples) if job.calib else builtin_samples(job.num_samples, job.seed)
-                acts = calibration_embeddings(reader, config, layout, samples, job.seq_len, job.memory_budget, state.spill)
+                acts = calibration_embeddings(reader, config, layout, samples, job.seq_len, job.memory_budget, state.spill, log)
                 state.save(acts, 0)
             for index in range(done, layout.llm_layers):
                 acts = quantize_layer(reader, config, layout, index, acts, quantizer, job, writer, per_layer.get(index, []),
@@ -296,4 +326,4 @@ def _output_config(source: Path, view, config: dict, quantization_config: dict |
     if quantization_config is not None:
         native["quantization_config"] = to_native(quantization_config)
         original["quantization_config"] = quantization_config
-    return {"config.json": native, SIDECAR: {"config": original, "keys": keys, "remote_code": view.remote_code}}
+    return {"config.json": native, SIDECAR: {**view.sidecar_extra, "config": original, "keys": keys}}

@@ -85,10 +85,16 @@ class LayerWork:
 @dataclass(frozen=True)
 class GroupWork:
     """One input group of a layer: `group.linears` (original names, execution order) read the
-    input of native module `group.hook`, produced by module `group.after` (None: no exact fold)."""
+    input of native module `group.hook`, produced by module `group.after` (None: no exact fold).
+
+    For one routed expert of a sparse layer (calibrate/experts.py) `tokens` is the number of
+    calibration tokens routed to it (0: it saw none, and nothing was observed) out of
+    `calibration_tokens` in all; both None for a dense group."""
 
     layer: LayerWork
     group: InputGroup
+    tokens: int | None = None
+    calibration_tokens: int | None = None
 
     def inputs(self) -> Iterator[torch.Tensor]:
         """The group's input per cached sample, float32 [1, T, in] (see LayerWork.inputs)."""
@@ -102,6 +108,9 @@ class Quantizer(ABC):
     input group for GPTQ); the pipeline holds the layer and the activations."""
 
     name: str = "quantizer"  # names the resume files (.{name}_state.json) and the log lines
+    # whether the method calibrates a sparse layer's experts (their groups come interleaved: several groups observed
+    # before the first is quantized, and an expert that no token reached is quantized having observed nothing)
+    supports_experts: bool = False
 
     @abstractmethod
     def options(self) -> dict:

@@ -107,3 +107,31 @@ def layer_progress(description: str, total: int, enabled: bool = True) -> Iterat
     finally:
         if task is not None:
             progress.stop()
+
+
+@contextmanager
+def pipeline_log(enabled: bool = True) -> Iterator[callable]:
+    """A `log(line)` for the calibrated pipeline: `warning:` lines go to stderr; `calibration i/n
+    samples` lines drive a progress bar over the calibration samples (minutes on a big model)."""
+    progress = Progress(TextColumn("[bold]calibrating"), BarColumn(), TextColumn("{task.completed}/{task.total} samples"),
+                        TimeRemainingColumn(), console=console, transient=False)
+    task = None
+
+    def log(line: str) -> None:
+        nonlocal task
+        if line.startswith("warning:"):
+            click.echo(line, err=True)
+        elif line.startswith("calibration ") and enabled:
+            done, total = (int(x) for x in line.split()[1].split("/"))
+            if task is None:
+                progress.start()
+                task = progress.add_task("calibrating", total=total)
+            progress.update(task, completed=done)
+            if done == total:
+                progress.stop()
+
+    try:
+        yield log
+    finally:
+        if task is not None:
+            progress.stop()

@@ -30,7 +30,7 @@ from .common import byte_progress, console, emit_json, human_bytes, human_count,
 @click.option("--check-segment-layers", type=int, default=0, show_default=True,
               help="check the graph in segments of N layers (bounded memory); 0: whole when it fits, else segments that fit")
 @click.option("--overwrite", is_flag=True, help="replace a non-empty OUT")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="print a machine-readable JSON summary instead of text")
 @click.pass_context
 def export_cmd(ctx: click.Context, checkpoint: Path, out: Path, fmt: str, dtype: str, part: str, max_batch: int | None,
                opt_batch: int | None, opset: int, workspace: float, no_check: bool, check_segment_layers: int, overwrite: bool,
@@ -133,4 +133,6 @@ def print_summary(summary: dict, plan, out: Path) -> None:
                      f"batch {engine['min_shape'][0]}..{engine['max_shape'][0]}, built in {engine['seconds']:.1f} s")
     elif summary["format"] == "onnx":
         hint = plan_engine("fp16", summary["input"]["name"], summary["image_size"], summary["max_batch"])
-        stdout.print(f"  TensorRT on a GPU machine: {hint.trtexec_command(str(out / MODEL_FILE), str(out / 'model.engine'))}")
+        # one unwrapped line, so that it pastes into a shell as it is
+        stdout.print(f"  TensorRT on a GPU machine: {hint.trtexec_command(str(out / MODEL_FILE), str(out / 'model.engine'))}",
+                     soft_wrap=True, highlight=False, markup=False)

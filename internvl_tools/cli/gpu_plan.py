@@ -97,8 +97,9 @@ def does_not_fit_message(plan: DevicePlan, options: GpuOptions, alternatives: di
 
 
 def _ranges(layers: tuple[int, ...]) -> str:
+    """Decoder layers as a count and index ranges: "2 (0-1)", "1 (#0)", "none"."""
     if not layers:
-        return "-"
+        return "none"
     spans, start, prev = [], layers[0], layers[0]
     for layer in layers[1:]:
         if layer != prev + 1:
@@ -106,7 +107,8 @@ def _ranges(layers: tuple[int, ...]) -> str:
             start = layer
         prev = layer
     spans.append((start, prev))
-    return ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in spans)
+    text = ", ".join(f"#{a}" if a == b else f"{a}-{b}" for a, b in spans)
+    return f"{len(layers)} ({text})"
 
 
 __all__ = ["GIB", "GpuOptions", "gpu_options", "parse_gpu_options", "plan_json", "print_plan", "does_not_fit_message"]

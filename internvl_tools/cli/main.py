@@ -20,7 +20,7 @@ from ..planners.gpu_layout import native_device_map, order_by_gpu, plan_for_chec
 from ..evaluate.inspect import summarize
 from ..transforms.shard import reshard
 from .gpu_plan import GpuOptions, does_not_fit_message, gpu_options, parse_gpu_options, plan_json, print_plan
-from .common import ToolGroup, byte_progress, layer_progress, emit_json, human_bytes, human_count, stdout
+from .common import ToolGroup, pipeline_log, byte_progress, layer_progress, emit_json, human_bytes, human_count, stdout
 
 SIZE_HELP = "largest shard, e.g. 5GB, 500MB, 2GiB"
 
@@ -92,6 +92,12 @@ def print_report(report: dict) -> None:
                             f"{vision['image_size']}px tiles -> {vision['tokens_per_tile']} tokens")
     table.add_row("llm", f"{llm['architecture']} ({llm['dialect']}): width {llm['hidden_size']}, {llm['layers']} layers, "
                          f"{llm['heads']} heads / {llm['kv_heads']} kv, MLP {llm['intermediate_size']}, vocab {llm['vocab_size']}")
+    if llm.get("experts"):  # a sparse LLM (Qwen3-MoE)
+        moe = llm["experts"]
+        table.add_row("experts", f"{moe['count']} per layer x {moe['sparse_layers']} layers, top-{moe['top_k']}"
+                                 f"{' renormalised' if moe['norm_topk_prob'] else ''}, width {moe['intermediate_size']}: "
+                                 f"{human_count(moe['params'])} params ({human_bytes(moe['bytes'])}), "
+                                 f"{human_count(moe['active_params'])} active per token; router kept unquantized")
     table.add_row("tensors / shards", f"{report['tensors']} in {report['shards']} shard(s)")
     table.add_row("dtypes", ", ".join(f"{k}: {v['tensors']} ({human_bytes(v['bytes'])})" for k, v in report["dtypes"].items()))
     sizes = report["bytes"]
@@ -100,6 +106,8 @@ def print_report(report: dict) -> None:
         if family in sizes:
             table.add_row(f"{family}", f"{human_bytes(sizes[family])}, {human_count(params.get(family, 0))} params")
     table.add_row("total", f"{human_bytes(sizes['total'])}, {human_count(params['total'])} params")
+    if "active" in params:
+        table.add_row("active per token", f"{human_count(params['active'])} params (top-k experts + attention, embeddings, head, vision)")
     layers = report["llm_layer_bytes"]
     if layers:
         table.add_row("per decoder layer", f"{human_bytes(min(layers))} .. {human_bytes(max(layers))}")
@@ -131,16 +139,21 @@ def print_report(report: dict) -> None:
 @click.option("--shards", default=2, show_default=True, help="number of shards")
 @click.option("--wide", is_flag=True, help="the family's true widths with 2 layers per tower (benchmarks; GBs)")
 @click.option("--seed", default=0, show_default=True)
+@click.option("--head-dim", type=click.IntRange(min=2), default=None,
+              help="channels per LLM attention head (tiny default 16; vLLM's CPU attention takes 32, 64, 80, ...): the width becomes heads x this")
 @click.option("--overwrite", is_flag=True, help="replace a non-empty OUT")
-@click.option("--json", "as_json", is_flag=True)
-def make_tiny_cmd(family: str, out: Path, lora: str, rank: int, shards: int, wide: bool, seed: int, overwrite: bool, as_json: bool) -> None:
+@click.option("--json", "as_json", is_flag=True, help="print a machine-readable JSON summary instead of text")
+def make_tiny_cmd(family: str, out: Path, lora: str, rank: int, shards: int, wide: bool, seed: int, head_dim: int | None,
+                  overwrite: bool, as_json: bool) -> None:
     """Write a random-weight checkpoint of FAMILY with its real key layout, config and tokenizer."""
     from ..tiny.generator import make_checkpoint, make_peft_adapter
 
     started = time.perf_counter()
     with byte_progress("generating", 0, enabled=wide and not as_json) as advance:
+        if head_dim is not None and (wide or head_dim % 2):
+            raise InputError("--head-dim takes an even number and applies to tiny checkpoints (not --wide)")
         path = make_checkpoint(family, out, lora="none" if lora == "peft" else lora, rank=rank, shards=shards, wide=wide, seed=seed,
-                               overwrite=overwrite, progress=advance)
+                               overwrite=overwrite, progress=advance, head_dim=head_dim)
     if lora == "peft":
         adapter = make_peft_adapter(path, path.with_name(path.name + "-peft-adapter"), rank=rank, alpha=2 * rank, seed=seed + 1)
         stdout.print(f"wrote PEFT adapter {adapter}")
@@ -158,7 +171,7 @@ def make_tiny_cmd(family: str, out: Path, lora: str, rank: int, shards: int, wid
 @gpu_options
 @click.option("--plan-only", is_flag=True, help="print the GPU layout and write nothing")
 @click.option("--overwrite", is_flag=True, help="replace a non-empty OUT")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="print a machine-readable JSON summary instead of text")
 def shard_cmd(checkpoint: Path, out: Path | None, max_shard_size: str, plan_only: bool, overwrite: bool, as_json: bool, **gpu_args) -> None:
     """Re-shard CHECKPOINT into OUT losslessly; with --gpus N also plan a multi-GPU layout.
 
@@ -211,7 +224,7 @@ def shard_cmd(checkpoint: Path, out: Path | None, max_shard_size: str, plan_only
               help="hf: transformers-native InternVLForConditionalGeneration; original: back to the remote-code layout")
 @click.option("--max-shard-size", default="5GB", show_default=True, help=SIZE_HELP)
 @click.option("--overwrite", is_flag=True, help="replace a non-empty OUT")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="print a machine-readable JSON summary instead of text")
 def convert_cmd(checkpoint: Path, out: Path, target: str, max_shard_size: str, overwrite: bool, as_json: bool) -> None:
     """Convert CHECKPOINT between the original and the transformers-native layout, streaming."""
     from ..transforms.convert import to_hf, to_original
@@ -238,8 +251,9 @@ def convert_cmd(checkpoint: Path, out: Path, target: str, max_shard_size: str, o
 @click.option("--method", type=click.Choice(["int8", "gptq", "awq"]), default=None,
               help="int8: LLM.int8() weights; gptq / awq: layer-by-layer GPTQ / AWQ with multimodal calibration")
 @click.option("--recipe", type=click.Path(path_type=Path, exists=True, dir_okay=False), help="YAML file of option values (recipes/)")
-@click.option("--format", "fmt", type=click.Choice(["bnb", "gptq", "awq", "compressed-tensors"]), default=None,
-              help="int8: bnb (default; bitsandbytes load_in_8bit layout) or compressed-tensors (vLLM's W8A16); gptq: gptq "
+@click.option("--format", "fmt", type=click.Choice(["bnb", "gptq", "awq", "compressed-tensors", "w8a8"]), default=None,
+              help="int8: bnb (default; bitsandbytes load_in_8bit layout), compressed-tensors (vLLM's W8A16) or w8a8 "
+                   "(compressed-tensors int-quantized: int8 weights per channel, int8 activations per token); gptq: gptq "
                    "(default; GPTQ v1) or compressed-tensors; awq: awq (default; AutoAWQ gemm) or compressed-tensors "
                    "(pack-quantized W4A16, symmetric, per group)")
 @click.option("--only", multiple=True, help="int8: regex, quantize only weights whose key matches (repeatable)")
@@ -264,7 +278,7 @@ def convert_cmd(checkpoint: Path, out: Path, target: str, max_shard_size: str, o
 @click.option("--resume", is_flag=True, help="gptq / awq: continue an interrupted run from its last finished layer")
 @click.option("--max-shard-size", default="5GB", show_default=True, help=SIZE_HELP)
 @click.option("--overwrite", is_flag=True, help="replace a non-empty OUT")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="print a machine-readable JSON summary instead of text")
 @click.pass_context
 def quantize_cmd(ctx: click.Context, checkpoint: Path, out: Path, recipe: Path | None, as_json: bool, **options) -> None:
     """Quantize the LLM of CHECKPOINT (the vision tower, mlp1, embeddings and head stay as they are)."""
@@ -272,17 +286,24 @@ def quantize_cmd(ctx: click.Context, checkpoint: Path, out: Path, recipe: Path |
         options = apply_recipe(ctx, recipe, options)
     if options["method"] is None:
         raise InputError("missing --method: int8, gptq or awq (or a --recipe that sets it)")
+    _refuse_options_of_other_methods(ctx, options)
     options["fmt"] = _output_format(options["method"], options["fmt"])
     limit = parse_size(options["max_shard_size"])
     if not options["resume"]:
         check_output(out, [checkpoint], options["overwrite"])
+    elif out.is_dir() and any(out.iterdir()) and not out.with_name(out.name + ".partial").exists():
+        raise InputError(f"{out} is already complete: there is no {out.name}.partial to resume; "
+                         "pass --overwrite (without --resume) to redo it")
     with CheckpointReader(checkpoint) as reader:
         total = reader.total_bytes
     started = time.perf_counter()
-    if options["method"] == "gptq":
-        summary = _run_gptq(checkpoint, out, options, limit, as_json)
-    elif options["method"] == "awq":
-        summary = _run_awq(checkpoint, out, options, limit, as_json)
+    if options["method"] in ("gptq", "awq"):
+        try:
+            summary = (_run_gptq if options["method"] == "gptq" else _run_awq)(checkpoint, out, options, limit, as_json)
+        except KeyboardInterrupt:
+            click.echo(f"\ninterrupted: {out.name}.partial keeps the finished layers; run the same command with --resume "
+                       "to continue from there", err=True)
+            ctx.exit(130)
     else:
         summary = _run_int8(checkpoint, out, options, limit, total, as_json)
     summary.update({"bytes_in": total, "seconds": round(time.perf_counter() - started, 3)})
@@ -293,6 +314,27 @@ def quantize_cmd(ctx: click.Context, checkpoint: Path, out: Path, recipe: Path |
     else:
         stdout.print(f"wrote {out} ({options['method']}): {human_bytes(total)} -> {human_bytes(summary['bytes_out'])} "
                      f"in {summary['seconds']:.1f} s; {summary['detail']}")
+
+
+# the methods each quantize option applies to (options not listed apply to all)
+OPTION_METHODS = {
+    "only": ("int8",), "skip": ("int8",), "force": ("int8",),
+    "bits": ("gptq", "awq"), "group_size": ("gptq", "awq"), "desc_act": ("gptq",), "act_group_aware": ("gptq",),
+    "sym": ("gptq",), "damp": ("gptq",), "zero_point": ("awq",), "calib": ("gptq", "awq"), "num_samples": ("gptq", "awq"),
+    "seq_len": ("gptq", "awq"), "device": ("gptq", "awq"), "resume": ("gptq", "awq"),
+}
+
+
+def _refuse_options_of_other_methods(ctx: click.Context, options: dict) -> None:
+    """An option given on the command line that the chosen method ignores is an error, not a no-op."""
+    method = options["method"]
+    for name, methods in OPTION_METHODS.items():
+        source = ctx.get_parameter_source(name)
+        if method not in methods and source not in (click.core.ParameterSource.DEFAULT, None):
+            flag = "--" + name.replace("_", "-")
+            if name in ("only", "skip") and method == "gptq":
+                continue  # _run_gptq explains the vision-tower case itself
+            raise InputError(f"{flag} does not apply to --method {method} (it is for --method {' / '.join(methods)}); remove it")
 
 
 def apply_recipe(ctx: click.Context, recipe: Path, options: dict) -> dict:
@@ -317,7 +359,7 @@ VISION_BELOW_8 = ("quantizing the vision tower below 8 bits is refused: InternVi
                   "(the model cards say so); keep it bf16")
 
 
-OUTPUT_FORMATS = {"int8": ("bnb", "compressed-tensors"), "gptq": ("gptq", "compressed-tensors"), "awq": ("awq", "compressed-tensors")}
+OUTPUT_FORMATS = {"int8": ("bnb", "compressed-tensors", "w8a8"), "gptq": ("gptq", "compressed-tensors"), "awq": ("awq", "compressed-tensors")}
 
 
 def _output_format(method: str, fmt: str | None) -> str:
@@ -353,7 +395,7 @@ def _warnings_only(line: str) -> None:
 
 
 def _run_gptq(checkpoint: Path, out: Path, options: dict, limit: int, as_json: bool) -> dict:
-    from ..calibrate.gptq_quantizer import GPTQJob, quantize_gptq
+    from ..calibrate.gptq_quantizer import GPTQJob, GPTQQuantizer, quantize_gptq
     from ..calibrate.gptq import GPTQConfig
 
     _check_calibrated(options, "GPTQ")
@@ -363,13 +405,17 @@ def _run_gptq(checkpoint: Path, out: Path, options: dict, limit: int, as_json: b
     job = GPTQJob(config, fmt=options["fmt"], num_samples=options["num_samples"], seq_len=options["seq_len"],
                   calib=str(options["calib"]) if options["calib"] else None, device=options["device"])
     layers = _llm_layers(checkpoint)
-    with layer_progress("GPTQ", layers, enabled=not as_json) as advance:
+    quantizer = GPTQQuantizer(config, options["fmt"])
+    with pipeline_log(enabled=not as_json) as log, layer_progress("GPTQ", layers, enabled=not as_json) as advance:
         quantize_gptq(checkpoint, out, job, max_shard_size=limit, overwrite=options["overwrite"], resume=options["resume"],
-                      progress=advance, log=_warnings_only)
+                      progress=advance, log=log, quantizer=quantizer)
+    experts = quantizer.summary().get("experts")  # a sparse LLM: experts calibrated on their routed tokens, or RTN
     return {"out": str(out), "method": "gptq", "format": options["fmt"], "bits": config.bits, "group_size": config.group_size,
-            "sym": config.sym, "desc_act": config.desc_act, "layers": layers,
+            "sym": config.sym, "desc_act": config.desc_act, "layers": layers, **({"experts": experts} if experts else {}),
             "detail": f"{layers} decoder layers in GPTQ {config.bits}-bit, group {config.group_size}, {'sym' if config.sym else 'asym'} "
-                      f"({options['fmt']})"}
+                      f"({options['fmt']})" + (f"; experts: {experts['gptq']} with GPTQ on their routed tokens, "
+                                               f"{experts['round_to_nearest']} with round-to-nearest (fewer than "
+                                               f"{experts['min_tokens_share']:.1%} of the calibration tokens)" if experts else "")}
 
 
 def _run_awq(checkpoint: Path, out: Path, options: dict, limit: int, as_json: bool) -> dict:
@@ -388,9 +434,9 @@ def _run_awq(checkpoint: Path, out: Path, options: dict, limit: int, as_json: bo
         raise InputError(f"{checkpoint}/config.json: the checkpoint is already quantized; quantize the bf16 checkpoint")
     quantizer = AWQQuantizer(config, dialect, options["fmt"], head_dim)
     layers = _llm_layers(checkpoint)
-    with layer_progress("AWQ", layers, enabled=not as_json) as advance:
+    with pipeline_log(enabled=not as_json) as log, layer_progress("AWQ", layers, enabled=not as_json) as advance:
         quantize_awq(checkpoint, out, job, max_shard_size=limit, overwrite=options["overwrite"], resume=options["resume"],
-                     progress=advance, log=_warnings_only, quantizer=quantizer)
+                     progress=advance, log=log, quantizer=quantizer)
     facts = quantizer.summary()
     unscaled = sorted(facts["unscaled"])
     return {"out": str(out), "method": "awq", "format": options["fmt"], "bits": config.bits, "group_size": config.group_size,
@@ -423,7 +469,7 @@ def _run_int8(checkpoint: Path, out: Path, options: dict, limit: int, total: int
 @click.option("--overwrite", is_flag=True, help="replace a non-empty OUT")
 @click.option("--dry-run", is_flag=True, help="show what would be merged (modules, rank, alpha, scale, source) and what "
               "would be refused, write nothing; exit 2 when something would be refused")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="print a machine-readable JSON summary instead of text")
 def merge_lora_cmd(checkpoint: Path, out: Path | None, adapters: tuple[Path, ...], alpha: float | None, max_shard_size: str,
                    overwrite: bool, dry_run: bool, as_json: bool) -> None:
     """Merge the LoRA embedded in CHECKPOINT and/or PEFT --adapter folders into the base weights."""
@@ -499,7 +545,7 @@ def _report_merge_plan(plan, as_json: bool) -> None:
 @click.option("--dtype", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True)
 @click.option("--vision-onnx", type=click.Path(path_type=Path), default=None,
               help="an `export --format onnx` folder whose image embeddings replace the PyTorch vision tower")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="print a machine-readable JSON summary instead of text")
 def chat_cmd(checkpoint: Path, question: str, image: Path | None, max_new_tokens: int, dtype: str, vision_onnx: Path | None,
              as_json: bool) -> None:
     """Greedy answer of CHECKPOINT to QUESTION about an optional --image (runs on the CPU)."""

@@ -63,6 +63,9 @@ def summarize(folder: str | Path) -> dict:
                 linear["in_features"] += cols
     params = parameter_count(reader, layout, fmt, quant)
     total_params = sum(params.values())
+    experts = expert_report(reader, layout, fmt, quant, llm_cfg)
+    if experts is not None:  # parameters a token runs through: all but the experts the router does not pick
+        params["active"] = total_params - experts["params"] + experts["active_params"]
     largest = max(reader.specs(), key=lambda s: s.nbytes)
     image_size = config.get("force_image_size") or vision_cfg.get("image_size", 448)
     patch = vision_cfg.get("patch_size", 14)
@@ -94,6 +97,7 @@ def summarize(folder: str | Path) -> dict:
             "kv_heads": llm_cfg.get("num_key_value_heads", llm_cfg.get("num_attention_heads")),
             "intermediate_size": llm_cfg.get("intermediate_size"),
             "vocab_size": llm_cfg.get("vocab_size"),
+            **({"experts": experts} if experts is not None else {}),
         },
         "quantization": {"format": fmt.name, **{k: quant[k] for k in ("quant_method", "bits", "group_size", "load_in_8bit") if k in quant}} if quant else None,
         "shards": len(reader.shards),
@@ -110,6 +114,30 @@ def summarize(folder: str | Path) -> dict:
         "lora_flags": flag_mismatches(config, layout),  # use_llm_lora / use_backbone_lora that disagree with the tensors
         "memory_estimate": memory_estimate(total_params, linear) if not quant else None,
     }
+
+
+def expert_report(reader: CheckpointReader, layout: Layout, fmt: Format, quant: dict, llm_cfg: dict) -> dict | None:
+    """A sparse LLM's routed experts (models/dialects.Experts): count, top-k, width, their
+    parameters and bytes in all layers, and the parameters of the top-k a token runs through
+    (top_k / count of them: every expert of a layer has the same shape). None for a dense LLM."""
+    record = layout.record.experts
+    if record is None:
+        return None
+    settings = record.settings(llm_cfg)
+    expert_params = expert_bytes = router_params = 0
+    for name, info in layout.keys.items():
+        if info.family != "llm" or info.part != "layer":
+            continue
+        if info.expert is not None:
+            expert_params += tensor_parameters(fmt, quant, info, reader.spec(name).shape)
+            expert_bytes += reader.spec(name).nbytes
+        elif info.module == record.router:
+            router_params += tensor_parameters(fmt, quant, info, reader.spec(name).shape)
+    count = max(settings["experts"], 1)
+    return {"count": settings["experts"], "top_k": settings["top_k"], "intermediate_size": settings["intermediate"],
+            "norm_topk_prob": settings["norm_topk"], "shared": False, "sparse_layers": layout.llm_layers,
+            "params": expert_params, "bytes": expert_bytes, "router_params": router_params,
+            "active_params": expert_params * settings["top_k"] // count}
 
 
 def memory_estimate(total_params: int, linear: dict[str, int]) -> dict[str, int]:

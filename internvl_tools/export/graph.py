@@ -77,6 +77,9 @@ def tower_shape(config: dict, layout: Layout, shapes: dict[str, tuple[int, ...]]
                 part: str = "vision+projector") -> TowerShape:
     """The tower's facts from config.json, checked against the tensor shapes (`shapes`: key -> shape)."""
     vision = config.get("vision_config")
+    if "vision" in layout.lora:
+        raise InputError(f"{where}: the vision tower carries embedded LoRA (use_backbone_lora); merge it first with "
+                         "`internvl-tools merge-lora`, then export the merged checkpoint")
     if not vision or layout.vision_layers == 0 or "vision_model.embeddings.patch_embedding.weight" not in shapes:
         raise InputError(f"{where}: no vision tower (no vision_model.* tensors or no vision_config in config.json); "
                          "export needs a whole InternVL checkpoint, not an LLM-only one")

@@ -1,4 +1,5 @@
-"""compressed-tensors `pack-quantized` (what llm-compressor writes and vLLM serves natively).
+"""compressed-tensors `pack-quantized` and `int-quantized` (what llm-compressor writes and vLLM
+serves natively).
 
 Per quantized linear [out, in]: `weight_packed` int32 [out, ceil(in x bits / 32)] (signed codes
 + 2^(bits-1), element i of a row in bits i x bits.. of the row's little-endian bit stream, as
@@ -10,6 +11,11 @@ compressed-tensors`, `format: pack-quantized`, `config_groups` (targets + weight
 `ignore` (modules left in float). This toolkit writes W8A16 (8-bit, symmetric, per channel;
 `quantize --method int8`) and W4A16 / W8A16 symmetric per group (`quantize --method gptq|awq
 --format compressed-tensors`, codes and scales from the calibrated quantizer).
+
+`int-quantized` (W8A8, `quantize --method int8 --format w8a8`; a second Format record,
+INT8_FORMAT): per quantized linear `weight` int8 [out, in] and `weight_scale` [out, 1] (float32
+here; no zero point when symmetric), W = q x scale; config_groups add `input_activations`
+(8-bit, symmetric, dynamic, per token: vLLM quantizes activations on the fly and runs int8 GEMMs).
 """
 
 from __future__ import annotations
@@ -27,6 +33,9 @@ if TYPE_CHECKING:
 PARAMS = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight_g_idx", "bias")
 WRITTEN = ("weight_packed", "weight_scale", "weight_shape")  # what `quantize` returns, in checkpoint order
 FORMAT_NAME = "pack-quantized"
+INT_PARAMS = ("weight", "weight_scale", "weight_zero_point", "bias")  # int-quantized: int8 weight, unpacked
+INT_WRITTEN = ("weight", "weight_scale")  # what `quantize_w8a8` returns, in checkpoint order
+INT_FORMAT_NAME = "int-quantized"
 ROW_BLOCK = 256
 
 
@@ -50,8 +59,13 @@ def scheme(quant: dict) -> dict:
 
 
 def matches(quant: dict) -> bool:
-    """True for `quant_method: compressed-tensors`."""
-    return quant.get("quant_method") == "compressed-tensors"
+    """True for `quant_method: compressed-tensors` other than a pure int-quantized (W8A8) config."""
+    return quant.get("quant_method") == "compressed-tensors" and not matches_int(quant)
+
+
+def matches_int(quant: dict) -> bool:
+    """True for a compressed-tensors config whose only format is `int-quantized` (W8A8)."""
+    return quant.get("quant_method") == "compressed-tensors" and formats_of(quant) == {INT_FORMAT_NAME}
 
 
 def check_config(quant: dict) -> None:
@@ -60,7 +74,7 @@ def check_config(quant: dict) -> None:
     formats = formats_of(quant)
     if formats != {FORMAT_NAME}:
         raise InputError(f"config.json: compressed-tensors format {', '.join(sorted(map(str, formats))) or 'unset'} is not supported; "
-                         f"this toolkit reads {FORMAT_NAME} (int weights packed into int32)")
+                         f"this toolkit reads {FORMAT_NAME} (int weights packed into int32) and {INT_FORMAT_NAME} (int8 W8A8)")
     weights = weight_schemes(quant)
     if not weights or any(w.get("type", "int") != "int" for w in weights):
         raise InputError("config.json: compressed-tensors config_groups need integer weight schemes (weights.type int)")
@@ -68,6 +82,18 @@ def check_config(quant: dict) -> None:
     if len(bits) != 1 or not 1 <= next(iter(bits)) <= 8:
         raise InputError(f"config.json: compressed-tensors config_groups declare num_bits {sorted(bits)}; "
                          "one width between 1 and 8 is supported")
+    sparsity = quant.get("sparsity_config") or {}
+    if sparsity.get("format") not in (None, "dense"):
+        raise InputError(f"config.json: compressed-tensors sparsity format {sparsity.get('format')!r} is not supported")
+
+
+def check_int_config(quant: dict) -> None:
+    """Raise InputError unless an int-quantized config has 8-bit integer weights (what vLLM's
+    W8A8 int8 kernels and this toolkit's reader take)."""
+    weights = weight_schemes(quant)
+    if not weights or any(w.get("type", "int") != "int" or int(w.get("num_bits", 0)) != 8 for w in weights):
+        raise InputError("config.json: compressed-tensors int-quantized needs 8-bit integer weight schemes "
+                         "(weights.type int, num_bits 8); float (fp8) schemes are not supported")
     sparsity = quant.get("sparsity_config") or {}
     if sparsity.get("format") not in (None, "dense"):
         raise InputError(f"config.json: compressed-tensors sparsity format {sparsity.get('format')!r} is not supported")
@@ -144,6 +170,32 @@ def quantize(weight: torch.Tensor) -> dict[str, torch.Tensor]:
             "weight_shape": torch.tensor(list(weight.shape), dtype=torch.int64, device=weight.device)}
 
 
+def quantize_w8a8(weight: torch.Tensor, row_block: int = ROW_BLOCK) -> dict[str, torch.Tensor]:
+    """One float linear weight [out, in] -> the int-quantized tensors of INT_WRITTEN: {weight: int8
+    [out, in], weight_scale: float32 [out, 1]}, W ~ weight x weight_scale.
+
+    Per-channel symmetric: q = round(W x 127 / row absmax) computed in float32, scale = absmax / 127
+    (float32, the dtype vLLM's W8A8 kernels keep). The codes equal bitsandbytes' LLM.int8() codes
+    (`--format bnb`) for every weight float16 holds exactly. An all-zero row gets codes 0, scale 0.
+    Meta in, meta out."""
+    import torch
+
+    if weight.dim() != 2:
+        raise ValueError(f"expected a 2-D weight, got shape {list(weight.shape)}")
+    if weight.device.type == "meta":
+        return {"weight": torch.empty(weight.shape, dtype=torch.int8, device="meta"),
+                "weight_scale": torch.empty(weight.shape[0], 1, dtype=torch.float32, device="meta")}
+    quantized = torch.empty(weight.shape, dtype=torch.int8)
+    scales = torch.empty(weight.shape[0], 1, dtype=torch.float32)
+    for start in range(0, weight.shape[0], row_block):
+        block = weight[start : start + row_block].float()
+        absmax = block.abs().amax(dim=1, keepdim=True)
+        factor = 127.0 / absmax.clamp_min(torch.finfo(torch.float32).tiny)
+        quantized[start : start + row_block] = block.mul_(factor).round_().clamp_(-127, 127).to(torch.int8)
+        scales[start : start + row_block] = absmax / 127.0
+    return {"weight": quantized, "weight_scale": scales}
+
+
 def packed_shapes(rows: int, cols: int, bits: int, groups: int, scale_dtype: str) -> dict[str, tuple[tuple[int, ...], str]]:
     """Shapes and safetensors dtypes of WRITTEN for a [rows, cols] linear with `groups` scales
     per row (1: per channel) stored as `scale_dtype` (a safetensors dtype such as "BF16")."""
@@ -208,6 +260,41 @@ def dequantize(tensors: Mapping[str, torch.Tensor], quant: dict) -> torch.Tensor
     return (q - zero) * scale
 
 
+def count_int(param: str, shape: tuple[int, ...], quant: dict) -> int:
+    """Parameters a tensor of an int-quantized checkpoint stands for: `weight` (int8 or float) and
+    `bias` element by element, scales and zero points 0."""
+    if param in ("weight_scale", "weight_zero_point"):
+        return 0
+    return plain_count(param, shape, quant)
+
+
+def weight_shape_int(specs: Mapping[str, object], quant: dict, read=None) -> tuple[int, int]:
+    """(out, in) of an int-quantized linear: its int8 `weight` has the float weight's shape."""
+    rows, cols = specs["weight"].shape
+    return rows, cols
+
+
+def dequantize_int(tensors: Mapping[str, torch.Tensor], quant: dict) -> torch.Tensor:
+    """{weight: int8 [out, in], weight_scale[, weight_zero_point]} of one int-quantized linear ->
+    float32 weight [out, in] = (q - zero_point) x scale, per tensor, channel or group.
+
+    Raises InputError when the scale's shape fits none of these."""
+    import torch
+
+    q = tensors["weight"].float()
+    out, cols = q.shape
+    scale = tensors["weight_scale"].float()
+    scale = scale.reshape(1, 1) if scale.dim() < 2 else scale
+    zero = tensors.get("weight_zero_point")
+    zero = torch.zeros_like(scale) if zero is None else zero.float().reshape(scale.shape)
+    if scale.shape[0] not in (1, out) or cols % scale.shape[1]:
+        raise InputError(f"weight_scale of shape {list(tensors['weight_scale'].shape)} does not fit a weight of shape {[out, cols]}")
+    if scale.shape[1] > 1:  # groups along the input axis
+        size = cols // scale.shape[1]
+        scale, zero = scale.repeat_interleave(size, dim=1), zero.repeat_interleave(size, dim=1)
+    return (q - zero) * scale
+
+
 # -- writing ---------------------------------------------------------------------------------
 def quantization_config(skip_modules: Sequence[str], layout: str = "original", *, bits: int = 8,
                         group_size: int | None = None, symmetric: bool = True) -> dict:
@@ -239,6 +326,19 @@ def quantization_config(skip_modules: Sequence[str], layout: str = "original", *
     }
 
 
+def w8a8_quantization_config(skip_modules: Sequence[str], layout: str = "original") -> dict:
+    """quantization_config of an int-quantized W8A8 checkpoint: int8 weights per channel
+    (symmetric, static) and int8 activations per token (symmetric, dynamic), what llm-compressor's
+    W8A8 INT8 scheme writes and vLLM runs with int8 GEMMs. `skip_modules` as in
+    `quantization_config`. Raises ValueError for an unknown layout."""
+    quant = quantization_config(skip_modules, layout)
+    group = quant["config_groups"]["group_0"]
+    group["input_activations"] = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token",
+                                  "group_size": None, "dynamic": True, "actorder": None, "observer": None}
+    group["format"] = quant["format"] = INT_FORMAT_NAME
+    return quant
+
+
 def to_native(quant: dict) -> dict:
     """An original-layout config with its `ignore` rules rewritten for the native layout.
 
@@ -251,4 +351,10 @@ FORMAT = Format(
     name="compressed_tensors", library="compressed-tensors (llm-compressor, vLLM)", quant_method="compressed-tensors",
     params=PARAMS, required=("weight_packed", "weight_scale", "weight_shape"), marker="weight_packed", matches=matches,
     check_config=check_config, count=count, weight_shape=weight_shape, dequantize=dequantize, to_native=to_native,
+)
+INT8_FORMAT = Format(
+    name="compressed_tensors_int8", library="compressed-tensors int-quantized W8A8 (llm-compressor, vLLM)",
+    quant_method="compressed-tensors", params=INT_PARAMS, required=("weight", "weight_scale"), marker="weight_scale",
+    matches=matches_int, check_config=check_int_config, count=count_int, weight_shape=weight_shape_int,
+    dequantize=dequantize_int, to_native=to_native,
 )

@@ -1,7 +1,7 @@
 """The on-disk formats, detection from config.json, and the checks every reader applies.
 
 `detect(config, keys)` names the format of a checkpoint (plain, bnb_int8, gptq,
-compressed_tensors, awq) from its top-level `quantization_config`; `validate(fmt, layout)`
+compressed_tensors, compressed_tensors_int8, awq) from its top-level `quantization_config`; `validate(fmt, layout)`
 checks that every linear's parameter names are ones that format owns (models/layout.py accepts
 any identifier there and leaves this check to the formats).
 """
@@ -16,12 +16,14 @@ from ..models.layout import KeyInfo, Layout
 from . import awq, bnb_int8, compressed_tensors, gptq, plain
 from .base import Format, split_key
 
-FORMATS: tuple[Format, ...] = (plain.FORMAT, bnb_int8.FORMAT, gptq.FORMAT, compressed_tensors.FORMAT, awq.FORMAT)
+FORMATS: tuple[Format, ...] = (plain.FORMAT, bnb_int8.FORMAT, gptq.FORMAT, compressed_tensors.FORMAT,
+                             compressed_tensors.INT8_FORMAT, awq.FORMAT)
 BY_NAME = {fmt.name: fmt for fmt in FORMATS}
 
 
 def get_format(name: str) -> Format:
-    """The format record named `name` (plain, bnb_int8, gptq, compressed_tensors, awq); KeyError otherwise."""
+    """The format record named `name` (plain, bnb_int8, gptq, compressed_tensors, compressed_tensors_int8, awq);
+    KeyError otherwise."""
     return BY_NAME[name]
 
 
@@ -50,7 +52,7 @@ def detect(config: dict, keys: Iterable[str] = ()) -> Format:
     quant = quantization_config(config)
     found = [fmt for fmt in FORMATS if fmt.matches(quant)]
     if not found:
-        names = ", ".join(f.quant_method for f in FORMATS if f.quant_method)
+        names = ", ".join(dict.fromkeys(f.quant_method for f in FORMATS if f.quant_method))
         raise LayoutError(f"config.json: quantization_config.quant_method {quant.get('quant_method')!r} is not supported; "
                           f"this toolkit reads plain checkpoints and {names}")
     fmt = found[0]

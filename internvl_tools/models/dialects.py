@@ -16,6 +16,9 @@ Sources: the architectures' transformers implementations (`models/llama`, `model
 Llama), InternLM2's remote code (`modeling_internlm2.py`: fused, GQA-interleaved `wqkv`), and
 InternVL's checkpoints (../shared/DESIGN.md §2, §2b).
 
+A sparse (mixture-of-experts) dialect adds an `Experts` record: the per-expert linears, how
+transformers fuses them in memory, the router and the routing settings' config keys.
+
 Adding a dialect = one `Dialect(...)` in `DIALECTS`; a split rule for a new kind of fused
 tensor is the only code that may come with it (models/native_map.py `SPLITS`).
 """
@@ -64,6 +67,70 @@ class InputGroup:
 
 
 @dataclass(frozen=True)
+class Experts:
+    """The routed experts of a sparse (mixture-of-experts) decoder layer, and its router.
+
+    On disk every expert is its own set of linears, `{prefix}.{E}.{linear}` for E in
+    0..config[count]-1 (original and native layout alike; transformers 5 saves them so), with
+    `linears` giving their [out, in] shapes in symbolic dimensions ("moe_inter" =
+    config[intermediate], "hidden"). In memory transformers fuses them per layer: `fused` maps each
+    expert linear to (parameter of the `{prefix}` module, chunk): the parameter is [E, rows, in]
+    and a linear is chunk i of the rows of its parameter, in order (Qwen3-MoE: gate_up_proj
+    [E, 2 x moe_inter, hidden] = [gate; up] per expert, down_proj [E, hidden, moe_inter]).
+
+    The router `router` (weight [experts, hidden]) reads the sparse block's input (`block`,
+    after the post-attention norm): softmax over its logits, the top config[top_k] experts,
+    their weights renormalised to sum to 1 when config[norm_topk]; the block's output is the
+    weighted sum of the chosen experts' SwiGLU outputs, down(silu(gate(x)) * up(x)). The router
+    is never quantized (every method keeps it in the checkpoint's dtype) but is a linear for
+    LoRA: an adapter that carries it is merged into it.
+
+    `groups` are the input groups of ONE expert (names relative to the expert): each expert is
+    calibrated on the tokens routed to it (calibrate/pipeline.py)."""
+
+    linears: tuple[Linear, ...]
+    groups: tuple[InputGroup, ...]
+    fused: dict[str, tuple[str, int]] = field(hash=False, default_factory=dict)
+    prefix: str = "mlp.experts"
+    router: str = "mlp.gate"
+    block: str = "mlp"
+    count: str = "num_experts"  # config keys
+    top_k: str = "num_experts_per_tok"
+    intermediate: str = "moe_intermediate_size"
+    norm_topk: str = "norm_topk_prob"
+
+    def module(self, expert: int, linear: str) -> str:
+        """The module path of one expert's linear inside a decoder layer ("mlp.experts.5.gate_proj")."""
+        return f"{self.prefix}.{expert}.{linear}"
+
+    def parse(self, module: str) -> tuple[int, str] | None:
+        """(expert, linear) of an expert module path, None for any other module."""
+        head, dot, rest = module.partition(self.prefix + ".")
+        if head or not dot:
+            return None
+        index, _, linear = rest.partition(".")
+        if not index.isdigit() or linear not in {item.name for item in self.linears}:
+            return None
+        return int(index), linear
+
+    def fused_slot(self, linear: str) -> tuple[str, int, int]:
+        """(fused parameter, chunk, chunks) of one expert linear in the in-memory layout."""
+        param, chunk = self.fused[linear]
+        return param, chunk, sum(1 for p, _ in self.fused.values() if p == param)
+
+    def settings(self, llm_config: dict) -> dict:
+        """{"experts", "top_k", "intermediate", "norm_topk"} of an LLM config (Qwen3-MoE's defaults where absent)."""
+        return {"experts": int(llm_config.get(self.count) or 0), "top_k": int(llm_config.get(self.top_k) or 0),
+                "intermediate": int(llm_config.get(self.intermediate) or 0),
+                "norm_topk": bool(llm_config.get(self.norm_topk, False))}
+
+    def expert_groups(self, expert: int) -> tuple[InputGroup, ...]:
+        """The input groups of one expert with module paths of the decoder layer."""
+        return tuple(InputGroup(tuple(self.module(expert, name) for name in group.linears), self.block, None)
+                     for group in self.groups)
+
+
+@dataclass(frozen=True)
 class Dialect:
     """The key dialect of one LLM family (see the module docstring)."""
 
@@ -84,6 +151,9 @@ class Dialect:
     # head_dim is a config field of its own (Qwen3: 128 even where hidden / heads is 64 or 80): always written
     # into configs, never derived; the native class's own default must not decide it
     explicit_head_dim: bool = False
+    # a sparse dialect's routed experts and router (Qwen3-MoE); `linears` / `groups` are then the dense
+    # part of the layer (attention), the experts' own linears are `experts.linears`, per expert
+    experts: Experts | None = None
 
     def linear(self, name: str) -> Linear:
         """The record of one linear by its original module path."""
@@ -195,7 +265,25 @@ INTERNLM3 = Dialect(
     decoder_layer=_LLAMA_DECODER, explicit_head_dim=True,
 )
 
-DIALECTS: dict[str, Dialect] = {d.name: d for d in (LLAMA, QWEN2, INTERNLM2, PHI3, QWEN3, INTERNLM3)}
+# Qwen3-MoE (InternVL3.5-30B-A3B): Qwen3's attention (no bias, q_norm / k_norm over head_dim) and, in every layer
+# (decoder_sparse_step 1, no mlp_only_layers), a sparse block instead of the MLP: router `mlp.gate` [experts, hidden],
+# experts `mlp.experts.E.{gate,up,down}_proj`, no shared expert (transformers' models/qwen3_moe; its checkpoint
+# conversion fuses the experts on load and splits them again on save)
+QWEN3_MOE = Dialect(
+    name="qwen3_moe", architectures=("Qwen3MoeForCausalLM",), model_type="qwen3_moe", native_model_type="qwen3_moe",
+    embed="embed_tokens", head="lm_head", linears=_qkvo_mlp()[:4], groups=_QKVO_GROUPS[:2], norms=_NORMS,
+    extra_norms=("self_attn.q_norm", "self_attn.k_norm"),
+    decoder_layer=("transformers.models.qwen3_moe.modeling_qwen3_moe", "Qwen3MoeDecoderLayer", "Qwen3MoeRotaryEmbedding"),
+    explicit_head_dim=True,
+    experts=Experts(
+        linears=(Linear("gate_proj", ("moe_inter", "hidden")), Linear("up_proj", ("moe_inter", "hidden")),
+                 Linear("down_proj", ("hidden", "moe_inter"))),
+        groups=(InputGroup(("gate_proj", "up_proj"), "mlp", None), InputGroup(("down_proj",), "mlp", None)),
+        fused={"gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1), "down_proj": ("down_proj", 0)},
+    ),
+)
+
+DIALECTS: dict[str, Dialect] = {d.name: d for d in (LLAMA, QWEN2, INTERNLM2, PHI3, QWEN3, INTERNLM3, QWEN3_MOE)}
 
 
 @dataclass(frozen=True)
@@ -226,17 +314,14 @@ class Unsupported:
 
 
 # Checked before the dialects, in order. InternVL3.5-241B-A28B's LLM is Qwen3-235B-A22B, the same Qwen3-MoE
-# architecture as InternVL3.5-30B-A3B's Qwen3-30B-A3B, so once a qwen3_moe dialect exists the architecture alone
-# no longer refuses it: its size signature (width 4096, 94 layers, 128 experts) or its name does. The generic
-# Qwen3-MoE entry stands until that dialect lands (remove it then).
+# architecture as InternVL3.5-30B-A3B's Qwen3-30B-A3B (the qwen3_moe dialect), so the architecture alone does not
+# refuse it: its size signature (width 4096, 94 layers, 128 experts) or its name does.
 NOT_SUPPORTED: tuple[Unsupported, ...] = (
     Unsupported("InternVL3.5-20B-A4B, GPT-OSS", ("GptOssForCausalLM",), ("gpt_oss",),
                 "its experts are packed MXFP4 blocks, which no format here reads"),
     Unsupported("InternVL3.5-241B-A28B, Qwen3-235B-A22B", ("Qwen3MoeForCausalLM",), ("qwen3_moe",),
                 "its 94-layer, 128-expert LLM is not targeted",
                 signature={"hidden_size": 4096, "num_hidden_layers": 94, "num_experts": 128}, name_hints=("241B", "235B")),
-    Unsupported("InternVL3.5-30B-A3B, Qwen3-MoE", ("Qwen3MoeForCausalLM",), ("qwen3_moe",),
-                "sparse expert layers need a qwen3_moe dialect, which is not there yet"),
 )
 
 
@@ -288,8 +373,11 @@ def layer_dims(llm_config: dict) -> dict[str, int]:
     head_dim = llm_config.get("head_dim") or llm_config["hidden_size"] // heads
     kv_heads = llm_config.get("num_key_value_heads") or heads
     inter = llm_config["intermediate_size"]
-    return {"hidden": llm_config["hidden_size"], "q": heads * head_dim, "kv": kv_heads * head_dim, "inter": inter,
+    dims = {"hidden": llm_config["hidden_size"], "q": heads * head_dim, "kv": kv_heads * head_dim, "inter": inter,
             "head_dim": head_dim, "q+2kv": (heads + 2 * kv_heads) * head_dim, "2inter": 2 * inter}
+    if llm_config.get("moe_intermediate_size"):  # a sparse dialect's experts (Dialect.experts)
+        dims.update({"moe_inter": llm_config["moe_intermediate_size"], "experts": llm_config.get("num_experts", 0)})
+    return dims
 
 
 def linear_shape(linear: Linear, dims: dict[str, int]) -> tuple[int, int]:

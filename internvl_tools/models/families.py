@@ -32,6 +32,16 @@ class VisionFacts:
 
 
 @dataclass(frozen=True)
+class MoEFacts:
+    """The routed experts of a sparse LLM (every decoder layer sparse, no shared expert)."""
+
+    num_experts: int
+    num_experts_per_tok: int
+    moe_intermediate_size: int
+    norm_topk_prob: bool = True
+
+
+@dataclass(frozen=True)
 class LLMFacts:
     """A language model, in the dialect its checkpoint keys use."""
 
@@ -48,6 +58,7 @@ class LLMFacts:
     max_position_embeddings: int = 4096
     head_dim: int | None = None  # explicit config field (Qwen3, InternLM3); may differ from hidden / heads
     rope_scaling: dict | None = field(default=None, hash=False)  # as llm_config writes it (e.g. dynamic NTK)
+    moe: MoEFacts | None = None  # a sparse dialect's experts (qwen3_moe)
 
 
 @dataclass(frozen=True)
@@ -127,6 +138,12 @@ QWEN3_8B = LLMFacts("Qwen3-8B", "qwen3", 4096, 36, 32, 8, 12288, **_QWEN3)
 QWEN3_14B = LLMFacts("Qwen3-14B", "qwen3", 5120, 40, 40, 8, 17408, **_QWEN3)
 QWEN3_32B = LLMFacts("Qwen3-32B", "qwen3", 5120, 64, 64, 8, 25600, **_QWEN3)
 
+# Qwen3-30B-A3B (InternVL3.5-30B-A3B's LLM; Qwen/Qwen3-30B-A3B config.json): 48 layers, width 2048, 32 heads / 4 KV
+# heads of 128, every layer sparse: 128 experts of width 768, top-8 renormalised, no shared expert; intermediate_size
+# 6144 is the dense MLP width no layer uses (mlp_only_layers is empty). 30.5B parameters, 3.3B active per token.
+QWEN3_30B_A3B = LLMFacts("Qwen3-30B-A3B", "qwen3_moe", 2048, 48, 32, 4, 6144, **_QWEN3,
+                         moe=MoEFacts(num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768))
+
 _V1 = dict(ps_version="v1", dynamic_image_size=False, use_thumbnail=False, max_dynamic_patch=6)
 # InternVL2.5 / 3 / 3.5: ChatML template `internvl2_5`, pixel shuffle v2, select_layer -1, downsample 0.5,
 # 1-12 dynamic tiles + thumbnail (the Family defaults)
@@ -164,13 +181,14 @@ FAMILIES: dict[str, Family] = {
         # InternVL3-9B with its LLM under InternLM3's own key names (InternLM3ForCausalLM), as a checkpoint assembled
         # from the standalone internlm3-8b-instruct holds it: not a separate release, the internlm3 dialect's family
         Family("InternVL3-9B-InternLM3", VIT_300M_V2_5, INTERNLM3_8B, **_V25),
-        # InternVL3.5 dense (OpenGVLab/InternVL3_5-*); the MoE sizes are in dialects.NOT_SUPPORTED or come with a qwen3_moe dialect
+        # InternVL3.5 (OpenGVLab/InternVL3_5-*); 241B-A28B and the GPT-OSS 20B-A4B are in dialects.NOT_SUPPORTED
         Family("InternVL3.5-1B", VIT_300M_V2_5, QWEN3_06B, **_V25),
         Family("InternVL3.5-2B", VIT_300M_V2_5, QWEN3_17B, **_V25),
         Family("InternVL3.5-4B", VIT_300M_V2_5, QWEN3_4B, **_V25),
         Family("InternVL3.5-8B", VIT_300M_V2_5, QWEN3_8B, **_V25),
         Family("InternVL3.5-14B", VIT_300M_V2_5, QWEN3_14B, **_V25),
         Family("InternVL3.5-38B", VIT_6B_V2_5, QWEN3_32B, **_V25),
+        Family("InternVL3.5-30B-A3B", VIT_300M_V2_5, QWEN3_30B_A3B, **_V25),
     ]
 }
 
@@ -190,6 +208,7 @@ def tiny_family(family: Family, *, vocab_size: int, image_size: int = 56) -> Fam
     Group-query attention is kept where the family has it (kv heads < heads), and so is an
     explicit head_dim: 16 (= 64 / 4 heads) where the real one equals hidden / heads, 32 where it
     departs from it (Qwen3-0.6B / 4B / 32B), so q = heads x head_dim differs from the width there too.
+    A sparse LLM keeps its sparsity at toy size: 4 experts of width 32, top-2.
     """
     gqa = family.llm.num_key_value_heads < family.llm.num_attention_heads
     vision = replace(family.vision, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -199,7 +218,8 @@ def tiny_family(family: Family, *, vocab_size: int, image_size: int = 56) -> Fam
         head_dim = 16 if head_dim == family.llm.hidden_size // family.llm.num_attention_heads else 32
     llm = replace(family.llm, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
                   num_key_value_heads=2 if gqa else 4, intermediate_size=96, vocab_size=vocab_size,
-                  max_position_embeddings=2048, head_dim=head_dim)
+                  max_position_embeddings=2048, head_dim=head_dim,
+                  moe=replace(family.llm.moe, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32) if family.llm.moe else None)
     return replace(family, vision=vision, llm=llm, select_layer=-1 if family.select_layer == -1 else -2)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..errors import LayoutError
 from ..io.safetensors_format import TensorSpec
@@ -42,7 +42,9 @@ class KeyInfo:
     (projector keys use part "mlp1"); `layer` is the layer number for layer parts; `module`
     the dotted module path inside that part (original layout, as in models/dialects.py);
     `param` the parameter name; `lora` is None, "A" or "B" for embedded LoRA factors;
-    `plain_key` the key with LoRA wrapping removed.
+    `plain_key` the key with LoRA wrapping removed; `expert` the expert number of a routed
+    expert's linear (module "mlp.experts.E.gate_proj"; models/dialects.Experts), else None.
+    A sparse layer's router ("mlp.gate") is not a linear here: nothing quantizes it.
     """
 
     key: str
@@ -54,6 +56,7 @@ class KeyInfo:
     plain_key: str
     lora: str | None = None
     linear: bool = False  # a parameter of a linear (decoder layer, ViT layer, mlp1)
+    expert: int | None = None
 
     @property
     def is_linear(self) -> bool:
@@ -128,11 +131,7 @@ def classify_key(key: str, dialect: str) -> KeyInfo:
     info = _classify_plain(plain, dialect)
     if info is None:
         raise LayoutError(f"key {key!r} is not part of an InternVL checkpoint with a {dialect} LLM; is this the right checkpoint (or a newer InternVL this tool does not know)?")
-    if lora is not None:
-        info = KeyInfo(key, info.family, info.part, info.layer, info.module, "weight", info.plain_key, lora, info.linear)
-    else:
-        info = KeyInfo(key, info.family, info.part, info.layer, info.module, info.param, info.plain_key, None, info.linear)
-    return info
+    return replace(info, key=key, param="weight" if lora is not None else info.param, lora=lora)
 
 
 def build_layout(config: dict, specs: list[TensorSpec]) -> Layout:
@@ -187,7 +186,8 @@ def _classify_plain(key: str, dialect: str) -> KeyInfo | None:
         if match:
             groups = match.groupdict()
             layer = int(groups["layer"]) if groups.get("layer") is not None else None
-            return KeyInfo(key, family, part, layer, groups["module"], groups.get("param") or "", key, None, linear)
+            expert = int(groups["expert"]) if groups.get("expert") is not None else None
+            return KeyInfo(key, family, part, layer, groups["module"], groups.get("param") or "", key, None, linear, expert)
     return None
 
 
@@ -216,6 +216,13 @@ def _patterns(dialect: str) -> list[tuple[re.Pattern, str, str, bool]]:
             (rf"language_model\.model\.(?P<module>{re.escape(record.final_norm)})\.(?P<param>weight)", "llm", "final_norm", False),
             (rf"language_model\.(?P<module>{re.escape(record.head)})\.(?P<param>{LINEAR_PARAMS})", "llm", "head", False),
         ]
+        if record.experts is not None:  # a sparse layer's routed experts (linears) and router (not quantized)
+            experts = record.experts
+            names = _alternation(item.name for item in experts.linears)
+            raw.insert(-3, (rf"language_model\.model\.layers\.(?P<layer>\d+)\.(?P<module>{re.escape(experts.prefix)}\.(?P<expert>\d+)\.{names})"
+                            rf"\.(?P<param>{LINEAR_PARAMS})", "llm", "layer", True))
+            raw.insert(-3, (rf"language_model\.model\.layers\.(?P<layer>\d+)\.(?P<module>{re.escape(experts.router)})\.(?P<param>weight)",
+                            "llm", "layer", False))
         _PATTERN_CACHE[dialect] = [(re.compile(p), fam, part, linear) for p, fam, part, linear in raw]
     return _PATTERN_CACHE[dialect]
 

@@ -9,6 +9,9 @@ TEXT_KEYS = (
     "vocab_size", "rms_norm_eps", "rope_theta", "rope_scaling", "max_position_embeddings", "hidden_act",
     "bos_token_id", "eos_token_id", "pad_token_id", "head_dim", "sliding_window", "original_max_position_embeddings",
     "partial_rotary_factor", "use_sliding_window", "max_window_layers",
+    # a sparse LLM's experts and routing (Qwen3-MoE)
+    "num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob", "decoder_sparse_step",
+    "mlp_only_layers", "router_aux_loss_coef", "output_router_logits",
 )
 
 

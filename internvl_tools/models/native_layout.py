@@ -41,7 +41,9 @@ DEFAULT_TEMPLATE = "internvl2_5"
 TEXT_KEYS_TO_ORIGINAL = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                          "vocab_size", "rms_norm_eps", "rope_theta", "rope_scaling", "max_position_embeddings", "hidden_act",
                          "bos_token_id", "eos_token_id", "pad_token_id", "head_dim", "sliding_window", "use_sliding_window",
-                         "max_window_layers", "attention_bias", "partial_rotary_factor", "original_max_position_embeddings")
+                         "max_window_layers", "attention_bias", "partial_rotary_factor", "original_max_position_embeddings",
+                         "num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob", "decoder_sparse_step",
+                         "mlp_only_layers", "router_aux_loss_coef", "output_router_logits")
 
 
 def is_native(config: dict) -> bool:

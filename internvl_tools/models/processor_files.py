@@ -124,8 +124,8 @@ def image_processor_config(config: dict) -> tuple[dict, list[str]]:
     warnings = []
     if dynamic and not config.get("use_thumbnail", False):
         warnings.append("config.json has dynamic_image_size without use_thumbnail, but transformers' image processor "
-                        "(GotOcr2) always appends a thumbnail to a multi-tile image: drop the last tile of pixel_values "
-                        "(and its image tokens) to match the original, or pass max_patches=1")
+                        "(GotOcr2) always appends a thumbnail to an image of more than one tile: the processor gives such "
+                        "an image one tile more (the last) than the original preprocessing")
     out = {
         "image_processor_type": "GotOcr2ImageProcessorFast",
         "processor_class": PROCESSOR_CLASS,

@@ -47,6 +47,7 @@ class NativeView:
             saved = read_json(sidecar)
             self._config, order = dict(saved["config"]), list(saved["keys"])
             self.remote_code = dict(saved.get("remote_code") or {})  # *.py files of the original folder
+            self.sidecar_extra = {k: v for k, v in saved.items() if k not in ("config", "keys")}  # e.g. side_files
             self.sidecar = True
             derived = original_config(native_config, reader.folder)
             if native_dialect and llm_dialect(self._config) != llm_dialect(derived):
@@ -54,6 +55,7 @@ class NativeView:
         else:
             self._config, order = original_config(native_config, reader.folder), []
             self.remote_code = {}
+            self.sidecar_extra = {}
             self.sidecar = False
         if native_config.get("quantization_config") and not self._config.get("quantization_config"):
             self._config["quantization_config"] = native_config["quantization_config"]
@@ -145,6 +147,10 @@ def open_view(folder: str | os.PathLike[str], *, native_dialect: bool = False):
     """The checkpoint at `folder` as a view in original key names (see the module docstring).
 
     Raises CheckpointError / LayoutError (one line) for an unreadable folder or an unknown layout."""
+    from ..errors import CheckpointError
+
+    if Path(folder).is_file():
+        raise CheckpointError(f"{folder}: a file; pass the checkpoint folder (the one with config.json and the weights)")
     reader = CheckpointReader(folder)
     try:
         config = reader.config()

@@ -79,13 +79,29 @@ def llm_config_dims(family: Family) -> dict[str, int]:
     """The symbolic decoder-layer dimensions of a family's LLM (models.dialects.layer_dims)."""
     m = family.llm
     return layer_dims({"hidden_size": m.hidden_size, "num_attention_heads": m.num_attention_heads, "head_dim": m.head_dim,
-                       "num_key_value_heads": m.num_key_value_heads, "intermediate_size": m.intermediate_size})
+                       "num_key_value_heads": m.num_key_value_heads, "intermediate_size": m.intermediate_size,
+                       **({"moe_intermediate_size": m.moe.moe_intermediate_size, "num_experts": m.moe.num_experts} if m.moe else {})})
 
 
 def llm_layer_shapes(family: Family) -> dict[str, tuple[int, ...]]:
-    """Module path -> weight shape for one decoder layer, in the family's dialect."""
+    """Module path -> weight shape for one decoder layer, in the family's dialect (a sparse
+    layer: its router and each expert's linears too, "mlp.gate", "mlp.experts.E.gate_proj")."""
     dims = llm_config_dims(family)
-    return {linear.name: linear_shape(linear, dims) for linear in get_dialect(family.llm.dialect).linears}
+    record = get_dialect(family.llm.dialect)
+    shapes = {linear.name: linear_shape(linear, dims) for linear in record.linears}
+    if record.experts is not None:
+        experts = record.experts
+        shapes[experts.router] = (family.llm.moe.num_experts, dims["hidden"])
+        for expert in range(family.llm.moe.num_experts):
+            shapes.update({experts.module(expert, linear.name): linear_shape(linear, dims) for linear in experts.linears})
+    return shapes
+
+
+def lora_targets(dialect: str) -> list[str]:
+    """The LLM linears LoRA targets by default: every linear of a layer, a sparse layer's expert
+    linears by their name inside an expert ("gate_proj" matches each expert's; never the router)."""
+    record = get_dialect(dialect)
+    return list(record.linear_names) + ([item.name for item in record.experts.linears] if record.experts else [])
 
 
 def llm_tensors(family: Family) -> list[Planned]:
@@ -101,6 +117,11 @@ def llm_tensors(family: Family) -> list[Planned]:
             out.append(_p(pre + linear.name + ".weight", shapes[linear.name]))
             if linear.bias:
                 out.append(_p(pre + linear.name + ".bias", shapes[linear.name][:1], "small"))
+        if record.experts is not None:  # transformers' order: experts, then the router
+            experts = record.experts
+            out += [_p(pre + experts.module(e, linear.name) + ".weight", shapes[experts.module(e, linear.name)])
+                    for e in range(m.moe.num_experts) for linear in experts.linears]
+            out.append(_p(pre + experts.router + ".weight", shapes[experts.router]))
         out += [_p(pre + norm + ".weight", (head_dim,), "ones") for norm in record.extra_norms]
         out += [_p(pre + norm + ".weight", (d,), "ones") for norm in record.norms]
     out.append(_p(f"language_model.model.{record.final_norm}.weight", (d,), "ones"))
@@ -155,6 +176,11 @@ def make_config(family: Family, *, use_llm_lora: int = 0, use_backbone_lora: int
         llm["head_dim"] = m.head_dim
     if m.rope_scaling:
         llm["rope_scaling"] = dict(m.rope_scaling)
+    if m.moe is not None:  # Qwen3-MoE's config keys: every layer sparse, no shared expert
+        llm.update({"num_experts": m.moe.num_experts, "num_experts_per_tok": m.moe.num_experts_per_tok,
+                    "moe_intermediate_size": m.moe.moe_intermediate_size, "norm_topk_prob": m.moe.norm_topk_prob,
+                    "decoder_sparse_step": 1, "mlp_only_layers": [], "router_aux_loss_coef": 0.001,
+                    "output_router_logits": False})
     if m.dialect in ("internlm2", "internlm3"):
         llm["bias"] = False  # InternLM2 / InternLM3 configs name their bias flags `bias` (and InternLM3 `qkv_bias`)
     if m.dialect == "internlm3":
@@ -224,20 +250,25 @@ def make_checkpoint(
     seed: int = 0,
     overwrite: bool = False,
     progress: Callable[[int], None] | None = None,
+    head_dim: int | None = None,
 ) -> Path:
     """Write a random-weight checkpoint of a family: tiny by default, true widths with `wide`.
 
     `lora` is none, embedded (LLM and vision), embedded-llm, embedded-vision; `vision_layers` and
-    `llm_layers` set the depth of a wide checkpoint.
+    `llm_layers` set the depth of a wide checkpoint. `head_dim` (tiny only) widens the LLM to
+    heads x head_dim so its attention heads have that size (tiny's default is 16; vLLM's CPU
+    attention needs 32, 64, 80, ...).
     """
     base = get_family(family_name)
     files, vocab = tokenizer_files(base.template)
     family = wide_family(base, vision_layers=vision_layers, llm_layers=llm_layers) if wide else tiny_family(base, vocab_size=_round_up(vocab, 64))
+    if head_dim is not None and not wide:
+        family = with_head_dim(family, head_dim)
     planned = vision_tensors(family) + llm_tensors(family) + projector_tensors(family)
     llm_rank = rank if lora in ("embedded", "embedded-llm") else 0
     vision_rank = rank if lora in ("embedded", "embedded-vision") else 0
     if llm_rank:
-        planned = with_embedded_lora(planned, "language_model", list(get_dialect(family.llm.dialect).linear_names), llm_rank)
+        planned = with_embedded_lora(planned, "language_model", lora_targets(family.llm.dialect), llm_rank)
     if vision_rank:
         planned = with_embedded_lora(planned, "vision_model", VISION_LORA_TARGETS, vision_rank)
     specs = [item.spec for item in planned]
@@ -251,6 +282,20 @@ def make_checkpoint(
             if progress:
                 progress(item.spec.nbytes)
         return writer.finalize(files=files)
+
+
+def with_head_dim(family: Family, head_dim: int) -> Family:
+    """A tiny family whose LLM heads have `head_dim` channels: the width becomes heads x head_dim
+    (head and KV-head counts, so GQA, stay); an explicit config head_dim follows.
+
+    Raises ValueError for a head_dim that is not a positive even number (rotary halves it)."""
+    from dataclasses import replace
+
+    if head_dim <= 0 or head_dim % 2:
+        raise ValueError(f"head_dim must be a positive even number, got {head_dim}")
+    m = family.llm
+    llm = replace(m, hidden_size=m.num_attention_heads * head_dim, head_dim=head_dim if m.head_dim is not None else None)
+    return replace(family, llm=llm)
 
 
 def special_ids(files: dict[str, object]) -> dict[str, int | None]:
@@ -279,11 +324,12 @@ def make_peft_adapter(checkpoint: Path, out: Path, *, rank: int = 4, alpha: floa
         config = reader.config()
         layout = build_layout(config, reader.specs())
         shapes = {s.name: s.shape for s in reader.specs()}
-    names = targets or (list(get_dialect(layout.dialect).linear_names) + (VISION_LORA_TARGETS if vision else []))
+    names = targets or (lora_targets(layout.dialect) + (VISION_LORA_TARGETS if vision else []))
     generator = torch.Generator().manual_seed(seed)
     tensors = {}
     for key, info in layout.keys.items():
-        if info.lora or info.param != "weight" or info.part != "layer" or info.module not in names:
+        inside = info.module.rsplit(".", 1)[-1] if info.expert is not None else info.module  # an expert's gate_proj
+        if info.lora or info.param != "weight" or info.part != "layer" or (info.module not in names and inside not in names):
             continue
         if info.family == "vision" and not vision:
             continue

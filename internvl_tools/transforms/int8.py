@@ -1,8 +1,10 @@
 """`quantize --method int8`: a pre-quantized 8-bit checkpoint, streamed.
 
 Every linear of the LLM's decoder layers becomes int8: in bitsandbytes' format (int8 weight +
-row absmax SCB + weight_format), or in compressed-tensors' W8A16 pack-quantized format
-(weight_packed + per-channel weight_scale + weight_shape) that vLLM serves; the vision tower,
+row absmax SCB + weight_format), in compressed-tensors' W8A16 pack-quantized format
+(weight_packed + per-channel weight_scale + weight_shape), or in compressed-tensors' W8A8
+int-quantized format (int8 weight + per-channel weight_scale; activations int8 per token,
+dynamic), the last two what vLLM serves; the vision tower,
 mlp1, embeddings, norms and the head keep their dtype and bytes. Works on
 the original layout (remote code / this project's runtime) and on the native layout written
 by `convert --to hf` (plain transformers + bitsandbytes).
@@ -24,8 +26,25 @@ from ..models.layout import build_layout
 from ..models.vision import NATIVE_LLM_PREFIX
 from .stream import Output, run_transform
 
-NATIVE_DECODER_LINEAR = re.compile(re.escape(NATIVE_LLM_PREFIX) + r"\.layers\.\d+\.(?:self_attn|mlp)\.[a-z_]+_proj\.weight")
-FORMATS = {"bnb": bnb_int8, "compressed-tensors": compressed_tensors}  # --format -> the formats/ module it writes
+# a decoder layer's linears, a sparse layer's experts too ("mlp.experts.E.gate_proj"); never its router ("mlp.gate")
+NATIVE_DECODER_LINEAR = re.compile(re.escape(NATIVE_LLM_PREFIX) + r"\.layers\.\d+\.(?:self_attn|mlp)(?:\.experts\.\d+)?\.[a-z_]+_proj\.weight")
+
+
+@dataclass(frozen=True)
+class Int8Writer:
+    """What one `--format` writes: the tensors per quantized linear (`written`, in checkpoint
+    order), the function computing them from a float weight, and the quantization_config."""
+
+    written: tuple[str, ...]
+    quantize: Callable
+    quantization_config: Callable[[tuple[str, ...], str], dict]
+
+
+FORMATS = {  # --format -> what it writes (formats/bnb_int8.py, formats/compressed_tensors.py)
+    "bnb": Int8Writer(bnb_int8.WRITTEN, bnb_int8.quantize, bnb_int8.quantization_config),
+    "compressed-tensors": Int8Writer(compressed_tensors.WRITTEN, compressed_tensors.quantize, compressed_tensors.quantization_config),
+    "w8a8": Int8Writer(compressed_tensors.INT_WRITTEN, compressed_tensors.quantize_w8a8, compressed_tensors.w8a8_quantization_config),
+}
 
 
 @dataclass(frozen=True)
@@ -39,7 +58,8 @@ class QuantPlan:
 
 def linear_weights(reader: CheckpointReader, config: dict) -> tuple[str, dict[str, str]]:
     """(layout name, {weight key: group}) for every 2-D linear weight; group is vision,
-    projector, head or llm (decoder layers)."""
+    projector, head, llm (decoder layers) or experts (a sparse layer's routed experts; its
+    router is no linear here and always kept)."""
     if config.get("quantization_config"):
         raise InputError(f"{reader.folder}/config.json: the checkpoint is already quantized "
                          f"({config['quantization_config'].get('quant_method')}); quantize the bf16 checkpoint")
@@ -50,7 +70,7 @@ def linear_weights(reader: CheckpointReader, config: dict) -> tuple[str, dict[st
                 continue
             group = next((g for g, prefix in towers("native").items() if spec.name.startswith(prefix + ".")), None)
             if group is None and NATIVE_DECODER_LINEAR.fullmatch(spec.name):
-                group = "llm"
+                group = "experts" if ".mlp.experts." in spec.name else "llm"
             if group is not None:
                 groups[spec.name] = group
         return "native", groups
@@ -61,18 +81,21 @@ def linear_weights(reader: CheckpointReader, config: dict) -> tuple[str, dict[st
     groups = {}
     for key, info in layout.keys.items():
         if info.is_linear and info.param == "weight" and len(reader.spec(key).shape) == 2:
-            groups[key] = {"vision": "vision", "projector": "projector"}.get(info.family, "llm")
+            groups[key] = {"vision": "vision", "projector": "projector"}.get(info.family, "llm" if info.expert is None else "experts")
         elif info.part == "head" and info.param == "weight":
             groups[key] = "head"
     return "original", groups
 
 
-def plan_quantization(layout: str, groups: dict[str, str], *, only: tuple[str, ...] = (), skip: tuple[str, ...] = ()) -> QuantPlan:
-    """Select weights (default: the LLM decoder linears; --only / --skip regexes override)."""
+def plan_quantization(layout: str, groups: dict[str, str], *, only: tuple[str, ...] = (), skip: tuple[str, ...] = (),
+                      experts: bool = True) -> QuantPlan:
+    """Select weights (default: the LLM decoder linears, a sparse layer's experts unless
+    `experts` is False; --only / --skip regexes override). Experts left out entirely are named
+    once per layer in the skip modules (`...layers.N.mlp.experts`)."""
     if only:
         selected = [k for k in groups if any(re.search(p, k) for p in only)]
     else:
-        selected = [k for k, g in groups.items() if g == "llm"]
+        selected = [k for k, g in groups.items() if g == "llm" or (g == "experts" and experts)]
     selected = [k for k in selected if not any(re.search(p, k) for p in skip)]
     chosen = set(selected)
     skip_modules: list[str] = []
@@ -84,6 +107,11 @@ def plan_quantization(layout: str, groups: dict[str, str], *, only: tuple[str, .
             skip_modules.append(prefixes[group])
         else:
             skip_modules.extend(unselected)
+    expert_keys = [k for k, g in groups.items() if g == "experts"]
+    if expert_keys and not chosen.intersection(expert_keys):
+        skip_modules.extend(dict.fromkeys(re.sub(r"(\.mlp\.experts)\.\d+\..*", r"\1", k) for k in expert_keys))
+    else:
+        skip_modules.extend(k.removesuffix(".weight") for k in expert_keys if k not in chosen)
     return QuantPlan(layout, tuple(selected), tuple(skip_modules))
 
 
@@ -106,19 +134,37 @@ class _LastQuantized:
 
 
 def int8_outputs(reader: CheckpointReader, plan: QuantPlan, fmt: str = "bnb") -> list[Output]:
-    """The output stream: each quantized weight expanded to its format's tensors (formats/bnb_int8.py
-    or formats/compressed_tensors.py: WRITTEN, computed once per weight), the rest copied."""
-    module = FORMATS[fmt]
+    """The output stream: each quantized weight expanded to its format's tensors (FORMATS[fmt]:
+    `written`, computed once per weight), the rest copied."""
+    writer = FORMATS[fmt]
     chosen = set(plan.selected)
-    last = _LastQuantized(module.quantize)
+    last = _LastQuantized(writer.quantize)
     outputs = []
     for name in reader.keys():
         if name not in chosen:
             outputs.append(Output(name, (name,)))
             continue
         stem = name.removesuffix(".weight")
-        outputs += [Output(f"{stem}.{param}", (name,), lambda t, n=name, p=param: last(n, t)[p]) for param in module.WRITTEN]
+        outputs += [Output(f"{stem}.{param}", (name,), lambda t, n=name, p=param: last(n, t)[p]) for param in writer.written]
     return outputs
+
+
+def _warn_about_experts(plan: QuantPlan, groups: dict[str, str], fmt: str) -> None:
+    """A `warning:` line on stderr for what happens to a sparse layer's experts in bnb int8."""
+    import sys
+
+    experts = [k for k, g in groups.items() if g == "experts"]
+    if not experts or fmt != "bnb":
+        return
+    if set(experts) & set(plan.selected):
+        print("warning: 8-bit experts in the bnb format load only in this toolkit's runtime (chat, verify): transformers' "
+              "bitsandbytes loader converts nn.Linear modules, and a Qwen3-MoE layer's experts are fused parameters "
+              "(they would be left unloaded); use --format compressed-tensors for 8-bit experts that transformers and vLLM read",
+              file=sys.stderr)
+    else:
+        print(f"warning: the {len(experts)} expert linears stay bf16 in the bnb format (transformers' bitsandbytes loader "
+              "cannot load 8-bit experts into its fused expert parameters); --format compressed-tensors quantizes them",
+              file=sys.stderr)
 
 
 def quantize_int8(source: Path, out: Path, *, only: tuple[str, ...] = (), skip: tuple[str, ...] = (), fmt: str = "bnb",
@@ -127,7 +173,10 @@ def quantize_int8(source: Path, out: Path, *, only: tuple[str, ...] = (), skip: 
     with CheckpointReader(source) as reader:
         config = reader.config()
         layout, groups = linear_weights(reader, config)
-        plan = plan_quantization(layout, groups, only=only, skip=skip)
+        # bitsandbytes' loaders (transformers, the remote code) convert nn.Linear modules only; a sparse layer's
+        # experts are fused 3-D parameters there, which 8-bit expert tensors cannot fill: they stay in bf16
+        plan = plan_quantization(layout, groups, only=only, skip=skip, experts=fmt != "bnb")
+        _warn_about_experts(plan, groups, fmt)
         if not plan.selected:
             raise InputError("--only/--skip leave nothing to quantize; check the patterns against `internvl-tools inspect` keys")
         outputs = int8_outputs(reader, plan, fmt)

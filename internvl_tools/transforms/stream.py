@@ -103,8 +103,8 @@ def run_transform(
         if config_update:
             files["config.json"] = _updated(files.get("config.json") or _stored_config(source), config_update)
         if native_out:
-            files[SIDECAR] = {"config": _updated(view.config(), {k: v for k, v in (config_update or {}).items()}),
-                              "keys": original_names, "remote_code": view.remote_code}
+            files[SIDECAR] = {**view.sidecar_extra, "config": _updated(view.config(), dict(config_update or {})),
+                              "keys": original_names}
         files = fix_lora_flags(files, source, [o.name for o in outputs])
         with CheckpointWriter(out, specs, max_shard_size=max_shard_size, inputs=[Path(source)], overwrite=overwrite) as writer:
             seen: set[str] = set()

@@ -1,0 +1,111 @@
+"""Run an InternVL checkpoint in vLLM and report what it computed (a script, not a module).
+
+Run by the interpreter of an environment where vLLM is installed (.venv-vllm, built by
+scripts/setup_vllm.sh), never imported by internvl_tools: it imports only vllm, torch, PIL and
+safetensors. `python vllm_worker.py JOB.json OUT.json` reads a job and writes the results:
+
+job: {"model": folder, "dtype": "float32" | "bfloat16", "max_model_len": int, "top_logprobs": int,
+      "trust_remote_code": bool, "modules": bool,
+      "requests": [{"prompt": text with "<image>" where the image goes (or none),
+                    "image": PNG/JPEG path or null, "max_new_tokens": int,
+                    "forced_ids": [answer token ids] or null, "pixels": safetensors path or null}]}
+out:  {"vllm": version, "quantization": vLLM's quant method, "modules": {module: quant method class},
+       "results": [{"prompt_ids", "ids", "text", "forced": [{"top": {id: logprob}, "best": id}] | null,
+                    "features": safetensors path | null}]}
+
+`<image>` becomes the placeholder vLLM's processor for that architecture expands (original
+layout: `<image>`; native layout: the processor's `<IMG_CONTEXT>`). `forced_ids` scores the
+given answer by teacher forcing (prompt logprobs of the prompt + answer, top `top_logprobs` ids
+per position); `pixels` runs the model's own vision tower + projector (`extract_feature`) on
+those pixel values and saves the features next to OUT.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+# this folder holds modules named like the standard library's (inspect.py): never import from it
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the model in this process: apply_model without pickling
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache on CPU (tiny and verify prompts)
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+
+def placeholder(config: dict, processor_image_token: str | None) -> str:
+    """The image placeholder vLLM's processor for this checkpoint's architecture expands."""
+    if "InternVLChatModel" in (config.get("architectures") or []):
+        return "<image>"
+    return processor_image_token or "<IMG_CONTEXT>"
+
+
+def linear_methods(model) -> dict[str, str]:
+    """{module name: class of its quant method[/compressed-tensors scheme]} for every module vLLM
+    gave a quant method (linears, the LM head, embeddings)."""
+    found = {}
+    for name, module in model.named_modules():
+        method = getattr(module, "quant_method", None)
+        if method is None:
+            continue
+        scheme = getattr(module, "scheme", None)
+        found[name] = type(method).__name__ + (f"/{type(scheme).__name__}" if scheme is not None else "")
+    return found
+
+
+def main(job_path: str, out_path: str) -> None:
+    import torch
+    import vllm
+    from PIL import Image
+    from safetensors.torch import load_file, save_file
+    from vllm import LLM, SamplingParams
+
+    job = json.loads(Path(job_path).read_text())
+    config = json.loads((Path(job["model"]) / "config.json").read_text())
+    top = int(job.get("top_logprobs", 20))
+    llm = LLM(model=job["model"], dtype=job.get("dtype", "float32"), max_model_len=int(job.get("max_model_len", 1024)),
+              enforce_eager=True, max_num_seqs=1, limit_mm_per_prompt={"image": 1}, max_logprobs=top,
+              trust_remote_code=bool(job.get("trust_remote_code", False)), seed=0)
+    tokenizer = llm.get_tokenizer()
+    image_token = placeholder(config, getattr(tokenizer, "context_image_token", None))
+    out: dict = {"vllm": vllm.__version__, "quantization": llm.llm_engine.vllm_config.model_config.quantization, "results": []}
+    if job.get("modules"):
+        out["modules"] = llm.apply_model(linear_methods)[0]
+    for number, request in enumerate(job["requests"]):
+        text = request["prompt"].replace("<image>", image_token)
+        data = {"image": Image.open(request["image"]).convert("RGB")} if request.get("image") else None
+        prompt = {"prompt": text, **({"multi_modal_data": data} if data else {})}
+        params = SamplingParams(temperature=0.0, max_tokens=int(request["max_new_tokens"]), seed=0,
+                                stop_token_ids=request.get("stop_ids") or None, skip_special_tokens=True)
+        generated = llm.generate([prompt], params, use_tqdm=False)[0]
+        result = {"prompt_ids": list(generated.prompt_token_ids), "ids": list(generated.outputs[0].token_ids),
+                  "text": generated.outputs[0].text, "forced": None, "features": None}
+        forced = request.get("forced_ids")
+        if forced is not None:
+            ids = tokenizer(text).input_ids + list(forced)
+            scored = llm.generate([{"prompt_token_ids": ids, **({"multi_modal_data": data} if data else {})}],
+                                  SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=top), use_tqdm=False)[0]
+            positions = scored.prompt_logprobs[len(scored.prompt_logprobs) - len(forced):] if forced else []
+            result["forced_prompt_ids"] = list(scored.prompt_token_ids)
+            result["forced"] = [{"top": {str(k): v.logprob for k, v in step.items()},
+                                 "best": next((k for k, v in step.items() if v.rank == 1), None)} for step in positions]
+        if request.get("pixels"):
+            pixels = load_file(request["pixels"])["pixel_values"]
+
+            def features(model, pixels=pixels):
+                param = next(p for p in model.parameters() if p.is_floating_point())
+                with torch.no_grad():
+                    return model.extract_feature(pixels.to(param.dtype)).float().cpu()
+
+            path = Path(out_path).with_name(f"{Path(out_path).stem}-features-{number}.safetensors")
+            save_file({"features": llm.apply_model(features)[0].contiguous()}, str(path))
+            result["features"] = str(path)
+        out["results"].append(result)
+    Path(out_path).write_text(json.dumps(out))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3:
+        sys.exit("usage: vllm_worker.py JOB.json OUT.json")
+    main(sys.argv[1], sys.argv[2])
