@@ -114,14 +114,21 @@ def _mlp(sd, p, dialect, x):
     return (F.silu(x @ gate.T) * (x @ up.T)) @ down.T
 
 
-def _moe(sd, p, cfg, x):
-    """A sparse block by its definition: router logits -> softmax -> the top-k experts per token,
-    their probabilities renormalised to sum to 1 when norm_topk_prob; the output is the weighted sum
-    of the chosen experts' SwiGLU, each expert computed on its own per-expert tensors."""
+def route(sd, p, cfg, x):
+    """(weights, experts) [T, top_k] each token of x [T, D] goes to: softmax over the router's logits,
+    top-k, renormalised when norm_topk_prob."""
     probs = torch.softmax(x @ sd[p + "mlp.gate.weight"].T, dim=-1)
     top, chosen = probs.topk(cfg["num_experts_per_tok"], dim=-1)
     if cfg.get("norm_topk_prob"):
         top = top / top.sum(dim=-1, keepdim=True)
+    return top, chosen
+
+
+def _moe(sd, p, cfg, x):
+    """A sparse block by its definition: router logits -> softmax -> the top-k experts per token,
+    their probabilities renormalised to sum to 1 when norm_topk_prob; the output is the weighted sum
+    of the chosen experts' SwiGLU, each expert computed on its own per-expert tensors."""
+    top, chosen = route(sd, p, cfg, x)
     out = torch.zeros_like(x)
     for token in range(x.shape[0]):
         for weight, expert in zip(top[token], chosen[token].tolist()):

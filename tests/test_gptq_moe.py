@@ -1,0 +1,162 @@
+"""GPTQ on a sparse LLM (InternVL3.5-30B-A3B's Qwen3-MoE): every expert gets the Hessian of the calibration tokens
+the router sends to it (checked against the independent reference's routing), experts that too few tokens reach
+fall back to round-to-nearest as in GPTQModel, the router stays as it is, and the output runs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from internvl_tools.calibrate.activations import Activations
+from internvl_tools.calibrate.experts import expert_chunks, quantize_experts
+from internvl_tools.calibrate.gptq import GPTQConfig, rtn_quantize
+from internvl_tools.calibrate.gptq_quantizer import GPTQJob, GPTQQuantizer, quantize_gptq
+from internvl_tools.calibrate.pipeline import DecoderLayer
+from internvl_tools.calibrate.quantizer import GroupWork, Quantizer
+from internvl_tools.formats.gptq import pack
+from internvl_tools.io.reader import CheckpointReader
+from internvl_tools.models.layout import build_layout
+from internvl_tools.models.native_map import links
+from internvl_tools.runtime.build import build_decoder_layer
+from internvl_tools.runtime.model import InternVLRuntime
+
+from . import reference_internvl as ref
+from .support import all_tensors, sample_image
+
+MOE = "InternVL3.5-30B-A3B"
+TINY_GPTQ = ["--method", "gptq", "--group-size", "32", "--num-samples", "4", "--seq-len", "64"]
+
+
+class Recorder(Quantizer):
+    """Records what each group observes and the token counts it is quantized with; changes nothing."""
+
+    name = "recorder"
+    supports_experts = True
+
+    def __init__(self):
+        self.seen: dict[tuple[str, ...], list[torch.Tensor]] = {}
+        self.counts: dict[tuple[str, ...], tuple[int, int]] = {}
+
+    def options(self):
+        return {}
+
+    def output_specs(self, spec, info):
+        return None
+
+    def quantization_config(self, layout):
+        return None
+
+    def observe(self, group, inputs):
+        self.seen.setdefault(group.linears, []).append(inputs[0].clone())
+
+    def quantize_group(self, work: GroupWork):
+        self.counts[work.group.linears] = (work.tokens, work.calibration_tokens)
+        return ()
+
+
+def _observe_layer(folder, index, samples, budget):
+    with CheckpointReader(folder) as reader:
+        config = reader.config()
+        layout = build_layout(config, reader.specs())
+        module, rotary = build_decoder_layer(reader, config, layout, index, torch.float32)
+        stems = {layout.keys[k].module: k.removesuffix(f".{layout.keys[k].param}") for k in layout.llm_layer_keys(index)}
+        all_links = {link.original: link for link in links(config, layout, adapt_v1=False)}
+    acts = Activations(folder / "unused", 2**30)
+    for sample in samples:
+        acts.append(sample)
+    layer = DecoderLayer(index, module, rotary, acts, stems, all_links, "cpu", layout.record.experts)
+    recorder = Recorder()
+    tokens = quantize_experts(layer, layer.work(layout.record, lambda _m: None), recorder, lambda updates: list(updates),
+                              config["llm_config"], budget)
+    return recorder, tokens
+
+
+@pytest.mark.parametrize("budget", [2**30, 4 * 4 * 64 * 64])  # all experts in one pass; one expert per pass
+def test_each_expert_sees_exactly_the_tokens_routed_to_it(tiny, budget):
+    folder = tiny(MOE)
+    generator = torch.Generator().manual_seed(3)
+    samples = [torch.randn(1, t, 64, generator=generator) for t in (7, 12, 5)]
+    recorder, tokens = _observe_layer(folder, 1, samples, budget)
+    config, sd = ref.load_state(folder)
+    cfg, p = config["llm_config"], "language_model.model.layers.1."
+    expected: dict[int, list[torch.Tensor]] = {e: [] for e in range(4)}
+    for sample in samples:
+        h, _ = ref.decoder_layer(config, sd, 1, sample[0])
+        _, chosen = ref.route(sd, p, cfg, h)
+        for e in range(4):
+            rows = (chosen == e).any(dim=-1)
+            if rows.any():
+                expected[e].append(h[rows])
+    for e in range(4):
+        stem = f"mlp.experts.{e}."
+        first, second = (stem + "gate_proj", stem + "up_proj"), (stem + "down_proj",)
+        x = torch.cat(expected[e])
+        assert tokens[e] == x.shape[0] and recorder.counts[first] == recorder.counts[second] == (x.shape[0], 24)
+        torch.testing.assert_close(torch.cat(recorder.seen[first]), x, rtol=1e-4, atol=1e-5)
+        gate, up = sd[p + stem + "gate_proj.weight"], sd[p + stem + "up_proj.weight"]
+        torch.testing.assert_close(torch.cat(recorder.seen[second]), F.silu(x @ gate.T) * (x @ up.T), rtol=1e-4, atol=1e-5)
+    assert sum(tokens.values()) == 24 * 2  # top-2: every token reaches two experts
+
+
+def test_expert_chunks_fit_the_budget():
+    assert expert_chunks(128, 2048, 2 * 2**30) == [range(0, 32), range(32, 64), range(64, 96), range(96, 128)]  # 16 MiB each
+    assert expert_chunks(128, 768, 2 * 2**30) == [range(0, 128)]
+    assert expert_chunks(4, 64, 1) == [range(e, e + 1) for e in range(4)]
+
+
+def test_gptq_quantizes_every_expert_and_keeps_the_router(tiny, tmp_path, run_cli):
+    out = tmp_path / "q"
+    result = run_cli("quantize", tiny(MOE), "-o", out, *TINY_GPTQ, "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert summary["experts"]["gptq"] + summary["experts"]["round_to_nearest"] == 3 * 4
+    assert summary["experts"]["min_tokens_share"] == 0.005
+    tensors, base = all_tensors(out), all_tensors(tiny(MOE))
+    stem = "language_model.model.layers.2.mlp.experts.3.down_proj"
+    assert {f"{stem}.{p}" for p in ("qweight", "qzeros", "scales", "g_idx")} <= set(tensors) and f"{stem}.weight" not in tensors
+    for n in range(3):
+        router = f"language_model.model.layers.{n}.mlp.gate.weight"
+        assert torch.equal(tensors[router], base[router])
+    runtime, reference = InternVLRuntime(out), InternVLRuntime(tiny(MOE))
+    pixels = runtime.pixel_values(sample_image(5))
+    ids = runtime.prompt_ids("Describe the image.", pixels.shape[0])
+    got, want = runtime.logits(ids, pixels), reference.logits(ids, pixels)
+    assert torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0) > 0.98
+
+
+def test_experts_that_too_few_tokens_reach_use_round_to_nearest(tiny, tmp_path):
+    """GPTQModel's fallback: below a share of the calibration tokens, an expert is quantized with RTN."""
+    config = GPTQConfig(bits=4, group_size=32)
+    quantizer = GPTQQuantizer(config, expert_min_tokens=1.0)  # no expert receives every token: all fall back
+    job = GPTQJob(config, num_samples=3, seq_len=48)
+    quantize_gptq(tiny(MOE), tmp_path / "q", job, max_shard_size=10**9, quantizer=quantizer)
+    facts = quantizer.summary()["experts"]
+    assert (facts["gptq"], facts["round_to_nearest"]) == (0, 12) and facts["fewest_tokens"] >= 0
+    assert "layer 0 mlp.experts.1" in facts["round_to_nearest_experts"]
+    tensors = all_tensors(tmp_path / "q")
+    key = "language_model.model.layers.1.mlp.experts.2.gate_proj"
+    weight = all_tensors(tiny(MOE))[key + ".weight"].float()
+    for name, tensor in pack(rtn_quantize(weight, config), 4).items():
+        assert torch.equal(tensors[f"{key}.{name}"], tensor), name
+    assert quantizer.options()["expert_min_tokens"] == 1.0
+
+
+def test_native_layout_gptq(tiny, tmp_path, run_cli):
+    assert run_cli("convert", tiny(MOE), "-o", tmp_path / "hf").exit_code == 0
+    result = run_cli("quantize", tmp_path / "hf", "-o", tmp_path / "q", *TINY_GPTQ)
+    assert result.exit_code == 0, result.output
+    tensors = all_tensors(tmp_path / "q")
+    assert "model.language_model.layers.0.mlp.experts.1.up_proj.qweight" in tensors
+    assert tensors["model.language_model.layers.0.mlp.gate.weight"].dtype == torch.bfloat16
+    ids = torch.tensor([[3, 5, 8, 13]])
+    got, want = InternVLRuntime(tmp_path / "q").logits(ids), InternVLRuntime(tmp_path / "hf").logits(ids)
+    assert torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0) > 0.98
+
+
+def test_awq_refuses_experts_in_one_line(tiny, tmp_path, run_cli):
+    result = run_cli("quantize", tiny(MOE), "-o", tmp_path / "a", "--method", "awq", "--group-size", "32",
+                     "--num-samples", "2", "--seq-len", "32")
+    assert result.exit_code == 2 and "experts" in result.output and "--method gptq" in result.output
