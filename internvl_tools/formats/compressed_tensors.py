@@ -120,6 +120,11 @@ def pack_to_int32(values: torch.Tensor, bits: int) -> torch.Tensor:
     words = -(-cols * bits // 32)
     if values.device.type == "meta":
         return torch.empty(rows, words, dtype=torch.int32, device="meta")
+    if 32 % bits == 0:  # 1, 2, 4, 8 bits: whole values per word; 32-bit arithmetic, blocks of rows
+        out = torch.empty(rows, words, dtype=torch.int32)
+        for start in range(0, rows, ROW_BLOCK):  # bounded temporaries, whatever the weight size
+            out[start:start + ROW_BLOCK] = _pack_whole_words(values[start:start + ROW_BLOCK], bits)
+        return out
     unsigned = values.to(torch.int64) + (1 << (bits - 1))
     word, offset = _bit_positions(cols, bits)
     out = torch.zeros(rows, words + 1, dtype=torch.int64)
@@ -127,6 +132,23 @@ def pack_to_int32(values: torch.Tensor, bits: int) -> torch.Tensor:
     out.index_add_(1, word + 1, unsigned >> (32 - offset))  # the part that straddles into the next word
     out = out[:, :words]
     return (out - (out >= 2**31).to(torch.int64) * 2**32).to(torch.int32)
+
+
+def _pack_whole_words(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """pack_to_int32 for a bit width dividing 32: value k of each word in bits k*bits.., int32 math
+    (the top value's shift wraps into the sign bit exactly as the int64 path's two's complement)."""
+    import torch
+
+    per = 32 // bits
+    shifted = values.to(torch.int32) + (1 << (bits - 1))
+    pad = -shifted.shape[1] % per
+    if pad:
+        shifted = torch.nn.functional.pad(shifted, (0, pad))
+    groups = shifted.reshape(shifted.shape[0], -1, per)
+    word = groups[..., 0].clone()
+    for k in range(1, per):
+        word |= groups[..., k] << (k * bits)
+    return word
 
 
 def unpack_from_int32(packed: torch.Tensor, bits: int, columns: int) -> torch.Tensor:
