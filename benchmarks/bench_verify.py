@@ -18,7 +18,7 @@ from common import GIB, WORK, markdown_table, run, timed  # noqa: E402
 
 
 def make_slice(path: Path, count: int) -> Path:
-    from internvl_tools.evaluate.slices import BenchItem, write_tsv
+    from internvl_tools.io.slices import BenchItem, write_tsv
     from internvl_tools.calibrate.samples import draw_image
 
     rng = random.Random(0)

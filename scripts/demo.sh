@@ -58,7 +58,7 @@ echo "== verify: the int8 checkpoint against the merged bf16 one on a small gene
 .venv/bin/python - "$WORK/slice.tsv" <<'PY'
 import random, sys
 from pathlib import Path
-from internvl_tools.evaluate.slices import BenchItem, write_tsv
+from internvl_tools.io.slices import BenchItem, write_tsv
 from internvl_tools.calibrate.samples import draw_image
 rng = random.Random(0)
 items = []

@@ -66,3 +66,24 @@ def real_sizes(family: str, method: str | None = None) -> ModelSizes:
     reader = HeaderOnly(specs)
     sizes = model_sizes(reader, config, layout)
     return quantized_sizes(sizes, reader, layout, method) if method else sizes
+
+
+def make_items(count: int = 6, seed: int = 0):
+    """A small verify slice of drawn shapes: multiple choice, yes/no and short answers."""
+    import random
+
+    from internvl_tools.calibrate.samples import draw_image
+    from internvl_tools.io.slices import BenchItem
+
+    rng = random.Random(seed)
+    items = []
+    for i in range(count):
+        image, color, shape = draw_image(rng)
+        image = image.resize((image.width // 8, image.height // 8))
+        if i % 3 == 0:
+            items.append(BenchItem(str(i), "What shape is shown?", "B", image, {"A": "circle", "B": shape, "C": "star", "D": "line"}, "shape"))
+        elif i % 3 == 1:
+            items.append(BenchItem(str(i), f"Is the object {color}?", "yes", image, {}, "color"))
+        else:
+            items.append(BenchItem(str(i), "Name the color.", color, image, {}, "color"))
+    return items

@@ -248,9 +248,9 @@ def test_bad_input_exits_2_and_writes_nothing(tiny, awq_tiny, tmp_path, run_cli)
 
 
 def test_chat_and_verify_run_the_awq_output(tiny, awq_tiny, run_cli, tmp_path):
-    from internvl_tools.evaluate.slices import write_tsv
+    from internvl_tools.io.slices import write_tsv
 
-    from .test_verify import make_items
+    from .support import make_items
 
     family = "InternVL2-1B"
     out, _ = awq_tiny(family)
@@ -302,3 +302,18 @@ def test_compressed_tensors_w4a16_loads_in_transformers(method, tiny, tmp_path, 
     torch.testing.assert_close(loaded.float(), expected.to(loaded.dtype).float(), rtol=0, atol=0)
     want = ours.logits(ids)
     assert (theirs[0] - want[0]).norm() / want[0].norm() < 0.02
+
+
+def test_native_input_gives_the_converted_original_output(tiny, awq_tiny, tmp_path, run_cli):
+    """AWQ on a native-layout input writes the native layout, bit for bit what converting the
+    original-layout AWQ output gives (config with native modules_to_not_convert included)."""
+    family = "InternVL2-Llama3-76B"
+    native, direct, converted = tmp_path / "hf", tmp_path / "direct", tmp_path / "converted"
+    assert run_cli("convert", tiny(family), "-o", native).exit_code == 0
+    assert run_cli("quantize", native, "-o", direct, *TINY_AWQ).exit_code == 0
+    assert run_cli("convert", awq_tiny(family)[0], "-o", converted).exit_code == 0
+    mine, theirs = all_tensors(direct), all_tensors(converted)
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    qc = json.loads((direct / "config.json").read_text())["quantization_config"]
+    assert qc == json.loads((converted / "config.json").read_text())["quantization_config"]
+    assert {"model.vision_tower", "model.multi_modal_projector", "lm_head"} <= set(qc["modules_to_not_convert"])

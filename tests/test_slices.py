@@ -8,7 +8,7 @@ import io
 import pytest
 
 from internvl_tools.errors import InputError
-from internvl_tools.evaluate.slices import read_slice
+from internvl_tools.io.slices import read_slice
 
 from .support import sample_image
 

@@ -11,28 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from internvl_tools.evaluate.slices import BenchItem, read_slice, write_tsv
+from internvl_tools.io.slices import BenchItem, read_slice, write_tsv
 from internvl_tools.io.reader import CheckpointReader
 from internvl_tools.io.writer import CheckpointWriter
-from internvl_tools.calibrate.samples import draw_image
+from internvl_tools.calibrate.samples import draw_image  # noqa: F401
+
+from .support import make_items
 
 ROOT = Path(__file__).resolve().parent.parent
 FAMILY = "InternVL2-1B"
-
-
-def make_items(count: int = 6, seed: int = 0) -> list[BenchItem]:
-    rng = random.Random(seed)
-    items = []
-    for i in range(count):
-        image, color, shape = draw_image(rng)
-        image = image.resize((image.width // 8, image.height // 8))
-        if i % 3 == 0:
-            items.append(BenchItem(str(i), "What shape is shown?", "B", image, {"A": "circle", "B": shape, "C": "star", "D": "line"}, "shape"))
-        elif i % 3 == 1:
-            items.append(BenchItem(str(i), f"Is the object {color}?", "yes", image, {}, "color"))
-        else:
-            items.append(BenchItem(str(i), "Name the color.", color, image, {}, "color"))
-    return items
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ and the activations after each layer.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,17 +36,17 @@ from ..models.native_map import SIDECAR
 from ..models.views import LayoutWriter, open_view
 from ..transforms.stream import fix_lora_flags
 from ..io.safetensors_format import TensorSpec
-from ..io.writer import CheckpointWriter
+from ..io.writer import CheckpointWriter, write_file
 from ..models.dialects import Dialect, Experts
 from ..models.layout import Layout, build_layout
 from ..models.native_map import Link, links
-from ..models.templates import IMG_CONTEXT, build_prompt, get_template
+from ..models.templates import IMG_CONTEXT
 from ..models.vision import NATIVE_LLM_PREFIX
 from ..runtime.build import build_decoder_layer
 from .activations import Activations, ResumeState
 from .experts import quantize_experts
 from .quantizer import GroupWork, LayerWork, ModuleUpdate, Quantizer
-from .samples import Sample, builtin_samples, load_samples
+from .samples import ROWS_FILE, Sample, builtin_samples, calibration_record, load_calibration
 
 
 @dataclass(frozen=True)
@@ -79,8 +80,7 @@ def calibration_embeddings(reader: CheckpointReader, config: dict, layout: Layou
     acts = Activations(work, budget)
     for number, sample in enumerate(samples, 1):
         tiles = vision.pixel_values(sample.image) if sample.image is not None else None
-        text = build_prompt(template, sample.question, vision.tokens_per_tile, tiles.shape[0] if tiles is not None else 0)
-        text += sample.answer + get_template(template).sep
+        text = sample.text(template, vision.tokens_per_tile, tiles.shape[0] if tiles is not None else 0)
         ids = vision.tokenizer(text, return_tensors="pt").input_ids[:, :seq_len]
         embeds = table[ids]
         if tiles is not None:
@@ -305,7 +305,9 @@ def quantize_calibrated(source: Path, out: Path, quantizer: Quantizer, job: Cali
                 for spec in specs:
                     if spec.name not in replaced:
                         writer.copy(spec.name)
-                samples = load_samples(Path(job.calib), job.num_samples) if job.calib else builtin_samples(job.num_samples, job.seed)
+                samples = load_calibration(Path(job.calib), job.num_samples) if job.calib else builtin_samples(job.num_samples, job.seed)
+                record, rows = calibration_record(samples, job.calib, job.seed)
+                write_file(raw_writer.partial / ROWS_FILE, {"calibration": record, "rows": rows})  # kept for --resume
                 acts = calibration_embeddings(reader, config, layout, samples, job.seq_len, job.memory_budget, state.spill, log)
                 state.save(acts, 0)
             for index in range(done, layout.llm_layers):
@@ -315,7 +317,23 @@ def quantize_calibrated(source: Path, out: Path, quantizer: Quantizer, job: Cali
                 if progress:
                     progress(index + 1)
             state.clear()
+            if (raw_writer.partial / ROWS_FILE).exists():  # absent only in a partial from before it was recorded
+                files = _with_calibration(files, json.loads((raw_writer.partial / ROWS_FILE).read_text()), quantizer)
             return raw_writer.finalize(side_files_from=Path(source), files=files)
+
+
+def _with_calibration(files: dict[str, object], rows_file: dict, quantizer: Quantizer) -> dict[str, object]:
+    """Record what the run was calibrated with: `quantization_calibration` in config.json (and the
+    sidecar's original config), the row fingerprints in calibration_rows.json (verify reads both)."""
+    bits = getattr(getattr(quantizer, "config", None), "bits", None)
+    record = {"method": quantizer.name, **({"bits": bits} if bits else {}), **rows_file["calibration"]}
+    files = dict(files, **{ROWS_FILE: rows_file})
+    files["config.json"] = dict(files["config.json"], quantization_calibration=record)
+    if SIDECAR in files:
+        sidecar = dict(files[SIDECAR])
+        sidecar["config"] = dict(sidecar["config"], quantization_calibration=record)
+        files[SIDECAR] = sidecar
+    return files
 
 
 def _output_config(source: Path, view, config: dict, quantization_config: dict | None, keys: list[str]) -> dict[str, object]:

@@ -1,17 +1,31 @@
-"""Calibration samples for GPTQ: image + text pairs and text-only samples, offline.
+"""Calibration samples for GPTQ / AWQ: image + text pairs and text-only samples, offline.
 
-The built-in set draws its images (shapes, colours, gradients, text-like stripes, at several
-aspect ratios so that dynamic tiling is exercised) and pairs them with questions and answers;
-text-only samples come from a built-in paragraph list. `--calib DIR` reads DIR/*.jsonl, one
-sample per line: {"image": "a.jpg", "prompt": "...", "answer": "..."}, {"text": "..."}, or
-InternVL's training format {"image": ..., "conversations": [{"from": "human", "value": "<image>\\n..."},
-{"from": "gpt", "value": "..."}]}.
+The built-in set (`builtin-v2`, calibrate/builtin.py) is what InternVL is used for: real CC0
+photographs shipped in calibrate/data/, rendered documents, charts, tables and text-in-image
+crops at several aspect ratios (so dynamic tiling is exercised), multi-turn conversations,
+and English, Chinese and other-language text instructions; drawn with a fixed seed. The first
+built-in set (`builtin-v1`: drawn shapes with colour questions, and Python docstrings) stays
+available as `builtin_samples_v1` for comparisons.
+
+`--calib PATH` (load_calibration) reads the files `verify --bench` reads, plus the calibration
+JSONL formats:
+- a VLMEvalKit .tsv slice, or a .jsonl of verify rows `{"image", "question", "answer", "options"}`:
+  each row becomes the prompt verify asks (options, hint, answer-format suffix) and its answer;
+- a .jsonl of `{"image": "a.jpg", "prompt": "...", "answer": "..."}`, `{"text": "..."}`, or
+  InternVL's training format {"image": ..., "conversations": [{"from": "human", "value": "<image>\\n..."},
+  {"from": "gpt", "value": "..."}, ...]} (every turn is kept);
+- a folder: every *.jsonl and *.tsv in it, in name order (images relative to each file).
+
+Every sample carries the fingerprint of its row (io.slices.row_fingerprint: question +
+picture), which quantize records so that verify can refuse a slice it was calibrated on.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,11 +54,37 @@ TEXTS = [
 
 @dataclass(frozen=True)
 class Sample:
-    """One calibration sample: an optional image, a question, and an answer."""
+    """One calibration sample: an optional image, a question, an answer, more turns, its kind.
+
+    `source_question` is the row's own question when the prompt was built from it (a verify
+    row: options and suffix added); the fingerprint uses it."""
 
     question: str
     answer: str
     image: Image.Image | None = None
+    kind: str = "custom"
+    turns: tuple[tuple[str, str], ...] = ()
+    source_question: str | None = None
+
+    def text(self, template: str, tokens_per_tile: int = 0, num_tiles: int = 0) -> str:
+        """The whole conversation in the model's chat template (image tokens in the first turn)."""
+        from ..models.templates import build_prompt, get_template
+
+        chat = get_template(template)
+        text = build_prompt(template, self.question, tokens_per_tile, num_tiles) + self.answer + chat.sep
+        for question, answer in self.turns:
+            if chat.user == "USER":  # vicuna style
+                text += f"USER: {question} ASSISTANT: {answer}{chat.sep}"
+            else:
+                text += f"{chat.user}{question}{chat.sep}{chat.assistant}{answer}{chat.sep}"
+        return text
+
+    def fingerprint(self) -> str:
+        """io.slices.row_fingerprint of the row this sample came from."""
+        from ..io.slices import row_fingerprint
+
+        question = self.source_question if self.source_question is not None else (self.question or self.answer)
+        return row_fingerprint(question, self.image)
 
 
 def draw_image(rng: random.Random) -> tuple[Image.Image, str, str]:
@@ -99,8 +139,22 @@ def corpus_paragraphs() -> list[str]:
     return paragraphs
 
 
+BUILTIN = "builtin-v2"
+BUILTIN_V1 = "builtin-v1"
+
+
 def builtin_samples(count: int, seed: int = 0) -> list[Sample]:
-    """Half image + question/answer pairs, half text-only samples (several paragraphs each)."""
+    """The built-in set (`builtin-v2`, calibrate/builtin.py): photos, documents, charts, tables,
+    text-in-image, multi-turn, English and Chinese text, in a fixed proportion, drawn with `seed`."""
+    from .builtin import generate
+
+    return [Sample(question, answer, image, kind, turns)
+            for kind, image, question, answer, turns in generate(count, seed, corpus_paragraphs())]
+
+
+def builtin_samples_v1(count: int, seed: int = 0) -> list[Sample]:
+    """The first built-in set (`builtin-v1`): half drawn shapes with colour / shape questions, half
+    continuations of standard-library docstrings. Kept to measure the new set against it."""
     rng = random.Random(seed)
     corpus = corpus_paragraphs()
     samples = []
@@ -113,50 +167,131 @@ def builtin_samples(count: int, seed: int = 0) -> list[Sample]:
                 ("What color is the main object?", f"The main object is {color}."),
                 (f"Is there a {rng.choice(SHAPES)} in the image? Answer yes or no.", "yes" if rng.random() < 0.5 else "no"),
             ])
-            samples.append(Sample(question, answer, image))
+            samples.append(Sample(question, answer, image, "shapes"))
         else:
             start = rng.randrange(len(corpus))
             text = "\n\n".join(corpus[start : start + 6])
-            samples.append(Sample("Continue the text: " + text[:200], text[200:]))
+            samples.append(Sample("Continue the text: " + text[:200], text[200:], None, "text_en"))
+    return samples
+
+
+def load_calibration(path: Path, count: int) -> list[Sample]:
+    """The first `count` samples of `--calib PATH` (see the module docstring): a folder, a .tsv or a
+    .jsonl. InputError naming the file and row for anything unreadable."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix in (".jsonl", ".tsv") and p.is_file())
+        if not files:
+            raise InputError(f"{path}: no *.jsonl or *.tsv file; --calib takes a folder of JSONL (+ images), "
+                             "a VLMEvalKit .tsv, or a .jsonl")
+    elif path.is_file():
+        if path.suffix not in (".jsonl", ".tsv", ".json"):
+            raise InputError(f"{path}: --calib takes a folder, a VLMEvalKit .tsv or a .jsonl, not a {path.suffix or 'suffix-less'} file")
+        files = [path]
+    else:
+        raise InputError(f"{path}: no such file or folder for --calib")
+    samples: list[Sample] = []
+    for file in files:
+        if len(samples) >= count:
+            break
+        samples += _read_file(file, count - len(samples))
+    if not samples:
+        raise InputError(f"{path}: no calibration rows")
     return samples
 
 
 def load_samples(folder: Path, count: int) -> list[Sample]:
-    """Samples from DIR/*.jsonl (see the module docstring)."""
-    folder = Path(folder)
-    files = sorted(folder.glob("*.jsonl"))
-    if not files:
-        raise InputError(f"{folder}: no *.jsonl file; --calib needs a folder with a JSONL of prompts and its images")
-    samples: list[Sample] = []
-    for path in files:
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            samples.append(_parse(path, number, line, folder))
-            if len(samples) >= count:
-                return samples
+    """Samples from a folder of *.jsonl (and *.tsv): load_calibration."""
+    return load_calibration(folder, count)
+
+
+def _read_file(path: Path, count: int) -> list[Sample]:
+    from ..io.slices import read_slice
+
+    if path.suffix == ".tsv":
+        return [_from_item(item) for item in read_slice(path, count)]
+    samples = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if len(samples) >= count:
+            break
+        if line.strip():
+            samples.append(_parse(path, number, line, path.parent))
     return samples
 
 
+def _from_item(item) -> Sample:
+    """A verify row as calibration: the prompt verify asks and the reference answer."""
+    from ..io.slices import prompt_of
+
+    return Sample(prompt_of(item), item.answer, item.image, "slice", source_question=item.question)
+
+
 def _parse(path: Path, number: int, line: str, folder: Path) -> Sample:
+    where = f"{path}:{number}"
     try:
         row = json.loads(line)
     except json.JSONDecodeError as exc:
-        raise InputError(f"{path}:{number}: not JSON ({exc.msg}); each line is one sample object") from exc
+        raise InputError(f"{where}: not JSON ({exc.msg}); each line is one sample object") from exc
+    if not isinstance(row, dict):
+        raise InputError(f"{where}: each line is one JSON object")
     image = None
     if row.get("image"):
         image_path = folder / row["image"]
         try:
             image = Image.open(image_path).convert("RGB")
         except OSError as exc:
-            raise InputError(f"{path}:{number}: cannot read image {image_path} ({exc})") from exc
+            raise InputError(f"{where}: cannot read image {image_path} ({exc})") from exc
     if "conversations" in row:
-        turns = row["conversations"]
-        question = next((t["value"] for t in turns if t.get("from") == "human"), "")
-        answer = next((t["value"] for t in turns if t.get("from") == "gpt"), "")
-        return Sample(question.replace("<image>\n", "").replace("<image>", ""), answer, image)
+        turns = [t for t in row["conversations"] if t.get("from") in ("human", "gpt")]
+        pairs = [(turns[i]["value"], turns[i + 1]["value"]) for i in range(0, len(turns) - 1, 2)
+                 if turns[i].get("from") == "human" and turns[i + 1].get("from") == "gpt"]
+        if not pairs:
+            raise InputError(f"{where}: 'conversations' needs a human turn followed by a gpt turn")
+        (question, answer), rest = pairs[0], tuple(pairs[1:])
+        question = question.replace("<image>\n", "").replace("<image>", "")
+        return Sample(question, answer, image, "conversation" if not rest else "multi_turn", rest)
     if "text" in row:
-        return Sample("", row["text"], image)
+        return Sample("", row["text"], image, "text")
     if "prompt" in row:
-        return Sample(row["prompt"], row.get("answer", ""), image)
-    raise InputError(f"{path}:{number}: needs 'prompt', 'text' or 'conversations'")
+        return Sample(row["prompt"], row.get("answer", ""), image, "prompt")
+    if "question" in row and "answer" in row:
+        from ..io.slices import BenchItem
+
+        options = {str(k): str(v) for k, v in (row.get("options") or {}).items()}
+        answer = str(row["answer"]).strip()
+        if options and answer not in options:
+            raise InputError(f"{where}: answer {answer!r} is not one of the options {sorted(options)}")
+        return _from_item(BenchItem(str(row.get("index", number)), str(row["question"]), answer, image, options,
+                                    str(row.get("category", "all")), str(row.get("hint", ""))))
+    raise InputError(f"{where}: needs 'prompt', 'text', 'conversations', or 'question' and 'answer'")
+
+
+ROWS_FILE = "calibration_rows.json"
+
+
+def calibration_record(samples: list[Sample], calib: str | None, seed: int) -> tuple[dict, list[str]]:
+    """What a quantized checkpoint was calibrated with: (the summary quantize writes into config.json
+    as `quantization_calibration`, the row fingerprints it writes to calibration_rows.json)."""
+    rows = sorted({sample.fingerprint() for sample in samples})
+    kinds = Counter(sample.kind for sample in samples)
+    record = {
+        "source": str(calib) if calib else "built-in",
+        "set": "custom" if calib else BUILTIN,
+        "samples": len(samples),
+        "with_images": sum(sample.image is not None for sample in samples),
+        "multi_turn": sum(bool(sample.turns) for sample in samples),
+        "kinds": dict(sorted(kinds.items())),
+        "rows_file": ROWS_FILE,
+        "rows_digest": hashlib.sha256("".join(rows).encode()).hexdigest()[:16],
+    }
+    if not calib:
+        record["seed"] = seed
+    return record, rows
+
+
+def describe(record: dict) -> str:
+    """One line: "built-in builtin-v2, 128 samples (photo 26, document 19, ...)" or "PATH, 64 samples (...)"."""
+    kinds = ", ".join(f"{kind} {n}" for kind, n in sorted(record.get("kinds", {}).items(), key=lambda kv: -kv[1]))
+    source = f"the built-in set ({record.get('set')}, seed {record.get('seed', 0)})" if record.get("source") == "built-in" \
+        else record.get("source", "?")
+    return f"{source}, {record.get('samples', '?')} samples" + (f" ({kinds})" if kinds else "")

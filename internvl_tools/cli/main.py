@@ -270,8 +270,11 @@ def convert_cmd(checkpoint: Path, out: Path, target: str, max_shard_size: str, o
               help="awq: asymmetric codes with zero points (default for --format awq) or symmetric ones (the only "
                    "choice for --format compressed-tensors)")
 @click.option("--damp", type=float, default=0.01, show_default=True, help="gptq: dampening, fraction of the mean Hessian diagonal")
-@click.option("--calib", type=click.Path(path_type=Path, exists=True, file_okay=False),
-              help="gptq / awq: folder with *.jsonl samples and images")
+@click.option("--calib", type=click.Path(path_type=Path, exists=True),
+              help="gptq / awq: in-domain calibration data, the files verify --bench reads: a VLMEvalKit .tsv, a .jsonl "
+                   "(verify rows, prompts, texts or InternVL conversations), or a folder of them with their images "
+                   "(default: the built-in set of photos, documents, charts, tables, text-in-image, multi-turn and "
+                   "English/Chinese text)")
 @click.option("--num-samples", type=int, default=128, show_default=True, help="gptq / awq: calibration samples")
 @click.option("--seq-len", type=int, default=2048, show_default=True, help="gptq / awq: tokens per sample at most")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="gptq / awq: where layers run")
@@ -307,6 +310,8 @@ def quantize_cmd(ctx: click.Context, checkpoint: Path, out: Path, recipe: Path |
     else:
         summary = _run_int8(checkpoint, out, options, limit, total, as_json)
     summary.update({"bytes_in": total, "seconds": round(time.perf_counter() - started, 3)})
+    if options["method"] in ("gptq", "awq"):
+        _add_calibration(summary, out)
     with CheckpointReader(out) as reader:
         summary["bytes_out"] = reader.total_bytes
     if as_json:
@@ -387,6 +392,18 @@ def _check_calibrated(options: dict, method: str) -> None:
 def _llm_layers(checkpoint: Path) -> int:
     with open_view(checkpoint) as view:
         return view.config().get("llm_config", {}).get("num_hidden_layers", 0)
+
+
+def _add_calibration(summary: dict, out: Path) -> None:
+    """The calibration record quantize wrote into OUT/config.json, in the summary and its line."""
+    import json
+
+    from ..calibrate.samples import describe
+
+    record = json.loads((out / "config.json").read_text(encoding="utf-8")).get("quantization_calibration")
+    if record:
+        summary["calibration"] = record
+        summary["detail"] += f"; calibrated on {describe(record)}"
 
 
 def _warnings_only(line: str) -> None:

@@ -33,20 +33,27 @@ METRICS = ("n", "ref_accuracy", "cand_accuracy", "answer_agreement", "mean_kl", 
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path, dir_okay=False), help="write a PNG of per-category accuracy and drift")
 @click.option("--dtype", type=click.Choice(["bf16", "fp32"]), default="fp32", show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N (under torchrun: cuda:LOCAL_RANK)")
+@click.option("--allow-overlap", is_flag=True,
+              help="measure even when slice rows are in the candidate's calibration set (refused by default: exit 2)")
+@click.option("--engine", type=click.Choice(["runtime", "vllm"]), default="runtime", show_default=True,
+              help="what serves CANDIDATE: this toolkit's runtime, or vLLM (its CPU build in .venv-vllm, built by "
+                   "scripts/setup_vllm.sh; run in a subprocess). REFERENCE always runs in the runtime")
 @click.option("--vision-onnx", type=click.Path(path_type=Path), default=None,
               help="an `export --format onnx` folder: the candidate's vision tower + projector run in onnxruntime "
                    "(its LLM is CANDIDATE's, or REFERENCE's when CANDIDATE is omitted)")
 def verify_cmd(reference: Path, candidate: Path | None, bench: Path, limit: int, max_acc_drop: float, max_kl: float,
                min_top1: float, min_image_cosine: float, max_new_tokens: int,
                ref_cache: Path | None, json_path: Path | None, markdown_path: Path | None, plot_path: Path | None, dtype: str,
-               device: str, vision_onnx: Path | None) -> None:
+               device: str, vision_onnx: Path | None, allow_overlap: bool, engine: str = "runtime") -> None:
     """Accuracy and drift of CANDIDATE against REFERENCE on a benchmark slice; exit 1 past a threshold.
 
-    With --vision-onnx EXPORT and no CANDIDATE, the candidate is REFERENCE's LLM fed by the ONNX export."""
+    With --vision-onnx EXPORT and no CANDIDATE, the candidate is REFERENCE's LLM fed by the ONNX export.
+    With --engine vllm, CANDIDATE runs in vLLM (same report and thresholds)."""
     import torch
 
-    from ..evaluate.slices import read_slice
-    from ..evaluate.verify import cache_key, compare_candidate, load_or_run_reference, summarize, verdict
+    from ..io.slices import read_slice
+    from ..evaluate.verify import (cache_key, calibration_hint, calibration_overlap, calibration_record, compare_candidate,
+                                   load_or_run_reference, summarize, verdict)
     from ..export.onnx_runner import onnx_vision
     from ..runtime.model import InternVLRuntime
 
@@ -58,9 +65,26 @@ def verify_cmd(reference: Path, candidate: Path | None, bench: Path, limit: int,
     for folder in (reference, candidate):
         if not (Path(folder) / "config.json").exists():
             raise InputError(f"{folder}: no config.json; pass checkpoint folders as REFERENCE and CANDIDATE")
+    vllm_python = None
+    if engine == "vllm":
+        from ..evaluate.vllm_engine import require_vllm_python
+
+        if vision_onnx is not None:
+            raise InputError("--engine vllm serves CANDIDATE whole in vLLM; --vision-onnx applies to --engine runtime")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise InputError("--engine vllm runs in one process; start verify without torchrun")
+        vllm_python = require_vllm_python()  # before the reference runs: fail fast
     items = read_slice(bench, limit)
     if not items:
         raise InputError(f"{bench}: the slice has no items")
+    overlap = calibration_overlap(candidate, items)
+    if overlap:
+        source = (calibration_record(candidate) or {}).get("source", "?")
+        message = (f"{bench}: {len(overlap)} of {len(items)} rows (first: index {overlap[0]}) are in the calibration set "
+                   f"{candidate} was quantized with ({source}): verify on rows it was not calibrated on")
+        if not allow_overlap:
+            raise InputError(message + ", or pass --allow-overlap to measure anyway")
+        click.echo(f"warning: {message}; measuring anyway (--allow-overlap): these scores flatter the candidate", err=True)
     rank, world = distributed_setup()
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
@@ -72,17 +96,28 @@ def verify_cmd(reference: Path, candidate: Path | None, bench: Path, limit: int,
     key = cache_key(reference, bench, limit, max_new_tokens)
     records = load_or_run_reference(reference, mine, ref_cache, key, max_new_tokens, torch_dtype,
                                     f"-rank{rank}of{world}" if world > 1 else "", device)
-    runtime = InternVLRuntime(candidate, dtype=torch_dtype, device=device, vision_features=onnx_vision(vision_onnx, device))
-    rows = compare_candidate(runtime, mine, records, max_new_tokens)
+    if engine == "vllm":
+        from ..evaluate.vllm_engine import compare_candidate_vllm
+
+        rows = compare_candidate_vllm(candidate, mine, records, max_new_tokens, dtype, python=vllm_python)
+        mismatched = [r["index"] for r in rows if not r.pop("prompt_match")]
+        if mismatched:
+            click.echo(f"warning: vLLM tokenized or tiled the prompt of {len(mismatched)} item(s) differently from the runtime "
+                       f"(first: index {mismatched[0]}); their scores mix preprocessing and weights", err=True)
+    else:
+        runtime = InternVLRuntime(candidate, dtype=torch_dtype, device=device, vision_features=onnx_vision(vision_onnx, device))
+        rows = compare_candidate(runtime, mine, records, max_new_tokens)
     rows = gather(rows, world, [i.index for i in items])
     if rank != 0:
         return
     summary = summarize(rows)
     failures = verdict(summary, max_acc_drop, max_kl, min_image_cosine, min_top1)
-    report = {"reference": str(reference), "candidate": str(candidate), "vision_onnx": str(vision_onnx) if vision_onnx else None,
+    report = {"reference": str(reference), "candidate": str(candidate), "engine": engine,
+              "vision_onnx": str(vision_onnx) if vision_onnx else None,
               "bench": str(bench), "items": len(rows), **summary,
               "thresholds": {"max_acc_drop": max_acc_drop, "max_kl": max_kl, "min_top1": min_top1,
                              "min_image_cosine": min_image_cosine}, "passed": not failures, "failures": failures,
+              "calibration_overlap": overlap, "hint": calibration_hint(candidate) if failures else None,
               "rows": rows}
     if json_path is not None and str(json_path) == "-":
         emit_json(report)
@@ -135,6 +170,8 @@ def candidate_label(report: dict) -> str:
     """CANDIDATE, or its LLM with the ONNX vision export that feeds it."""
     if report.get("vision_onnx"):
         return f"{report['candidate']} (LLM) + {report['vision_onnx']} (ONNX vision)"
+    if report.get("engine") == "vllm":
+        return f"{report['candidate']} (in vLLM)"
     return report["candidate"]
 
 
@@ -147,6 +184,11 @@ def print_report(report: dict) -> None:
         table.add_row(name, *(_fmt(block[m], m) for m in METRICS))
     stdout.print(table)
     stdout.print("PASS" if report["passed"] else "FAIL: " + "; ".join(report["failures"]))
+    if report.get("hint"):
+        stdout.print(f"note: {report['hint']}", markup=False, highlight=False, soft_wrap=True)
+    if report.get("calibration_overlap"):
+        stdout.print(f"warning: {len(report['calibration_overlap'])} of these rows are in the candidate's calibration set",
+                     markup=False, highlight=False, soft_wrap=True)
 
 
 def markdown(report: dict) -> str:
@@ -154,6 +196,7 @@ def markdown(report: dict) -> str:
     lines = [f"# verify: `{candidate_label(report)}` vs `{report['reference']}`", "",
              f"Slice `{report['bench']}`, {report['items']} items. Verdict: **{'PASS' if report['passed'] else 'FAIL'}**"
              + ("" if report["passed"] else " (" + "; ".join(report["failures"]) + ")"), "",
+             *([f"Note: {report['hint']}", ""] if report.get("hint") else []),
              "| category | n | ref acc % | cand acc % | answers agree % | mean KL | top-1 agree % | image cosine |",
              "|---|---|---|---|---|---|---|---|"]
     for name, block in [*report["categories"].items(), ("overall", report["overall"])]:

@@ -19,25 +19,11 @@ from pathlib import Path
 
 import torch
 
-from ..evaluate.slices import BenchItem
+from ..io.slices import BenchItem, MC_SUFFIX, SHORT_SUFFIX, YES_NO_SUFFIX, prompt_of  # noqa: F401
 from ..errors import InputError
 
 TOP_K = 32
 PROJECTION_DIM = 256
-MC_SUFFIX = "Answer with the option's letter from the given choices directly."
-YES_NO_SUFFIX = "Please answer yes or no."
-SHORT_SUFFIX = "Answer the question using a single word or phrase."
-
-
-def prompt_of(item: BenchItem) -> str:
-    """The question as InternVL's evaluation scripts ask it."""
-    if item.kind == "multiple_choice":
-        hint = f"Hint: {item.hint}\n" if item.hint else ""
-        options = "\n".join(f"{k}. {v}" for k, v in sorted(item.options.items()))
-        return f"{hint}Question: {item.question}\nOptions:\n{options}\n{MC_SUFFIX}"
-    return f"{item.question}\n{YES_NO_SUFFIX if item.kind == 'yes_no' else SHORT_SUFFIX}"
-
-
 def normalize(text: str) -> str:
     """Lower case, no punctuation, no articles, single spaces."""
     text = text.lower().translate(str.maketrans("", "", string.punctuation))
@@ -200,3 +186,45 @@ def load_or_run_reference(reference: Path, items: list[BenchItem], cache: Path |
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(records, path)
     return records
+
+
+def calibration_record(candidate: Path) -> dict | None:
+    """What `quantize` recorded about the candidate's calibration (config.json's
+    `quantization_calibration`), or None."""
+    try:
+        config = json.loads((Path(candidate) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    record = config.get("quantization_calibration")
+    return record if isinstance(record, dict) else None
+
+
+def calibration_overlap(candidate: Path, items: list[BenchItem]) -> list[str]:
+    """Indices of the slice rows whose fingerprint (question + picture) is among the rows the
+    candidate was calibrated on (its calibration_rows.json); empty when none or unrecorded."""
+    from ..io.slices import row_fingerprint
+
+    record = calibration_record(candidate) or {}
+    path = Path(candidate) / record.get("rows_file", "calibration_rows.json")
+    if not path.is_file():
+        return []
+    try:
+        rows = set(json.loads(path.read_text(encoding="utf-8")).get("rows", []))
+    except (OSError, json.JSONDecodeError, AttributeError):
+        raise InputError(f"{path}: not the JSON quantize writes; delete it or re-quantize") from None
+    return [item.index for item in items if row_fingerprint(item.question, item.image) in rows]
+
+
+def calibration_hint(candidate: Path) -> str | None:
+    """For a failing report on a calibrated 4-bit candidate: the calibration it was made with, and
+    the suggestion to pass in-domain data."""
+    from ..calibrate.samples import describe
+
+    record = calibration_record(candidate)
+    if record is None or record.get("bits", 4) != 4:
+        return None
+    method = str(record.get("method", "gptq")).upper()
+    advice = ("pass in-domain data: quantize --calib YOUR_DATA.tsv|.jsonl|DIR (rows like your traffic, not this slice's)"
+              if record.get("source") == "built-in" else
+              "if that data is not like this slice, pass data that is: quantize --calib YOUR_DATA.tsv|.jsonl|DIR")
+    return f"the candidate is {method} 4-bit calibrated on {describe(record)}; {advice}"

@@ -4,14 +4,16 @@ Run by the interpreter of an environment where vLLM is installed (.venv-vllm, bu
 scripts/setup_vllm.sh), never imported by internvl_tools: it imports only vllm, torch, PIL and
 safetensors. `python vllm_worker.py JOB.json OUT.json` reads a job and writes the results:
 
-job: {"model": folder, "dtype": "float32" | "bfloat16", "max_model_len": int, "top_logprobs": int,
-      "trust_remote_code": bool, "modules": bool,
-      "requests": [{"prompt": text with "<image>" where the image goes (or none),
-                    "image": PNG/JPEG path or null, "max_new_tokens": int,
-                    "forced_ids": [answer token ids] or null, "pixels": safetensors path or null}]}
-out:  {"vllm": version, "quantization": vLLM's quant method, "modules": {module: quant method class},
-       "results": [{"prompt_ids", "ids", "text", "forced": [{"top": {id: logprob}, "best": id}] | null,
-                    "features": safetensors path | null}]}
+job: {"runs": [{"model": folder, "dtype": "float32" | "bfloat16", "max_model_len": int,
+                "top_logprobs": int, "trust_remote_code": bool, "modules": bool,
+                "requests": [{"prompt": text with "<image>" where the image goes (or none),
+                              "image": PNG/JPEG path or null, "max_new_tokens": int, "stop_ids": [int],
+                              "forced_ids": [answer token ids] or null,
+                              "pixels": safetensors path (tensor pixel_values) or null}]}]}
+out:  {"vllm": version, "runs": [{"model", "quantization": vLLM's quant method,
+       "modules": {module: quant method class[/scheme]}, "results": [{"prompt_ids", "ids", "text",
+       "forced": [{"top": {id: logprob}, "best": id}] | null, "features": safetensors path | null}]}
+       or {"model", "error": the exception's last line}]}
 
 `<image>` becomes the placeholder vLLM's processor for that architecture expands (original
 layout: `<image>`; native layout: the processor's `<IMG_CONTEXT>`). `forced_ids` scores the
@@ -42,67 +44,95 @@ def placeholder(config: dict, processor_image_token: str | None) -> str:
 
 
 def linear_methods(model) -> dict[str, str]:
-    """{module name: class of its quant method[/compressed-tensors scheme]} for every module vLLM
-    gave a quant method (linears, the LM head, embeddings)."""
+    """{module name: "QuantMethodClass[/SchemeClass]:dtype of its weight"} for every module vLLM
+    gave a quant method (linears, the LM head, embeddings) and every plain torch Linear."""
+    import torch
+
     found = {}
     for name, module in model.named_modules():
         method = getattr(module, "quant_method", None)
-        if method is None:
+        if method is not None:
+            scheme = getattr(module, "scheme", None)
+            label = type(method).__name__ + (f"/{type(scheme).__name__}" if scheme is not None else "")
+        elif isinstance(module, torch.nn.Linear):
+            label = "torch.nn.Linear"
+        else:
             continue
-        scheme = getattr(module, "scheme", None)
-        found[name] = type(method).__name__ + (f"/{type(scheme).__name__}" if scheme is not None else "")
+        weight = next((getattr(module, n) for n in ("weight", "qweight", "weight_packed") if isinstance(getattr(module, n, None), torch.Tensor)), None)
+        found[name] = label + (f":{str(weight.dtype).removeprefix('torch.')}" if weight is not None else "")
     return found
 
 
-def main(job_path: str, out_path: str) -> None:
+def run_one(run: dict, out_path: Path, number: int) -> dict:
+    """Load one checkpoint in vLLM, answer its requests, report its modules; then free it."""
+    import gc
+
     import torch
-    import vllm
     from PIL import Image
     from safetensors.torch import load_file, save_file
     from vllm import LLM, SamplingParams
 
-    job = json.loads(Path(job_path).read_text())
-    config = json.loads((Path(job["model"]) / "config.json").read_text())
-    top = int(job.get("top_logprobs", 20))
-    llm = LLM(model=job["model"], dtype=job.get("dtype", "float32"), max_model_len=int(job.get("max_model_len", 1024)),
+    config = json.loads((Path(run["model"]) / "config.json").read_text())
+    top = int(run.get("top_logprobs", 20))
+    llm = LLM(model=run["model"], dtype=run.get("dtype", "float32"), max_model_len=int(run.get("max_model_len", 1024)),
               enforce_eager=True, max_num_seqs=1, limit_mm_per_prompt={"image": 1}, max_logprobs=top,
-              trust_remote_code=bool(job.get("trust_remote_code", False)), seed=0)
+              trust_remote_code=bool(run.get("trust_remote_code", False)), seed=0)
     tokenizer = llm.get_tokenizer()
     image_token = placeholder(config, getattr(tokenizer, "context_image_token", None))
-    out: dict = {"vllm": vllm.__version__, "quantization": llm.llm_engine.vllm_config.model_config.quantization, "results": []}
-    if job.get("modules"):
+    out: dict = {"model": run["model"], "quantization": llm.llm_engine.vllm_config.model_config.quantization, "results": []}
+    if run.get("modules"):
         out["modules"] = llm.apply_model(linear_methods)[0]
-    for number, request in enumerate(job["requests"]):
+    for index, request in enumerate(run["requests"]):
         text = request["prompt"].replace("<image>", image_token)
         data = {"image": Image.open(request["image"]).convert("RGB")} if request.get("image") else None
-        prompt = {"prompt": text, **({"multi_modal_data": data} if data else {})}
+        media = {"multi_modal_data": data} if data else {}
         params = SamplingParams(temperature=0.0, max_tokens=int(request["max_new_tokens"]), seed=0,
                                 stop_token_ids=request.get("stop_ids") or None, skip_special_tokens=True)
-        generated = llm.generate([prompt], params, use_tqdm=False)[0]
+        generated = llm.generate([{"prompt": text, **media}], params, use_tqdm=False)[0]
         result = {"prompt_ids": list(generated.prompt_token_ids), "ids": list(generated.outputs[0].token_ids),
                   "text": generated.outputs[0].text, "forced": None, "features": None}
         forced = request.get("forced_ids")
         if forced is not None:
             ids = tokenizer(text).input_ids + list(forced)
-            scored = llm.generate([{"prompt_token_ids": ids, **({"multi_modal_data": data} if data else {})}],
+            scored = llm.generate([{"prompt_token_ids": ids, **media}],
                                   SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=top), use_tqdm=False)[0]
-            positions = scored.prompt_logprobs[len(scored.prompt_logprobs) - len(forced):] if forced else []
+            steps = scored.prompt_logprobs[len(scored.prompt_logprobs) - len(forced):] if forced else []
             result["forced_prompt_ids"] = list(scored.prompt_token_ids)
             result["forced"] = [{"top": {str(k): v.logprob for k, v in step.items()},
-                                 "best": next((k for k, v in step.items() if v.rank == 1), None)} for step in positions]
+                                 "best": next((k for k, v in step.items() if v.rank == 1), None)} for step in steps]
         if request.get("pixels"):
             pixels = load_file(request["pixels"])["pixel_values"]
 
             def features(model, pixels=pixels):
-                param = next(p for p in model.parameters() if p.is_floating_point())
+                dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
                 with torch.no_grad():
-                    return model.extract_feature(pixels.to(param.dtype)).float().cpu()
+                    return model.extract_feature(pixels.to(dtype)).float().cpu()
 
-            path = Path(out_path).with_name(f"{Path(out_path).stem}-features-{number}.safetensors")
+            path = out_path.with_name(f"{out_path.stem}-features-{number}-{index}.safetensors")
             save_file({"features": llm.apply_model(features)[0].contiguous()}, str(path))
             result["features"] = str(path)
         out["results"].append(result)
-    Path(out_path).write_text(json.dumps(out))
+    del llm
+    gc.collect()
+    return out
+
+
+def main(job_path: str, out_path: str) -> None:
+    """Every run of the job in turn, in this one process (vLLM is imported once); a run that fails
+    reports its error (the last line of it) and the others go on."""
+    import traceback
+
+    import vllm
+
+    job = json.loads(Path(job_path).read_text())
+    runs = []
+    for number, run in enumerate(job["runs"]):
+        try:
+            runs.append(run_one(run, Path(out_path), number))
+        except Exception as exc:  # noqa: BLE001 (reported to the caller, which decides)
+            lines = [line for line in traceback.format_exception_only(type(exc), exc) if line.strip()]
+            runs.append({"model": run["model"], "error": lines[-1].strip()})
+    Path(out_path).write_text(json.dumps({"vllm": vllm.__version__, "runs": runs}))
 
 
 if __name__ == "__main__":

@@ -161,6 +161,17 @@ def check_config_matches(config: dict, layout: Layout, shapes: dict[str, tuple[i
         (f"language_model.model.{layout.record.embed}.weight", 1, llm_cfg.get("hidden_size"), "llm_config.hidden_size"),
         (f"language_model.model.{layout.record.embed}.weight", 0, llm_cfg.get("vocab_size"), "llm_config.vocab_size"),
     ]
+    experts = layout.record.experts
+    if experts is not None:  # a sparse layer: its experts and their width as llm_config says
+        found = {(i.layer, i.expert) for i in layout.keys.values() if i.expert is not None}
+        per_layer = {layer: sum(1 for (n, _) in found if n == layer) for layer in range(layout.llm_layers)}
+        declared = experts.settings(llm_cfg)["experts"]
+        wrong = next((n for n, count in per_layer.items() if count != declared), None)
+        if declared and wrong is not None:
+            raise LayoutError(f"config.json: llm_config.{experts.count} is {declared} but decoder layer {wrong} has "
+                              f"{per_layer[wrong]} experts; the config does not belong to these weights")
+        checks.append((f"language_model.model.layers.0.{experts.module(0, experts.linears[0].name)}.weight", 0,
+                       llm_cfg.get(experts.intermediate), f"llm_config.{experts.intermediate}"))
     for key, dim, declared, field_name in checks:
         shape = plain.get(key)
         if shape is not None and declared is not None and len(shape) > dim and shape[dim] != declared:

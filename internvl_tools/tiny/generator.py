@@ -298,6 +298,28 @@ def with_head_dim(family: Family, head_dim: int) -> Family:
     return replace(family, llm=llm)
 
 
+CONFIG_MODULE = "configuration_internvl_chat"  # tiny/configuration_internvl_chat.py: test use only
+
+
+def add_config_module(folder: Path) -> Path:
+    """Make a generated original-layout checkpoint readable by vLLM (tests only): copy the minimal
+    InternVLChatConfig module into `folder` and point config.json's `auto_map` at it (loaders then
+    need trust_remote_code). Real checkpoints keep their own remote code. Returns the folder.
+
+    Raises ValueError for a folder whose config.json is not the original layout."""
+    import json
+    import shutil
+
+    config_path = Path(folder) / "config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    if config.get("model_type") != "internvl_chat":
+        raise ValueError(f"{folder}: not an original-layout checkpoint (model_type {config.get('model_type')!r})")
+    shutil.copyfile(Path(__file__).with_name(f"{CONFIG_MODULE}.py"), Path(folder) / f"{CONFIG_MODULE}.py")
+    config["auto_map"] = {"AutoConfig": f"{CONFIG_MODULE}.InternVLChatConfig"}
+    config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    return Path(folder)
+
+
 def special_ids(files: dict[str, object]) -> dict[str, int | None]:
     """bos/eos/pad token ids of a generated tokenizer, for llm_config."""
     import json

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import csv
+import hashlib
 import io
 import json
 import sys
@@ -166,3 +167,37 @@ def write_tsv(items: list[BenchItem], path: Path) -> Path:
                 image = base64.b64encode(buffer.getvalue()).decode()
             writer.writerow([item.index, image, item.question, *(item.options.get(k, "") for k in letters), item.answer, item.category])
     return path
+
+
+def image_digest(image: Image.Image | None) -> str:
+    """SHA-256 of a picture's decoded RGB pixels and size ("" for none): the same picture read from
+    a TSV's base64 PNG or from a file on disk hashes the same."""
+    if image is None:
+        return ""
+    rgb = image.convert("RGB")
+    digest = hashlib.sha256(f"{rgb.size[0]}x{rgb.size[1]}:".encode())
+    digest.update(rgb.tobytes())
+    return digest.hexdigest()
+
+
+def row_fingerprint(question: str, image: Image.Image | None) -> str:
+    """The identity of a benchmark or calibration row: its question (case and whitespace folded)
+    and its picture's pixels, hashed to 16 hex digits. `quantize` records the fingerprints of its
+    calibration rows; `verify` refuses a slice that shares one (calibrating on the test set)."""
+    text = " ".join(question.split()).casefold()
+    return hashlib.sha256(f"{text}\0{image_digest(image)}".encode()).hexdigest()[:16]
+
+
+# the prompts InternVL's evaluation scripts ask (verify asks them; calibration from a slice reuses them)
+MC_SUFFIX = "Answer with the option's letter from the given choices directly."
+YES_NO_SUFFIX = "Please answer yes or no."
+SHORT_SUFFIX = "Answer the question using a single word or phrase."
+
+
+def prompt_of(item: BenchItem) -> str:
+    """The question as InternVL's evaluation scripts ask it."""
+    if item.kind == "multiple_choice":
+        hint = f"Hint: {item.hint}\n" if item.hint else ""
+        options = "\n".join(f"{k}. {v}" for k, v in sorted(item.options.items()))
+        return f"{hint}Question: {item.question}\nOptions:\n{options}\n{MC_SUFFIX}"
+    return f"{item.question}\n{YES_NO_SUFFIX if item.kind == 'yes_no' else SHORT_SUFFIX}"
