@@ -28,6 +28,7 @@ suite runs it (tests/test_gpu_acceptance.py), so the GPU run is not the script's
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -269,7 +270,7 @@ class Runner:
             proc.join(box)
             timed_out = proc.is_alive()
             if timed_out:
-                with _suppress_lookup():
+                with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.kill()
                 proc.join()
@@ -305,14 +306,6 @@ class Runner:
         note = [row("prepare", "launcher", "info", "a forked step could not use CUDA: every step runs in a fresh interpreter")]
         more, data = self.run("cuda_check", {"check": "CUDA in a spawned step"}, 180, "prepare")
         return rows + note + more, bool(data.get("cuda_ok"))
-
-
-class _suppress_lookup:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, value, tb):
-        return kind is ProcessLookupError
 
 
 def _child(name: str, spec: dict, result: str, log: str) -> None:
@@ -371,7 +364,8 @@ class Report:
         packages = env.get("packages") or {}
         lines.append("- packages: " + ", ".join(f"{k} {v}" for k, v in packages.items() if v) +
                      ("; missing: " + ", ".join(k for k, v in packages.items() if not v) if any(not v for v in packages.values()) else ""))
-        for key in ("onnxruntime_providers", "bitsandbytes_import", "tensorrt_import", "vllm", "peak_gpu_memory_nvidia_smi_mib", "cli"):
+        for key in ("onnxruntime_providers", "bitsandbytes_import", "tensorrt_import", "peak_gpu_memory_nvidia_smi_mib", "cli",
+                    "disk_free_gib", "memory_gib"):
             if key in env:
                 lines.append(f"- {key}: {env[key]}")
         lines += ["", "| step | check | status | seconds | peak GPU GiB | result |", "|---|---|---|---|---|---|"]
@@ -450,6 +444,10 @@ def run_phase(args: argparse.Namespace, clock: Clock, logs: Path, install: dict)
                        "verify_items": 8})
     env = data.get("env", {})
     env["nvidia_smi"] = smi
+    env["disk_free_gib"] = round(shutil.disk_usage(work).free / 2**30, 1)
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+        env["memory_gib"] = {k: round(int(meminfo[k].split()[0]) / 2**20, 1) for k in ("MemTotal", "MemAvailable")}
     report.env = env
     report.write()
     if not cuda_ok:
@@ -687,10 +685,8 @@ def main(argv: list[str] | None = None) -> int:
         report = run_phase(args, clock, logs, install)
     finally:
         if install.get("vllm_pid"):  # a vLLM install still running in the background
-            try:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(install["vllm_pid"], signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
         collect_logs(args, logs)
     say(f"done in {clock.elapsed():.0f} s; {args.out}/gpu_acceptance.md:")
     print(report.markdown(), flush=True)

@@ -564,7 +564,9 @@ def step_export(spec: dict, res: Result) -> None:
             f"{meta['params'] / 1e6:.1f}M params, {meta['weight_bytes'] / 2**20:.1f} MiB; exit {code}"
             + (f"; engine built in {engine['seconds']:.1f} s, {engine['bytes'] / 2**20:.0f} MiB" if engine else ""),
             seconds, gpu, engine_seconds=engine and engine["seconds"])
-    for row in meta.get("parity") or []:
+    if isinstance(meta.get("parity"), dict):
+        res.row("export's own check: onnxruntime vs PyTorch", "skipped", str(meta["parity"].get("skipped", meta["parity"]))[:200])
+    for row in meta.get("parity") if isinstance(meta.get("parity"), list) else []:
         if isinstance(row, dict) and "batch" in row:
             res.row(f"export's own check: onnxruntime (CPU) vs PyTorch (CPU fp32), batch {row['batch']}",
                     "pass" if row["passed"] else "FAIL", f"relative error {row['relative_error']:.2e} (tolerance {row['tolerance']:g})",
