@@ -160,7 +160,11 @@ def install_phase(args: argparse.Namespace, clock: Clock, logs: Path) -> dict:
     rows: list[dict] = []
     base = sys.executable
     log = logs / "install.log"
-    cap = lambda seconds: clock.box(min(seconds, args.budget * 0.45 - clock.elapsed()), 10)  # noqa: E731
+    def cap(seconds: float) -> float | None:
+        """An install's time box: installs end by 45% of the budget, the steps get the rest."""
+        window = args.budget * 0.45 - clock.elapsed()
+        return clock.box(min(seconds, window), 10) if window >= 10 else None
+
     state = {"rows": rows, "python": base, "vllm_python": None, "vllm_status": None}
     say("install: probing the package index")
     code, seconds, tail = run_command([base, "-m", "pip", "index", "versions", "torch", "--timeout", "5", "--retries", "0",
@@ -225,7 +229,7 @@ def install_phase(args: argparse.Namespace, clock: Clock, logs: Path) -> dict:
                     rows.append(row("install", "internvl-tools (pip install -e .)", "pass" if c == 0 else "FAIL", "" if c == 0 else t, s))
     wheels = sorted((ROOT / ".whl").glob("*.whl")) if (ROOT / ".whl").is_dir() else []
     if wheels:
-        box = cap(120) or 30
+        box = cap(120) or 60  # carried wheels are small and local: they always get a minute
         c, s, t = run_command(pip(state["python"], "--no-index", "--no-deps", *map(str, wheels)), box, log)
         rows.append(row("install", f"carried wheels (.whl/: {len(wheels)})", "pass" if c == 0 else "FAIL",
                         ", ".join(w.name.split("-")[0] for w in wheels) if c == 0 else t, s))
@@ -253,6 +257,13 @@ class Runner:
         self.args, self.clock, self.logs, self.launcher = args, clock, logs, launcher
         self.lock = threading.Lock()
         self.count = 0
+        self.live: set[int] = set()  # process groups of running forked steps
+
+    def kill_all(self) -> None:
+        """End every step still running (the end of the budget, or an error of the orchestrator)."""
+        for pid in list(self.live):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
 
     def run(self, name: str, spec: dict, box: float, label: str) -> tuple[list[dict], dict]:
         """Run step `name` under a time box; its rows (plus a timeout / crash row when it did not
@@ -267,6 +278,7 @@ class Runner:
             with self.lock:
                 proc = self.ctx.Process(target=_child, args=(name, spec, str(result), str(log)), daemon=False)
                 proc.start()
+                self.live.add(proc.pid)
             proc.join(box)
             timed_out = proc.is_alive()
             if timed_out:
@@ -275,6 +287,7 @@ class Runner:
                 proc.kill()
                 proc.join()
             exitcode = proc.exitcode
+            self.live.discard(proc.pid)
         else:
             spec_path = self.logs / f"{stem}.spec.json"
             spec_path.write_text(json.dumps(spec))
@@ -407,9 +420,23 @@ class SmiPoller(threading.Thread):
 
 
 def run_phase(args: argparse.Namespace, clock: Clock, logs: Path, install: dict) -> Report:
+    """Every step; an error of this orchestrator itself becomes the table's last row."""
     report = Report(args, clock, logs)
     report.add(install.get("rows", []))
     runner = Runner(args, clock, logs, args.launcher)
+    try:
+        return run_steps(args, clock, logs, install, report, runner)
+    except Exception as exc:  # noqa: BLE001 - the table written so far is still the result
+        import traceback
+
+        traceback.print_exc()
+        report.add([row("run", "orchestrator", "error", f"{type(exc).__name__}: {exc}"[:300])])
+        return report
+    finally:
+        runner.kill_all()  # a CPU-lane step cut off at the end of the budget must not outlive the run
+
+
+def run_steps(args: argparse.Namespace, clock: Clock, logs: Path, install: dict, report: Report, runner: Runner) -> Report:
     models = plan_models(args)
     cpus = os.cpu_count() or 2
     device_threads, cpu_threads = (1, 1) if args.cpu else (max(2, cpus // 3), max(1, cpus - max(2, cpus // 3)))
@@ -669,7 +696,11 @@ def main(argv: list[str] | None = None) -> int:
                 install.update({k: earlier.get(k) for k in ("python", "vllm_python", "vllm_status")})
                 install["rows"][0]["result"] += f"; the earlier run's environment is used: {earlier['python']}"
         else:
-            install = install_phase(args, clock, logs)
+            try:
+                install = install_phase(args, clock, logs)
+            except Exception as exc:  # noqa: BLE001 - a broken install phase must not cost the run: the image's packages
+                install = {"rows": [row("install", "install phase", "error", f"{type(exc).__name__}: {exc}"[:300])],
+                           "python": sys.executable}
             state.write_text(json.dumps({k: install.get(k) for k in ("python", "vllm_python", "vllm_status")}))
         path = logs / "install.json"
         path.write_text(json.dumps(install))
