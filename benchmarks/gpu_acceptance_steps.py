@@ -458,7 +458,7 @@ def describe_comparison(report: dict) -> str:
             text += f", g_idx differing {report['other_int_differing']}/{report['other_int']}"
     if report.get("error_range"):
         low, high = report["error_range"]["device"]
-        text += (f"; quantization error ||Wq - W|| / ||W|| {low:.4f}..{high:.4f} on the device, at most "
+        text += (f"; quantization error norm(Wq - W) / norm(W) {low:.4f}..{high:.4f} on the device, at most "
                  f"{report['error_change_max']:.2%} from the CPU run's (tolerance {GPTQ_ERROR_TOLERANCE:.0%})")
     if report["failures"]:
         text += "; FAILS: " + "; ".join(report["failures"])
@@ -773,17 +773,23 @@ def step_smollm2(spec: dict, res: Result) -> None:
 # -- step: verify on the device ----------------------------------------------------------------------
 def step_verify(spec: dict, res: Result) -> None:
     """verify REF CAND --device: samples per second (both models loaded and run, greedy)."""
-    device = spec["device"]
-    report = Path(spec["work"]) / "verify-report.json"
+    device, engine = spec["device"], spec.get("engine", "runtime")
+    report = Path(spec["work"]) / f"verify-report-{engine}.json"
+    report.unlink(missing_ok=True)
     items = int(spec.get("items", 8))
+    extra = []
+    if engine == "vllm":  # the candidate in vLLM (evaluate/vllm_engine.py finds its python through this variable)
+        os.environ["INTERNVL_TOOLS_VLLM_PYTHON"] = spec["vllm_python"]
+        extra = ["--engine", "vllm"]
     code, seconds, gpu, _ = run_cli(["verify", spec["reference"], spec["candidate"], "--bench", spec["slice"], "--limit", items,
                                      "--device", device, "--min-top1", 0, "--max-kl", 100, "--min-image-cosine", 0,
-                                     "--max-acc-drop", 100, "--json", report], device)
+                                     "--max-acc-drop", 100, "--json", report, *extra], device)
+    name = f"verify --device {device}" + (" --engine vllm" if engine == "vllm" else "")
     if code != 0 or not report.exists():
-        res.row(f"verify --device {device}", "error", f"exit {code} (see the log)", seconds, gpu)
+        res.row(name, "error", f"exit {code} (see the log)", seconds, gpu)
         return
     overall = json.loads(report.read_text()).get("overall") or {}
-    res.row(f"verify --device {device} ({items} items, both models)", "pass",
+    res.row(f"{name} ({items} items, both models)", "pass",
             f"{items / seconds:.2f} samples/s including both model loads; top-1 agreement {overall.get('top1_agreement', 0):.1f}%, "
             f"mean KL {overall.get('mean_kl', 0):.2e}", seconds, gpu, samples_per_second=items / seconds,
             **{k: overall.get(k) for k in ("answer_agreement", "top1_agreement", "mean_kl", "image_cosine")})
