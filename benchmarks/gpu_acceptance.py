@@ -3,7 +3,7 @@
 Made for a GPU machine lent for a few minutes (one NVIDIA H200, 16 cores, 128 GiB RAM): one
 command installs what it can, measures what only a GPU can show, and writes a table to $OUT
 (default ./gpu-acceptance-out): gpu_acceptance.md, gpu_acceptance.json, gpu_acceptance.log.
-The whole run keeps to --budget seconds (default 360; the table is written after every step, so
+The whole run keeps to --budget seconds (default 340; the table is written after every step, so
 even a run killed from outside leaves one); each step has its own time box, and a step that
 fails, times out or cannot run becomes a row of the table while the others go on.
 
@@ -56,7 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="dry run on this CPU machine: tiny checkpoints, no installs, TensorRT/vLLM rows 'not available'")
     parser.add_argument("--out", default=os.environ.get("OUT") or "gpu-acceptance-out", help="results folder ($OUT)")
     parser.add_argument("--work", default=None, help="checkpoints and outputs (default: a folder under the temp dir)")
-    parser.add_argument("--budget", type=float, default=None, help="seconds for the whole run (default 360; --cpu: 150)")
+    parser.add_argument("--budget", type=float, default=None, help="seconds for the whole run (default 340; --cpu: 150)")
     parser.add_argument("--only", default=None, help=f"comma-separated step groups to run: {', '.join(STEP_GROUPS)}")
     parser.add_argument("--num-samples", type=int, default=None, help="GPTQ/AWQ calibration samples (default 8; --cpu: 2)")
     parser.add_argument("--seq-len", type=int, default=None, help="tokens per calibration sample (default 256; --cpu: 32)")
@@ -69,7 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--started", type=float, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--install-json", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    args.budget = args.budget or (150.0 if args.cpu else 360.0)
+    args.budget = args.budget or (150.0 if args.cpu else 340.0)
     args.num_samples = args.num_samples or (2 if args.cpu else 8)
     args.seq_len = args.seq_len or (32 if args.cpu else 256)
     args.work = Path(args.work or Path(tempfile.gettempdir()) / ("gpu-acceptance-work-cpu" if args.cpu else "gpu-acceptance-work")).resolve()

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-shot GPU acceptance run (issue 21); the README's "GPU acceptance run" section says what it measures.
 #
-#   bash benchmarks/gpu_acceptance.sh                 # on the GPU machine: installs, then every step; ~6 minutes
+#   bash benchmarks/gpu_acceptance.sh                 # on the GPU machine: installs, then every step; 340 s at most
 #   bash benchmarks/gpu_acceptance.sh --cpu           # dry run here: tiny checkpoints, no installs, CPU as the device
 #   bash benchmarks/gpu_acceptance.sh --only gptq,export --budget 240    # a rerun of some steps
 #

@@ -29,6 +29,7 @@ assert set(DIALECT_FAMILIES) <= set(FAMILIES)
 def pytest_configure(config):
     config.addinivalue_line("markers", "requires(*modules): the test needs these optional packages (bitsandbytes, onnx, "
                                        "peft, ...); it alone is skipped when one cannot be imported")
+    config.addinivalue_line("markers", "gpu_acceptance: the GPU acceptance dry run (deselect with -m 'not gpu_acceptance')")
 
 
 @functools.cache
