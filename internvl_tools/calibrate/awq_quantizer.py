@@ -38,7 +38,7 @@ from ..models.layout import KeyInfo, Layout, build_layout
 from ..models.views import open_view
 from .awq import AWQCodes, AWQConfig, InputStats, apply_clip, quantize, search_clip, search_scales
 from .outputs import CT_FORMAT, ct_quantization_config, ct_specs, group_count, kept_modules, scale_dtype_name
-from .pipeline import CalibrationJob, quantize_calibrated
+from .pipeline import QuantizeJob, quantize_calibrated
 from .quantizer import GroupWork, LayerWork, ModuleUpdate, Quantizer
 
 FORMATS = ("awq", CT_FORMAT)
@@ -262,25 +262,11 @@ class AWQQuantizer(Quantizer):
 
 
 @dataclass(frozen=True)
-class AWQJob:
-    """Everything that defines an AWQ run (a resumed run must match it): the scheme, the output
-    format and the calibration settings (see CalibrationJob)."""
+class AWQJob(QuantizeJob):
+    """Everything that defines an AWQ run (pipeline.QuantizeJob with the AWQ scheme)."""
 
     config: AWQConfig
     fmt: str = "awq"
-    num_samples: int = 128
-    seq_len: int = 2048
-    calib: str | None = None
-    seed: int = 0
-    memory_budget: int = 2 * 2**30  # bytes of activations kept in memory
-    device: str = "cpu"
-
-    def calibration(self) -> CalibrationJob:
-        """The calibration part of the job."""
-        fields = asdict(self)
-        fields.pop("config")
-        fields.pop("fmt")
-        return CalibrationJob(**fields)
 
 
 def llm_facts(source: Path) -> tuple[Dialect | None, int | None]:

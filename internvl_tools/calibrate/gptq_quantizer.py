@@ -41,7 +41,7 @@ from ..models.dialects import InputGroup
 from ..models.layout import KeyInfo, Layout
 from .gptq import GPTQConfig, GPTQResult, HessianAccumulator, HessianNotPositiveDefinite, prepare_hessian, gptq_quantize, rtn_quantize
 from .outputs import CT_FORMAT, ct_quantization_config, ct_specs, scale_dtype_name
-from .pipeline import CalibrationJob, quantize_calibrated
+from .pipeline import QuantizeJob, quantize_calibrated
 from .quantizer import GroupWork, ModuleUpdate, Quantizer
 
 
@@ -187,25 +187,11 @@ class GPTQQuantizer(Quantizer):
 
 
 @dataclass(frozen=True)
-class GPTQJob:
-    """Everything that defines a GPTQ run (a resumed run must match it): the scheme and the
-    calibration settings (see CalibrationJob)."""
+class GPTQJob(QuantizeJob):
+    """Everything that defines a GPTQ run (pipeline.QuantizeJob with the GPTQ scheme)."""
 
     config: GPTQConfig
     fmt: str = "gptq"
-    num_samples: int = 128
-    seq_len: int = 2048
-    calib: str | None = None
-    seed: int = 0
-    memory_budget: int = 2 * 2**30  # bytes of activations kept in memory
-    device: str = "cpu"
-
-    def calibration(self) -> CalibrationJob:
-        """The calibration part of the job."""
-        fields = asdict(self)
-        fields.pop("config")
-        fields.pop("fmt")
-        return CalibrationJob(**fields)
 
 
 def quantize_gptq(source: Path, out: Path, job: GPTQJob, *, max_shard_size: int, overwrite: bool = False, resume: bool = False,

@@ -63,6 +63,29 @@ class CalibrationJob:
     device: str = "cpu"
 
 
+@dataclass(frozen=True)
+class QuantizeJob:
+    """Everything that defines a calibrated run (a resumed run must match it): the method's
+    scheme (`config`), the output format, and the calibration settings (CalibrationJob's fields).
+    GPTQJob and AWQJob narrow `config` and give `fmt` its default."""
+
+    config: object
+    fmt: str
+    num_samples: int = 128
+    seq_len: int = 2048
+    calib: str | None = None
+    seed: int = 0
+    memory_budget: int = 2 * 2**30  # bytes of activations kept in memory
+    device: str = "cpu"
+
+    def calibration(self) -> CalibrationJob:
+        """The calibration part of the job."""
+        fields = asdict(self)
+        fields.pop("config")
+        fields.pop("fmt")
+        return CalibrationJob(**fields)
+
+
 def calibration_embeddings(reader: CheckpointReader, config: dict, layout: Layout, samples: list[Sample], seq_len: int,
                            budget: int, work: Path, log: Callable[[str], None] = lambda _m: None) -> Activations:
     """Input embeddings of every sample, float32 [1, T, hidden] with T <= seq_len, image features
