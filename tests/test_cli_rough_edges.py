@@ -46,3 +46,73 @@ def test_gpu_plan_shows_layer_counts():
     from internvl_tools.cli.gpu_plan import _ranges
 
     assert _ranges((0,)) == "1 (#0)" and _ranges((0, 1, 2)) == "3 (0-2)" and _ranges(()) == "none"
+
+
+def _one_line_error(result) -> str:
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.strip().splitlines() if line]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.output, result.output
+    return lines[0]
+
+
+def test_every_command_refuses_a_file_for_the_checkpoint_folder(tiny, tmp_path, run_cli):
+    """One shared check: a shard (or config.json) in place of the folder, never "Not a directory"."""
+    folder = tiny("InternVL2-1B")
+    shard = sorted(folder.glob("*.safetensors"))[0]
+    bench = tmp_path / "slice.jsonl"
+    bench.write_text('{"question": "Is it red?", "answer": "yes"}\n')
+    for args in (["convert", shard, "-o", tmp_path / "c"], ["quantize", shard, "-o", tmp_path / "q", "--method", "int8"],
+                 ["shard", shard, "-o", tmp_path / "s"], ["merge-lora", shard, "-o", tmp_path / "m"],
+                 ["export", shard, "-o", tmp_path / "e"], ["verify", folder, shard, "--bench", bench],
+                 ["inspect", folder / "config.json"]):
+        line = _one_line_error(run_cli(*args))
+        assert "pass the checkpoint folder" in line and "Not a directory" not in line, (args[0], line)
+
+
+def test_an_unknown_architecture_names_the_config_file(tiny, copy_of, tmp_path, run_cli):
+    import json
+
+    folder = copy_of(tiny("InternVL2-1B"))
+    config = json.loads((folder / "config.json").read_text())
+    config["llm_config"]["architectures"] = ["FooForCausalLM"]
+    (folder / "config.json").write_text(json.dumps(config))
+    for args in (["inspect", folder], ["convert", folder, "-o", tmp_path / "c"], ["shard", folder, "-o", tmp_path / "s"]):
+        line = _one_line_error(run_cli(*args))
+        assert f"{folder}/config.json: llm_config.architectures" in line and "FooForCausalLM" in line, line
+
+
+@pytest.mark.parametrize("command", ["inspect", "shard"])
+@pytest.mark.parametrize("option", [["--gpu-memory", "40GiB"], ["--context", "4096"], ["--reserve", "1GiB"], ["--batch", "2"]])
+def test_gpu_plan_options_without_gpus_are_refused(tiny, tmp_path, run_cli, command, option):
+    args = [command, tiny("InternVL2-1B"), *option] + (["-o", tmp_path / "s"] if command == "shard" else [])
+    line = _one_line_error(run_cli(*args))
+    assert option[0] in line and "--gpus" in line
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_zero_reserve_is_accepted(tiny, run_cli):
+    import json
+
+    result = run_cli("inspect", tiny("InternVL2-1B"), "--gpus", "2", "--reserve", "0GiB", "--json")
+    assert result.exit_code == 0, result.output
+    assert all(g["reserve_bytes"] == 0 for g in json.loads(result.output)["gpu_plan"]["gpus"])
+
+
+@pytest.mark.parametrize("option", [["--opt-batch", "2"], ["--workspace", "8"]])
+def test_tensorrt_options_with_onnx_are_refused(tiny, tmp_path, run_cli, option):
+    line = _one_line_error(run_cli("export", tiny("InternVL2-1B"), "-o", tmp_path / "e", *option))
+    assert option[0] in line and "--format tensorrt" in line
+    assert not (tmp_path / "e").exists()
+
+
+def test_int8_with_a_gptq_recipe_is_refused(tiny, tmp_path, run_cli):
+    from pathlib import Path
+
+    recipe = Path(__file__).parents[1] / "recipes" / "internvl-chat-v1-2-gptq-w4g128.yaml"
+    line = _one_line_error(run_cli("quantize", tiny("InternVL2-1B"), "-o", tmp_path / "q", "--method", "int8", "--recipe", recipe))
+    assert "--method int8" in line and "method: gptq" in line
+    no_method = tmp_path / "bits.yaml"
+    no_method.write_text("bits: 4\ngroup_size: 32\n")
+    line = _one_line_error(run_cli("quantize", tiny("InternVL2-1B"), "-o", tmp_path / "q", "--method", "int8", "--recipe", no_method))
+    assert "--bits" in line and "recipe" in line and "--method int8" in line
+    assert not (tmp_path / "q").exists()

@@ -118,3 +118,33 @@ def test_wide_family_keeps_true_widths():
     assert shapes["language_model.model.embed_tokens.weight"] == (128265, 8192)
     assert shapes["language_model.model.layers.1.mlp.down_proj.weight"] == (8192, 28672)
     assert "language_model.model.layers.2.mlp.down_proj.weight" not in shapes
+
+
+TORCH_PROBE = """
+import sys
+from internvl_tools.cli.main import cli
+for args in sys.argv[1:]:
+    try:
+        cli(args.split("|"), standalone_mode=False)
+    except SystemExit as exc:
+        assert not exc.code, (args, exc.code)
+print("torch imported" if "torch" in sys.modules else "torch-free")
+"""
+
+
+def test_inspect_and_shard_never_import_torch(tiny, tmp_path, run_cli):
+    """Byte-level commands stay torch-free on either layout (the native one merges fused specs from headers)."""
+    import subprocess
+    import sys
+
+    runs = []
+    for family in ("InternVL2-1B", "InternVL2-2B", "InternVL-Chat-V1-1"):  # plain, InternLM2 wqkv, v1 transposes
+        native = tmp_path / f"{family}-hf"
+        assert run_cli("convert", tiny(family), "-o", native).exit_code == 0
+        for n, folder in enumerate((tiny(family), native)):
+            runs += [f"inspect|{folder}|--json", f"inspect|{folder}|--gpus|2|--json",
+                     f"shard|{folder}|-o|{tmp_path / f'{family}-{n}-s'}|--json",
+                     f"shard|{folder}|-o|{tmp_path / f'{family}-{n}-g'}|--gpus|2|--json"]
+    probe = subprocess.run([sys.executable, "-c", TORCH_PROBE, *runs], capture_output=True, text=True, timeout=300)
+    assert probe.returncode == 0, probe.stderr[-2000:]
+    assert probe.stdout.strip().splitlines()[-1] == "torch-free"

@@ -294,3 +294,40 @@ def test_lora_flags_that_disagree_with_the_tensors(tiny, copy_of, tmp_path, run_
     assert len(json.loads(run_cli("inspect", unflagged, "--json").output)["lora_flags"]) == 2
     result = run_cli("merge-lora", unflagged, "-o", tmp_path / "m2", "--json")
     assert result.exit_code == 0 and len(json.loads(result.output)["warnings"]) == 2
+
+
+def test_adapter_errors_name_the_adapter_folder(tiny, tmp_path, run_cli):
+    """A refusal of the adapter folder itself starts with that folder (never "error: : ")."""
+    base = tiny("InternVL2-1B")
+    empty = tmp_path / "empty-adapter"
+    empty.mkdir()
+    bad_json = make_peft_adapter(base, tmp_path / "list-config")
+    (bad_json / "adapter_config.json").write_text("[1]")
+    for adapter, needle in ((empty, "no adapter_config.json"), (bad_json, "adapter_config.json: expected a JSON object"),
+                            (tmp_path / "nowhere", "no adapter_config.json")):
+        _expect_refused(run_cli, tmp_path, [base, "--adapter", adapter], needle)
+        result = run_cli("merge-lora", base, "--adapter", adapter, "-o", tmp_path / "never")
+        assert result.output.startswith(f"error: {adapter}") and "error: :" not in result.output, result.output
+    dry = json.loads(run_cli("merge-lora", base, "--adapter", empty, "--dry-run", "--json").output)
+    assert dry["refused"][0]["source"] == str(empty)
+
+
+@pytest.mark.parametrize("method", ["int8", "gptq"])
+def test_lora_into_a_quantized_base_says_merge_before_quantizing(tiny, tmp_path, run_cli, method):
+    base = tiny("InternVL2-1B")
+    adapter = make_peft_adapter(base, tmp_path / "adapter")
+    quantized = tmp_path / "q"
+    extra = ["--num-samples", "2", "--seq-len", "32"] if method == "gptq" else []
+    assert run_cli("quantize", base, "-o", quantized, "--method", method, *extra).exit_code == 0
+    fmt = {"int8": "bnb_int8", "gptq": "gptq"}[method]
+    _expect_refused(run_cli, tmp_path, [quantized, "--adapter", adapter], f"quantized ({fmt})", "merge-lora on the unquantized")
+    result = run_cli("merge-lora", quantized, "--adapter", adapter, "-o", tmp_path / "never")
+    assert "no base weight" not in result.output
+
+
+def test_alpha_without_embedded_lora_is_refused(tiny, tmp_path, run_cli):
+    """--alpha is the embedded LoRA's; a PEFT adapter's own lora_alpha is what peft uses."""
+    base = tiny("InternVL2-1B")
+    adapter = make_peft_adapter(base, tmp_path / "adapter")
+    _expect_refused(run_cli, tmp_path, [base, "--adapter", adapter, "--alpha", "16"], "--alpha", "lora_alpha")
+    assert run_cli("merge-lora", tiny("InternVL2-1B", lora="embedded"), "--alpha", "16", "-o", tmp_path / "ok").exit_code == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
 
@@ -113,3 +114,69 @@ def test_an_index_that_lists_none_of_a_shards_keys_names_the_shard(tiny, copy_of
     result = run_cli("inspect", folder)
     assert result.exit_code == 2
     assert "model.safetensors.index.json" in result.output and last in result.output and "config.json" not in result.output
+
+
+def _snapshot(folder):
+    """Every file under `folder` with its bytes (to show that a refused run left inputs alone)."""
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_verify_reports_never_overwrite_the_inputs(tiny, copy_of, tmp_path, run_cli):
+    ref, cand = copy_of(tiny("InternVL2-1B")), tmp_path / "cand"
+    shutil.copytree(ref, cand)
+    bench = tmp_path / "slice.jsonl"
+    bench.write_text('{"question": "Is it red?", "answer": "yes"}\n')
+    before = _snapshot(ref), _snapshot(cand), bench.read_bytes()
+    for option, path in (("--json", ref / "config.json"), ("--markdown", bench), ("--plot", cand / "report.png"),
+                         ("--ref-cache", ref), ("--ref-cache", cand / "cache")):
+        result = run_cli("verify", ref, cand, "--bench", bench, option, path)
+        assert result.exit_code == 2, (option, result.output)
+        line = result.output.strip()
+        assert "\n" not in line and option in line and "inputs are never modified" in line, line
+    assert (_snapshot(ref), _snapshot(cand), bench.read_bytes()) == before
+
+
+def test_quantize_never_writes_into_its_calibration_data(tiny, tmp_path, run_cli):
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    (calib / "rows.jsonl").write_text('{"question": "What is shown?", "answer": "a cat"}\n')
+    before = _snapshot(calib)
+    for out, extra in ((calib / "out", []), (calib, ["--overwrite"]), (calib, ["--resume"]), (tmp_path, ["--overwrite"])):
+        result = run_cli("quantize", tiny("InternVL2-1B"), "-o", out, "--method", "gptq", "--calib", calib, *extra)
+        assert result.exit_code == 2, result.output
+        assert "inputs are never modified" in result.output and str(calib) in result.output
+    assert _snapshot(calib) == before
+
+
+def test_an_output_whose_partial_folder_is_an_input_is_refused(tiny, tmp_path, run_cli):
+    """`shard X.partial -o X` would clear X.partial (the input) as a leftover of an interrupted run."""
+    source = tmp_path / "x.partial"
+    shutil.copytree(tiny("InternVL2-1B"), source)
+    result = run_cli("shard", source, "-o", tmp_path / "x")
+    assert result.exit_code == 2 and "inputs are never modified" in result.output
+    assert (source / "config.json").exists()
+
+
+def test_make_tiny_does_not_write_over_an_existing_peft_adapter_folder(tmp_path, run_cli):
+    adapter = tmp_path / "t-peft-adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    result = run_cli("make-tiny", "InternVL2-1B", tmp_path / "t", "--lora", "peft")
+    assert result.exit_code == 2 and "t-peft-adapter" in result.output and "--overwrite" in result.output
+    assert (adapter / "adapter_config.json").read_text() == "{}" and not (tmp_path / "t").exists()
+
+
+@pytest.mark.parametrize("name", ["tokenizer.json", "configuration_internvl_chat.py"])
+def test_symlinked_side_file_outside_the_folder_needs_follow_symlinks(tiny, copy_of, tmp_path, run_cli, name):
+    folder = copy_of(tiny("InternVL2-1B"))
+    side = folder / name
+    if not side.exists():
+        side.write_text("# remote code\n")
+    elsewhere = tmp_path / ("elsewhere-" + name)
+    side.rename(elsewhere)
+    side.symlink_to(elsewhere)
+    refused = run_cli("shard", folder, "-o", tmp_path / "out")
+    assert refused.exit_code == 2 and "--follow-symlinks" in refused.output and name in refused.output, refused.output
+    assert not (tmp_path / "out").exists()
+    assert run_cli("--follow-symlinks", "shard", folder, "-o", tmp_path / "out").exit_code == 0
+    assert (tmp_path / "out" / name).read_bytes() == elsewhere.read_bytes()

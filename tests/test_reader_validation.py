@@ -180,6 +180,27 @@ def test_folder_without_weights(tmp_path, run_cli):
     _assert_refused(run_cli, tmp_path, "model.safetensors")
 
 
+def test_single_file_beside_an_index_is_ambiguous(tiny, copy_of, run_cli):
+    folder = copy_of(tiny(FAMILY))
+    single = copy_of(tiny(FAMILY, shards=1))
+    (single / "model.safetensors").rename(folder / "model.safetensors")
+    _assert_refused(run_cli, folder, str(folder), "model.safetensors", INDEX_NAME, "ambiguous")
+
+
+@pytest.mark.parametrize("stray", ["extra.safetensors", "model-00001-of-00003.safetensors", "adapter_model.safetensors"])
+def test_unindexed_safetensors_file_is_refused(tiny, copy_of, run_cli, stray):
+    """A weights file that no key points at would be dropped silently from every output."""
+    folder = copy_of(tiny(FAMILY))
+    (folder / stray).write_bytes(_shard(folder, 1).read_bytes())
+    _assert_refused(run_cli, folder, stray, INDEX_NAME)
+
+
+def test_stray_safetensors_beside_a_single_file_is_refused(tiny, copy_of, run_cli):
+    folder = copy_of(tiny(FAMILY, shards=1))
+    (folder / "extra.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
+    _assert_refused(run_cli, folder, "extra.safetensors", "not read")
+
+
 def test_debug_shows_traceback(tiny, copy_of):
     from click.testing import CliRunner
 

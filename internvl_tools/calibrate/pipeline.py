@@ -1,9 +1,11 @@
 """Layer-by-layer calibrated quantization straight from the checkpoint stream, for any method
 that implements calibrate.quantizer.Quantizer (GPTQ: calibrate/gptq_quantizer.py).
 
-1. Calibration: image + text samples go through the vision tower and mlp1 (never quantized)
-   and are spliced into the LLM's input embeddings as the model does; text-only samples too.
-2. For each decoder layer: build it alone from the stream (float32), let the quantizer prepare
+1. Calibration: image + text samples go through the vision tower and mlp1 (never quantized;
+   on the job's device) and are spliced into the LLM's input embeddings as the model does;
+   text-only samples too.
+2. For each decoder layer: build it alone from the stream (float32, moved to the job's device:
+   the layer's forwards, the quantizer's statistics and its math run there), let the quantizer prepare
    it, then for each input group of the dialect's record (models/dialects.py: linears in
    execution order, the native module whose input they share, the module that produces it)
    run the cached samples up to that module with a forward pre-hook that hands each input to
@@ -87,15 +89,17 @@ class QuantizeJob:
 
 
 def calibration_embeddings(reader: CheckpointReader, config: dict, layout: Layout, samples: list[Sample], seq_len: int,
-                           budget: int, work: Path, log: Callable[[str], None] = lambda _m: None) -> Activations:
-    """Input embeddings of every sample, float32 [1, T, hidden] with T <= seq_len, image features
-    spliced in at the IMG_CONTEXT tokens; spilled into `work` beyond `budget` bytes.
+                           budget: int, work: Path, log: Callable[[str], None] = lambda _m: None,
+                           device: str = "cpu") -> Activations:
+    """Input embeddings of every sample, float32 [1, T, hidden] on the CPU with T <= seq_len, image
+    features spliced in at the IMG_CONTEXT tokens; spilled into `work` beyond `budget` bytes.
 
-    The runtime's vision part (InternViT + pixel shuffle + mlp1, never quantized) and tokenizer
-    make the image features and prompts; the LLM is not built, only its embedding table read."""
+    The runtime's vision part (InternViT + pixel shuffle + mlp1, never quantized; float32, run on
+    `device`, the job's "cpu" or "cuda") and tokenizer make the image features and prompts; the
+    LLM is not built, only its embedding table read (on the CPU)."""
     from ..runtime.model import InternVLRuntime
 
-    vision = InternVLRuntime(reader.folder, dtype=torch.float32, load_llm=False)
+    vision = InternVLRuntime(reader.folder, dtype=torch.float32, load_llm=False, device=device)
     embed_key = next(k for k, i in layout.keys.items() if i.family == "llm" and i.part == "embeddings")
     table = reader.get(embed_key).float()
     context_id = vision.tokenizer.convert_tokens_to_ids(IMG_CONTEXT)
@@ -107,11 +111,14 @@ def calibration_embeddings(reader: CheckpointReader, config: dict, layout: Layou
         ids = vision.tokenizer(text, return_tensors="pt").input_ids[:, :seq_len]
         embeds = table[ids]
         if tiles is not None:
-            features = vision.image_features(tiles).reshape(-1, table.shape[1])
+            features = vision.image_features(tiles).reshape(-1, table.shape[1]).cpu()
             mask = ids[0] == context_id
             embeds[0, mask] = features[: int(mask.sum())]  # a truncated prompt keeps the leading image tokens
         acts.append(embeds)
         log(f"calibration {number}/{len(samples)} samples")
+    del vision
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()  # the tower's memory goes back before the decoder layers are built
     return acts
 
 
@@ -331,7 +338,8 @@ def quantize_calibrated(source: Path, out: Path, quantizer: Quantizer, job: Cali
                 samples = load_calibration(Path(job.calib), job.num_samples) if job.calib else builtin_samples(job.num_samples, job.seed)
                 record, rows = calibration_record(samples, job.calib, job.seed)
                 write_file(raw_writer.partial / ROWS_FILE, {"calibration": record, "rows": rows})  # kept for --resume
-                acts = calibration_embeddings(reader, config, layout, samples, job.seq_len, job.memory_budget, state.spill, log)
+                acts = calibration_embeddings(reader, config, layout, samples, job.seq_len, job.memory_budget, state.spill, log,
+                                              job.device)
                 state.save(acts, 0)
             for index in range(done, layout.llm_layers):
                 acts = quantize_layer(reader, config, layout, index, acts, quantizer, job, writer, per_layer.get(index, []),

@@ -11,7 +11,8 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
-from ..errors import InputError
+from ..errors import InputError, name_config
+from ..io.reader import require_checkpoint_folder
 
 console = Console(stderr=True)
 stdout = Console() if sys.stdout.isatty() else Console(width=140)
@@ -26,7 +27,11 @@ class ToolGroup(click.Group):
         except InputError as exc:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
-            click.echo(f"error: {exc}", err=True)
+            message = str(exc)
+            folders = (ctx.obj or {}).get("checkpoints", {})
+            if len(folders) == 1:  # `config.json: ...` raised where only the dict was known: name the folder
+                message = name_config(message, next(iter(folders.values())))
+            click.echo(f"error: {message}", err=True)
             ctx.exit(2)
         except OSError as exc:
             if ctx.obj and ctx.obj.get("debug"):
@@ -34,6 +39,18 @@ class ToolGroup(click.Group):
             where = f" {exc.filename}" if exc.filename else ""
             click.echo(f"error:{where}: {exc.strerror or exc}; check the path and free disk space", err=True)
             ctx.exit(2)
+
+
+def checkpoint_folder(ctx: click.Context, _param: click.Parameter, value):
+    """Click callback of every CHECKPOINT argument: a file (a shard, config.json) is refused with
+    "pass the checkpoint folder" (io.reader.require_checkpoint_folder, the one shared check), and the
+    folder is recorded so that an error about `config.json` names it."""
+    if value is None:
+        return None
+    path = require_checkpoint_folder(value)
+    if ctx.obj is not None:
+        ctx.obj.setdefault("checkpoints", {}).setdefault(path.resolve(), path)
+    return path
 
 
 @contextmanager

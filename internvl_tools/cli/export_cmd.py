@@ -11,11 +11,11 @@ from rich.table import Table
 
 from ..errors import InputError
 from ..io.writer import check_output, staged_folder
-from .common import byte_progress, console, emit_json, human_bytes, human_count, stdout
+from .common import byte_progress, checkpoint_folder, console, emit_json, human_bytes, human_count, stdout
 
 
 @click.command("export")
-@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.argument("checkpoint", type=click.Path(path_type=Path), callback=checkpoint_folder)
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="output folder")
 @click.option("--format", "fmt", type=click.Choice(["onnx", "tensorrt"]), default="onnx", show_default=True,
               help="onnx: model.onnx + model.onnx.data; tensorrt: also model.engine (needs tensorrt and a GPU)")
@@ -43,6 +43,11 @@ def export_cmd(ctx: click.Context, checkpoint: Path, out: Path, fmt: str, dtype:
     from ..export.vision_onnx import (META_FILE, MODEL_FILE, available_memory, check_mode, default_max_batch, export_onnx,
                                       parity, parity_segments, plan_export, segment_memory_needed)
 
+    if fmt != "tensorrt":  # options that only shape the TensorRT engine are refused, not ignored
+        for name in ("opt_batch", "workspace"):
+            if ctx.get_parameter_source(name) not in (click.core.ParameterSource.DEFAULT, None):
+                raise InputError(f"--{name.replace('_', '-')} applies to --format tensorrt (the engine build); "
+                                 f"--format {fmt} does not use it: remove it")
     check_output(out, [checkpoint], overwrite)
     for module in ("onnx",) if no_check else ("onnx", "onnxruntime"):
         try:

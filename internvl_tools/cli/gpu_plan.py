@@ -42,10 +42,16 @@ def gpu_options(func):
 
 
 def parse_gpu_options(gpus: int | None, gpu_memory: str, reserve: str, context: int, batch: int) -> GpuOptions | None:
-    """Validated options, or None when --gpus was not given."""
+    """Validated options, or None when --gpus was not given (then --gpu-memory, --reserve, --context
+    and --batch, which only size a GPU plan, are refused when given: InputError)."""
     if gpus is None:
+        ctx = click.get_current_context(silent=True)
+        for name in ("gpu_memory", "reserve", "context", "batch"):
+            if ctx is not None and ctx.get_parameter_source(name) not in (click.core.ParameterSource.DEFAULT, None):
+                raise InputError(f"--{name.replace('_', '-')} sizes a multi-GPU plan and applies only with --gpus N; "
+                                 "add --gpus or remove it")
         return None
-    gpu_bytes, reserve_bytes = parse_size(gpu_memory), parse_size(reserve)
+    gpu_bytes, reserve_bytes = parse_size(gpu_memory), parse_size(reserve, allow_zero=True)
     if reserve_bytes >= gpu_bytes:
         raise InputError(f"--reserve {reserve} leaves nothing of --gpu-memory {gpu_memory}; lower the reserve")
     return GpuOptions(gpus, gpu_bytes, reserve_bytes, context, batch)

@@ -14,13 +14,13 @@ from ..models.families import FAMILIES
 from ..models.layout import build_layout
 from ..errors import InputError
 from ..io.reader import CheckpointReader
-from ..io.writer import check_output, parse_size
+from ..io.writer import check_apart, check_output, parse_size
 from ..models.views import open_view
 from ..planners.gpu_layout import native_device_map, order_by_gpu, plan_for_checkpoint
 from ..evaluate.inspect import summarize
 from ..transforms.shard import reshard
 from .gpu_plan import GpuOptions, does_not_fit_message, gpu_options, parse_gpu_options, plan_json, print_plan
-from .common import ToolGroup, pipeline_log, byte_progress, layer_progress, emit_json, human_bytes, human_count, stdout
+from .common import ToolGroup, checkpoint_folder, pipeline_log, byte_progress, layer_progress, emit_json, human_bytes, human_count, stdout
 
 SIZE_HELP = "largest shard, e.g. 5GB, 500MB, 2GiB"
 
@@ -38,7 +38,7 @@ def cli(ctx: click.Context, debug: bool, follow_symlinks: bool) -> None:
 
 
 @cli.command("inspect")
-@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.argument("checkpoint", type=click.Path(path_type=Path), callback=checkpoint_folder)
 @click.option("--json", "as_json", is_flag=True, help="print a JSON report")
 @gpu_options
 def inspect_cmd(checkpoint: Path, as_json: bool, **gpu_args) -> None:
@@ -152,6 +152,8 @@ def make_tiny_cmd(family: str, out: Path, lora: str, rank: int, shards: int, wid
     with byte_progress("generating", 0, enabled=wide and not as_json) as advance:
         if head_dim is not None and (wide or head_dim % 2):
             raise InputError("--head-dim takes an even number and applies to tiny checkpoints (not --wide)")
+        if lora == "peft":  # OUT-peft-adapter/ is an output too: never written over silently
+            check_output(out.with_name(out.name + "-peft-adapter"), [], overwrite)
         path = make_checkpoint(family, out, lora="none" if lora == "peft" else lora, rank=rank, shards=shards, wide=wide, seed=seed,
                                overwrite=overwrite, progress=advance, head_dim=head_dim)
     if lora == "peft":
@@ -165,7 +167,7 @@ def make_tiny_cmd(family: str, out: Path, lora: str, rank: int, shards: int, wid
 
 
 @cli.command("shard")
-@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.argument("checkpoint", type=click.Path(path_type=Path), callback=checkpoint_folder)
 @click.option("-o", "--out", type=click.Path(path_type=Path), help="output folder (not needed with --plan-only)")
 @click.option("--max-shard-size", default="5GB", show_default=True, help=SIZE_HELP)
 @gpu_options
@@ -218,7 +220,7 @@ def shard_cmd(checkpoint: Path, out: Path | None, max_shard_size: str, plan_only
 
 
 @cli.command("convert")
-@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.argument("checkpoint", type=click.Path(path_type=Path), callback=checkpoint_folder)
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="output folder")
 @click.option("--to", "target", type=click.Choice(["hf", "original"]), default="hf", show_default=True,
               help="hf: transformers-native InternVLForConditionalGeneration; original: back to the remote-code layout")
@@ -246,7 +248,7 @@ def convert_cmd(checkpoint: Path, out: Path, target: str, max_shard_size: str, o
 
 
 @cli.command("quantize")
-@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.argument("checkpoint", type=click.Path(path_type=Path), callback=checkpoint_folder)
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="output folder")
 @click.option("--method", type=click.Choice(["int8", "gptq", "awq"]), default=None,
               help="int8: LLM.int8() weights; gptq / awq: layer-by-layer GPTQ / AWQ with multimodal calibration")
@@ -285,16 +287,20 @@ def convert_cmd(checkpoint: Path, out: Path, target: str, max_shard_size: str, o
 @click.pass_context
 def quantize_cmd(ctx: click.Context, checkpoint: Path, out: Path, recipe: Path | None, as_json: bool, **options) -> None:
     """Quantize the LLM of CHECKPOINT (the vision tower, mlp1, embeddings and head stay as they are)."""
+    from_recipe: set[str] = set()
     if recipe:
-        options = apply_recipe(ctx, recipe, options)
+        options, from_recipe = apply_recipe(ctx, recipe, options)
     if options["method"] is None:
         raise InputError("missing --method: int8, gptq or awq (or a --recipe that sets it)")
-    _refuse_options_of_other_methods(ctx, options)
+    _refuse_options_of_other_methods(ctx, options, from_recipe, recipe)
     options["fmt"] = _output_format(options["method"], options["fmt"])
     limit = parse_size(options["max_shard_size"])
+    inputs = [checkpoint, options["calib"], recipe]  # -o must not replace calibration data either
     if not options["resume"]:
-        check_output(out, [checkpoint], options["overwrite"])
-    elif out.is_dir() and any(out.iterdir()) and not out.with_name(out.name + ".partial").exists():
+        check_output(out, inputs, options["overwrite"])
+    else:
+        check_apart(out, inputs, "output", replaced=True)
+    if options["resume"] and out.is_dir() and any(out.iterdir()) and not out.with_name(out.name + ".partial").exists():
         raise InputError(f"{out} is already complete: there is no {out.name}.partial to resume; "
                          "pass --overwrite (without --resume) to redo it")
     with CheckpointReader(checkpoint) as reader:
@@ -330,34 +336,47 @@ OPTION_METHODS = {
 }
 
 
-def _refuse_options_of_other_methods(ctx: click.Context, options: dict) -> None:
-    """An option given on the command line that the chosen method ignores is an error, not a no-op."""
+def _refuse_options_of_other_methods(ctx: click.Context, options: dict, from_recipe: set[str] = frozenset(),
+                                     recipe: Path | None = None) -> None:
+    """An option given on the command line, or set by the --recipe, that the chosen method ignores
+    is an error, not a no-op."""
     method = options["method"]
     for name, methods in OPTION_METHODS.items():
         source = ctx.get_parameter_source(name)
-        if method not in methods and source not in (click.core.ParameterSource.DEFAULT, None):
+        given = source not in (click.core.ParameterSource.DEFAULT, None)
+        if method not in methods and (given or name in from_recipe):
             flag = "--" + name.replace("_", "-")
-            if name in ("only", "skip") and method == "gptq":
+            if given and name in ("only", "skip") and method == "gptq":
                 continue  # _run_gptq explains the vision-tower case itself
-            raise InputError(f"{flag} does not apply to --method {method} (it is for --method {' / '.join(methods)}); remove it")
+            where = "" if given else f" (set by the recipe {recipe})"
+            raise InputError(f"{flag}{where} does not apply to --method {method} (it is for --method {' / '.join(methods)}); "
+                             + ("remove it" if given else "use a recipe for this method, or drop --recipe"))
 
 
-def apply_recipe(ctx: click.Context, recipe: Path, options: dict) -> dict:
-    """Recipe values for every option left at its default (command-line values win)."""
+def apply_recipe(ctx: click.Context, recipe: Path, options: dict) -> tuple[dict, set[str]]:
+    """Recipe values for every option left at its default (command-line values win), and the
+    names the recipe set. A recipe whose `method` differs from the command line's --method is
+    refused (InputError): its other values are that method's."""
     import yaml
 
     try:
         values = yaml.safe_load(recipe.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         raise InputError(f"{recipe}: not valid YAML ({exc})") from exc
-    merged = dict(options)
+    if not isinstance(values, dict):
+        raise InputError(f"{recipe}: not a mapping of quantize options (method: gptq, bits: 4, ...)")
+    merged, applied = dict(options), set()
     for key, value in values.items():
         name = key.replace("-", "_")
         if name not in options:
             raise InputError(f"{recipe}: unknown option {key!r}; recipes set quantize options such as method, bits, group_size")
         if ctx.get_parameter_source(name) in (click.core.ParameterSource.DEFAULT, None):
             merged[name] = str(value) if name == "bits" else value
-    return merged
+            applied.add(name)
+        elif name == "method" and value != options["method"]:
+            raise InputError(f"--method {options['method']} conflicts with the recipe {recipe} (method: {value}); its other "
+                             f"values are for {value}: drop --method, or use a recipe for --method {options['method']}")
+    return merged, applied
 
 
 VISION_BELOW_8 = ("quantizing the vision tower below 8 bits is refused: InternViT-6B produces nonsense under 4-bit "
@@ -477,11 +496,12 @@ def _run_int8(checkpoint: Path, out: Path, options: dict, limit: int, total: int
 
 
 @cli.command("merge-lora")
-@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.argument("checkpoint", type=click.Path(path_type=Path), callback=checkpoint_folder)
 @click.option("-o", "--out", type=click.Path(path_type=Path), default=None, help="output folder (not needed with --dry-run)")
 @click.option("--adapter", "adapters", multiple=True, type=click.Path(path_type=Path),
               help="a PEFT adapter folder (repeatable, merged in order after any embedded LoRA)")
-@click.option("--alpha", type=float, default=None, help="alpha of the embedded LoRA (default 2r, as InternVL's training sets it)")
+@click.option("--alpha", type=float, default=None, help="alpha of the embedded LoRA (default 2r, as InternVL's training sets it); "
+              "a PEFT --adapter uses its own lora_alpha, so --alpha is refused when CHECKPOINT has no embedded LoRA")
 @click.option("--max-shard-size", default="5GB", show_default=True, help=SIZE_HELP)
 @click.option("--overwrite", is_flag=True, help="replace a non-empty OUT")
 @click.option("--dry-run", is_flag=True, help="show what would be merged (modules, rank, alpha, scale, source) and what "
@@ -555,7 +575,7 @@ def _report_merge_plan(plan, as_json: bool) -> None:
 
 
 @cli.command("chat")
-@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.argument("checkpoint", type=click.Path(path_type=Path), callback=checkpoint_folder)
 @click.argument("question")
 @click.option("--image", type=click.Path(path_type=Path, exists=True, dir_okay=False), help="an image file")
 @click.option("--max-new-tokens", default=64, show_default=True)

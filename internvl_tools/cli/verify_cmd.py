@@ -9,15 +9,16 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from ..errors import InputError
-from .common import emit_json, stdout
+from ..errors import InputError, about_checkpoint
+from ..io.writer import check_apart
+from .common import checkpoint_folder, emit_json, stdout
 
 METRICS = ("n", "ref_accuracy", "cand_accuracy", "answer_agreement", "mean_kl", "top1_agreement", "image_cosine")
 
 
 @click.command("verify")
-@click.argument("reference", type=click.Path(path_type=Path))
-@click.argument("candidate", type=click.Path(path_type=Path), required=False)
+@click.argument("reference", type=click.Path(path_type=Path), callback=checkpoint_folder)
+@click.argument("candidate", type=click.Path(path_type=Path), required=False, callback=checkpoint_folder)
 @click.option("--bench", "bench", type=click.Path(path_type=Path), required=True, help="a VLMEvalKit .tsv or a .jsonl slice")
 @click.option("--limit", type=int, default=200, show_default=True, help="first N items of the slice")
 @click.option("--max-acc-drop", type=float, default=1.0, show_default=True, help="accuracy points the candidate may lose")
@@ -52,10 +53,8 @@ def verify_cmd(reference: Path, candidate: Path | None, bench: Path, limit: int,
     import torch
 
     from ..io.slices import read_slice
-    from ..evaluate.verify import (cache_key, calibration_hint, calibration_overlap, calibration_record, compare_candidate,
+    from ..evaluate.verify import (cache_key, calibration_hint, calibration_overlap, calibration_record,
                                    load_or_run_reference, summarize, verdict)
-    from ..export.onnx_runner import onnx_vision
-    from ..runtime.model import InternVLRuntime
 
     if candidate is None:
         if vision_onnx is None:
@@ -65,6 +64,10 @@ def verify_cmd(reference: Path, candidate: Path | None, bench: Path, limit: int,
     for folder in (reference, candidate):
         if not (Path(folder) / "config.json").exists():
             raise InputError(f"{folder}: no config.json; pass checkpoint folders as REFERENCE and CANDIDATE")
+    inputs = [reference, candidate, bench, vision_onnx]
+    for option, path in (("--json", json_path), ("--markdown", markdown_path), ("--plot", plot_path), ("--ref-cache", ref_cache)):
+        if path is not None and str(path) != "-":
+            check_apart(path, inputs, option)  # before any work: a report never overwrites what it measures
     vllm_python = None
     if engine == "vllm":
         from ..evaluate.vllm_engine import require_vllm_python
@@ -94,19 +97,12 @@ def verify_cmd(reference: Path, candidate: Path | None, bench: Path, limit: int,
     mine = items[rank::world]
     torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
     key = cache_key(reference, bench, limit, max_new_tokens)
-    records = load_or_run_reference(reference, mine, ref_cache, key, max_new_tokens, torch_dtype,
-                                    f"-rank{rank}of{world}" if world > 1 else "", device)
-    if engine == "vllm":
-        from ..evaluate.vllm_engine import compare_candidate_vllm
-
-        rows = compare_candidate_vllm(candidate, mine, records, max_new_tokens, dtype, python=vllm_python)
-        mismatched = [r["index"] for r in rows if not r.pop("prompt_match")]
-        if mismatched:
-            click.echo(f"warning: vLLM tokenized or tiled the prompt of {len(mismatched)} item(s) differently from the runtime "
-                       f"(first: index {mismatched[0]}); their scores mix preprocessing and weights", err=True)
-    else:
-        runtime = InternVLRuntime(candidate, dtype=torch_dtype, device=device, vision_features=onnx_vision(vision_onnx, device))
-        rows = compare_candidate(runtime, mine, records, max_new_tokens)
+    with about_checkpoint(reference):
+        records = load_or_run_reference(reference, mine, ref_cache, key, max_new_tokens, torch_dtype,
+                                        f"-rank{rank}of{world}" if world > 1 else "", device)
+    with about_checkpoint(candidate):
+        rows = _candidate_rows(candidate, mine, records, max_new_tokens, dtype, torch_dtype, device, engine, vllm_python,
+                               vision_onnx)
     rows = gather(rows, world, [i.index for i in items])
     if rank != 0:
         return
@@ -131,6 +127,26 @@ def verify_cmd(reference: Path, candidate: Path | None, bench: Path, limit: int,
         plot(report, plot_path)
     if failures:
         raise click.exceptions.Exit(1)
+
+
+def _candidate_rows(candidate: Path, items: list, records: list[dict], max_new_tokens: int, dtype: str, torch_dtype, device: str,
+                    engine: str, vllm_python, vision_onnx: Path | None) -> list[dict]:
+    """The candidate's rows against the reference records, in the runtime or in vLLM."""
+    if engine == "vllm":
+        from ..evaluate.vllm_engine import compare_candidate_vllm
+
+        rows = compare_candidate_vllm(candidate, items, records, max_new_tokens, dtype, python=vllm_python)
+        mismatched = [r["index"] for r in rows if not r.pop("prompt_match")]
+        if mismatched:
+            click.echo(f"warning: vLLM tokenized or tiled the prompt of {len(mismatched)} item(s) differently from the runtime "
+                       f"(first: index {mismatched[0]}); their scores mix preprocessing and weights", err=True)
+        return rows
+    from ..evaluate.verify import compare_candidate
+    from ..export.onnx_runner import onnx_vision
+    from ..runtime.model import InternVLRuntime
+
+    runtime = InternVLRuntime(candidate, dtype=torch_dtype, device=device, vision_features=onnx_vision(vision_onnx, device))
+    return compare_candidate(runtime, items, records, max_new_tokens)
 
 
 def distributed_setup() -> tuple[int, int]:

@@ -32,8 +32,9 @@ class CheckpointReader:
     def __init__(self, folder: str | os.PathLike[str], *, follow_symlinks: bool | None = None):
         """`folder` is a checkpoint folder, or one .safetensors file (e.g. a PEFT adapter's).
 
-        A shard that is a symlink to a file outside the folder is refused (CheckpointError)
-        unless `follow_symlinks` (default: the class attribute, set by `--follow-symlinks`);
+        A shard or side file (tokenizer, remote code, ...: what outputs copy) that is a symlink
+        to a file outside the folder is refused (CheckpointError) unless `follow_symlinks`
+        (default: the class attribute, set by `--follow-symlinks`);
         links into the Hugging Face cache's own `blobs/` folder (what `huggingface_hub`
         downloads look like) are allowed."""
         self.folder = Path(folder)
@@ -47,6 +48,8 @@ class CheckpointReader:
             if not follow:
                 for shard in self.shards:
                     _check_symlink(self.folder, shard.path)
+                for path in symlinked_side_files(self.folder):  # tokenizer, remote code, ...: copied into outputs
+                    _check_symlink(self.folder, path)
         self._tensors: dict[str, StoredTensor] = {}
         for shard in self.shards:
             self._tensors.update(shard.tensors)
@@ -146,6 +149,14 @@ class CheckpointReader:
         return self._handle
 
 
+def require_checkpoint_folder(path: str | os.PathLike[str]) -> Path:
+    """`path` as a Path, or CheckpointError (one line) when it is a file: every command takes the
+    checkpoint folder, not one of its shards or its config.json. A missing path is left to the reader."""
+    if Path(path).is_file():
+        raise CheckpointError(f"{path}: a file; pass the checkpoint folder (the one with config.json and the weights)")
+    return Path(path)
+
+
 def read_json(path: Path) -> dict:
     """Read a JSON object file, with a one-line error naming the file when it is bad."""
     try:
@@ -161,10 +172,14 @@ def read_json(path: Path) -> dict:
 
 def _load_shards(folder: Path) -> list[ShardHeader]:
     index_path = folder / INDEX_NAME
-    if index_path.exists():
-        return _load_indexed(folder, index_path)
     single = folder / SINGLE_NAME
+    if index_path.exists():
+        if single.exists():
+            raise CheckpointError(f"{folder}: holds both {SINGLE_NAME} and {INDEX_NAME}, so which weights are meant is "
+                                  f"ambiguous; remove {SINGLE_NAME} or the index (and its shards)")
+        return _load_indexed(folder, index_path)
     if single.exists():
+        _check_unindexed(folder, None, {SINGLE_NAME: []})
         return [read_header(single)]
     raise CheckpointError(f"{folder}: no {SINGLE_NAME} or {INDEX_NAME}; pass a folder with safetensors weights")
 
@@ -199,8 +214,23 @@ def _load_indexed(folder: Path, index_path: Path) -> list[ShardHeader]:
     return shards
 
 
+NEVER_READ = (".bin", ".bin.index.json", ".pt", ".pth")  # weights this toolkit neither reads nor copies
+
+
+def symlinked_side_files(folder: Path) -> Iterator[Path]:
+    """The symlinks among the entries of a checkpoint folder that outputs may copy
+    (io.writer.copy_side_files): all but hidden names and weights that are never read, down
+    through sub-folders (a symlinked sub-folder is yielded, not entered)."""
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in sorted(dirs + files):
+            path = Path(root) / name
+            if not name.startswith(".") and not name.endswith(NEVER_READ) and path.is_symlink():
+                yield path
+
+
 def _check_symlink(folder: Path, path: Path) -> None:
-    """Refuse a shard that resolves outside the checkpoint folder (but a HF-cache blob)."""
+    """Refuse a shard or side file that resolves outside the checkpoint folder (but a HF-cache blob)."""
     if not path.is_symlink():
         return
     target, home = path.resolve(), folder.resolve()
@@ -211,17 +241,18 @@ def _check_symlink(folder: Path, path: Path) -> None:
     raise CheckpointError(f"{path}: a symlink to {target}, outside the checkpoint folder; pass --follow-symlinks if that is intended")
 
 
-def _check_unindexed(folder: Path, index_path: Path, files: dict[str, list[str]]) -> None:
-    """Refuse shard files named like the index's shards that the index lists no key of."""
-    import re
-
-    pattern = re.compile(r".+-\d+-of-(\d+)\.safetensors")
-    counts = {m.group(1) for name in files if (m := pattern.fullmatch(name))}
+def _check_unindexed(folder: Path, index_path: Path | None, files: dict[str, list[str]]) -> None:
+    """Refuse any *.safetensors file of the folder that would not be read (the index lists none
+    of its keys; or, without an index, it is not model.safetensors): its tensors would be
+    dropped silently from every output."""
     for path in sorted(folder.glob("*.safetensors")):
-        match = pattern.fullmatch(path.name)
-        if match and match.group(1) in counts and path.name not in files:
+        if path.name in files:
+            continue
+        if index_path is not None:
             raise CheckpointError(f"{index_path}: lists none of the keys of shard {path.name}; regenerate the index "
                                   "(or remove the stray shard)")
+        raise CheckpointError(f"{path}: not read: without {INDEX_NAME} only {SINGLE_NAME} is; write the index "
+                              "(or move the file out of the checkpoint folder)")
 
 
 def _check_relative(index_path: Path, key: str, filename: object) -> None:

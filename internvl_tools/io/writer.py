@@ -24,8 +24,9 @@ WRITE_CHUNK = 16 * 2**20  # bytes per pwrite: keeps dirty-page throttling smooth
 WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json", ".pt", ".pth")
 
 
-def parse_size(text: str | int) -> int:
-    """Parse '5GB', '500MB', '80GiB', '1e9' or a byte count into bytes."""
+def parse_size(text: str | int, *, allow_zero: bool = False) -> int:
+    """Parse '5GB', '500MB', '80GiB', '1e9' or a byte count into bytes (InputError when it is not a
+    size or not positive; `allow_zero`: 0 is accepted, e.g. `--reserve 0GiB`)."""
     if isinstance(text, int):
         return text
     units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -37,7 +38,7 @@ def parse_size(text: str | int) -> int:
         value = float(number)
     except ValueError:
         raise InputError(f"size {text!r} is not a number with a unit; write e.g. 5GB, 500MB or 80GiB") from None
-    if unit not in units or value <= 0:
+    if unit not in units or value < 0 or (value == 0 and not allow_zero):
         raise InputError(f"size {text!r}: unknown unit or not positive; write e.g. 5GB, 500MB or 80GiB")
     return int(value * units[unit])
 
@@ -74,13 +75,32 @@ def shard_file_names(count: int) -> list[str]:
     return [f"model-{k:05d}-of-{count:05d}.safetensors" for k in range(1, count + 1)]
 
 
+def check_apart(path: Path, inputs: list[Path | None], option: str = "output", *, replaced: bool = False) -> None:
+    """Refuse an output `path` (a file or folder that `option` writes) that is an input or lies
+    inside an input folder, so that no run ever overwrites or adds to its inputs.
+
+    `replaced`: the output is a folder that a run deletes and recreates (`-o OUT` with its
+    OUT.partial/ and OUT.replaced/ siblings), so it must not contain an input either.
+    InputError (one line, naming the option, the path and the input) when refused."""
+    targets = [Path(path)]
+    if replaced:
+        targets += [Path(path).with_name(Path(path).name + suffix) for suffix in (".partial", ".replaced")]
+    for target in targets:
+        resolved = target.resolve()
+        for source in inputs:
+            if source is None:
+                continue
+            src = Path(source).resolve()
+            if resolved == src or src in resolved.parents or (replaced and resolved in src.parents):
+                how = "is, contains or lies inside" if replaced else "is or lies inside"
+                raise InputError(f"{option} {path} {how} the input {source}; inputs are never modified: "
+                                 "choose a path outside the inputs")
+
+
 def check_output(out: Path, inputs: list[Path], overwrite: bool) -> None:
     """Refuse an output folder that is, contains or lies inside an input, or is non-empty."""
+    check_apart(out, inputs, "output", replaced=True)
     out_resolved = Path(out).resolve()
-    for source in inputs:
-        src = Path(source).resolve()
-        if out_resolved == src or src in out_resolved.parents or out_resolved in src.parents:
-            raise InputError(f"output {out} is, contains or lies inside the input {source}; choose an output folder outside the input")
     if out_resolved.exists():
         if not out_resolved.is_dir():
             raise InputError(f"output {out} exists and is not a folder; choose another path")

@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 
 from ..errors import LayoutError
-from ..io.reader import CheckpointReader, read_json
+from ..io.reader import CheckpointReader, read_json, require_checkpoint_folder
 from ..io.safetensors_format import TensorSpec
 from .dialects import get_dialect
 from .layout import build_layout, classify_key, llm_dialect
@@ -99,11 +99,21 @@ class NativeView:
         if link.merge is None:
             native = self.reader.spec(self._native(link.natives[0]))
             return TensorSpec(name, native.dtype, native.shape)
-        import torch
-
         specs = [self.reader.spec(self._native(n)) for n in link.natives]
-        merged = link.merge(*[torch.empty(s.shape, dtype=s.torch_dtype, device="meta") for s in specs])
-        return TensorSpec(name, specs[0].dtype, tuple(merged.shape))
+        return TensorSpec(name, specs[0].dtype, self._merged_shape(name, specs))
+
+    def _merged_shape(self, name: str, specs: list[TensorSpec]) -> tuple[int, ...]:
+        """The shape `link.merge` gives, from the parts' headers alone (no torch: inspect and
+        shard stay torch-free): one part keeps its shape (v1's transposes and chunk swaps); a
+        fused linear's parts stack their rows (models/native_map.py)."""
+        if len(specs) == 1:
+            return tuple(specs[0].shape)
+        rest = {tuple(s.shape[1:]) for s in specs}
+        if len(rest) > 1 or not specs[0].shape:
+            raise LayoutError(f"{self.folder}: the native parts of {name!r} have shapes "
+                              f"{', '.join(f'{s.name} {list(s.shape)}' for s in specs)}, which do not stack by rows into one "
+                              "fused tensor; the checkpoint is inconsistent")
+        return (sum(s.shape[0] for s in specs), *specs[0].shape[1:])
 
     def specs(self) -> list[TensorSpec]:
         return [self.spec(k) for k in self._keys]
@@ -147,11 +157,7 @@ def open_view(folder: str | os.PathLike[str], *, native_dialect: bool = False):
     """The checkpoint at `folder` as a view in original key names (see the module docstring).
 
     Raises CheckpointError / LayoutError (one line) for an unreadable folder or an unknown layout."""
-    from ..errors import CheckpointError
-
-    if Path(folder).is_file():
-        raise CheckpointError(f"{folder}: a file; pass the checkpoint folder (the one with config.json and the weights)")
-    reader = CheckpointReader(folder)
+    reader = CheckpointReader(require_checkpoint_folder(folder))
     try:
         config = reader.config()
         if is_native(config):

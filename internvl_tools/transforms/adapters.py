@@ -148,7 +148,9 @@ class Refusal:
 
     @property
     def message(self) -> str:
-        return f"{self.source}: {self.item}: {self.reason}" if self.item else f"{self.source}: {self.reason}"
+        """`source: item: reason`, without empty parts or a source the reason already starts with."""
+        lead = [] if not self.source or self.reason.startswith(self.source) else [self.source]
+        return ": ".join([*lead, *([self.item] if self.item else []), self.reason])
 
 
 @dataclass
@@ -371,6 +373,12 @@ def selected(config: dict, name: str) -> bool:
     return index == layers if isinstance(layers, int) else index in layers
 
 
+def quantized_base(fmt: str | None) -> str:
+    """The refusal for LoRA on a quantized base linear."""
+    return (f"its base linear is quantized ({fmt}); LoRA merges into full-precision weights: run merge-lora on the "
+            "unquantized checkpoint, then quantize the merged output")
+
+
 class BaseModel:
     """The base checkpoint, in original key names: where an adapter's module lands.
 
@@ -384,6 +392,19 @@ class BaseModel:
         self.dialect = llm_dialect(config)
         self.record = get_dialect(self.dialect)
         self._links: dict[str, Link] = {}
+        self.quant_format: str | None = None  # the base's quantized format (gptq, bnb_int8, ...), None when plain
+        self.quant_marker: str | None = None  # the parameter that marks a quantized linear (qweight, SCB, ...)
+
+    def quantized(self, key: str) -> bool:
+        """Whether the base linear owning original key `key` is stored quantized."""
+        return bool(self.quant_marker) and f"{key.rpartition('.')[0]}.{self.quant_marker}" in self.base_of
+
+    def no_base_weight(self, outer: str, inner: str) -> str:
+        """Why an adapter's parameter `inner` found no base tensor: a quantized base linear, or none at all."""
+        if self.quant_marker and self.resolve(outer, f"{inner.rpartition('.')[0]}.{self.quant_marker}") is not None:
+            return quantized_base(self.quant_format)
+        return (f"has no base weight (looked for {', '.join(repr(c) for c in self.candidates(outer, inner))}); "
+                "is this adapter for another model?")
 
     def link(self, key: str) -> Link:
         if key not in self._links:
@@ -503,8 +524,7 @@ def peft_ops(adapter: PeftAdapter, base: BaseModel, result: AdapterSet, shape_of
             continue
         found = base.resolve(outer, name + ".weight")
         if found is None:
-            result.refuse(where, pair["A"], f"has no base weight (looked for {', '.join(repr(c) for c in base.candidates(outer, name + '.weight'))}); "
-                                            "is this adapter for another model?")
+            result.refuse(where, pair["A"], base.no_base_weight(outer, name + ".weight"))
             continue
         target, part = found
         embedding = kinds[module] == "embedding"
@@ -536,8 +556,7 @@ def peft_ops(adapter: PeftAdapter, base: BaseModel, result: AdapterSet, shape_of
             inner = re.sub(r"\.modules_to_save(\.[^.]+)?\.", ".", inner).replace(".base_layer.", ".")
             found = base.resolve(outer, inner)
             if found is None:
-                result.refuse(where, key, f"has no base weight (looked for {', '.join(repr(c) for c in base.candidates(outer, inner))}); "
-                                          "is this adapter for another model?")
+                result.refuse(where, key, base.no_base_weight(outer, inner))
                 continue
             target, part = found
             if tuple(shape_of(key)) != base.shape(target, part):
@@ -568,8 +587,7 @@ def peft_ops(adapter: PeftAdapter, base: BaseModel, result: AdapterSet, shape_of
             continue
         found = base.resolve(outer, name + ".weight")
         if found is None:
-            result.refuse(where, key, f"has no base weight (looked for {', '.join(repr(c) for c in base.candidates(outer, name + '.weight'))}); "
-                                      "is this adapter for another model?")
+            result.refuse(where, key, base.no_base_weight(outer, name + ".weight"))
             continue
         target, part = found
         rows, cols = base.shape(target, part)

@@ -19,7 +19,8 @@ from ..io.reader import CheckpointReader
 from ..models.layout import Layout, build_layout
 from ..models.views import open_view
 from .adapters import (FLAGS, AdapterSet, BaseModel, Op, embedded_deltas, factor_shape_error, flag_mismatches, load_bin,
-                       open_peft_adapter, peft_ops, plain_key)
+                       open_peft_adapter, peft_ops, plain_key, quantized_base)
+from ..formats.registry import detect
 from .stream import Output, run_transform
 
 ROW_BLOCK = 2048
@@ -93,17 +94,24 @@ def plan_merge(reader, adapters: list[Path], alpha: float | None) -> MergePlan:
     config = reader.config()
     layout = build_layout(config, reader.specs())
     shapes = {spec.name: tuple(spec.shape) for spec in reader.specs()}
+    if alpha is not None and not layout.lora:
+        raise InputError(f"--alpha sets the alpha of LoRA embedded in {reader.folder}, which has none; a PEFT --adapter "
+                         "carries its own lora_alpha (adapter_config.json), which is used: remove --alpha")
     plan = embedded_deltas(layout, shapes, alpha)
     base_of = {plain_key(k): k for k, info in layout.keys.items() if info.lora is None}
     base = BaseModel(config, shapes, base_of)
+    fmt = detect(config, shapes)
+    if fmt.name != "plain":
+        base.quant_format, base.quant_marker = fmt.name, fmt.marker
     sources = TensorSources(reader)
     for folder in adapters:
         try:
             adapter = open_peft_adapter(folder)
         except InputError as exc:
-            plan.refuse("", "", str(exc))
+            plan.refuse(str(folder), "", str(exc))  # the reason names the file
             continue
         peft_ops(adapter, base, plan, lambda key, w=str(adapter.weights): sources.shape(w, key))
+    _refuse_quantized(plan, base)
     _check_tensors(plan, base, sources)
     if not plan.ops and not plan.refused:
         sources.close()
@@ -128,6 +136,14 @@ def plan_merge(reader, adapters: list[Path], alpha: float | None) -> MergePlan:
 
 def _mismatched_flags(config: dict, layout: Layout) -> list[str]:
     return [flag for flag, family, _label in FLAGS if bool(config.get(flag)) != (family in layout.lora)]
+
+
+def _refuse_quantized(plan: AdapterSet, base: BaseModel) -> None:
+    """Changes whose base linear is stored quantized (int8 weights with SCB, ...) are refused: a
+    LoRA delta cannot be added to quantized codes."""
+    for key in [k for k in plan.ops if base.quantized(k)]:
+        for op in plan.ops.pop(key):
+            plan.refuse(op.source, f"LoRA for {base.part_name(key, op.part)!r}", quantized_base(base.quant_format))
 
 
 def _check_tensors(plan: AdapterSet, base: BaseModel, sources: TensorSources) -> None:
