@@ -1,7 +1,17 @@
-"""GPTQ peak memory on the wide InternVL2-Llama3-76B-shaped checkpoint (true widths, 2 layers).
+"""GPTQ / AWQ peak memory on the wide InternVL2-Llama3-76B-shaped checkpoint (true Llama-3-70B
+widths: hidden 8192, intermediate 28672, 64 heads / 8 KV heads; 2 decoder layers).
 
 Peak RSS should be about 1 GiB + a small multiple of one decoder layer + the calibration
-activations, never the whole LLM. Run: python benchmarks/bench_gptq_memory.py [--samples 8] [--seq-len 256]
+activations, never the whole LLM.
+
+Run: python benchmarks/bench_gptq_memory.py [--method gptq|awq] [--samples 8] [--seq-len 256] [--layers N]
+
+--layers 0 (GPTQ's default) runs `internvl-tools quantize` over the whole checkpoint; --layers N
+(AWQ's default 1: its scale search is ~470 TFLOP per layer at this width, about an hour on 2
+cores) runs the same pipeline through the library and stops once N decoder layers are finished
+and written, so the figure is one true-width layer's peak (every layer has the same shapes). The
+AWQ run uses the CLI's defaults: w4 g128 with zero points, gemm output, 20-point scale grid,
+clipping search.
 """
 
 from __future__ import annotations
@@ -14,15 +24,47 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import GIB, WORK, folder_bytes, fresh, markdown_table, timed, wide_checkpoint  # noqa: E402
 
+# the library run that stops after N finished layers (argv: method, source, out, samples, seq_len, layers)
+STOP_AFTER = """
+import sys, time
+from pathlib import Path
+method, src, out, samples, seq_len, layers = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), *map(int, sys.argv[4:7])
+started = time.perf_counter()
+
+class Done(Exception):
+    pass
+
+def progress(done):
+    print(f"layer {done} finished at {time.perf_counter() - started:.0f} s", flush=True)
+    if done >= layers:
+        raise Done
+
+if method == "awq":
+    from internvl_tools.calibrate.awq import AWQConfig
+    from internvl_tools.calibrate.awq_quantizer import AWQJob, quantize_awq as run
+    job = AWQJob(AWQConfig(group_size=128), num_samples=samples, seq_len=seq_len)
+else:
+    from internvl_tools.calibrate.gptq import GPTQConfig
+    from internvl_tools.calibrate.gptq_quantizer import GPTQJob, quantize_gptq as run
+    job = GPTQJob(GPTQConfig(), num_samples=samples, seq_len=seq_len)
+try:
+    run(src, out, job, max_shard_size=5 * 2**30, log=lambda line: print(line, flush=True), progress=progress)
+except Done:
+    pass
+"""
+
 
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--method", choices=["gptq", "awq"], default="gptq")
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=None, help="stop after N decoder layers (0: all; AWQ default 1)")
     args = parser.parse_args()
+    layers = args.layers if args.layers is not None else (1 if args.method == "awq" else 0)
     src = wide_checkpoint()
-    from internvl_tools.models.layout import build_layout
     from internvl_tools.io.reader import CheckpointReader
+    from internvl_tools.models.layout import build_layout
 
     with CheckpointReader(src) as reader:
         config = reader.config()
@@ -31,16 +73,23 @@ def main() -> None:
         llm = sum(reader.spec(k).nbytes for k, i in layout.keys.items() if i.family == "llm")
     hidden = config["llm_config"]["hidden_size"]
     activations = args.samples * args.seq_len * hidden * 4
-    out = fresh(WORK / "gptq-wide")
-    seconds, rss = timed([sys.executable, "-m", "internvl_tools", "quantize", str(src), "-o", str(out), "--method", "gptq",
-                          "--num-samples", str(args.samples), "--seq-len", str(args.seq_len), "--json"])
-    written = folder_bytes(out)
+    out = fresh(WORK / f"{args.method}-wide")
+    if layers:
+        seconds, rss = timed([sys.executable, "-c", STOP_AFTER, args.method, str(src), str(out), str(args.samples),
+                              str(args.seq_len), str(layers)])
+        written, what = "-", f"{layers} of 2 layers"
+        fresh(out.with_name(out.name + ".partial"))
+    else:
+        seconds, rss = timed([sys.executable, "-m", "internvl_tools", "quantize", str(src), "-o", str(out), "--method", args.method,
+                              "--num-samples", str(args.samples), "--seq-len", str(args.seq_len), "--json"])
+        written, what = f"{folder_bytes(out) / GIB:.2f}", "2 layers"
     fresh(out)
+    scheme = "w4 g128 zero point" if args.method == "awq" else "w4 g128"
     print(f"wide InternVL2-Llama3-76B-shaped checkpoint ({folder_bytes(src) / GIB:.2f} GiB, 2 decoder layers of "
           f"{layer / GIB:.2f} GiB bf16); {args.samples} samples x {args.seq_len} tokens")
     print(markdown_table(
         ["run", "seconds", "output GiB", "peak RSS GiB", "one layer bf16 GiB", "activations GiB", "whole LLM of the real 76B GiB"],
-        [["quantize --method gptq (w4 g128)", f"{seconds:.0f}", f"{written / GIB:.2f}", f"{rss / GIB:.2f}", f"{layer / GIB:.2f}",
+        [[f"quantize --method {args.method} ({scheme}, {what})", f"{seconds:.0f}", written, f"{rss / GIB:.2f}", f"{layer / GIB:.2f}",
           f"{activations / GIB:.3f}", f"{(llm + 78 * layer) / GIB:.0f}"]]))
 
 

@@ -7,9 +7,11 @@ record in execution order: gather the group's input statistics on the layer's fo
 module that produces the input (`InputGroup.after`) / s: a norm's weight, or the rows (and
 bias) of the preceding linear. Under grouped-query attention the o_proj input columns are v_proj
 rows repeated over the query heads of each KV head: the scales are tied across those heads
-(one per v_proj row) so the fold stays exact. A group with no exact fold (`after` None: the
-rows of a fused tensor, InternLM2 wqkv -> wo, Phi-3 qkv_proj -> o_proj, gate_up_proj ->
-down_proj) keeps scale 1 and is named in the summary.
+(one per v_proj row) so the fold stays exact. Where `after` is a fused tensor
+(`InputGroup.after_rows`: InternLM2 wqkv -> wo, Phi-3 qkv_proj -> o_proj, both folding into
+their v rows, and Phi-3 gate_up_proj -> down_proj, into its up half) only those rows (and
+their bias) are divided. A group with no exact fold (`after` None, or shapes that do not tie)
+keeps scale 1 and is named in the summary.
 
 Then per group (`quantize_group`, true-sequential: the inputs come from the layer with the
 previous groups already quantized): the clipping search on each linear (skipped for q/k
@@ -33,7 +35,7 @@ from ..errors import InputError
 from ..formats import awq as awq_format
 from ..formats import compressed_tensors
 from ..io.safetensors_format import TensorSpec, torch_dtype
-from ..models.dialects import Dialect, InputGroup, get_dialect, layer_dims
+from ..models.dialects import FUSED_ROWS, Dialect, InputGroup, get_dialect, layer_dims
 from ..models.layout import KeyInfo, Layout, build_layout
 from ..models.views import open_view
 from .awq import AWQCodes, AWQConfig, InputStats, apply_clip, quantize, search_clip, search_scales
@@ -48,12 +50,15 @@ NO_CLIP = ("q_proj", "k_proj", "qkv_proj", "wqkv")  # linears whose outputs feed
 @dataclass(frozen=True)
 class Fold:
     """Where a group's scales go: `after` (a norm or a linear), and the maps between the fold's
-    channels (the norm's weights, the linear's rows) and the group's input channels."""
+    channels (the norm's weights, the linear's rows) and the group's input channels. `rows`:
+    for a fused `after`, the indices (int64 [fold channels]) of its rows that make the input;
+    None when every row does."""
 
     after: str
     norm: bool
     reduce: Callable[[torch.Tensor], torch.Tensor]  # per input channel -> per fold channel (a mean)
     expand: Callable[[torch.Tensor], torch.Tensor]  # per fold channel -> per input channel
+    rows: torch.Tensor | None = None
 
 
 def _same(x: torch.Tensor) -> torch.Tensor:
@@ -151,13 +156,19 @@ class AWQQuantizer(Quantizer):
         width = work.weight(group.linears[0]).shape[1]
         if group.after in work.dialect.norms:
             return Fold(group.after, True, _same, _same), ""
-        rows = work.weight(group.after).shape[0]
+        rows, hd, index = work.weight(group.after).shape[0], self.head_dim, None
+        if group.after_rows is not None:
+            if not hd:
+                return None, f"no exact fold: which rows of the fused {group.after} make the input needs head_dim"
+            spans = FUSED_ROWS[group.after_rows](rows, width, hd)
+            index = torch.cat([torch.arange(start, stop) for start, stop in spans]).to(work.device)
+            rows = len(index)
         if rows == width:
-            return Fold(group.after, False, _same, _same), ""
-        hd = self.head_dim
-        if group.after.endswith("v_proj") and hd and rows % hd == 0 and width % hd == 0 and (width // hd) % (rows // hd) == 0:
+            return Fold(group.after, False, _same, _same, index), ""
+        v_rows = group.after.endswith("v_proj") or group.after_rows in ("internlm2_wqkv_v", "qkv_v")
+        if v_rows and hd and rows % hd == 0 and width % hd == 0 and (width // hd) % (rows // hd) == 0:
             kv = rows // hd
-            return Fold(group.after, False, *_gqa_maps(kv, width // hd // kv, hd)), ""
+            return Fold(group.after, False, *_gqa_maps(kv, width // hd // kv, hd), index), ""
         return None, f"no exact fold: {group.after} has {rows} output rows for {width} input features"
 
     def _stored(self, module: str, param: str, tensor: torch.Tensor) -> torch.Tensor:
@@ -198,9 +209,16 @@ class AWQQuantizer(Quantizer):
             yield fold.after, ModuleUpdate({"weight": stored}, stored.float().to(work.device))
             return
         bias = work.bias(fold.after)
-        new_bias = None if bias is None else bias / s
+        if fold.rows is None:
+            new_weight, new_bias = weight / s[:, None], None if bias is None else bias / s
+        else:  # only the rows of the fused tensor that make the group's input
+            new_weight = weight.clone()
+            new_weight[fold.rows] /= s[:, None]
+            new_bias = None if bias is None else bias.clone()
+            if new_bias is not None:
+                new_bias[fold.rows] /= s
         tensors = {} if new_bias is None else {"bias": self._stored(fold.after, "bias", new_bias)}
-        yield fold.after, ModuleUpdate(tensors, weight / s[:, None],
+        yield fold.after, ModuleUpdate(tensors, new_weight,
                                        None if new_bias is None else tensors["bias"].float().to(work.device))
 
     def _unchanged_after(self, work: LayerWork, group: InputGroup) -> Iterator[tuple[str, ModuleUpdate]]:

@@ -25,6 +25,7 @@ tensor is the only code that may come with it (models/native_map.py `SPLITS`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..errors import LayoutError
@@ -59,11 +60,43 @@ class InputGroup:
     `hook` is the native module whose input is the group's input (a forward pre-hook there
     sees it); `after` is the module (norm or linear, original layout) whose output is that
     input, so a per-channel input scale can be folded into it (AWQ; Lin et al. 2023), or None
-    where no such fold is exact (e.g. v -> o under GQA with unequal widths)."""
+    where no such fold is exact. `after_rows` names the rule in FUSED_ROWS that picks the rows
+    of a fused `after` producing the input (the v rows of a fused qkv tensor, the up half of a
+    fused gate/up tensor); None when all of `after`'s outputs are the input."""
 
     linears: tuple[str, ...]
     hook: str
     after: str | None
+    after_rows: str | None = None
+
+
+def _internlm2_wqkv_v(rows: int, width: int, head_dim: int) -> list[tuple[int, int]]:
+    """InternLM2 wqkv rows per KV head are [q x groups, k, v] (models/native_map.py
+    split_internlm2_wqkv): the v rows of KV head j are the last head_dim of its block."""
+    heads = width // head_dim
+    kv = (rows // head_dim - heads) // 2
+    block = (heads // kv + 2) * head_dim
+    return [(j * block + block - head_dim, (j + 1) * block) for j in range(kv)]
+
+
+def _qkv_v(rows: int, width: int, head_dim: int) -> list[tuple[int, int]]:
+    """Phi-3 qkv_proj rows are [q (heads x head_dim); k (kv x head_dim); v (kv x head_dim)]."""
+    kv_rows = (rows - width) // 2
+    return [(rows - kv_rows, rows)]
+
+
+def _gate_up_up(rows: int, width: int, head_dim: int) -> list[tuple[int, int]]:
+    """Phi-3 gate_up_proj rows are [gate; up] (transformers Phi3MLP: gate, up = chunk(2)); the
+    down_proj input is up x act(gate), so scaling the up rows scales it."""
+    return [(rows // 2, rows)]
+
+
+# InputGroup.after_rows rules: (rows of the fused `after` weight, the group's input width,
+# head_dim) -> [(start, stop), ...] row spans of `after` whose outputs are the group's input
+# channels, in the order the input sees them (v rows in KV-head order: the o_proj columns of
+# query head h read KV head h // (heads / kv_heads))
+FUSED_ROWS: dict[str, Callable[[int, int, int], list[tuple[int, int]]]] = {
+    "internlm2_wqkv_v": _internlm2_wqkv_v, "qkv_v": _qkv_v, "gate_up_up": _gate_up_up}
 
 
 @dataclass(frozen=True)
@@ -219,7 +252,7 @@ INTERNLM2 = Dialect(
     ),
     groups=(
         InputGroup(("attention.wqkv",), "self_attn.q_proj", "attention_norm"),
-        InputGroup(("attention.wo",), "self_attn.o_proj", None),  # wqkv's v rows are interleaved per KV head
+        InputGroup(("attention.wo",), "self_attn.o_proj", "attention.wqkv", "internlm2_wqkv_v"),
         InputGroup(("feed_forward.w1", "feed_forward.w3"), "mlp.gate_proj", "ffn_norm"),
         InputGroup(("feed_forward.w2",), "mlp.down_proj", "feed_forward.w3"),
     ),
@@ -238,9 +271,9 @@ PHI3 = Dialect(
     ),
     groups=(
         InputGroup(("self_attn.qkv_proj",), "self_attn.qkv_proj", "input_layernorm"),
-        InputGroup(("self_attn.o_proj",), "self_attn.o_proj", None),  # v is rows of the fused qkv_proj
+        InputGroup(("self_attn.o_proj",), "self_attn.o_proj", "self_attn.qkv_proj", "qkv_v"),
         InputGroup(("mlp.gate_up_proj",), "mlp.gate_up_proj", "post_attention_layernorm"),
-        InputGroup(("mlp.down_proj",), "mlp.down_proj", None),  # up is the second half of gate_up_proj
+        InputGroup(("mlp.down_proj",), "mlp.down_proj", "mlp.gate_up_proj", "gate_up_up"),
     ),
     norms=_NORMS,
     decoder_layer=("transformers.models.phi3.modeling_phi3", "Phi3DecoderLayer", "Phi3RotaryEmbedding"),
