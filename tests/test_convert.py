@@ -43,8 +43,9 @@ def test_round_trip_bit_identical(family, tiny, converted, tmp_path, run_cli):
     assert not (back / "internvl_original.json").exists()
 
 
-# every seed family, one per new dialect, and InternVL3-9B (InternLM2 keys with 2 KV heads and dynamic RoPE scaling)
-@pytest.mark.parametrize("family", ALL_FAMILIES + NEW_DIALECTS + ["InternVL3-9B"])
+# every seed family, one per new dialect, InternVL3-9B (InternLM2 keys with 2 KV heads and dynamic RoPE scaling) and
+# InternVL2.5-1B (qwen2 with the internvl2_5 template, pixel shuffle v2 and 12 tiles + thumbnail)
+@pytest.mark.parametrize("family", ALL_FAMILIES + NEW_DIALECTS + ["InternVL3-9B", "InternVL2.5-1B"])
 def test_native_model_matches_runtime(family, tiny, converted):
     from transformers import AutoModelForImageTextToText
 

@@ -111,9 +111,12 @@ def test_gptq_quantizes_every_expert_and_keeps_the_router(tiny, tmp_path, run_cl
     out = tmp_path / "q"
     result = run_cli("quantize", tiny(MOE), "-o", out, *TINY_GPTQ, "--json")
     assert result.exit_code == 0, result.output
-    summary = json.loads(result.output)
+    summary = json.loads(result.stdout)
     assert summary["experts"]["gptq"] + summary["experts"]["round_to_nearest"] == 3 * 4
     assert summary["experts"]["min_tokens_share"] == 0.005
+    # transformers (optimum + gptqmodel) converts nn.Linear only: the summary and a warning say where gptq-format experts load
+    assert "nn.Linear" in summary["experts"]["note"] and "--format compressed-tensors" in summary["experts"]["note"]
+    assert result.stderr.startswith("warning: ")
     tensors, base = all_tensors(out), all_tensors(tiny(MOE))
     stem = "language_model.model.layers.2.mlp.experts.3.down_proj"
     assert {f"{stem}.{p}" for p in ("qweight", "qzeros", "scales", "g_idx")} <= set(tensors) and f"{stem}.weight" not in tensors
@@ -160,3 +163,27 @@ def test_awq_refuses_experts_in_one_line(tiny, tmp_path, run_cli):
     result = run_cli("quantize", tiny(MOE), "-o", tmp_path / "a", "--method", "awq", "--group-size", "32",
                      "--num-samples", "2", "--seq-len", "32")
     assert result.exit_code == 2 and "experts" in result.output and "--method gptq" in result.output
+
+
+@pytest.mark.requires("compressed_tensors")
+def test_transformers_loads_compressed_tensors_experts(tiny, tmp_path, run_cli):
+    """GPTQ --format compressed-tensors (W4A16, pack-quantized) of the native layout: transformers' compressed-tensors
+    loader dequantizes every expert into its fused parameters (no missing or unexpected keys) and computes our
+    runtime's logits on the same quantized weights. (The gptq format's experts it cannot fill: README.)"""
+    from transformers import AutoModelForImageTextToText
+
+    assert run_cli("convert", tiny(MOE), "-o", tmp_path / "hf").exit_code == 0
+    out = tmp_path / "w4a16"
+    result = run_cli("quantize", tmp_path / "hf", "-o", out, *TINY_GPTQ, "--format", "compressed-tensors")
+    assert result.exit_code == 0, result.output
+    assert "model.language_model.layers.1.mlp.experts.2.down_proj.weight_packed" in all_tensors(out)
+    model, info = AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float32, output_loading_info=True, device_map="cpu")
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    runtime = InternVLRuntime(out, dtype=torch.float32)
+    pixels = runtime.pixel_values(sample_image(5))
+    ids = runtime.prompt_ids("Describe the image.", pixels.shape[0])
+    with torch.no_grad():
+        theirs = model(input_ids=ids, pixel_values=pixels).logits
+    ours = runtime.logits(ids, pixels)
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=5e-3)  # its dequantized weights pass through bf16, ours stay fp32
+    assert torch.equal(theirs.argmax(-1), ours.argmax(-1))

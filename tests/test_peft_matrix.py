@@ -30,6 +30,7 @@ from .support import all_tensors
 pytestmark = pytest.mark.requires("peft")
 
 LLAMA, QWEN2, INTERNLM2, PHI3, V1, QWEN3 = "InternVL2-40B", "InternVL2-1B", "InternVL2-2B", "InternVL2-4B", "InternVL-Chat-V1-1", "InternVL3.5-1B"
+MOE, MOE_LINEARS = "InternVL3.5-30B-A3B", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 EMBEDDINGS = ("embed_tokens", "tok_embeddings")
 VISION = ["qkv", "proj", "fc1", "fc2"]
 NATIVE_VISION = ["q_proj", "k_proj", "v_proj", "projection_layer", "fc1", "fc2"]
@@ -122,6 +123,12 @@ CASES = [case for family in (LLAMA, QWEN2, INTERNLM2, PHI3) for case in per_dial
     _case("qwen2-bias-lora-only-native-into-both", QWEN2, Adapter(dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj"],
                                                                         bias="lora_only"), space="native"), into=("native", "original")),
     _case("qwen3-list", QWEN3, Adapter(dict(r=4, lora_alpha=8, target_modules=leaves(QWEN3) + VISION)), into=("original", "native")),
+    # Qwen3-MoE (InternVL3.5-30B-A3B): LoRA on every expert's linears as peft puts it on transformers 4's per-expert
+    # nn.Linear modules (the skeleton's), the router ("gate") only where the adapter targets it (all-linear does)
+    _case("qwen3moe-experts", MOE, Adapter(dict(r=4, lora_alpha=8, target_modules=MOE_LINEARS)), into=("original", "native")),
+    _case("qwen3moe-router-bare-llm", MOE, Adapter(dict(r=2, lora_alpha=4, target_modules=["gate", "down_proj"]), root="language_model")),
+    _case("qwen3moe-all-linear", MOE, Adapter(dict(r=2, lora_alpha=4, target_modules="all-linear"), root="language_model")),
+    _case("qwen3moe-native", MOE, Adapter(dict(r=4, lora_alpha=8, target_modules=MOE_LINEARS), space="native"), into=("native", "original")),
     _case("v1-native-mlp1", V1, Adapter(dict(r=4, lora_alpha=8, target_modules=["q_proj", "linear_1", "linear_2"], bias="all"),
                                         space="native"), into=("native", "original")),
     _case("v1-pissa-vision-native", V1, Adapter(dict(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "fc2"],

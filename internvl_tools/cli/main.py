@@ -430,6 +430,11 @@ def _warnings_only(line: str) -> None:
         click.echo(line, err=True)
 
 
+GPTQ_EXPERTS_NOTE = ("transformers (with optimum + gptqmodel) cannot load gptq-format experts: it converts nn.Linear "
+                     "modules only and Qwen3-MoE's experts are fused 3-D parameters there; the output is for vLLM and this "
+                     "toolkit's runtime (chat, verify); --format compressed-tensors gives experts that transformers loads")
+
+
 def _run_gptq(checkpoint: Path, out: Path, options: dict, limit: int, as_json: bool) -> dict:
     from ..calibrate.gptq_quantizer import GPTQJob, GPTQQuantizer, quantize_gptq
     from ..calibrate.gptq import GPTQConfig
@@ -446,6 +451,12 @@ def _run_gptq(checkpoint: Path, out: Path, options: dict, limit: int, as_json: b
         quantize_gptq(checkpoint, out, job, max_shard_size=limit, overwrite=options["overwrite"], resume=options["resume"],
                       progress=advance, log=log, quantizer=quantizer)
     experts = quantizer.summary().get("experts")  # a sparse LLM: experts calibrated on their routed tokens, or RTN
+    if experts:
+        # transformers 5.24 + optimum + gptqmodel 7.7 replace nn.Linear modules only: a gptq-format expert's qweight is
+        # "unexpected" and the fused Qwen3MoeExperts parameters stay "missing"; compressed-tensors' loader fills them
+        experts["note"] = GPTQ_EXPERTS_NOTE if options["fmt"] == "gptq" else None
+        if experts["note"]:
+            click.echo(f"warning: {experts['note']}", err=True)
     return {"out": str(out), "method": "gptq", "format": options["fmt"], "bits": config.bits, "group_size": config.group_size,
             "sym": config.sym, "desc_act": config.desc_act, "layers": layers, **({"experts": experts} if experts else {}),
             "detail": f"{layers} decoder layers in GPTQ {config.bits}-bit, group {config.group_size}, {'sym' if config.sym else 'asym'} "
@@ -490,9 +501,12 @@ def _run_int8(checkpoint: Path, out: Path, options: dict, limit: int, total: int
         path, plan = quantize_int8(checkpoint, out, only=options["only"], skip=options["skip"], fmt=options["fmt"],
                                    max_shard_size=limit, overwrite=options["overwrite"], progress=advance)
     kept = ", ".join(plan.skip_modules[:4]) + (" ..." if len(plan.skip_modules) > 4 else "")
+    experts = plan.experts  # a sparse LLM: expert linears quantized / kept, and what loaders do with them
     return {"out": str(path), "method": "int8", "format": options["fmt"], "layout": plan.layout, "quantized": len(plan.selected),
-            "skip_modules": list(plan.skip_modules),
-            "detail": f"{len(plan.selected)} linears in int8 ({options['fmt']}, {plan.layout} layout); kept unquantized: {kept}"}
+            "skip_modules": list(plan.skip_modules), **({"experts": experts} if experts else {}),
+            "detail": f"{len(plan.selected)} linears in int8 ({options['fmt']}, {plan.layout} layout); kept unquantized: {kept}"
+                      + (f"; experts: {experts['quantized']} in int8, {experts['kept']} kept in their dtype"
+                         + (" (why: the warning above)" if experts["note"] else "") if experts else "")}
 
 
 @cli.command("merge-lora")

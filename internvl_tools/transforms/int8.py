@@ -13,8 +13,9 @@ by `convert --to hf` (plain transformers + bitsandbytes).
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..errors import InputError
@@ -54,6 +55,9 @@ class QuantPlan:
     layout: str  # "original" or "native"
     selected: tuple[str, ...]  # weight keys
     skip_modules: tuple[str, ...]
+    # a sparse LLM: {"quantized": expert linears in 8 bits, "kept": left in their dtype, "note": what a loader does
+    # with them in this format, or None}; None for a dense LLM
+    experts: dict | None = None
 
 
 def linear_weights(reader: CheckpointReader, config: dict) -> tuple[str, dict[str, str]]:
@@ -149,22 +153,39 @@ def int8_outputs(reader: CheckpointReader, plan: QuantPlan, fmt: str = "bnb") ->
     return outputs
 
 
-def _warn_about_experts(plan: QuantPlan, groups: dict[str, str], fmt: str) -> None:
-    """A `warning:` line on stderr for what happens to a sparse layer's experts in bnb int8."""
-    import sys
+# transformers 5.24 (verified on a Qwen3MoeForCausalLM): BitsAndBytesConfig(load_in_8bit=True) replaces
+# `type(module) is nn.Linear` only (integrations/bitsandbytes.replace_with_bnb_linear); Qwen3MoeExperts holds its experts
+# as fused 3-D parameters (gate_up_proj [E, 2 x moe_inter, hidden], down_proj [E, hidden, moe_inter]), so transformers'
+# own 8-bit quantization leaves them bf16 and save_pretrained writes them bf16; per-expert int8 + SCB tensors are
+# "unexpected" there and the fused parameters get the raw int8 values without their scales
+BNB_EXPERTS_KEPT = ("transformers' bitsandbytes integration converts nn.Linear modules only and keeps Qwen3-MoE's fused "
+                    "expert parameters (Qwen3MoeExperts) in bf16, as its own load_in_8bit does; 8-bit expert tensors "
+                    "could not fill them")
+BNB_EXPERTS_FORCED = ("8-bit experts in the bnb format load only in this toolkit's runtime (chat, verify): transformers' "
+                      "bitsandbytes loader converts nn.Linear modules, and Qwen3-MoE's experts are fused 3-D parameters "
+                      "there (it would fill them with the raw int8 values); --format compressed-tensors gives 8-bit "
+                      "experts that transformers reads")
+# compressed-tensors' loader in transformers 5.24 (CompressedTensorsDequantize) rebuilds fused experts from packed
+# (weight_packed) or fp8 weights only: int-quantized experts (int8 `weight` + weight_scale) reach its Concatenate empty
+W8A8_EXPERTS = ("transformers cannot load W8A8 (int-quantized) experts: its compressed-tensors loader rebuilds the fused "
+                "expert parameters from packed (weight_packed) or fp8 weights only; the output is for vLLM and this "
+                "toolkit's runtime (chat, verify); --format compressed-tensors (W8A16) gives 8-bit experts that "
+                "transformers reads")
 
+
+def expert_facts(plan: QuantPlan, groups: dict[str, str], fmt: str) -> dict | None:
+    """{"quantized", "kept", "note"} for a sparse LLM's expert linears in `fmt` (None without experts): the
+    note says what transformers does with them (bnb: kept in bf16 and why; w8a8: not loadable there)."""
     experts = [k for k, g in groups.items() if g == "experts"]
-    if not experts or fmt != "bnb":
-        return
-    if set(experts) & set(plan.selected):
-        print("warning: 8-bit experts in the bnb format load only in this toolkit's runtime (chat, verify): transformers' "
-              "bitsandbytes loader converts nn.Linear modules, and a Qwen3-MoE layer's experts are fused parameters "
-              "(they would be left unloaded); use --format compressed-tensors for 8-bit experts that transformers and vLLM read",
-              file=sys.stderr)
-    else:
-        print(f"warning: the {len(experts)} expert linears stay bf16 in the bnb format (transformers' bitsandbytes loader "
-              "cannot load 8-bit experts into its fused expert parameters); --format compressed-tensors quantizes them",
-              file=sys.stderr)
+    if not experts:
+        return None
+    quantized = len(set(experts) & set(plan.selected))
+    note = None
+    if fmt == "bnb":
+        note = BNB_EXPERTS_FORCED if quantized else BNB_EXPERTS_KEPT
+    elif fmt == "w8a8" and quantized:
+        note = W8A8_EXPERTS
+    return {"quantized": quantized, "kept": len(experts) - quantized, "note": note}
 
 
 def quantize_int8(source: Path, out: Path, *, only: tuple[str, ...] = (), skip: tuple[str, ...] = (), fmt: str = "bnb",
@@ -176,7 +197,11 @@ def quantize_int8(source: Path, out: Path, *, only: tuple[str, ...] = (), skip: 
         # bitsandbytes' loaders (transformers, the remote code) convert nn.Linear modules only; a sparse layer's
         # experts are fused 3-D parameters there, which 8-bit expert tensors cannot fill: they stay in bf16
         plan = plan_quantization(layout, groups, only=only, skip=skip, experts=fmt != "bnb")
-        _warn_about_experts(plan, groups, fmt)
+        facts = expert_facts(plan, groups, fmt)
+        if facts is not None:
+            plan = replace(plan, experts=facts)
+            if facts["note"]:
+                print(f"warning: {facts['note']}", file=sys.stderr)
         if not plan.selected:
             raise InputError("--only/--skip leave nothing to quantize; check the patterns against `internvl-tools inspect` keys")
         outputs = int8_outputs(reader, plan, fmt)
