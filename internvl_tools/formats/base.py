@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from ..errors import InputError
+from ..models.native_map import PLAIN_FUSED
 
 PLAIN_PARAMS = ("weight", "bias")  # a linear left unquantized keeps these in every format
 LAYOUTS = ("original", "native")
@@ -33,8 +34,13 @@ class Format:
     quantized linear must hold; `marker`: the one whose presence makes a linear quantized.
     `check_config(quant)` raises InputError for variants this toolkit does not read;
     `count`, `weight_shape` and `dequantize` work on one linear (see the type aliases above);
-    `to_native(quant)` rewrites an original-layout quantization_config for the native layout.
+    `to_native(quant, record)` rewrites an original-layout quantization_config for the native layout;
+    `to_original(quant, modules)` a native one for the original layout, given {native linear
+    module: original linear module} of the checkpoint (formats/rules.py `original_modules`).
     `dequantize is None` means the runtime cannot run the format yet.
+    `fused(quant)`: {param: kind} of the tensors a fused linear (InternLM2's wqkv, InternViT's
+    qkv) can be split into / merged from its native parts, kinds as models/native_map.py says
+    ("rows", "same", "shape"); a parameter left out (packed across output rows) is refused.
     """
 
     name: str
@@ -48,7 +54,9 @@ class Format:
     count: CountFn
     weight_shape: ShapeFn | None
     dequantize: DequantizeFn | None
-    to_native: Callable[[dict], dict]
+    to_native: Callable[..., dict]  # (quant, record=None): record is the LLM's dialect
+    to_original: Callable[[dict, dict[str, str]], dict]
+    fused: Callable[[dict], dict[str, str]] = lambda quant: plain_fused(quant)
 
     @property
     def allowed(self) -> frozenset[str]:
@@ -64,6 +72,11 @@ class Format:
         """The parameter names of this format, as an error message states them."""
         plain = "" if set(self.params) == set(PLAIN_PARAMS) else ", or weight, bias for a linear left unquantized"
         return ", ".join(self.params) + plain
+
+
+def plain_fused(quant: dict) -> dict[str, str]:
+    """A float linear's weight and bias split and merge by rows (every format's unquantized linears)."""
+    return dict(PLAIN_FUSED)
 
 
 def split_key(key: str) -> tuple[str, str]:
@@ -103,3 +116,15 @@ def first_present(quant: dict, *names: str, default=None):
         if quant.get(name) is not None:
             return quant[name]
     return default
+
+
+BLOCK_ELEMENTS = 1 << 18  # elements per block of rows in the 8-bit quantizers: float32 work of 1 MiB, cache-sized
+
+
+def block_rows(shape: tuple[int, ...], row_block: int | None = None) -> int:
+    """Rows per step of a blocked quantizer over a [rows, cols] weight: `row_block` when given,
+    else as many rows as fit BLOCK_ELEMENTS (at least 1, at most all)."""
+    rows, cols = shape
+    if row_block is not None:
+        return max(1, min(rows, row_block)) if rows else 1
+    return max(1, min(rows, BLOCK_ELEMENTS // max(cols, 1)))

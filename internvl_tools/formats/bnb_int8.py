@@ -14,15 +14,14 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from ..errors import InputError
-from .base import Format, check_layout_name
-from .rules import loader_names, native_modules
+from .base import Format, block_rows, check_layout_name
+from .rules import loader_names, native_modules, original_modules, skipped_by_name
 
 if TYPE_CHECKING:
     import torch
 
 PARAMS = ("weight", "SCB", "weight_format", "bias")
 WRITTEN = ("weight", "SCB", "weight_format")  # the tensors `quantize` returns, in checkpoint order
-ROW_BLOCK = 256  # rows per step: fits the caches; about 3x faster than bitsandbytes' kernel here
 WEIGHT_FORMAT_ROW = 0  # bitsandbytes' code for the "row" layout
 
 
@@ -51,14 +50,24 @@ def count(param: str, shape: tuple[int, ...], quant: dict) -> int:
     return total
 
 
+def fused(quant: dict) -> dict[str, str]:
+    """How a fused linear's tensors split / merge (models/native_map.py): the int8 weight and SCB
+    by rows (row-wise absmax: a row's bytes do not depend on the other rows), weight_format is
+    the same scalar in every part."""
+    return {"weight": "rows", "SCB": "rows", "bias": "rows", "weight_format": "same"}
+
+
 def weight_shape(specs: Mapping[str, object], quant: dict, read=None) -> tuple[int, int]:
     """(out, in) of a linear: its int8 `weight` has the float weight's shape."""
     return tuple(specs["weight"].shape)
 
 
-def quantize_rowwise(weight: torch.Tensor, row_block: int = ROW_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_rowwise(weight: torch.Tensor, row_block: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """[out, in] float weight -> (int8 [out, in], float32 row absmax [out]), bitsandbytes' bytes.
 
+    Computed block of rows by block of rows (`row_block` rows, default: about BLOCK_ELEMENTS
+    elements) in buffers reused from block to block: W cast to float16, absmax of the float16
+    rows, W x (127 / absmax) in float32, rounded half to even; no whole-tensor temporaries.
     A meta tensor gives meta outputs (for spec planning). Raises ValueError for a non-2-D weight."""
     import torch
 
@@ -66,15 +75,21 @@ def quantize_rowwise(weight: torch.Tensor, row_block: int = ROW_BLOCK) -> tuple[
         raise ValueError(f"expected a 2-D weight, got shape {list(weight.shape)}")
     if weight.device.type == "meta":
         return torch.empty(weight.shape, dtype=torch.int8, device="meta"), torch.empty(weight.shape[0], dtype=torch.float32, device="meta")
-    rows = weight.shape[0]
+    rows, cols = weight.shape
     quantized = torch.empty(weight.shape, dtype=torch.int8)
     scales = torch.empty(rows, dtype=torch.float32)
-    for start in range(0, rows, row_block):
-        block = weight[start : start + row_block].to(torch.float16)
-        absmax = block.abs().amax(dim=1).float()
-        scaled = block.float().mul_(127.0 / absmax.unsqueeze(-1)).round_()  # fp16 x fp32 is computed in fp32
-        quantized[start : start + row_block] = scaled.to(torch.int8)
-        scales[start : start + row_block] = absmax
+    step = block_rows(weight.shape, row_block)
+    half = torch.empty(step, cols, dtype=torch.float16)  # reused: W in float16, then |W|
+    magnitude = torch.empty(step, cols, dtype=torch.float16)
+    work = torch.empty(step, cols, dtype=torch.float32)
+    for start in range(0, rows, step):
+        stop = min(start + step, rows)
+        block = half[: stop - start].copy_(weight[start:stop])
+        absmax = torch.abs(block, out=magnitude[: stop - start]).amax(dim=1).float()
+        # fp16 x fp32 is computed in fp32; 127 / absmax is torch's reciprocal-then-multiply, as before
+        scaled = torch.mul(block, 127.0 / absmax.unsqueeze(-1), out=work[: stop - start]).round_()
+        quantized[start:stop].copy_(scaled)
+        scales[start:stop] = absmax
     return quantized, scales
 
 
@@ -124,16 +139,26 @@ def quantization_config(skip_modules: Sequence[str], layout: str = "original") -
     }
 
 
-def to_native(quant: dict) -> dict:
-    """An original-layout bitsandbytes config with its skip modules renamed for the native layout.
+def to_native(quant: dict, record=None) -> dict:
+    """An original-layout bitsandbytes config with its skip modules renamed for the native layout
+    (`record`: the LLM's dialect, for its linears' native names).
 
     Raises InputError for a skip module with no native name."""
-    natives = [n for module in quant.get("llm_int8_skip_modules") or [] for n in native_modules(module)]
+    natives = [n for module in quant.get("llm_int8_skip_modules") or [] for n in native_modules(module, record)]
     return dict(quant, llm_int8_skip_modules=loader_names(natives, "native"))
+
+
+def to_original(quant: dict, modules: dict[str, str]) -> dict:
+    """A native-layout bitsandbytes config with its skip modules named in the original layout
+    (`modules`: {native linear module: original one}; formats/rules.py). Raises InputError."""
+    skip = quant.get("llm_int8_skip_modules") or []
+    kept = original_modules(modules, lambda native: skipped_by_name(native, skip))
+    return dict(quant, llm_int8_skip_modules=loader_names(kept, "original"))
 
 
 FORMAT = Format(
     name="bnb_int8", library="bitsandbytes (LLM.int8, transformers load_in_8bit)", quant_method="bitsandbytes",
     params=PARAMS, required=("weight", "SCB"), marker="SCB", matches=matches, check_config=check_config, count=count,
-    weight_shape=weight_shape, dequantize=dequantize, to_native=to_native,
+    weight_shape=weight_shape, dequantize=dequantize, to_native=to_native, to_original=to_original,
+    fused=fused,
 )

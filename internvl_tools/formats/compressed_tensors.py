@@ -24,8 +24,8 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from ..errors import InputError
-from .base import Format, check_layout_name, plain_count
-from .rules import ignore_rules, native_rule
+from .base import Format, block_rows, check_layout_name, plain_count
+from .rules import ignore_rules, ignored_by_rule, native_rule, original_modules
 
 if TYPE_CHECKING:
     import torch
@@ -36,7 +36,7 @@ FORMAT_NAME = "pack-quantized"
 INT_PARAMS = ("weight", "weight_scale", "weight_zero_point", "bias")  # int-quantized: int8 weight, unpacked
 INT_WRITTEN = ("weight", "weight_scale")  # what `quantize_w8a8` returns, in checkpoint order
 INT_FORMAT_NAME = "int-quantized"
-ROW_BLOCK = 256
+ROW_BLOCK = 256  # rows per step of pack_to_int32
 
 
 # -- the scheme recorded in config.json ------------------------------------------------------
@@ -85,6 +85,26 @@ def check_config(quant: dict) -> None:
     sparsity = quant.get("sparsity_config") or {}
     if sparsity.get("format") not in (None, "dense"):
         raise InputError(f"config.json: compressed-tensors sparsity format {sparsity.get('format')!r} is not supported")
+
+
+def fused(quant: dict) -> dict[str, str]:
+    """How a fused linear's pack-quantized tensors split / merge (models/native_map.py):
+    weight_packed (packed along the inputs) and per-channel / per-group scales by rows,
+    weight_shape as a shape vector, an act-order g_idx alike in every part. A per-tensor scale
+    and a zero point (packed along the outputs) are left out: refused."""
+    kinds = {"weight_packed": "rows", "weight_shape": "shape", "weight_g_idx": "same", "bias": "rows"}
+    if all(w.get("strategy", "channel") in ("channel", "group") for w in weight_schemes(quant)):
+        kinds["weight_scale"] = "rows"
+    return kinds
+
+
+def fused_int(quant: dict) -> dict[str, str]:
+    """How a fused linear's int-quantized (W8A8) tensors split / merge: the int8 weight by rows,
+    per-channel scales and zero points by rows (a per-tensor one is refused)."""
+    kinds = {"weight": "rows", "bias": "rows"}
+    if all(w.get("strategy", "channel") == "channel" for w in weight_schemes(quant)):
+        kinds.update(weight_scale="rows", weight_zero_point="rows")
+    return kinds
 
 
 def check_int_config(quant: dict) -> None:
@@ -162,44 +182,82 @@ def unpack_from_int32(packed: torch.Tensor, bits: int, columns: int) -> torch.Te
     return ((stream >> offset) & ((1 << bits) - 1)).to(torch.int32) - (1 << (bits - 1))
 
 
-def quantize_symmetric_channel(weight: torch.Tensor, row_block: int = ROW_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+def _channel_blocks(weight: torch.Tensor, row_block: int | None):
+    """Yield (start, stop, codes, scale) over blocks of rows of a [out, in] weight: scale = row
+    absmax / 127 in float32 stored in the weight's dtype [rows, 1], codes = round(W / scale)
+    clamped to [-127, 127] as float32 [rows, in] in a buffer reused for the next block."""
+    import torch
+
+    rows, cols = weight.shape
+    step = block_rows(weight.shape, row_block)
+    magnitude = torch.empty(step, cols, dtype=weight.dtype)
+    work = torch.empty(step, cols, dtype=torch.float32)
+    tiny = torch.finfo(torch.float32).tiny
+    for start in range(0, rows, step):
+        stop = min(start + step, rows)
+        block = weight[start:stop]
+        absmax = torch.abs(block, out=magnitude[: stop - start]).amax(dim=1, keepdim=True).float()
+        scale = (absmax / 127.0).to(weight.dtype)
+        safe = scale.float().clamp_min(tiny)
+        # W / scale with W promoted to float32 (as W.float() / scale), rounded half to even
+        codes = torch.div(block, safe, out=work[: stop - start]).round_().clamp_(-127, 127)
+        yield start, stop, codes, scale
+
+
+def quantize_symmetric_channel(weight: torch.Tensor, row_block: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """[out, in] -> (int8 in [-127, 127], scale [out, 1] in the weight's dtype): W ~ q x scale.
 
     compressed-tensors' W8A16 per-channel symmetric scheme: scale = row absmax / 127 computed in
-    float32 and stored in the weight's dtype, q = round(W / scale). Meta in, meta out."""
+    float32 and stored in the weight's dtype, q = round(W / scale), block of rows by block of rows
+    (`row_block`, default about BLOCK_ELEMENTS elements) in reused buffers. Meta in, meta out."""
     import torch
 
     if weight.device.type == "meta":
         return torch.empty(weight.shape, dtype=torch.int8, device="meta"), torch.empty(weight.shape[0], 1, dtype=weight.dtype, device="meta")
     quantized = torch.empty(weight.shape, dtype=torch.int8)
     scales = torch.empty(weight.shape[0], 1, dtype=weight.dtype)
-    for start in range(0, weight.shape[0], row_block):
-        block = weight[start : start + row_block].float()
-        scale = (block.abs().amax(dim=1, keepdim=True) / 127.0).to(weight.dtype)
-        safe = scale.float().clamp_min(torch.finfo(torch.float32).tiny)
-        quantized[start : start + row_block] = block.div_(safe).round_().clamp_(-127, 127).to(torch.int8)
-        scales[start : start + row_block] = scale
+    for start, stop, codes, scale in _channel_blocks(weight, row_block):
+        quantized[start:stop].copy_(codes)
+        scales[start:stop] = scale
     return quantized, scales
 
 
 def quantize(weight: torch.Tensor) -> dict[str, torch.Tensor]:
     """One float linear weight [out, in] -> the W8A16 tensors of WRITTEN: {weight_packed: int32
-    [out, ceil(in / 4)], weight_scale: [out, 1] (weight dtype), weight_shape: int64 [2]}."""
+    [out, ceil(in / 4)], weight_scale: [out, 1] (weight dtype), weight_shape: int64 [2]}.
+
+    The bytes of pack_to_int32(quantize_symmetric_channel(W), 8), written straight into the packed
+    tensor: with 8 bits, word k of a row holds codes 4k..4k+3 + 128 as its little-endian bytes, so
+    each block's codes + 128 are stored as uint8 into the packed tensor's bytes (big-endian hosts
+    take the packer)."""
+    import sys
+
     import torch
 
-    q, scale = quantize_symmetric_channel(weight)
-    return {"weight_packed": pack_to_int32(q, 8), "weight_scale": scale,
-            "weight_shape": torch.tensor(list(weight.shape), dtype=torch.int64, device=weight.device)}
+    shape = torch.tensor(list(weight.shape), dtype=torch.int64, device=weight.device)
+    if weight.device.type == "meta" or sys.byteorder != "little":
+        q, scale = quantize_symmetric_channel(weight)
+        return {"weight_packed": pack_to_int32(q, 8), "weight_scale": scale, "weight_shape": shape}
+    rows, cols = weight.shape
+    words = -(-cols // 4)
+    packed = (torch.zeros if cols % 4 else torch.empty)(rows, words, dtype=torch.int32)  # padding codes are 0 bytes
+    code_bytes = packed.view(torch.uint8)[:, :cols]
+    scales = torch.empty(rows, 1, dtype=weight.dtype)
+    for start, stop, codes, scale in _channel_blocks(weight, None):
+        code_bytes[start:stop].copy_(codes.add_(128))  # [1, 255], exact in float32
+        scales[start:stop] = scale
+    return {"weight_packed": packed, "weight_scale": scales, "weight_shape": shape}
 
 
-def quantize_w8a8(weight: torch.Tensor, row_block: int = ROW_BLOCK) -> dict[str, torch.Tensor]:
+def quantize_w8a8(weight: torch.Tensor, row_block: int | None = None) -> dict[str, torch.Tensor]:
     """One float linear weight [out, in] -> the int-quantized tensors of INT_WRITTEN: {weight: int8
     [out, in], weight_scale: float32 [out, 1]}, W ~ weight x weight_scale.
 
     Per-channel symmetric: q = round(W x 127 / row absmax) computed in float32, scale = absmax / 127
     (float32, the dtype vLLM's W8A8 kernels keep). The codes equal bitsandbytes' LLM.int8() codes
     (`--format bnb`) for every weight float16 holds exactly. An all-zero row gets codes 0, scale 0.
-    Meta in, meta out."""
+    Blocks of `row_block` rows (default about BLOCK_ELEMENTS elements), buffers reused. Meta in,
+    meta out."""
     import torch
 
     if weight.dim() != 2:
@@ -207,14 +265,21 @@ def quantize_w8a8(weight: torch.Tensor, row_block: int = ROW_BLOCK) -> dict[str,
     if weight.device.type == "meta":
         return {"weight": torch.empty(weight.shape, dtype=torch.int8, device="meta"),
                 "weight_scale": torch.empty(weight.shape[0], 1, dtype=torch.float32, device="meta")}
+    rows, cols = weight.shape
     quantized = torch.empty(weight.shape, dtype=torch.int8)
-    scales = torch.empty(weight.shape[0], 1, dtype=torch.float32)
-    for start in range(0, weight.shape[0], row_block):
-        block = weight[start : start + row_block].float()
-        absmax = block.abs().amax(dim=1, keepdim=True)
-        factor = 127.0 / absmax.clamp_min(torch.finfo(torch.float32).tiny)
-        quantized[start : start + row_block] = block.mul_(factor).round_().clamp_(-127, 127).to(torch.int8)
-        scales[start : start + row_block] = absmax / 127.0
+    scales = torch.empty(rows, 1, dtype=torch.float32)
+    step = block_rows(weight.shape, row_block)
+    magnitude = torch.empty(step, cols, dtype=weight.dtype)
+    work = torch.empty(step, cols, dtype=torch.float32)
+    tiny = torch.finfo(torch.float32).tiny
+    for start in range(0, rows, step):
+        stop = min(start + step, rows)
+        block = weight[start:stop]
+        absmax = torch.abs(block, out=magnitude[: stop - start]).amax(dim=1, keepdim=True).float()
+        factor = 127.0 / absmax.clamp_min(tiny)
+        scaled = torch.mul(block, factor, out=work[: stop - start]).round_().clamp_(-127, 127)
+        quantized[start:stop].copy_(scaled)
+        scales[start:stop] = absmax / 127.0
     return {"weight": quantized, "weight_scale": scales}
 
 
@@ -361,22 +426,32 @@ def w8a8_quantization_config(skip_modules: Sequence[str], layout: str = "origina
     return quant
 
 
-def to_native(quant: dict) -> dict:
-    """An original-layout config with its `ignore` rules rewritten for the native layout.
+def to_native(quant: dict, record=None) -> dict:
+    """An original-layout config with its `ignore` rules rewritten for the native layout
+    (`record`: the LLM's dialect, for its linears' native names).
 
     Raises InputError for a rule that cannot be rewritten (a regex over LLM modules)."""
-    ignore = [rule for entry in quant.get("ignore") or [] for rule in native_rule(entry)]
+    ignore = [rule for entry in quant.get("ignore") or [] for rule in native_rule(entry, record)]
     return dict(quant, ignore=list(dict.fromkeys(ignore)))
+
+
+def to_original(quant: dict, modules: dict[str, str]) -> dict:
+    """A native-layout config with its `ignore` rules naming the original layout's modules
+    (`modules`: {native linear module: original one}; formats/rules.py). Raises InputError."""
+    rules = quant.get("ignore") or []
+    kept = original_modules(modules, lambda native: ignored_by_rule(native, rules))
+    return dict(quant, ignore=ignore_rules(kept, "original"))
 
 
 FORMAT = Format(
     name="compressed_tensors", library="compressed-tensors (llm-compressor, vLLM)", quant_method="compressed-tensors",
     params=PARAMS, required=("weight_packed", "weight_scale", "weight_shape"), marker="weight_packed", matches=matches,
     check_config=check_config, count=count, weight_shape=weight_shape, dequantize=dequantize, to_native=to_native,
+    to_original=to_original, fused=fused,
 )
 INT8_FORMAT = Format(
     name="compressed_tensors_int8", library="compressed-tensors int-quantized W8A8 (llm-compressor, vLLM)",
     quant_method="compressed-tensors", params=INT_PARAMS, required=("weight", "weight_scale"), marker="weight_scale",
     matches=matches_int, check_config=check_int_config, count=count_int, weight_shape=weight_shape_int,
-    dequantize=dequantize_int, to_native=to_native,
+    dequantize=dequantize_int, to_native=to_native, to_original=to_original, fused=fused_int,
 )

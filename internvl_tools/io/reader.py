@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
@@ -55,6 +56,7 @@ class CheckpointReader:
             self._tensors.update(shard.tensors)
         self._open_path: Path | None = None
         self._handle = None
+        self._lock = threading.Lock()  # the open shard handle is shared: get() may run in several threads
 
     # -- metadata (no tensor bytes) -------------------------------------------------------
     def keys(self) -> list[str]:
@@ -101,13 +103,14 @@ class CheckpointReader:
         spec = stored.spec
         if spec.nbytes == 0:
             return torch.empty(spec.shape, dtype=spec.torch_dtype)
-        if spec.nbytes >= MMAP_THRESHOLD:
-            data = self._map(stored)
-        else:
-            data = bytearray(spec.nbytes)
-            got = os.preadv(self._open(stored.path).fileno(), [data], stored.offset)
-            if got != spec.nbytes:
-                raise CheckpointError(f"{stored.path}: key {name!r}: file ended after {got} of {spec.nbytes} bytes; the shard was truncated while reading")
+        with self._lock:
+            if spec.nbytes >= MMAP_THRESHOLD:
+                data = self._map(stored)
+            else:
+                data = bytearray(spec.nbytes)
+                got = os.preadv(self._open(stored.path).fileno(), [data], stored.offset)
+                if got != spec.nbytes:
+                    raise CheckpointError(f"{stored.path}: key {name!r}: file ended after {got} of {spec.nbytes} bytes; the shard was truncated while reading")
         return torch.frombuffer(data, dtype=spec.torch_dtype).reshape(spec.shape)
 
     def _map(self, stored: StoredTensor) -> memoryview:
@@ -125,6 +128,10 @@ class CheckpointReader:
 
     def close(self) -> None:
         """Close the open shard file, if any."""
+        with self._lock:
+            self._close()
+
+    def _close(self) -> None:
         if self._handle is not None:
             self._handle.close()
         self._handle, self._open_path = None, None
@@ -143,7 +150,7 @@ class CheckpointReader:
 
     def _open(self, path: Path):
         if self._open_path != path:
-            self.close()
+            self._close()
             self._handle = open(path, "rb", buffering=0)
             self._open_path = path
         return self._handle

@@ -346,7 +346,13 @@ class CheckpointWriter:
         index, _ = self._location[name]
         self._remaining[index] -= 1
         if self._remaining[index] == 0 and index in self._fds:
-            os.close(self._fds.pop(index))
+            fd = self._fds.pop(index)
+            try:  # a complete shard goes to disk now (the rename at the end must not publish unwritten data)
+                os.fsync(fd)
+            except OSError as exc:
+                raise self._write_error(name, exc) from exc
+            finally:
+                os.close(fd)
 
     def _write_index(self) -> None:
         weight_map = {spec.name: self.files[i] for i, shard in enumerate(self.plan) for spec in shard}

@@ -23,7 +23,7 @@ from .adapters import (FLAGS, AdapterSet, BaseModel, Op, embedded_deltas, factor
 from ..formats.registry import detect
 from .stream import Output, run_transform
 
-ROW_BLOCK = 2048
+BLOCK_ELEMENTS = 1 << 20  # elements per block of rows in the blocked merge: 4 MiB of float32 per buffer
 
 
 class TensorSources:
@@ -257,23 +257,38 @@ def residual(weight, init: str, rank: int, scale: float):
 
 
 def _blocked(weight, ops: tuple[Op, ...], sources: TensorSources, key: str):
-    """W + sum of deltas, float32 per block of rows, cast back once; NaN/Inf refused."""
+    """W + sum of deltas, float32 per block of rows, cast back once; NaN/Inf refused.
+
+    Blocks of about BLOCK_ELEMENTS elements in two float32 buffers reused from block to block
+    (W's rows, then each B A product, scaled and added in place); the same float32 operations,
+    in the same order, as W.float() + (B @ A) x scale per row."""
+    import math
+
     import torch
 
     factors = []
     for op in ops:
         a, b = sources.get(op.source, op.a).float(), sources.get(op.source, op.b).float()
         factors.append((a, b, op.scale, op.kind == "embedding"))
+    rows, cols = weight.shape
+    step = max(1, min(rows, BLOCK_ELEMENTS // max(cols, 1)))
+    work = torch.empty(step, cols, dtype=torch.float32)
+    product = torch.empty(step, cols, dtype=torch.float32)
     out = torch.empty_like(weight)
-    for start in range(0, weight.shape[0], ROW_BLOCK):
-        block = weight[start : start + ROW_BLOCK].float()
-        stop = start + block.shape[0]
+    for start in range(0, rows, step):
+        stop = min(start + step, rows)
+        block = work[: stop - start].copy_(weight[start:stop])
+        update = product[: stop - start]
         for a, b, scale, transposed in factors:
-            update = (a[:, start:stop].T @ b.T) if transposed else (b[start:stop] @ a)
-            block = block + update * scale
-        if not torch.isfinite(block).all():
+            if transposed:
+                torch.mm(a[:, start:stop].T, b.T, out=update)
+            else:
+                torch.mm(b[start:stop], a, out=update)
+            block.add_(update.mul_(scale))
+        low, high = torch.aminmax(block)  # NaN propagates to both; one pass instead of isfinite's several
+        if not (math.isfinite(low.item()) and math.isfinite(high.item())):
             raise InputError(f"merging LoRA into {key!r} gives NaN or Inf (rows {start}..{stop}); the adapter is broken or its alpha is wrong")
-        out[start:stop] = block.to(weight.dtype)
+        out[start:stop].copy_(block)
     return out
 
 

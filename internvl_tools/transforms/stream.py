@@ -1,7 +1,9 @@
 """A streamed checkpoint transform: each output tensor is a function of a few input tensors.
 
 Output specs are found by running every function on meta tensors first (no data read), so
-shapes and dtypes are validated and the writer's shards planned before any real work.
+shapes and dtypes are validated and the writer's shards planned before any real work. The work
+then runs as a pipeline (transforms/pipeline.py): the next tensors are read while the current
+ones are computed and the previous ones written; unchanged tensors are copied in the kernel.
 """
 
 from __future__ import annotations
@@ -13,10 +15,12 @@ from pathlib import Path
 from ..io.reader import CheckpointReader
 from ..io.safetensors_format import TensorSpec, spec_of
 from ..io.writer import CheckpointWriter
+from .pipeline import Item, pipeline_budget, run_pipeline
 from ..models.layout import lora_flag_fixes
 from ..models.native_layout import is_native
 from ..models.native_map import SIDECAR
-from ..models.views import link_for, open_view
+from ..formats.views import open_view
+from ..models.views import link_for
 
 
 @dataclass(frozen=True)
@@ -98,7 +102,6 @@ def run_transform(
         if native_out:
             outputs = to_layout_outputs(view, outputs)
         specs = output_specs(view, outputs)
-        cache = SourceCache(view)
         files = dict(files or {})
         if config_update:
             files["config.json"] = _updated(files.get("config.json") or _stored_config(source), config_update)
@@ -106,20 +109,55 @@ def run_transform(
             files[SIDECAR] = {**view.sidecar_extra, "config": _updated(view.config(), dict(config_update or {})),
                               "keys": original_names}
         files = fix_lora_flags(files, source, [o.name for o in outputs])
+        items = plan_items(view, outputs, specs)
+        largest = max([spec.nbytes for spec in view.specs()] + [spec.nbytes for spec in specs], default=0)
+        use_all_cores()
         with CheckpointWriter(out, specs, max_shard_size=max_shard_size, inputs=[Path(source)], overwrite=overwrite) as writer:
-            seen: set[str] = set()
-            for item in outputs:
-                stored = view.stored(item.sources[0]) if item.fn is None else None
-                if stored is not None:
-                    writer.copy_stored(item.name, stored)
-                else:
-                    writer.write(item.name, compute(cache, item).contiguous())
-                if progress:  # in input bytes consumed, so the bar ends at the input's size
-                    progress(sum(view.spec(s).nbytes for s in item.sources if s not in seen))
-                    seen.update(item.sources)
+            # progress in input bytes consumed, so the bar ends at the input's size
+            run_pipeline(view, writer, items, budget=pipeline_budget(items, largest), progress=progress)
             if progress:
-                progress(max(view.total_bytes - sum(view.spec(s).nbytes for s in seen), 0))
+                progress(max(view.total_bytes - sum(item.input_bytes for item in items), 0))
             return writer.finalize(side_files_from=Path(source), files=files)
+
+
+def plan_items(view, outputs: list[Output], specs: list[TensorSpec]) -> list[Item]:
+    """The pipeline's work list (transforms/pipeline.py): a tensor stored unchanged is one copy
+    item (in the kernel); consecutive outputs of the same sources (an int8 weight and its
+    scales, the parts of a split tensor) are one computed item, their sources read once."""
+    nbytes = {spec.name: spec.nbytes for spec in specs}
+    items: list[Item] = []
+    seen: set[str] = set()
+    for out in outputs:
+        consumed = sum(view.spec(s).nbytes for s in dict.fromkeys(out.sources) if s not in seen)
+        seen.update(out.sources)
+        stored = view.stored(out.sources[0]) if out.fn is None else None
+        if stored is not None:
+            items.append(Item([(out.name, None)], out.sources, stored, input_bytes=consumed))
+        elif items and items[-1].stored is None and items[-1].sources == out.sources:
+            items[-1].outputs.append((out.name, out.fn))
+            items[-1].output_bytes += nbytes[out.name]
+            items[-1].input_bytes += consumed
+        else:
+            items.append(Item([(out.name, out.fn)], out.sources, None, sum(view.spec(s).nbytes for s in out.sources),
+                              nbytes[out.name], consumed))
+    return items
+
+
+def use_all_cores() -> None:
+    """torch's intra-op threads set to the CPUs this process may run on (never fewer than torch
+    chose; OMP_NUM_THREADS, when set, is left to decide)."""
+    import os
+
+    import torch
+
+    if os.environ.get("OMP_NUM_THREADS"):
+        return
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    if torch.get_num_threads() < cores:
+        torch.set_num_threads(cores)
 
 
 def fix_lora_flags(files: dict[str, object], source: Path, keys: list[str]) -> dict[str, object]:

@@ -1,0 +1,205 @@
+"""The read -> compute -> write pipeline and the blocked kernels: byte for byte what the serial
+code before them wrote (tests/streaming_reference.py), bounded in memory, errors as before."""
+
+from __future__ import annotations
+
+import threading
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from internvl_tools.errors import CheckpointError, InputError
+from internvl_tools.formats import base as formats_base
+from internvl_tools.formats import bnb_int8, compressed_tensors
+from internvl_tools.tiny.generator import make_peft_adapter
+from internvl_tools.transforms import int8 as int8_module
+from internvl_tools.transforms import merge_lora, pipeline, stream
+
+from . import streaming_reference as ref
+from .support import all_bytes
+
+SHAPES = [(301, 259), (1100, 300), (7, 4096), (3, 5)]
+
+
+def _weight(shape, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(*shape, generator=g) * 0.05).to(dtype)
+    w[1] = 0  # an all-zero row
+    if shape[1] > 4:
+        w[2, :3] = 1e-30  # below float16's range
+        w[0, 1] = 6e4  # near float16's top
+    return w
+
+
+def _same(got, want):
+    got = list(got.values()) if isinstance(got, dict) else list(got)
+    want = list(want.values()) if isinstance(want, dict) else list(want)
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype and g.shape == w.shape and torch.equal(g, w)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_8bit_kernels_equal_the_serial_ones(shape, dtype, monkeypatch):
+    """bnb, W8A16 (packed straight into bytes) and W8A8, with reused buffers and cache-sized blocks
+    (also a few rows per block), give the bytes of the whole-block kernels; the input is left as it was."""
+    w = _weight(shape, dtype)
+    before = w.clone()
+    for elements in (formats_base.BLOCK_ELEMENTS, 1000):
+        monkeypatch.setattr(formats_base, "BLOCK_ELEMENTS", elements)
+        _same(bnb_int8.quantize_rowwise(w), ref.quantize_rowwise(w.clone()))
+        _same(bnb_int8.quantize_rowwise(w, row_block=64), ref.quantize_rowwise(w.clone(), row_block=64))
+        _same(compressed_tensors.quantize(w), ref.ct_quantize(w.clone()))
+        _same(compressed_tensors.quantize_symmetric_channel(w), ref.quantize_symmetric_channel(w.clone()))
+        _same(compressed_tensors.quantize_w8a8(w), ref.quantize_w8a8(w.clone()))
+    assert torch.equal(w, before)
+
+
+@pytest.mark.parametrize("rows,cols,rank", [(1100, 300, 8), (300, 259, 4), (128, 4100, 16)])
+def test_blocked_merge_equals_the_serial_one(rows, cols, rank, monkeypatch):
+    g = torch.Generator().manual_seed(1)
+    tensors = {"w": torch.randn(rows, cols, generator=g).bfloat16(), "a": torch.randn(rank, cols, generator=g).bfloat16(),
+               "b": torch.randn(rows, rank, generator=g).bfloat16(), "ea": torch.randn(rank, rows, generator=g).bfloat16(),
+               "eb": torch.randn(cols, rank, generator=g).bfloat16()}
+    sources = SimpleNamespace(get=lambda source, key: tensors[key])
+    ops = (SimpleNamespace(source="x", a="a", b="b", scale=0.37, kind="lora"),
+           SimpleNamespace(source="x", a="ea", b="eb", scale=2.0, kind="embedding"))
+    want = ref.blocked_merge(tensors["w"], ops, sources, "k")
+    for elements in (merge_lora.BLOCK_ELEMENTS, rows * cols // 5):
+        monkeypatch.setattr(merge_lora, "BLOCK_ELEMENTS", elements)
+        assert torch.equal(merge_lora._blocked(tensors["w"], ops, sources, "k"), want)
+    tensors["a"][0, 3] = float("inf")
+    with pytest.raises(InputError, match="NaN or Inf"):
+        merge_lora._blocked(tensors["w"], ops, sources, "k")
+
+
+def _serial(monkeypatch):
+    """Run every streamed command the way the code before the pipeline did."""
+    monkeypatch.setattr(stream, "run_pipeline", ref.serial_run)
+    monkeypatch.setattr(merge_lora, "_blocked", ref.blocked_merge)
+    for name, reference in (("bnb", ref.bnb_quantize), ("compressed-tensors", ref.ct_quantize), ("w8a8", ref.quantize_w8a8)):
+        current = int8_module.FORMATS[name]
+
+        def quantize(weight, reference=reference, current=current):  # specs (meta tensors) as planned today
+            return current.quantize(weight) if weight.device.type == "meta" else reference(weight)
+
+        monkeypatch.setitem(int8_module.FORMATS, name, int8_module.Int8Writer(current.written, quantize, current.quantization_config))
+
+
+def _files(folder):
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+COMMANDS = {
+    "int8 bnb": lambda src, extra: ["quantize", src, "--method", "int8"],
+    "int8 compressed-tensors": lambda src, extra: ["quantize", src, "--method", "int8", "--format", "compressed-tensors"],
+    "int8 w8a8": lambda src, extra: ["quantize", src, "--method", "int8", "--format", "w8a8"],
+    "merge-lora embedded": lambda src, extra: ["merge-lora", extra["embedded"]],
+    "merge-lora peft": lambda src, extra: ["merge-lora", src, "--adapter", extra["adapter"]],
+    "convert --to hf": lambda src, extra: ["convert", src, "--to", "hf"],
+    "convert --to original": lambda src, extra: ["convert", extra["hf"], "--to", "original"],
+}
+
+
+@pytest.fixture(scope="module")
+def inputs(tiny, tmp_path_factory):
+    from click.testing import CliRunner
+
+    from internvl_tools.cli.main import cli
+
+    family = "InternVL2-Llama3-76B"
+    root = tmp_path_factory.mktemp("pipeline-inputs")
+    hf = root / "hf"
+    assert CliRunner().invoke(cli, ["convert", str(tiny(family)), "-o", str(hf), "--to", "hf"]).exit_code == 0
+    adapter = make_peft_adapter(tiny(family), root / "adapter", rank=4, alpha=16)
+    return tiny(family), {"embedded": tiny(family, lora="embedded"), "adapter": adapter, "hf": hf}
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_streamed_commands_write_the_serial_bytes(command, inputs, tmp_path, run_cli, monkeypatch):
+    """Each command through the pipeline (blocks forced small, budget forced small so items queue and
+    wait) writes the files the serial code wrote, tensor bytes and side files alike."""
+    src, extra = inputs
+    argv = [str(a) for a in COMMANDS[command](src, extra)]
+    with monkeypatch.context() as patch:
+        _serial(patch)
+        assert run_cli(*argv, "-o", tmp_path / "serial", "--max-shard-size", "200KB").exit_code == 0
+    monkeypatch.setattr(formats_base, "BLOCK_ELEMENTS", 4096)
+    monkeypatch.setattr(merge_lora, "BLOCK_ELEMENTS", 4096)
+    monkeypatch.setattr(pipeline, "PIPELINE_BYTES", 300_000)
+    result = run_cli(*argv, "-o", tmp_path / "piped", "--max-shard-size", "200KB")
+    assert result.exit_code == 0, result.output
+    serial, piped = all_bytes(tmp_path / "serial"), all_bytes(tmp_path / "piped")
+    assert list(serial) and serial == piped
+    assert _files(tmp_path / "serial") == _files(tmp_path / "piped")
+
+
+class _FakeView:
+    """Sources of known sizes; records the bytes held by the pipeline when each tensor is read."""
+
+    def __init__(self, sizes):
+        self.sizes = sizes
+
+    def get(self, name):
+        return torch.full((self.sizes[name],), 1, dtype=torch.uint8)
+
+
+class _FakeWriter:
+    def __init__(self, fail_on=None):
+        self.written, self.fail_on = {}, fail_on
+
+    def write(self, name, tensor):
+        if name == self.fail_on:
+            raise CheckpointError(f"out/model.safetensors: No space left on device while writing {name!r}; free disk space")
+        self.written[name] = tensor.clone()
+
+    def copy_stored(self, name, stored):
+        self.written[name] = stored
+
+
+def _items(count, size):
+    return [pipeline.Item([(f"t{i}", lambda t: t + 1)], (f"s{i}",), None, size, size, size) for i in range(count)]
+
+
+def test_pipeline_holds_at_most_its_budget(monkeypatch):
+    """What the pipeline holds never passes the budget; an item larger than the budget runs alone."""
+    peaks = []
+    original = pipeline._Budget.acquire
+
+    def acquire(self, amount):
+        original(self, amount)
+        peaks.append(self.held)
+
+    monkeypatch.setattr(pipeline._Budget, "acquire", acquire)
+    items = _items(30, 1000) + [pipeline.Item([("big", None)], ("sbig",), None, 9000, 9000, 9000)] + _items(5, 1000)
+    items[5] = pipeline.Item([("copied", None)], ("s5",), "stored-at", 0, 0, 1000)
+    sizes = {name: 1000 for item in items for name in item.sources} | {"sbig": 9000}
+    writer, seen = _FakeWriter(), []
+    pipeline.run_pipeline(_FakeView(sizes), writer, items, budget=5000, progress=seen.append)
+    assert max(p for p in peaks if p != 18000) <= 5000 and 18000 in peaks  # the big item: alone
+    assert writer.written["copied"] == "stored-at" and torch.equal(writer.written["big"], torch.ones(9000, dtype=torch.uint8))
+    assert all(torch.equal(writer.written[f"t{i}"], torch.full((1000,), 2, dtype=torch.uint8)) for i in range(30) if i != 5)
+    assert sum(seen) == sum(item.input_bytes for item in items)
+    assert pipeline.pipeline_budget(items, largest=4000) == 18000
+    assert pipeline.pipeline_budget(_items(3, 10), largest=10**12) == pipeline.PIPELINE_BYTES
+    assert pipeline.pipeline_budget(_items(3, 10), largest=100) == 200
+
+
+@pytest.mark.parametrize("stage", ["compute", "write", "read"])
+def test_pipeline_errors_reach_the_caller_as_raised(stage):
+    """The first error of any thread is raised in the caller with its own type; no thread is left running."""
+    items = _items(40, 100)
+    sizes = {name: 100 for item in items for name in item.sources}
+    view, writer = _FakeView(sizes), _FakeWriter(fail_on="t17" if stage == "write" else None)
+    if stage == "compute":
+        items[17].outputs = [("t17", lambda t: (_ for _ in ()).throw(InputError("merging LoRA into 't17' gives NaN or Inf")))]
+    if stage == "read":
+        view.get = lambda name: (_ for _ in ()).throw(CheckpointError(f"x.safetensors: key {name!r}: the shard was truncated"))
+    error = {"compute": InputError, "write": CheckpointError, "read": CheckpointError}[stage]
+    before = threading.active_count()
+    with pytest.raises(error):
+        pipeline.run_pipeline(view, writer, items, budget=250)
+    assert threading.active_count() == before
+    assert "t39" not in writer.written
