@@ -116,3 +116,10 @@ def test_int8_with_a_gptq_recipe_is_refused(tiny, tmp_path, run_cli):
     line = _one_line_error(run_cli("quantize", tiny("InternVL2-1B"), "-o", tmp_path / "q", "--method", "int8", "--recipe", no_method))
     assert "--bits" in line and "recipe" in line and "--method int8" in line
     assert not (tmp_path / "q").exists()
+
+
+def test_chat_with_a_missing_image_is_a_one_line_error(tiny, tmp_path, run_cli):
+    """--image that does not exist (or is a folder): the one-line `error:` (exit 2), not click's usage error."""
+    for image, needle in ((tmp_path / "nonexistent.png", "no such file"), (tmp_path, "a folder")):
+        line = _one_line_error(run_cli("chat", tiny("InternVL2-1B"), "hi", "--image", image))
+        assert str(image) in line and needle in line and "--image takes an image file" in line

@@ -473,3 +473,26 @@ def test_check_mode_follows_memory(tiny):
     assert vision_onnx.check_mode(plan, vision_onnx.segment_memory_needed(plan, 1) - 1) == ("skip", 0)
     assert vision_onnx.check_mode(plan, full, segment_layers=5) == ("segments", plan.shape.layers)
     assert vision_onnx.segment_memory_needed(plan, 2) > vision_onnx.segment_memory_needed(plan, 1)
+
+
+@ONNX
+def test_chat_and_verify_refuse_an_export_of_another_pixel_shuffle(tiny, exported, copy_of, tmp_path, run_cli):
+    """An export whose shapes fit but whose ps_version (or select_layer, downsample_ratio) is not the checkpoint's:
+    chat --vision-onnx refuses it as verify --vision-onnx does, with one line naming the field (it ran silently)."""
+    from internvl_tools.io.slices import write_tsv
+
+    from .support import make_items
+
+    export = exported("InternVL2-1B")
+    folder = copy_of(tiny("InternVL2-1B"))
+    config = json.loads((folder / "config.json").read_text())
+    config["ps_version"] = "v1"  # same widths and token count, another pixel shuffle
+    (folder / "config.json").write_text(json.dumps(config))
+    bench = write_tsv(make_items(1), tmp_path / "slice.tsv")
+    lines = []
+    for args in (["chat", folder, "hi", "--vision-onnx", export], ["verify", folder, "--vision-onnx", export, "--bench", bench]):
+        result = run_cli(*args)
+        assert result.exit_code == 2, result.output
+        lines.append(result.output.strip().splitlines()[-1])
+    assert all("ps_version 'v2'" in line and "export the vision tower of this checkpoint" in line for line in lines)
+    assert run_cli("chat", tiny("InternVL2-1B"), "hi", "--vision-onnx", export, "--max-new-tokens", "1").exit_code == 0

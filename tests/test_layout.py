@@ -88,6 +88,14 @@ def test_unknown_llm_architecture():
     (lambda c: c["vision_config"].update(hidden_size=48), "vision_config.hidden_size"),
     (lambda c: c.update(model_type="llava", architectures=["LlavaForConditionalGeneration"]), "not InternVL"),
     (lambda c: c["llm_config"].update(architectures=["GPT2LMHeadModel"]), "not a supported LLM"),
+    # heads that do not fit the q/k/v rows (the forward pass would crash in a reshape), widths, bias, ps_version
+    (lambda c: c["llm_config"].update(num_attention_heads=8), "llm_config.num_attention_heads 8"),
+    (lambda c: c["llm_config"].update(num_key_value_heads=4), "num_key_value_heads 4 imply language_model.model.layers.0.self_attn.k_proj"),
+    (lambda c: c["llm_config"].update(intermediate_size=128), "llm_config.intermediate_size 128"),
+    (lambda c: c["vision_config"].update(num_attention_heads=3), "vision_config.num_attention_heads is 3"),
+    (lambda c: c["vision_config"].update(intermediate_size=100), "vision_config.intermediate_size"),
+    (lambda c: c["vision_config"].update(qkv_bias=True), "vision_config.qkv_bias"),
+    (lambda c: c.update(ps_version="v3"), "ps_version 'v3' is not supported; supported: v1, v2"),
 ])
 def test_config_disagreeing_with_tensors_exits_2(tiny, copy_of, run_cli, edit, needle):
     folder = copy_of(tiny("InternVL2-40B"))

@@ -249,3 +249,178 @@ def test_a_stale_lora_flag_is_corrected_in_every_output(command, tiny, copy_of, 
     if written.get("model_type") == "internvl":
         written = json.loads((out / "internvl_original.json").read_text())["config"]
     assert written["use_llm_lora"] == 0
+
+
+# -- int8 of an InternLM2 in either layout: the fused wqkv and its quantized side-tensors -------------------
+INT8_FORMATS = ["bnb", "compressed-tensors", "w8a8"]
+
+
+@pytest.fixture(scope="module")
+def int8_of(tiny, native, tmp_path_factory):
+    """int8_of(family, layout, fmt) -> `quantize --method int8 --format fmt` of the family's tiny checkpoint in that layout."""
+    from click.testing import CliRunner
+
+    from internvl_tools.cli.main import cli
+
+    cache = {}
+
+    def get(family, layout, fmt):
+        if (family, layout, fmt) not in cache:
+            source = tiny(family) if layout == "original" else native(family)
+            out = tmp_path_factory.mktemp("int8") / f"{family}-{layout}-{fmt}"
+            result = CliRunner().invoke(cli, ["quantize", str(source), "-o", str(out), "--method", "int8", "--format", fmt])
+            assert result.exit_code == 0, result.output
+            cache[(family, layout, fmt)] = out
+        return cache[(family, layout, fmt)]
+
+    return get
+
+
+@pytest.mark.parametrize("fmt", INT8_FORMATS)
+@pytest.mark.parametrize("layout", ["original", "native"])
+def test_int8_internlm2_in_either_layout_runs_every_command(layout, fmt, tiny, int8_of, tmp_path, run_cli):
+    """make-tiny -> (convert --to hf) -> quantize int8 -> inspect / chat / verify / shard --gpus / convert: the native
+    q/k/v_proj tensors and their per-tensor scalars (bnb weight_format, compressed-tensors weight_shape) merge back into
+    InternLM2's wqkv as the format allows (it crashed: "shape '[2, 2, 16]' is invalid"), and converting the int8
+    checkpoint gives the other layout's int8 checkpoint bit for bit, quantization_config included."""
+    from internvl_tools.io.slices import write_tsv
+
+    from .support import all_bytes, make_items
+
+    family, other = "InternVL2-2B", "native" if layout == "original" else "original"
+    quantized = int8_of(family, layout, fmt)
+    report = run_cli("inspect", quantized, "--json")
+    assert report.exit_code == 0, report.output
+    assert json.loads(report.output)["params"] == summarize(tiny(family))["params"]
+    image = tmp_path / "img.png"
+    sample_image(3).save(image)
+    answers = []
+    for folder in (quantized, int8_of(family, other, fmt)):
+        result = run_cli("chat", folder, "Describe the image.", "--image", image, "--max-new-tokens", "3", "--json", "--dtype", "fp32")
+        assert result.exit_code == 0, result.output
+        answers.append(json.loads(result.output)["token_ids"])
+    assert answers[0] == answers[1]
+    bench = write_tsv(make_items(2), tmp_path / "slice.tsv")
+    result = run_cli("verify", tiny(family), quantized, "--bench", bench, "--max-new-tokens", "2", "--json", "-",
+                     "--max-kl", "10", "--min-top1", "0", "--min-image-cosine", "0", "--max-acc-drop", "100")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["overall"]["n"] == 2
+    planned = tmp_path / "2gpu"
+    result = run_cli("shard", quantized, "-o", planned, "--gpus", "2", "--gpu-memory", "4GiB", "--reserve", "1GiB", "--context", "64")
+    assert result.exit_code == 0, result.output
+    assert set(json.loads((planned / "device_map.json").read_text()).values()) == {0, 1}
+    assert all_bytes(planned) == all_bytes(quantized)
+    converted = tmp_path / "converted"
+    result = run_cli("convert", quantized, "-o", converted, "--to", "hf" if layout == "original" else "original")
+    assert result.exit_code == 0, result.output
+    assert all_bytes(converted) == all_bytes(int8_of(family, other, fmt))
+    config = json.loads((converted / "config.json").read_text())
+    assert config["quantization_config"] == json.loads((int8_of(family, other, fmt) / "config.json").read_text())["quantization_config"]
+
+
+def test_int8_internlm2_with_only_part_of_wqkv_quantized_is_refused(native, tmp_path, run_cli):
+    """q_proj left in bf16 while k/v_proj are int8: wqkv cannot be one tensor; a one-line error says so."""
+    out = tmp_path / "q"
+    assert run_cli("quantize", native("InternVL2-2B"), "-o", out, "--method", "int8", "--skip", r"layers\.0\.self_attn\.q_proj").exit_code == 0
+    result = run_cli("inspect", out)
+    assert result.exit_code == 2 and result.output.count("\n") == 1
+    assert "layers.0.attention.wqkv" in result.output and "together" in result.output
+
+
+def test_gptq_internlm2_conversion_is_refused_naming_the_packed_tensor(tiny, tmp_path, run_cli):
+    """GPTQ packs wqkv across its output rows: converting it is refused (convert first, then quantize)."""
+    quantized, out = tmp_path / "q", tmp_path / "hf"
+    assert run_cli("quantize", tiny("InternVL2-2B"), "-o", quantized, "--method", "gptq", "--num-samples", "2",
+                   "--seq-len", "32").exit_code == 0
+    result = run_cli("convert", quantized, "-o", out)
+    assert result.exit_code == 2 and result.output.count("\n") == 1
+    assert "attention.wqkv.qweight" in result.output and "convert the bf16 checkpoint first" in result.output
+    assert not out.exists()
+
+
+# -- ps_version v1 without the sidecar ---------------------------------------------------------------------------------
+def test_v1_native_without_sidecar_keeps_ps_version_v1(tiny, native, tmp_path, run_cli):
+    """A V1 family converted to native and stripped of internvl_original.json: config.json's
+    internvl_tools.source_ps_version keeps it v1, so the view undoes the v1 adaptation (bit for bit), the runtime's
+    logits are the original's, and --to original writes ps_version v1 (it became v2: silently different images)."""
+    family = "InternVL-Chat-V1-1"
+    folder = native(family, sidecar=False)
+    original = all_tensors(tiny(family))
+    with open_view(folder) as view:
+        assert view.config()["ps_version"] == "v1"
+        assert set(view.keys()) == set(original) and all(torch.equal(view.get(k), original[k]) for k in view.keys())
+    ours, theirs = InternVLRuntime(tiny(family), dtype=torch.float32), InternVLRuntime(folder, dtype=torch.float32)
+    pixels = ours.pixel_values(sample_image(4))
+    ids = ours.prompt_ids("What is it?", pixels.shape[0])
+    assert torch.equal(ours.logits(ids, pixels), theirs.logits(ids, pixels))
+    back = tmp_path / "back"
+    assert run_cli("convert", folder, "-o", back, "--to", "original").exit_code == 0
+    assert json.loads((back / "config.json").read_text())["ps_version"] == "v1"
+    bad = tmp_path / "v3"
+    shutil.copytree(folder, bad)
+    config = json.loads((bad / "config.json").read_text())
+    config["internvl_tools"]["source_ps_version"] = "v3"
+    (bad / "config.json").write_text(json.dumps(config))
+    result = run_cli("inspect", bad)
+    assert result.exit_code == 2 and "internvl_tools.source_ps_version is 'v3'" in result.output
+
+
+# -- config files that disagree with the tensors, in the native layout ------------------------------------------------
+def _edit_json(path, edit):
+    value = json.loads(path.read_text())
+    edit(value)
+    path.write_text(json.dumps(value))
+
+
+@pytest.mark.parametrize("sidecar", [True, False])
+def test_native_text_config_disagreeing_with_the_tensors_is_refused(sidecar, native, tmp_path, run_cli):
+    """config.json's text_config is what transformers loads: checked against the tensors even with the sidecar."""
+    folder = tmp_path / "n"
+    shutil.copytree(native("InternVL2-2B", sidecar), folder)
+    _edit_json(folder / "config.json", lambda c: c["text_config"].update(num_hidden_layers=5))
+    result = run_cli("inspect", folder)
+    assert result.exit_code == 2 and result.output.count("\n") == 1
+    assert f"{folder / 'config.json'}: text_config.num_hidden_layers is 5" in result.output
+
+
+@pytest.mark.parametrize("edit,needle", [
+    (lambda s: s["config"]["llm_config"].update(num_hidden_layers=5), "llm_config.num_hidden_layers is 5"),
+    (lambda s: s["config"]["llm_config"].update(hidden_size=128), "llm_config.hidden_size is 128"),
+    (lambda s: s["config"]["llm_config"].update(num_attention_heads=8), "llm_config.num_attention_heads 8"),
+])
+def test_sidecar_disagreeing_with_the_tensors_is_refused_naming_it(edit, needle, native, tmp_path, run_cli):
+    folder = tmp_path / "n"
+    shutil.copytree(native("InternVL2-2B"), folder)
+    _edit_json(folder / "internvl_original.json", edit)
+    result = run_cli("inspect", folder)
+    assert result.exit_code == 2 and result.output.count("\n") == 1
+    assert f"{folder / 'internvl_original.json'}: {needle}" in result.output
+
+
+def test_sidecar_of_another_model_is_refused_naming_it(native, tmp_path, run_cli):
+    """InternVL2-26B's sidecar (InternViT-6B: no qkv bias) next to InternVL2-2B's tensors (InternViT-300M)."""
+    folder = tmp_path / "n"
+    shutil.copytree(native("InternVL2-2B"), folder)
+    shutil.copy(native("InternVL2-26B") / "internvl_original.json", folder / "internvl_original.json")
+    for command in (["inspect", folder], ["chat", folder, "hi", "--max-new-tokens", "1"]):
+        result = run_cli(*command)
+        assert result.exit_code == 2 and result.output.count("\n") == 1
+        assert str(folder / "internvl_original.json") in result.output
+
+
+def test_inspect_refuses_an_unknown_template_as_chat_does(tiny, copy_of, run_cli):
+    folder = copy_of(tiny("InternVL2-1B"))
+    _edit_json(folder / "config.json", lambda c: c.update(template="my-own-template"))
+    outputs = []
+    for command in (["inspect", folder], ["chat", folder, "hi", "--max-new-tokens", "1"]):
+        result = run_cli(*command)
+        assert result.exit_code == 2
+        outputs.append(result.output)
+    assert outputs[0] == outputs[1] and "template 'my-own-template'" in outputs[0]
+
+
+def test_native_inspect_tensor_count_adds_up(native, run_cli):
+    """`tensors` counts the stored tensors, and so do the per-dtype counts (they counted the merged original keys)."""
+    report = json.loads(run_cli("inspect", native("InternVL2-2B"), "--json").output)
+    assert report["tensors"] == sum(d["tensors"] for d in report["dtypes"].values()) == len(all_tensors(native("InternVL2-2B")))
+    assert report["bytes"]["total"] == sum(d["bytes"] for d in report["dtypes"].values())

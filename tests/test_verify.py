@@ -195,3 +195,19 @@ def test_vision_onnx_damaged_tower_flagged_and_mismatch_refused(tiny, slice_tsv,
         OnnxVision(export, config)
     missing = run_cli("verify", tiny(FAMILY), "--bench", slice_tsv)
     assert missing.exit_code == 2 and "missing CANDIDATE" in missing.output
+
+
+def test_topk_kl_is_never_negative():
+    """Two nearly equal distributions: float32 rounding made the top-k + rest KL dip below 0 (verify printed a
+    negative mean_kl); it is computed in float64 and clamped at 0, and still equals the exact value elsewhere."""
+    from internvl_tools.evaluate.verify import topk_kl
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 500, generator=g)
+    ref = torch.log_softmax(logits, -1)
+    near = torch.log_softmax(logits + 1e-6 * torch.randn(64, 500, generator=g), -1)
+    top = ref.topk(10, dim=-1)
+    assert (topk_kl(top.values, near.gather(-1, top.indices)) >= 0).all()
+    far = torch.log_softmax(logits + torch.randn(64, 500, generator=g), -1)  # full vocabulary: the exact KL
+    exact = (ref.exp().double() * (ref.double() - far.double())).sum(-1)
+    assert torch.allclose(topk_kl(ref, far), exact, atol=1e-6)

@@ -15,7 +15,7 @@ from ..models.layout import build_layout
 from ..errors import InputError
 from ..io.reader import CheckpointReader
 from ..io.writer import check_apart, check_output, parse_size
-from ..models.views import open_view
+from ..formats.views import open_view
 from ..planners.gpu_layout import native_device_map, order_by_gpu, plan_for_checkpoint
 from ..evaluate.inspect import summarize
 from ..transforms.shard import reshard
@@ -591,7 +591,7 @@ def _report_merge_plan(plan, as_json: bool) -> None:
 @cli.command("chat")
 @click.argument("checkpoint", type=click.Path(path_type=Path), callback=checkpoint_folder)
 @click.argument("question")
-@click.option("--image", type=click.Path(path_type=Path, exists=True, dir_okay=False), help="an image file")
+@click.option("--image", type=click.Path(path_type=Path), help="an image file")
 @click.option("--max-new-tokens", default=64, show_default=True)
 @click.option("--dtype", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True)
 @click.option("--vision-onnx", type=click.Path(path_type=Path), default=None,
@@ -608,6 +608,8 @@ def chat_cmd(checkpoint: Path, question: str, image: Path | None, max_new_tokens
 
     picture = None
     if image is not None:
+        if not image.is_file():  # one `error:` line (exit 2), not click's usage error
+            raise InputError(f"{image}: {'a folder' if image.is_dir() else 'no such file'}; --image takes an image file")
         try:
             picture = Image.open(image).convert("RGB")
         except (UnidentifiedImageError, OSError) as exc:

@@ -8,8 +8,9 @@ from pathlib import Path
 from ..formats import Format, check, detect, parameter_count as tensor_parameters
 from ..models.families import identify
 from ..models.layout import Layout, build_layout
+from ..models.templates import get_template
 from ..io.reader import CheckpointReader
-from ..models.views import open_view
+from ..formats.views import open_view
 from ..transforms.adapters import flag_mismatches
 
 GIB = 2**30
@@ -23,6 +24,7 @@ def load(folder: str | Path) -> tuple[CheckpointReader, dict, Layout]:
         config = reader.config()
         layout = build_layout(config, reader.specs())
         check(config, layout)
+        get_template(config.get("template"))  # refused as chat / verify / convert refuse it
     except BaseException:
         reader.close()
         raise
@@ -51,8 +53,6 @@ def summarize(folder: str | Path) -> dict:
     for name, info in layout.keys.items():
         spec = reader.spec(name)
         bytes_by_family[info.family] += spec.nbytes
-        dtypes[spec.dtype]["tensors"] += 1
-        dtypes[spec.dtype]["bytes"] += spec.nbytes
         if info.family == "llm" and info.part == "layer":
             layer_bytes[info.layer] += spec.nbytes
             if info.is_linear and info.param == "weight" and info.lora is None and len(spec.shape) == 2:
@@ -61,6 +61,10 @@ def summarize(folder: str | Path) -> dict:
                 linear["rows"] += rows
                 linear["groups"] += rows * -(-cols // 128)
                 linear["in_features"] += cols
+    stored = getattr(reader, "reader", reader)  # the tensors as stored (a native checkpoint's q/k/v_proj apart)
+    for spec in stored.specs():  # so that the dtype counts add up to "tensors"
+        dtypes[spec.dtype]["tensors"] += 1
+        dtypes[spec.dtype]["bytes"] += spec.nbytes
     params = parameter_count(reader, layout, fmt, quant)
     total_params = sum(params.values())
     experts = expert_report(reader, layout, fmt, quant, llm_cfg)
@@ -101,7 +105,7 @@ def summarize(folder: str | Path) -> dict:
         },
         "quantization": {"format": fmt.name, **{k: quant[k] for k in ("quant_method", "bits", "group_size", "load_in_8bit") if k in quant}} if quant else None,
         "shards": len(reader.shards),
-        "tensors": len(getattr(reader, "reader", reader)),
+        "tensors": len(stored),
         "dtypes": dict(dtypes),
         "bytes": {"total": reader.total_bytes, **dict(bytes_by_family)},
         "params": {"total": total_params, **params},

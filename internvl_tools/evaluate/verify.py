@@ -103,11 +103,14 @@ def compare_candidate(runtime, items: list[BenchItem], reference: list[dict], ma
 
 def topk_kl(ref_logprobs: torch.Tensor, cand_logprobs: torch.Tensor) -> torch.Tensor:
     """KL(ref || cand) over the reference's top-k tokens plus one bucket for all other tokens
-    (exact when k covers the vocabulary; never negative)."""
+    (exact when k covers the vocabulary). Computed in float64 and clamped at 0: a KL is never
+    negative, and float rounding of two nearly equal distributions must not make it so.
+    Shapes: [positions, k] in, [positions] float64 out (nats)."""
+    ref_logprobs, cand_logprobs = ref_logprobs.double(), cand_logprobs.double()
     p, q = ref_logprobs.exp(), cand_logprobs.exp()
     p_rest = (1 - p.sum(-1)).clamp_min(1e-12)
     q_rest = (1 - q.sum(-1)).clamp_min(1e-12)
-    return (p * (ref_logprobs - cand_logprobs)).sum(-1) + p_rest * (p_rest.log() - q_rest.log())
+    return ((p * (ref_logprobs - cand_logprobs)).sum(-1) + p_rest * (p_rest.log() - q_rest.log())).clamp_min(0)
 
 
 @torch.no_grad()

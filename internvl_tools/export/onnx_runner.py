@@ -15,8 +15,8 @@ from .vision_onnx import META_FILE, MODEL_FILE, session_for
 class OnnxVision:
     """pixel_values [tiles, 3, S, S] -> image embeddings [tiles, tokens, llm_hidden] with onnxruntime.
 
-    Checks that the export belongs to a checkpoint with the same tile size, token count and LLM
-    width; batches above the export's max_batch are run in chunks."""
+    Checks that the export belongs to a checkpoint with the same tile size, token count, LLM
+    width, ps_version, select_layer and downsample_ratio (InputError otherwise); batches above the export's max_batch are run in chunks."""
 
     def __init__(self, folder: str | Path, config: dict, device: str = "cpu"):
         folder = Path(folder)
@@ -37,6 +37,12 @@ class OnnxVision:
         if found != expected:
             raise InputError(f"{folder}: the export takes {found[0]} px tiles -> {found[1]} tokens x {found[2]}, but the checkpoint needs "
                              f"{expected[0]} px -> {expected[1]} x {expected[2]}; export the vision tower of this checkpoint")
+        # what else decides the embeddings and export.json records: the pixel shuffle, the ViT layer read, the ratio
+        for field, wanted in (("ps_version", config.get("ps_version", "v1")), ("select_layer", config.get("select_layer", -1)),
+                              ("downsample_ratio", config.get("downsample_ratio", 0.5))):
+            if field in self.meta and self.meta[field] != wanted:
+                raise InputError(f"{folder}: the export was made with {field} {self.meta[field]!r} but the checkpoint has "
+                                 f"{field} {wanted!r} (config.json); export the vision tower of this checkpoint")
         self.session = session_for(folder / MODEL_FILE, device)
         self.np_dtype = np.float16 if self.meta["dtype"] == "fp16" else np.float32
         self.max_batch = max(1, int(self.meta.get("max_batch", 1)))

@@ -10,6 +10,7 @@ models/ (and third-party libraries).
 """
 
 from .base import Format
-from .registry import FORMATS, check, detect, get_format, parameter_count, to_native, validate
+from .registry import FORMATS, check, detect, fused_params, get_format, parameter_count, to_native, to_original, validate
 
-__all__ = ["FORMATS", "Format", "check", "detect", "get_format", "parameter_count", "to_native", "validate"]
+__all__ = ["FORMATS", "Format", "check", "detect", "fused_params", "get_format", "parameter_count", "to_native", "to_original",
+           "validate"]

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import InputError
 from .base import Format, check_layout_name, first_present, plain_count
-from .rules import loader_names, native_modules
+from .rules import loader_names, native_modules, original_modules, skipped_by_name
 
 if TYPE_CHECKING:
     import torch
@@ -128,16 +128,24 @@ def quantization_config(skip_modules: Sequence[str], layout: str = "original", *
             "modules_to_not_convert": loader_names(skip_modules, layout)}
 
 
-def to_native(quant: dict) -> dict:
-    """An original-layout AWQ config with `modules_to_not_convert` renamed for the native layout.
+def to_native(quant: dict, record=None) -> dict:
+    """An original-layout AWQ config with `modules_to_not_convert` renamed for the native layout
+    (`record`: the LLM's dialect, for its linears' native names).
 
     Raises InputError for a module with no native name."""
-    natives = [n for module in quant.get("modules_to_not_convert") or [] for n in native_modules(module)]
+    natives = [n for module in quant.get("modules_to_not_convert") or [] for n in native_modules(module, record)]
     return dict(quant, modules_to_not_convert=loader_names(natives, "native"))
+
+
+def to_original(quant: dict, modules: dict[str, str]) -> dict:
+    """A native-layout AWQ config with `modules_to_not_convert` named in the original layout."""
+    skip = quant.get("modules_to_not_convert") or []
+    kept = original_modules(modules, lambda native: skipped_by_name(native, skip))
+    return dict(quant, modules_to_not_convert=loader_names(kept, "original"))
 
 
 FORMAT = Format(
     name="awq", library="AutoAWQ (gemm; LMDeploy, vLLM awq)", quant_method="awq", params=PARAMS,
     required=("qweight", "qzeros", "scales"), marker="qweight", matches=matches, check_config=check_config,
-    count=count, weight_shape=weight_shape, dequantize=dequantize, to_native=to_native,
+    count=count, weight_shape=weight_shape, dequantize=dequantize, to_native=to_native, to_original=to_original,
 )

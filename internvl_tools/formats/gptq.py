@@ -175,13 +175,18 @@ def dequantize(tensors: Mapping[str, torch.Tensor], quant: dict) -> torch.Tensor
     return unpack(tensors["qweight"], tensors["qzeros"], tensors["scales"], g_idx, bits)
 
 
-def to_native(quant: dict) -> dict:
+def to_native(quant: dict, record=None) -> dict:
     """The GPTQ quantization_config rebuilt for the native layout from the scheme it records."""
     return quantization_config(settings_of(quant), "native")
+
+
+def to_original(quant: dict, modules: dict[str, str]) -> dict:
+    """The GPTQ quantization_config rebuilt for the original layout from the scheme it records."""
+    return quantization_config(settings_of(quant), "original")
 
 
 FORMAT = Format(
     name="gptq", library="AutoGPTQ / GPTQModel (GPTQ v1)", quant_method="gptq", params=PARAMS,
     required=("qweight", "qzeros", "scales"), marker="qweight", matches=matches, check_config=check_config,
-    count=count, weight_shape=weight_shape, dequantize=dequantize, to_native=to_native,
+    count=count, weight_shape=weight_shape, dequantize=dequantize, to_native=to_native, to_original=to_original,
 )

@@ -37,7 +37,12 @@ def quantization_config(layout: str = "original") -> None:
     return None
 
 
-def to_native(quant: dict) -> dict:
+def to_native(quant: dict, record=None) -> dict:
+    """Nothing to translate: returns the (empty) config unchanged."""
+    return quant
+
+
+def to_original(quant: dict, modules: dict[str, str]) -> dict:
     """Nothing to translate: returns the (empty) config unchanged."""
     return quant
 
@@ -45,5 +50,5 @@ def to_native(quant: dict) -> dict:
 FORMAT = Format(
     name="plain", library="transformers / safetensors", quant_method=None, params=PARAMS, required=("weight",),
     marker="weight", matches=matches, check_config=check_config, count=plain_count, weight_shape=weight_shape,
-    dequantize=dequantize, to_native=to_native,
+    dequantize=dequantize, to_native=to_native, to_original=to_original,
 )

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from ..errors import LayoutError
 from ..models.layout import KeyInfo, Layout
 from . import awq, bnb_int8, compressed_tensors, gptq, plain
-from .base import Format, split_key
+from .base import Format, plain_fused, split_key
 
 FORMATS: tuple[Format, ...] = (plain.FORMAT, bnb_int8.FORMAT, gptq.FORMAT, compressed_tensors.FORMAT,
                              compressed_tensors.INT8_FORMAT, awq.FORMAT)
@@ -105,13 +105,32 @@ def check(config: dict, layout: Layout) -> Format:
     return fmt
 
 
-def to_native(quant: dict) -> dict:
-    """An original-layout quantization_config rewritten with native-layout module names.
+def fused_params(config: dict) -> dict[str, str]:
+    """{param: kind}: how the tensors of a fused linear (InternLM2's wqkv, InternViT's qkv) of a
+    checkpoint with this config.json split into / merge from their native parts, per its format
+    (models/native_map.py); a linear the format leaves in float keeps its plain weight / bias.
+    Raises LayoutError / InputError as `detect`."""
+    return {**plain_fused({}), **detect(config).fused(quantization_config(config))}
+
+
+def to_native(quant: dict, record=None) -> dict:
+    """An original-layout quantization_config rewritten with native-layout module names
+    (`record`: the LLM's dialect record, for its head and decoder linears; None: names as Llama's).
 
     Raises InputError for a format or rule that cannot be rewritten."""
     if not quant:
         return quant
-    return detect({"quantization_config": quant}).to_native(quant)
+    return detect({"quantization_config": quant}).to_native(quant, record)
+
+
+def to_original(quant: dict, modules: dict[str, str]) -> dict:
+    """A native-layout quantization_config rewritten with original-layout module names;
+    `modules`: {native linear module: original linear module} of the checkpoint.
+
+    Raises InputError for a rule the original layout cannot express."""
+    if not quant:
+        return quant
+    return detect({"quantization_config": quant}).to_original(quant, modules)
 
 
 def parameter_count(fmt: Format, quant: dict, info: KeyInfo, shape: tuple[int, ...]) -> int:

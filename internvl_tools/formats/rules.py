@@ -14,6 +14,8 @@ from __future__ import annotations
 import re
 
 from ..errors import InputError
+from ..models.dialects import Dialect
+from ..models.native_map import native_llm_module
 from ..models.vision import LLM_PREFIX, NATIVE_HEAD, NATIVE_LLM_PREFIX, PROJECTOR, VISION
 from .base import check_layout_name
 
@@ -96,8 +98,10 @@ def negative_rules(layout: str) -> list[str]:
     return [f"-:{module_regex(m, layout)}" for m in (towers(layout)["vision"], towers(layout)["projector"])]
 
 
-def native_modules(module: str) -> tuple[str, ...]:
-    """The native module name(s) of an original-layout module (InternViT's fused qkv is three).
+def native_modules(module: str, record: Dialect | None = None) -> tuple[str, ...]:
+    """The native module name(s) of an original-layout module (InternViT's fused qkv is three;
+    with the LLM's dialect `record`, its head and decoder linears by their native names, e.g.
+    InternLM2's `output` -> lm_head, `attention.wqkv` -> self_attn.q/k/v_proj).
 
     Raises InputError for a name outside InternVL's linears and towers."""
     v, p = VISION.prefix, PROJECTOR.prefix
@@ -113,26 +117,76 @@ def native_modules(module: str) -> tuple[str, ...]:
             return (base + VISION_RENAMES[inner],)
     if module.startswith(p + ".") and module[len(p) + 1:] in PROJECTOR_RENAMES:
         return (f"{PROJECTOR.native_prefix}.{PROJECTOR_RENAMES[module[len(p) + 1:]]}",)
-    if module == ORIGINAL_HEAD:
+    if module == _original_head(record):
         return (NATIVE_HEAD,)
     if module.startswith(f"{LLM_PREFIX}.model."):
-        return (f"{NATIVE_LLM_PREFIX}.{module[len(LLM_PREFIX) + 7:]}",)
+        inner = module[len(LLM_PREFIX) + 7:]
+        layer = re.fullmatch(r"(layers\.\d+\.)(.+)", inner)
+        if record is not None and layer:
+            return tuple(f"{NATIVE_LLM_PREFIX}.{layer.group(1)}{n}" for n in native_llm_module(record, layer.group(2)))
+        return (f"{NATIVE_LLM_PREFIX}.{inner}",)
     raise InputError(f"quantization_config names module {module!r}, which has no native-layout name; "
                      "convert the bf16 checkpoint first, then quantize the converted one")
 
 
-def native_rule(rule: str) -> list[str]:
+def _original_head(record: Dialect | None) -> str:
+    return ORIGINAL_HEAD if record is None else f"{LLM_PREFIX}.{record.head}"
+
+
+def native_rule(rule: str, record: Dialect | None = None) -> list[str]:
     """A compressed-tensors `ignore` entry of the original layout, rewritten for the native one.
 
     Exact names are renamed; a `re:` rule is accepted when it names a whole tower (then the
     native tower rule replaces it) and refused with InputError otherwise."""
     if not rule.startswith("re:"):
-        return ignore_rules(native_modules(rule), "native")
+        return ignore_rules(native_modules(rule, record), "native")
     pattern = re.compile(rule[3:])
     for tower, sample in _TOWER_SAMPLES.items():
         if pattern.match(sample) and not pattern.match(f"{LLM_PREFIX}.model.layers.0.mlp.down_proj"):
             return ignore_rules(native_modules(tower), "native")
-    if pattern.match(ORIGINAL_HEAD) and not pattern.match(f"{LLM_PREFIX}.model.layers.0.mlp.down_proj"):
+    if pattern.match(_original_head(record)) and not pattern.match(f"{LLM_PREFIX}.model.layers.0.mlp.down_proj"):
         return ignore_rules([NATIVE_HEAD], "native")
     raise InputError(f"quantization_config rule {rule!r} cannot be rewritten for the native layout; "
                      "convert the bf16 checkpoint first, then quantize the converted one")
+
+
+# -- native -> original -----------------------------------------------------------------------
+def skipped_by_name(native: str, names) -> bool:
+    """True when a skip list of plain module names (bitsandbytes, AWQ) names this native module
+    or a module above it, under transformers' or vLLM's name."""
+    paths = ("." + native + ".", "." + vllm_name(native) + ".")
+    return any(("." + name + ".") in path for name in names for path in paths)
+
+
+def ignored_by_rule(native: str, rules) -> bool:
+    """True when a compressed-tensors `ignore` list (exact names, `re:` rules matched from the
+    start) leaves this native module unquantized, under transformers' or vLLM's name."""
+    for rule in rules:
+        for name in (native, vllm_name(native)):
+            if (re.match(rule[3:], name) if rule.startswith("re:") else rule == name):
+                return True
+    return False
+
+
+def original_modules(modules: dict[str, str], kept) -> list[str]:
+    """The original-layout module names that stand for the native modules in `kept`.
+
+    `modules`: {native linear module: original linear module} for every linear of the checkpoint
+    (the head included; InternViT's q/k/v_proj all map to attn.qkv); `kept`: a predicate on native
+    module names. A tower whose every linear is kept is named as the tower (vision_model, mlp1).
+    Raises InputError when only some native parts of one fused original linear are kept."""
+    chosen: dict[str, list[bool]] = {}
+    for native, original in modules.items():
+        chosen.setdefault(original, []).append(bool(kept(native)))
+    partial = [o for o, flags in chosen.items() if any(flags) and not all(flags)]
+    if partial:
+        raise InputError(f"quantization_config keeps only some native parts of {partial[0]} unquantized; the original layout "
+                         "cannot express that (its parts are one fused linear)")
+    out: list[str] = []
+    for tower in (VISION.prefix, PROJECTOR.prefix):
+        members = [o for o in chosen if o.startswith(tower + ".")]
+        if members and all(chosen[o][0] for o in members):
+            out.append(tower)
+            for o in members:
+                chosen.pop(o)
+    return out + [o for o, flags in chosen.items() if flags[0]]

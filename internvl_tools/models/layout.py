@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 
 from ..errors import LayoutError
 from ..io.safetensors_format import TensorSpec
-from .dialects import Dialect, dialect_of_architecture, get_dialect, refuse_unsupported
+from .dialects import Dialect, dialect_of_architecture, get_dialect, layer_dims, linear_shape, refuse_unsupported
 from .vision import PROJECTOR, VISION
 
 # A linear's parameter names are checked by its on-disk format (formats/), not here: the
@@ -30,6 +30,14 @@ VISION_NORMS = "(?:" + "|".join(re.escape(m) for m in VISION.norms) + ")"
 def _alternation(names) -> str:
     return "(?:" + "|".join(re.escape(n) for n in names) + ")"
 
+
+PS_VERSIONS = ("v1", "v2")  # InternVL's pixel shuffle versions (config.json ps_version)
+# dtypes whose 2-D `weight` has the float weight's [out, in] (a packed 4-bit bitsandbytes weight, uint8, has not)
+UNPACKED_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2", "I8"})
+# which config fields decide a symbolic dimension of models/dialects.py (for error messages)
+_HEADS = ("num_attention_heads", "num_key_value_heads", "head_dim")  # head_dim unset: hidden_size / num_attention_heads
+DIM_FIELDS = {"hidden": ("hidden_size",), "q": _HEADS, "kv": _HEADS, "q+2kv": _HEADS, "inter": ("intermediate_size",),
+              "2inter": ("intermediate_size",), "moe_inter": ("moe_intermediate_size",)}
 
 LORA_SUFFIX = re.compile(r"^(?P<base>.+)\.lora_(?P<ab>[AB])\.(?P<adapter>[^.]+)\.weight$")
 
@@ -112,8 +120,9 @@ def llm_dialect(config: dict) -> str:
     return dialect_of_architecture(llm_config.get("architectures") or [], "config.json: llm_config.architectures").name
 
 
-def check_internvl_config(config: dict) -> None:
-    """Refuse configs that are not original-layout InternVL (e.g. already native, or another model)."""
+def check_internvl_config(config: dict, where: str = "config.json") -> None:
+    """Refuse configs that are not original-layout InternVL (e.g. already native, or another
+    model) or name a pixel shuffle (ps_version) InternVL does not have; `where` names the file."""
     archs = config.get("architectures") or []
     if config.get("model_type") == "internvl" or "InternVLForConditionalGeneration" in archs:
         raise LayoutError("config.json: this checkpoint is in the transformers-native InternVL layout; this command reads the original layout (model_type internvl_chat)")
@@ -123,6 +132,10 @@ def check_internvl_config(config: dict) -> None:
         )
     if not isinstance(config.get("vision_config"), dict):
         raise LayoutError("config.json: no vision_config object; an InternVL config needs vision_config and llm_config")
+    ps_version = config.get("ps_version", "v1")
+    if ps_version not in PS_VERSIONS:
+        raise LayoutError(f"{where}: ps_version {ps_version!r} is not supported; supported: {', '.join(PS_VERSIONS)} "
+                          "(InternVL's pixel shuffle versions: v1 for InternVL-Chat-V1-1 / V1-2, v2 for every later release)")
 
 
 def classify_key(key: str, dialect: str) -> KeyInfo:
@@ -134,33 +147,50 @@ def classify_key(key: str, dialect: str) -> KeyInfo:
     return replace(info, key=key, param="weight" if lora is not None else info.param, lora=lora)
 
 
-def build_layout(config: dict, specs: list[TensorSpec]) -> Layout:
+def build_layout(config: dict, specs: list[TensorSpec], *, where: str = "config.json", llm_section: str = "llm_config") -> Layout:
     """Classify every key of a checkpoint, derive layer counts and embedded LoRA, and check
-    that config.json agrees with the tensors (layer counts and widths)."""
-    check_internvl_config(config)
+    that config.json agrees with the tensors (layer counts and widths; `where` and
+    `llm_section` name the file and the LLM's section in error messages)."""
+    check_internvl_config(config, where)
     dialect = llm_dialect(config)
     shapes = {spec.name: spec.shape for spec in specs}
     infos = {name: classify_key(name, dialect) for name in shapes}
     layout = Layout(dialect, infos, _layer_count(infos, "vision"), _layer_count(infos, "llm"))
     layout.lora = _lora_info(config, infos, shapes)
-    check_config_matches(config, layout, shapes)
+    unpacked = {spec.name for spec in specs if spec.dtype in UNPACKED_DTYPES}
+    check_config_matches(config, layout, shapes, where=where, llm_section=llm_section, unpacked=unpacked)
     return layout
 
 
-def check_config_matches(config: dict, layout: Layout, shapes: dict[str, tuple[int, ...]]) -> None:
-    """Raise LayoutError when config.json disagrees with the tensors."""
+def check_config_matches(config: dict, layout: Layout, shapes: dict[str, tuple[int, ...]], *, where: str = "config.json",
+                         llm_section: str = "llm_config", unpacked: set[str] | None = None) -> None:
+    """Raise LayoutError (naming `where`, the file, and the field: `llm_section` is the LLM's
+    section there) when the config disagrees with the tensors: layer counts, widths, the
+    vision tower's qkv bias, and the shapes of decoder layer 0's linears (heads, KV heads,
+    head_dim, intermediate size) for the weights in `unpacked` (names whose 2-D weight has the
+    float shape; None: all)."""
     vision_cfg, llm_cfg = config["vision_config"], config["llm_config"]
     for family, cfg, found in (("vision", vision_cfg, layout.vision_layers), ("llm", llm_cfg, layout.llm_layers)):
         declared = cfg.get("num_hidden_layers")
-        section = "vision_config" if family == "vision" else "llm_config"
+        section = "vision_config" if family == "vision" else llm_section
         if declared is not None and found and declared != found:
-            raise LayoutError(f"config.json: {section}.num_hidden_layers is {declared} but the checkpoint has {found} {family} layers; fix the config or the checkpoint")
-    plain = {info.plain_key: shapes[key] for key, info in layout.keys.items() if info.lora is None and info.param == "weight"}
+            raise LayoutError(f"{where}: {section}.num_hidden_layers is {declared} but the checkpoint has {found} {family} layers; "
+                              "the config does not belong to these weights (fix the config or the checkpoint)")
+    _check_heads(vision_cfg, "vision_config", where)
+    if not (llm_cfg.get("head_dim") or layout.record.explicit_head_dim):
+        _check_heads(llm_cfg, llm_section, where)
+    plain = {info.plain_key: shapes[key] for key, info in layout.keys.items()
+             if info.lora is None and info.param == "weight" and (unpacked is None or key in unpacked)}
     checks = [
         ("vision_model.embeddings.patch_embedding.weight", 0, vision_cfg.get("hidden_size"), "vision_config.hidden_size"),
-        (f"language_model.model.{layout.record.embed}.weight", 1, llm_cfg.get("hidden_size"), "llm_config.hidden_size"),
-        (f"language_model.model.{layout.record.embed}.weight", 0, llm_cfg.get("vocab_size"), "llm_config.vocab_size"),
+        ("vision_model.encoder.layers.0.mlp.fc1.weight", 0, vision_cfg.get("intermediate_size"), "vision_config.intermediate_size"),
+        (f"language_model.model.{layout.record.embed}.weight", 1, llm_cfg.get("hidden_size"), f"{llm_section}.hidden_size"),
+        (f"language_model.model.{layout.record.embed}.weight", 0, llm_cfg.get("vocab_size"), f"{llm_section}.vocab_size"),
     ]
+    bias = any(i.module == VISION.fused_qkv and i.param == "bias" for i in layout.keys.values() if i.family == "vision")
+    if "qkv_bias" in vision_cfg and layout.vision_layers and bool(vision_cfg["qkv_bias"]) != bias:
+        raise LayoutError(f"{where}: vision_config.qkv_bias is {vision_cfg['qkv_bias']} but the vision tower's attn.qkv "
+                          f"{'has' if bias else 'has no'} bias; the config does not belong to these weights")
     experts = layout.record.experts
     if experts is not None:  # a sparse layer: its experts and their width as llm_config says
         found = {(i.layer, i.expert) for i in layout.keys.values() if i.expert is not None}
@@ -168,14 +198,47 @@ def check_config_matches(config: dict, layout: Layout, shapes: dict[str, tuple[i
         declared = experts.settings(llm_cfg)["experts"]
         wrong = next((n for n, count in per_layer.items() if count != declared), None)
         if declared and wrong is not None:
-            raise LayoutError(f"config.json: llm_config.{experts.count} is {declared} but decoder layer {wrong} has "
+            raise LayoutError(f"{where}: {llm_section}.{experts.count} is {declared} but decoder layer {wrong} has "
                               f"{per_layer[wrong]} experts; the config does not belong to these weights")
         checks.append((f"language_model.model.layers.0.{experts.module(0, experts.linears[0].name)}.weight", 0,
-                       llm_cfg.get(experts.intermediate), f"llm_config.{experts.intermediate}"))
+                       llm_cfg.get(experts.intermediate), f"{llm_section}.{experts.intermediate}"))
     for key, dim, declared, field_name in checks:
         shape = plain.get(key)
         if shape is not None and declared is not None and len(shape) > dim and shape[dim] != declared:
-            raise LayoutError(f"config.json: {field_name} is {declared} but {key} has {shape[dim]} there (shape {list(shape)}); the config does not belong to these weights")
+            raise LayoutError(f"{where}: {field_name} is {declared} but {key} has {shape[dim]} there (shape {list(shape)}); "
+                              "the config does not belong to these weights")
+    _check_layer_linears(llm_cfg, layout, plain, where, llm_section)
+
+
+def _check_heads(cfg: dict, section: str, where: str) -> None:
+    """num_attention_heads must divide hidden_size where head_dim is derived from them."""
+    heads, hidden = cfg.get("num_attention_heads"), cfg.get("hidden_size")
+    if isinstance(heads, int) and isinstance(hidden, int) and (heads <= 0 or hidden % heads):
+        raise LayoutError(f"{where}: {section}.num_attention_heads is {heads}, which does not divide {section}.hidden_size "
+                          f"{hidden}; the config does not belong to these weights")
+
+
+def _check_layer_linears(llm_cfg: dict, layout: Layout, plain: dict[str, tuple[int, ...]], where: str, section: str) -> None:
+    """Decoder layer 0's linear weights against the shapes the config's heads, KV heads, head_dim
+    and widths give (models/dialects.py `layer_dims`): a head count that does not fit the q/k/v
+    rows is refused here, not in the middle of a forward pass."""
+    if not layout.llm_layers:
+        return
+    try:
+        dims = layer_dims(llm_cfg)
+    except (KeyError, TypeError, ZeroDivisionError):
+        return  # a config without these fields: nothing to compare
+    for linear in layout.record.linears:
+        key = f"language_model.model.layers.0.{linear.name}.weight"
+        shape = plain.get(key)
+        if shape is None or len(shape) != 2:
+            continue
+        expected = linear_shape(linear, dims)
+        for axis, symbol in enumerate(linear.shape):
+            if shape[axis] != expected[axis]:
+                fields = ", ".join(f"{section}.{f} {llm_cfg[f]}" for f in DIM_FIELDS.get(symbol, ()) if llm_cfg.get(f) is not None)
+                raise LayoutError(f"{where}: {fields} imply {key} {list(expected)} but it is {list(shape)}; "
+                                  "the config does not belong to these weights")
 
 
 def _strip_lora(key: str) -> tuple[str, str | None]:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from ..errors import LayoutError
 from .dialects import Dialect, dialect_of_native_model_type
+from .layout import PS_VERSIONS
 from .native_map import PROJECTOR_RENAMES, VISION_EMBEDDINGS, VISION_RENAMES
 from .vision import LLM_PREFIX, NATIVE_HEAD, NATIVE_LLM_PREFIX, PROJECTOR, VISION
 
@@ -76,7 +77,7 @@ def original_config(native: dict, folder: Path | None = None) -> dict:
         "architectures": ["InternVLChatModel"],
         "model_type": "internvl_chat",
         "template": DEFAULT_TEMPLATE,
-        "ps_version": "v2",
+        "ps_version": source_ps_version(native),
         "downsample_ratio": native.get("downsample_ratio", 0.5),
         "select_layer": native.get("vision_feature_layer", -1),
         "force_image_size": size,
@@ -106,6 +107,20 @@ def original_config(native: dict, folder: Path | None = None) -> dict:
         "llm_config": llm,
         **({"quantization_config": native["quantization_config"]} if native.get("quantization_config") else {}),
     }
+
+
+def source_ps_version(native: dict) -> str:
+    """The pixel shuffle the weights were trained with: "v1" when `convert --to hf` recorded it
+    (config.json `internvl_tools.source_ps_version`; the V1-1 / V1-2 weights are then adapted to
+    transposed tiles and map back exactly only as v1), else "v2" (every native release).
+
+    Raises LayoutError for another recorded value."""
+    tools = native.get("internvl_tools")
+    value = tools.get("source_ps_version", "v2") if isinstance(tools, dict) else "v2"
+    if value not in PS_VERSIONS:
+        raise LayoutError(f"config.json: internvl_tools.source_ps_version is {value!r}; supported: {', '.join(PS_VERSIONS)} "
+                          "(InternVL's pixel shuffle versions)")
+    return value
 
 
 def original_key(native_key: str, dialect: Dialect) -> str:

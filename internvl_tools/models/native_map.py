@@ -11,6 +11,18 @@ merge, so the conversion streams in both directions and a round trip is bit-iden
   tokens are v1's with the grid transposed and two of the four channel chunks swapped. The
   patch-embedding kernel and position grid are transposed and mlp1's input chunks 1 and 2
   swapped, so the native model fed pixel_values.transpose(-1, -2) is exact.
+
+A fused linear's tensors other than the float weight (a quantized checkpoint's scales, shapes,
+format codes) are split and merged by their kind, which the on-disk format declares
+(formats/*.py `fused`; passed in here as `fused`, {param: kind}):
+- "rows": axis 0 is the output rows, cut and put back as the weight's rows (int8 weights,
+  bitsandbytes SCB, channel scales, compressed-tensors' weight_packed: packed along inputs);
+- "same": one tensor that every part holds alike (bitsandbytes' weight_format scalar, an
+  act-order g_idx): copied to each part, merged only when the parts are equal;
+- "shape": an integer vector (out, in, ...) of the float weight (compressed-tensors'
+  weight_shape): each part gets its own row count, the merge sums them.
+A parameter without a kind (GPTQ / AWQ tensors packed across output rows) cannot be split or
+merged: LayoutError.
 """
 
 from __future__ import annotations
@@ -38,19 +50,53 @@ VISION_RENAMES = dict(VISION.renames)
 VISION_EMBEDDINGS = dict(VISION.embeddings)
 PROJECTOR_RENAMES = dict(PROJECTOR.renames)
 SIDECAR = "internvl_original.json"  # written by `convert --to hf`: the original config and key order
+FUSED_KINDS = ("rows", "same", "shape")
+PLAIN_FUSED = {"weight": "rows", "bias": "rows"}  # a float linear's tensors (formats/plain.py)
 
 
-def links(config: dict, layout: Layout, *, adapt_v1: bool) -> list[Link]:
+def links(config: dict, layout: Layout, *, adapt_v1: bool, fused: dict[str, str] | None = None) -> list[Link]:
     """Every original key linked to its native keys, in checkpoint order (rotary buffers,
-    recomputed from the config, have no native key)."""
+    recomputed from the config, have no native key). `fused`: {param: kind} of the on-disk
+    format (module docstring; default PLAIN_FUSED). Raises LayoutError (embedded LoRA, a fused
+    tensor of a kind that cannot be split)."""
     if layout.lora:
         raise LayoutError("checkpoint has embedded LoRA adapters; merge them first with `internvl-tools merge-lora`")
-    return [link_for_key(config, info, adapt_v1=adapt_v1) for info in layout.keys.values()
+    return [link_for_key(config, info, adapt_v1=adapt_v1, fused=fused) for info in layout.keys.values()
             if not (info.part == "layer" and "rotary_emb" in info.module)]
 
 
-def link_for_key(config: dict, info, *, adapt_v1: bool) -> Link:
-    """The link of one classified original key (models.layout.KeyInfo) to its native key(s)."""
+def link_for_key(config: dict, info, *, adapt_v1: bool, fused: dict[str, str] | None = None) -> Link:
+    """The link of one classified original key (models.layout.KeyInfo) to its native key(s).
+
+    `fused`: {param: kind} for the tensors of a fused linear (module docstring; default
+    PLAIN_FUSED). Raises LayoutError for a fused linear's tensor without a kind."""
+    link = _link_for_key(config, info, adapt_v1=adapt_v1)
+    if link.split is None or len(link.natives) == 1:
+        return link
+    return fused_link(link, info, PLAIN_FUSED if fused is None else fused)
+
+
+def fused_link(link: Link, info, fused: dict[str, str]) -> Link:
+    """The link of one tensor of a fused linear, by the kind of its parameter (module docstring)."""
+    kind = fused.get(info.param)
+    count = len(link.natives)
+    if kind == "rows":
+        return link
+    if kind == "same":
+        return Link(link.original, link.natives, lambda t: (t,) * count, lambda *parts: merge_same(link.original, parts))
+    if kind == "shape":
+        return Link(link.original, link.natives, lambda t: split_shape(t, link.split, count),
+                    lambda *parts: merge_shape(link.original, parts))
+    parts = ", ".join(n.rpartition(".")[0].rpartition(".")[2] for n in link.natives)
+    if fused is PLAIN_FUSED:
+        raise LayoutError(f"key {link.original!r}: {info.param!r} of the fused {info.module} is a quantized tensor and this "
+                          "reader was not given the checkpoint's format (open it through formats.views.open_view)")
+    raise LayoutError(f"key {link.original!r}: the quantized tensor {info.param!r} of the fused {info.module} is not stored row "
+                      f"by row, so it cannot be split into (or rebuilt from) {parts}; convert the bf16 checkpoint first, "
+                      "then quantize the converted one")
+
+
+def _link_for_key(config: dict, info, *, adapt_v1: bool) -> Link:
     key = info.key
     v1 = adapt_v1 and config.get("ps_version", "v1") == "v1"
     if info.family == "vision":
@@ -148,6 +194,45 @@ SPLITS: dict[str, Callable] = {"internlm2_wqkv": _internlm2_wqkv}
 
 
 # -- tensor functions (pure, work on meta tensors too) --------------------------------------
+def merge_same(key: str, parts):
+    """The one tensor every part of a fused linear holds alike; LayoutError when they differ."""
+    import torch
+
+    first = parts[0]
+    if first.device.type != "meta":
+        for part in parts[1:]:
+            if part.shape != first.shape or part.dtype != first.dtype or not torch.equal(part, first):
+                raise LayoutError(f"key {key!r}: its native parts differ ({first.tolist() if first.numel() < 8 else list(first.shape)} "
+                                  f"vs {part.tolist() if part.numel() < 8 else list(part.shape)}), so they cannot be one fused tensor; "
+                                  "the parts were quantized differently")
+    return first
+
+
+def split_shape(t, split: Callable, count: int):
+    """A weight-shape vector (rows, in, ...) -> one per part (`count` parts), with the part's rows
+    (as `split` cuts the rows)."""
+    import torch
+
+    if t.device.type == "meta":
+        return tuple(torch.empty_like(t) for _ in range(count))
+    rows, rest = int(t[0]), t[1:].tolist()
+    return tuple(torch.tensor([p.shape[0], *rest], dtype=t.dtype) for p in split(torch.empty(rows, device="meta")))
+
+
+def merge_shape(key: str, parts):
+    """Part weight-shape vectors -> the fused one (rows summed; the other axes must agree)."""
+    import torch
+
+    first = parts[0]
+    if first.device.type == "meta":
+        return first
+    if any(p[1:].tolist() != first[1:].tolist() for p in parts):
+        raise LayoutError(f"key {key!r}: its native parts have weight shapes {[p.tolist() for p in parts]}, "
+                          "which do not share their input width; they cannot be one fused tensor")
+    return torch.tensor([sum(int(p[0]) for p in parts), *first[1:].tolist()], dtype=first.dtype)
+
+
+
 def split_thirds(t):
     """[q; k; v] rows -> (q, k, v)."""
     rows = t.shape[0] // 3

@@ -14,15 +14,19 @@ work on original key names through a view and write outputs back in the input's 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import LayoutError
 from ..io.reader import CheckpointReader, read_json, require_checkpoint_folder
 from ..io.safetensors_format import TensorSpec
 from .dialects import get_dialect
-from .layout import build_layout, classify_key, llm_dialect
+from .layout import UNPACKED_DTYPES, build_layout, check_config_matches, classify_key, llm_dialect
 from .native_layout import is_native, modern_key, original_config, original_keys
-from .native_map import SIDECAR, Link, link_for_key, links
+from .native_map import PLAIN_FUSED, SIDECAR, Link, link_for_key, links
+
+# config.json (original layout) -> {param: kind} of its on-disk format (models/native_map.py)
+FusedKinds = Callable[[dict], dict[str, str]]
 
 
 class NativeView:
@@ -33,27 +37,36 @@ class NativeView:
 
     layout_name = "native"
 
-    def __init__(self, reader: CheckpointReader, *, native_dialect: bool = False):
+    def __init__(self, reader: CheckpointReader, *, native_dialect: bool = False, fused: FusedKinds | None = None):
         """`native_dialect`: the LLM is seen in the native layout's own dialect (e.g. Llama for
         a converted InternLM2) even when internvl_original.json says otherwise; the rest of
         the original config (template, image settings) still comes from it. Layer-by-layer
-        quantization uses this: packed tensors cannot be split back into a fused wqkv."""
+        quantization uses this: packed tensors cannot be split back into a fused wqkv.
+        `fused(config)`: {param: kind} of the checkpoint's on-disk format, how a fused linear's
+        quantized tensors merge (models/native_map.py; formats.views.open_view passes the
+        format's); without it only float tensors merge and a quantized fused linear is refused.
+
+        Raises LayoutError (one line) for keys that do not match the config, a fused linear
+        quantized in part, or quantized tensors that cannot be merged."""
         self.reader, self.folder = reader, reader.folder
         native_config = reader.config()
         self.native_config = native_config
         sidecar = reader.folder / SIDECAR
         self._renamed = {modern_key(k): k for k in reader.keys()}  # legacy -hf prefixes
+        native_derived = original_config(native_config, reader.folder)  # what config.json alone says
         if sidecar.exists():  # exact original config and key order (InternLM2 stays InternLM2)
             saved = read_json(sidecar)
+            if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict) or not isinstance(saved.get("keys"), list):
+                raise LayoutError(f"{sidecar}: not the file `convert --to hf` writes (an object with config and keys); "
+                                  "delete it to read the checkpoint from config.json alone")
             self._config, order = dict(saved["config"]), list(saved["keys"])
             self.remote_code = dict(saved.get("remote_code") or {})  # *.py files of the original folder
             self.sidecar_extra = {k: v for k, v in saved.items() if k not in ("config", "keys")}  # e.g. side_files
             self.sidecar = True
-            derived = original_config(native_config, reader.folder)
-            if native_dialect and llm_dialect(self._config) != llm_dialect(derived):
-                self._config["llm_config"], order = derived["llm_config"], []
+            if native_dialect and llm_dialect(self._config) != llm_dialect(native_derived):
+                self._config["llm_config"], order = native_derived["llm_config"], []
         else:
-            self._config, order = original_config(native_config, reader.folder), []
+            self._config, order = native_derived, []
             self.remote_code = {}
             self.sidecar_extra = {}
             self.sidecar = False
@@ -62,18 +75,35 @@ class NativeView:
         derived = original_keys(reader.keys(), get_dialect(llm_dialect(self._config)))
         present = set(derived)
         keys = [k for k in order if k in present] + [k for k in derived if k not in set(order)]
-        self._layout = build_layout(self._config, [TensorSpec(k, "BF16", ()) for k in keys])
-        self._links = {link.original: link for link in links(self._config, self._layout, adapt_v1=True)}
+        # errors name the file each config comes from, and the LLM section it has there
+        origins = [(str(reader.folder / "config.json"), "text_config", native_derived)]
+        if self.sidecar:
+            origins.append((str(sidecar), "llm_config", self._config))
+        where, section, _ = origins[-1]
+        self._layout = build_layout(self._config, [TensorSpec(k, "BF16", ()) for k in keys], where=where, llm_section=section)
+        self.fused_kinds = fused(self._config) if fused is not None else PLAIN_FUSED
+        self._links = {link.original: link for link in links(self._config, self._layout, adapt_v1=True, fused=self.fused_kinds)}
         self._keys = [k for k in keys if k in self._links]
-        missing = [n for link in self._links.values() for n in link.natives if n not in self._renamed]
+        missing = [(link, n) for link in self._links.values() for n in link.natives if n not in self._renamed]
         if missing:
-            raise LayoutError(f"{reader.folder}: native key {missing[0]!r} is missing ({len(missing)} missing); "
+            link, name = missing[0]
+            there = [n for n in link.natives if n in self._renamed]
+            if there:  # e.g. q_proj left in bf16 while k_proj / v_proj are int8: wqkv cannot be rebuilt
+                raise LayoutError(f"{reader.folder}: {there[0]!r} exists but {name!r} does not: the native parts of the fused "
+                                  f"{link.original.rpartition('.')[0]} are stored differently (quantized in part?); quantize "
+                                  f"or skip {', '.join(n.rpartition('.')[0] for n in link.natives)} together")
+            raise LayoutError(f"{reader.folder}: native key {name!r} is missing ({len(missing)} missing); "
                               "the checkpoint is incomplete or its config.json does not match the weights")
         covered = {self._renamed[n] for link in self._links.values() for n in link.natives}
         extra = [k for k in reader.keys() if k not in covered]
         if extra:
             raise LayoutError(f"{reader.folder}: key {extra[0]!r} is not part of the checkpoint's InternVL layout "
                               f"({len(extra)} such keys); is {SIDECAR} from another checkpoint?")
+        specs = self.specs()  # merged shapes: both configs are checked against the tensors themselves
+        shapes = {spec.name: spec.shape for spec in specs}
+        unpacked = {spec.name for spec in specs if spec.dtype in UNPACKED_DTYPES}
+        for where, section, config in origins:
+            check_config_matches(config, self._layout, shapes, where=where, llm_section=section, unpacked=unpacked)
 
     def keys(self) -> list[str]:
         return list(self._keys)
@@ -100,13 +130,18 @@ class NativeView:
             native = self.reader.spec(self._native(link.natives[0]))
             return TensorSpec(name, native.dtype, native.shape)
         specs = [self.reader.spec(self._native(n)) for n in link.natives]
+        if len({s.dtype for s in specs}) > 1:
+            raise LayoutError(f"{self.folder}: the native parts of {name!r} have different dtypes "
+                              f"({', '.join(f'{s.name} {s.dtype}' for s in specs)}); they cannot be one fused tensor "
+                              "(quantized in part?); quantize or skip them together")
         return TensorSpec(name, specs[0].dtype, self._merged_shape(name, specs))
 
     def _merged_shape(self, name: str, specs: list[TensorSpec]) -> tuple[int, ...]:
         """The shape `link.merge` gives, from the parts' headers alone (no torch: inspect and
         shard stay torch-free): one part keeps its shape (v1's transposes and chunk swaps); a
-        fused linear's parts stack their rows (models/native_map.py)."""
-        if len(specs) == 1:
+        fused linear's parts of kind "same" / "shape" are one tensor's copies, "rows" ones stack
+        their rows (models/native_map.py)."""
+        if len(specs) == 1 or self.fused_kinds.get(name.rpartition(".")[2]) in ("same", "shape"):
             return tuple(specs[0].shape)
         rest = {tuple(s.shape[1:]) for s in specs}
         if len(rest) > 1 or not specs[0].shape:
@@ -125,6 +160,8 @@ class NativeView:
 
     def get(self, name: str):
         link = self.link(name)
+        if link.merge is not None:
+            self.spec(name)  # the parts must agree in dtype
         tensors = [self.reader.get(self._native(n)) for n in link.natives]
         return tensors[0] if link.merge is None else link.merge(*tensors)
 
@@ -153,15 +190,16 @@ class OriginalView(NativeView):
     """Former name of NativeView (a native checkpoint seen in the original layout)."""
 
 
-def open_view(folder: str | os.PathLike[str], *, native_dialect: bool = False):
+def open_view(folder: str | os.PathLike[str], *, native_dialect: bool = False, fused: FusedKinds | None = None):
     """The checkpoint at `folder` as a view in original key names (see the module docstring).
+    `fused`: see NativeView (formats.views.open_view passes the on-disk format's kinds).
 
     Raises CheckpointError / LayoutError (one line) for an unreadable folder or an unknown layout."""
     reader = CheckpointReader(require_checkpoint_folder(folder))
     try:
         config = reader.config()
         if is_native(config):
-            return NativeView(reader, native_dialect=native_dialect)
+            return NativeView(reader, native_dialect=native_dialect, fused=fused)
     except BaseException:
         reader.close()
         raise
@@ -237,7 +275,7 @@ def link_for(view, name: str) -> Link:
     if name in view._links:
         return view._links[name]
     config = view.config()
-    return link_for_key(config, classify_key(name, llm_dialect(config)), adapt_v1=True)
+    return link_for_key(config, classify_key(name, llm_dialect(config)), adapt_v1=True, fused=getattr(view, "fused_kinds", None))
 
 
 def layout_name_of(folder: str | Path) -> str:

@@ -20,7 +20,7 @@ from ..models.native_config import image_tokens_per_tile
 from .preprocess import pixel_values as preprocess
 from .tokenizer import load_tokenizer
 from ..formats.dequantized import DequantizedView
-from ..models.views import open_view
+from ..formats.views import open_view
 
 
 def pixel_shuffle(features: torch.Tensor, ratio: float, version: str) -> torch.Tensor:

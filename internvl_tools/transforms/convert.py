@@ -15,10 +15,11 @@ from pathlib import Path
 from ..models.layout import build_layout
 from ..models.native_layout import is_native
 from ..models.native_map import SIDECAR, links
-from ..models.views import open_view
+from ..formats.views import open_view
 from ..errors import InputError
 from ..io.reader import CheckpointReader, read_json
 from ..io.safetensors_format import TensorSpec
+from ..formats import fused_params, to_original as original_quantization_config
 from ..models.native_config import native_config
 from ..models.processor_files import FILES as PROCESSOR_FILES, original_side_files, processor_files
 from .stream import Output, run_transform, to_native_outputs
@@ -52,7 +53,8 @@ def to_hf(source: Path, out: Path, *, max_shard_size: int, overwrite: bool = Fal
     quant = config.get("quantization_config")
     if quant:
         native["quantization_config"] = native_quantization_config(quant, layout.dialect, source)
-    outputs = to_native_outputs(links(config, layout, adapt_v1=True))
+    # a fused linear's quantized tensors split as their format allows (int8: row by row; GPTQ / AWQ: refused)
+    outputs = to_native_outputs(links(config, layout, adapt_v1=True, fused=fused_params(config)))
     code = {p.name: p.read_text(encoding="utf-8") for p in sorted(Path(source).glob("*.py"))}
     # the processor's files (tokenizer attributes, chat template, image processor, ...): the folder
     # works with AutoProcessor and vLLM as it is; the sidecar keeps the files they replace
@@ -79,17 +81,14 @@ def conversion_warnings(config: dict) -> list[str]:
 def native_quantization_config(quant: dict, dialect: str, source: Path) -> dict:
     """A quantized checkpoint's quantization_config with module names of the native layout.
 
-    Quantized LLM tensors are renamed only, so the dialects whose LLM keys the native layout
-    keeps (Llama, Qwen2, Phi-3) convert; InternLM2's fused wqkv would have to be split across
-    packed columns, which is refused: convert first, then quantize the native checkpoint.
-    The rewrite itself is the format's (formats/*.py `to_native`). Raises InputError.
-    """
-    if dialect == "internlm2":
-        raise InputError(f"{source}: a quantized InternLM2 checkpoint cannot be converted (its fused wqkv is packed); "
-                         "convert the bf16 checkpoint first, then quantize the converted one")
+    The rewrite is the format's (formats/*.py `to_native`), with the dialect's native linear
+    names (InternLM2's wqkv -> q/k/v_proj). Whether a fused linear's quantized tensors split at
+    all is the format's too (`fused`: int8 formats row by row; GPTQ / AWQ, packed across
+    output rows, are refused by models/native_map.py). Raises InputError."""
     from ..formats import to_native
+    from ..models.dialects import get_dialect
 
-    return to_native(quant)
+    return to_native(quant, get_dialect(dialect))
 
 
 def to_original(source: Path, out: Path, *, max_shard_size: int, overwrite: bool = False,
@@ -108,12 +107,25 @@ def to_original(source: Path, out: Path, *, max_shard_size: int, overwrite: bool
         if config.get("quantization_config") and not view.sidecar:
             raise InputError(f"{source}: a quantized native checkpoint without {SIDECAR} cannot be converted back; "
                              "convert the bf16 checkpoint, then quantize")
+        if config.get("quantization_config"):  # its module names, in the original layout
+            config = dict(config, quantization_config=original_quantization_config(config["quantization_config"], linear_modules(view)))
         outputs = [Output(key, (key,)) for key in view.keys()]
     remote_code = {p.name: None for p in Path(source).glob("*.py")}
     remote_code.update(view.remote_code)  # restored from the sidecar: the round trip is complete
     side = restored_side_files(source)
     return run_transform(source, out, outputs, max_shard_size=max_shard_size, overwrite=overwrite, names="view",
                          files={**remote_code, **side, "config.json": config, SIDECAR: None}, progress=progress)
+
+
+def linear_modules(view) -> dict[str, str]:
+    """{native linear module: original linear module} of a native view (the head included)."""
+    layout = build_layout(view.config(), view.specs())
+    modules: dict[str, str] = {}
+    for key, info in layout.keys.items():
+        if info.is_linear or info.part == "head":
+            for native in view.link(key).natives:
+                modules.setdefault(native.rpartition(".")[0], key.rpartition(".")[0])
+    return modules
 
 
 def restored_side_files(source: Path) -> dict[str, str | None]:
