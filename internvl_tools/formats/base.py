@@ -121,6 +121,15 @@ def first_present(quant: dict, *names: str, default=None):
 BLOCK_ELEMENTS = 1 << 18  # elements per block of rows in the 8-bit quantizers: float32 work of 1 MiB, cache-sized
 
 
+def row_absmax(block):
+    """max |x| of each row of a float32 [rows, cols] block, as [rows, 1] (+0 for an all-zero row,
+    NaN for a row holding NaN): max(row max, -row min), two reductions without an |x| pass,
+    equal to block.abs().amax(dim=1, keepdim=True)."""
+    import torch
+
+    return torch.maximum(block.amax(dim=1, keepdim=True), block.amin(dim=1, keepdim=True).neg_()).abs_()
+
+
 def block_rows(shape: tuple[int, ...], row_block: int | None = None) -> int:
     """Rows per step of a blocked quantizer over a [rows, cols] weight: `row_block` when given,
     else as many rows as fit BLOCK_ELEMENTS (at least 1, at most all)."""

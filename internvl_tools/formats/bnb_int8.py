@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from ..errors import InputError
-from .base import Format, block_rows, check_layout_name
+from .base import Format, block_rows, check_layout_name, row_absmax
 from .rules import loader_names, native_modules, original_modules, skipped_by_name
 
 if TYPE_CHECKING:
@@ -79,17 +79,17 @@ def quantize_rowwise(weight: torch.Tensor, row_block: int | None = None) -> tupl
     quantized = torch.empty(weight.shape, dtype=torch.int8)
     scales = torch.empty(rows, dtype=torch.float32)
     step = block_rows(weight.shape, row_block)
-    half = torch.empty(step, cols, dtype=torch.float16)  # reused: W in float16, then |W|
-    magnitude = torch.empty(step, cols, dtype=torch.float16)
-    work = torch.empty(step, cols, dtype=torch.float32)
+    work = torch.empty(step, cols, dtype=torch.float32)  # reused: W, then W as float16 holds it, then the codes
+    half = torch.empty(step, cols, dtype=torch.float16)
     for start in range(0, rows, step):
         stop = min(start + step, rows)
-        block = half[: stop - start].copy_(weight[start:stop])
-        absmax = torch.abs(block, out=magnitude[: stop - start]).amax(dim=1).float()
-        # fp16 x fp32 is computed in fp32; 127 / absmax is torch's reciprocal-then-multiply, as before
-        scaled = torch.mul(block, 127.0 / absmax.unsqueeze(-1), out=work[: stop - start]).round_()
-        quantized[start:stop].copy_(scaled)
-        scales[start:stop] = absmax
+        block = work[: stop - start].copy_(weight[start:stop])
+        block.copy_(half[: stop - start].copy_(block))  # W cast to float16 (through float32: the same rounding)
+        absmax = row_absmax(block)
+        # 127 / absmax is torch's reciprocal-then-multiply, as bitsandbytes' re-statement always did
+        block.mul_(127.0 / absmax).round_()
+        quantized[start:stop].copy_(block)
+        scales[start:stop] = absmax.squeeze(1)
     return quantized, scales
 
 

@@ -24,8 +24,8 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from ..errors import InputError
-from .base import Format, block_rows, check_layout_name, plain_count
-from .rules import ignore_rules, ignored_by_rule, native_rule, original_modules
+from .base import Format, block_rows, check_layout_name, plain_count, row_absmax
+from .rules import ignore_rules, ignored_by_rule, native_rule, original_modules, router_rules
 
 if TYPE_CHECKING:
     import torch
@@ -190,17 +190,14 @@ def _channel_blocks(weight: torch.Tensor, row_block: int | None):
 
     rows, cols = weight.shape
     step = block_rows(weight.shape, row_block)
-    magnitude = torch.empty(step, cols, dtype=weight.dtype)
     work = torch.empty(step, cols, dtype=torch.float32)
     tiny = torch.finfo(torch.float32).tiny
     for start in range(0, rows, step):
         stop = min(start + step, rows)
-        block = weight[start:stop]
-        absmax = torch.abs(block, out=magnitude[: stop - start]).amax(dim=1, keepdim=True).float()
-        scale = (absmax / 127.0).to(weight.dtype)
+        block = work[: stop - start].copy_(weight[start:stop])
+        scale = (row_absmax(block) / 127.0).to(weight.dtype)
         safe = scale.float().clamp_min(tiny)
-        # W / scale with W promoted to float32 (as W.float() / scale), rounded half to even
-        codes = torch.div(block, safe, out=work[: stop - start]).round_().clamp_(-127, 127)
+        codes = block.div_(safe).round_().clamp_(-127, 127)  # rounded half to even
         yield start, stop, codes, scale
 
 
@@ -244,7 +241,9 @@ def quantize(weight: torch.Tensor) -> dict[str, torch.Tensor]:
     code_bytes = packed.view(torch.uint8)[:, :cols]
     scales = torch.empty(rows, 1, dtype=weight.dtype)
     for start, stop, codes, scale in _channel_blocks(weight, None):
-        code_bytes[start:stop].copy_(codes.add_(128))  # [1, 255], exact in float32
+        target = code_bytes[start:stop]
+        target.view(torch.int8).copy_(codes)
+        target.bitwise_xor_(0x80)  # q + 128 (mod 256) of a q in [-127, 127]: [1, 255]
         scales[start:stop] = scale
     return {"weight_packed": packed, "weight_scale": scales, "weight_shape": shape}
 
@@ -269,16 +268,14 @@ def quantize_w8a8(weight: torch.Tensor, row_block: int | None = None) -> dict[st
     quantized = torch.empty(weight.shape, dtype=torch.int8)
     scales = torch.empty(rows, 1, dtype=torch.float32)
     step = block_rows(weight.shape, row_block)
-    magnitude = torch.empty(step, cols, dtype=weight.dtype)
     work = torch.empty(step, cols, dtype=torch.float32)
     tiny = torch.finfo(torch.float32).tiny
     for start in range(0, rows, step):
         stop = min(start + step, rows)
-        block = weight[start:stop]
-        absmax = torch.abs(block, out=magnitude[: stop - start]).amax(dim=1, keepdim=True).float()
+        block = work[: stop - start].copy_(weight[start:stop])
+        absmax = row_absmax(block)
         factor = 127.0 / absmax.clamp_min(tiny)
-        scaled = torch.mul(block, factor, out=work[: stop - start]).round_().clamp_(-127, 127)
-        quantized[start:stop].copy_(scaled)
+        quantized[start:stop].copy_(block.mul_(factor).round_().clamp_(-127, 127))
         scales[start:stop] = absmax / 127.0
     return {"weight": quantized, "weight_scale": scales}
 
@@ -440,7 +437,8 @@ def to_original(quant: dict, modules: dict[str, str]) -> dict:
     (`modules`: {native linear module: original one}; formats/rules.py). Raises InputError."""
     rules = quant.get("ignore") or []
     kept = original_modules(modules, lambda native: ignored_by_rule(native, rules))
-    return dict(quant, ignore=ignore_rules(kept, "original"))
+    routers = [r for r in rules if r.startswith("re:") and r[3:] in router_rules()]  # the same in both layouts
+    return dict(quant, ignore=ignore_rules(kept, "original") + routers)
 
 
 FORMAT = Format(
