@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from internvl_tools.calibrate import awq_quantizer
-from internvl_tools.calibrate.awq import AWQConfig, InputStats, apply_clip, fake_quantize, normalized_scales, quantize, search_clip, \
-    search_scales
+from internvl_tools.calibrate.awq import AWQConfig, InputStats, apply_clip, fake_quantize, normalized_scales, output_error, quantize, \
+    search_clip, search_scales
 from internvl_tools.calibrate.awq_quantizer import AWQJob, AWQQuantizer, llm_facts, quantize_awq
 
 from .support import all_tensors, sample_image
@@ -93,6 +93,33 @@ def test_awq_beats_round_to_nearest_on_outlier_channels():
     assert err(awq) < 0.5 * err(rtn), (err(awq), err(rtn))
     # the error the search measures through H is the output MSE itself
     assert found.rtn_loss == pytest.approx(err(rtn) * w.shape[0], rel=1e-3)
+
+
+def test_row_form_statistics_equal_the_second_moment_form():
+    """Fewer tokens than input columns: InputStats keeps the rows; the output errors, the clipping
+    blocks and the search's choice equal those computed through H = X^T X / n; past `in` tokens it
+    switches to H for good (still equal)."""
+    w, x = _outlier_problem(tokens=200)
+    config = AWQConfig(group_size=64)
+    stats = InputStats(w.shape[1])
+    for part in x.split(64):
+        stats.add(part)
+    assert stats._h is None  # 200 tokens < 256 columns: the row form
+    h = x.T @ x / x.shape[0]
+    torch.testing.assert_close(stats.h, h, rtol=1e-4, atol=1e-3)
+    diff = w - fake_quantize(w, config)
+    assert output_error(diff, stats) == pytest.approx(output_error(diff, h), rel=1e-4)
+    assert output_error(diff, stats) == pytest.approx(float(((x @ diff.T) ** 2).sum() / x.shape[0]), rel=1e-4)
+    torch.testing.assert_close(stats.diagonal_blocks(64), torch.stack([h[i:i + 64, i:i + 64] for i in range(0, 256, 64)]),
+                               rtol=1e-4, atol=1e-3)
+    by_rows, by_h = search_scales([w], stats, stats.mean_abs(), config), search_scales([w], h, stats.mean_abs(), config)
+    assert by_rows.alpha == by_h.alpha and by_rows.loss == pytest.approx(by_h.loss, rel=1e-4)
+    torch.testing.assert_close(search_clip(w, stats, config), search_clip(w, h, config))
+    more = torch.randn(100, w.shape[1])
+    stats.add(more)  # 300 tokens > 256 columns: H from now on
+    assert stats._h is not None and stats.tokens == 300
+    all_x = torch.cat([x, more])
+    torch.testing.assert_close(stats.h, all_x.T @ all_x / 300, rtol=1e-4, atol=1e-3)
 
 
 def test_rtn_semantics_are_autoawq_s():

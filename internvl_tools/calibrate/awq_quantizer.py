@@ -189,7 +189,7 @@ class AWQQuantizer(Quantizer):
             for inputs in work.inputs(group.hook):
                 stats.add(inputs)
             weights = [work.weight(name) for name in group.linears]
-            found = search_scales(weights, stats.h, fold.reduce(stats.mean_abs()), self.config, fold.expand)
+            found = search_scales(weights, stats, fold.reduce(stats.mean_abs()), self.config, fold.expand)
             del stats
             self._scaled += 1
             self._alphas.append(found.alpha)
@@ -255,7 +255,7 @@ class AWQQuantizer(Quantizer):
         for name in group.linears:
             weight = layer.weight(name).float()
             if self._clips(name) and stats is not None:
-                weight = apply_clip(weight, search_clip(weight, stats.h, self.config), self.config.group_size)
+                weight = apply_clip(weight, search_clip(weight, stats, self.config), self.config.group_size)
                 self._clipped += 1
             codes = quantize(weight, self.config)
             del weight
