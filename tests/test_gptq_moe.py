@@ -154,6 +154,11 @@ def test_native_layout_gptq(tiny, tmp_path, run_cli):
     tensors = all_tensors(tmp_path / "q")
     assert "model.language_model.layers.0.mlp.experts.1.up_proj.qweight" in tensors
     assert tensors["model.language_model.layers.0.mlp.gate.weight"].dtype == torch.bfloat16
+    # vLLM and GPTQModel read `dynamic`: the router is named as kept (vLLM would build it as a GPTQ linear), in both layouts
+    rule = r"-:.*\.mlp\.gate$"
+    assert rule in json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["dynamic"]
+    assert run_cli("convert", tmp_path / "q", "-o", tmp_path / "back", "--to", "original").exit_code == 0
+    assert rule in json.loads((tmp_path / "back" / "config.json").read_text())["quantization_config"]["dynamic"]
     ids = torch.tensor([[3, 5, 8, 13]])
     got, want = InternVLRuntime(tmp_path / "q").logits(ids), InternVLRuntime(tmp_path / "hf").logits(ids)
     assert torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0) > 0.9  # 4-bit noise on a tiny random model
@@ -177,6 +182,7 @@ def test_transformers_loads_compressed_tensors_experts(tiny, tmp_path, run_cli):
     result = run_cli("quantize", tmp_path / "hf", "-o", out, *TINY_GPTQ, "--format", "compressed-tensors")
     assert result.exit_code == 0, result.output
     assert "model.language_model.layers.1.mlp.experts.2.down_proj.weight_packed" in all_tensors(out)
+    assert r"re:.*\.mlp\.gate$" in json.loads((out / "config.json").read_text())["quantization_config"]["ignore"]
     model, info = AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float32, output_loading_info=True, device_map="cpu")
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     runtime = InternVLRuntime(out, dtype=torch.float32)

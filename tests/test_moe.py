@@ -294,3 +294,29 @@ def test_w8a8_experts_are_for_vllm_and_said_so(tiny, tmp_path, run_cli):
         AutoModelForImageTextToText.from_pretrained(tmp_path / "w8a8", device_map="cpu")
     ct = run_cli("quantize", tmp_path / "hf", "-o", tmp_path / "ct", "--method", "int8", "--format", "compressed-tensors", "--json")
     assert json.loads(ct.stdout)["experts"] == {"quantized": 36, "kept": 0, "note": None}
+
+
+@pytest.mark.requires("compressed_tensors")
+def test_quantized_configs_name_the_router_in_both_layouts(tiny, tmp_path, run_cli):
+    """vLLM builds the router as a linear layer (GateLinear) and quantizes it unless a rule names it: every
+    compressed-tensors config of a sparse LLM ignores it with one rule that reads the same in both layouts (and
+    matches no expert's gate_proj); convert keeps it both ways."""
+    import re as regex
+
+    from internvl_tools.formats.rules import router_regex
+
+    rule = router_regex(get_dialect("qwen3_moe"))
+    assert router_regex(get_dialect("qwen3")) is None
+    for name in ("language_model.model.layers.3.mlp.gate", "model.language_model.layers.3.mlp.gate"):
+        assert regex.match(rule, name)
+    for name in ("language_model.model.layers.3.mlp.experts.1.gate_proj", "model.language_model.layers.0.mlp.gate_proj"):
+        assert not regex.match(rule, name)
+    assert run_cli("convert", tiny(MOE), "-o", tmp_path / "hf").exit_code == 0
+    for fmt in ("compressed-tensors", "w8a8"):
+        for layout, source in (("original", tiny(MOE)), ("native", tmp_path / "hf")):
+            out = tmp_path / f"{fmt}-{layout}"
+            assert run_cli("quantize", source, "-o", out, "--method", "int8", "--format", fmt).exit_code == 0
+            assert f"re:{rule}" in json.loads((out / "config.json").read_text())["quantization_config"]["ignore"]
+            back = tmp_path / f"{fmt}-{layout}-converted"
+            assert run_cli("convert", out, "-o", back, "--to", "hf" if layout == "original" else "original").exit_code == 0
+            assert f"re:{rule}" in json.loads((back / "config.json").read_text())["quantization_config"]["ignore"]

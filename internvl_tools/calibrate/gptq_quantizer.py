@@ -36,6 +36,7 @@ from ..errors import InputError
 from ..formats import compressed_tensors
 from ..formats.gptq import GPTQSettings, pack, packed_shapes
 from ..formats.gptq import quantization_config as gptq_quantization_config
+from ..formats.rules import router_regex
 from ..io.safetensors_format import TensorSpec
 from ..models.dialects import InputGroup
 from ..models.layout import KeyInfo, Layout
@@ -105,7 +106,8 @@ class GPTQQuantizer(Quantizer):
         c = self.config
         if self.fmt == CT_FORMAT:
             return ct_quantization_config(layout, c.bits, c.group_size)
-        return gptq_quantization_config(GPTQSettings(bits=c.bits, group_size=c.group_size, sym=c.sym, desc_act=c.desc_act, damp=c.damp))
+        return gptq_quantization_config(GPTQSettings(bits=c.bits, group_size=c.group_size, sym=c.sym, desc_act=c.desc_act, damp=c.damp),
+                                        router=router_regex(layout.record))
 
     def observe(self, group: InputGroup, inputs: torch.Tensor) -> None:
         """Add one sample's group input [1, T, in] to the group's Hessian (on the input's device)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from ..errors import InputError
 from ..formats import compressed_tensors
+from ..formats.rules import router_regex
 from ..io.safetensors_format import TensorSpec, torch_dtype
 from ..models.layout import Layout
 from ..models.vision import PROJECTOR, VISION
@@ -50,9 +51,12 @@ def ct_specs(spec: TensorSpec, bits: int, group_size: int) -> list[TensorSpec]:
 
 def ct_quantization_config(layout: Layout, bits: int, group_size: int) -> dict:
     """quantization_config of a symmetric W{bits}A16 pack-quantized output (per group, or per
-    channel for group_size <= 0) with `ignore` rules for the vision tower, projector and head."""
-    return compressed_tensors.quantization_config(kept_modules(layout), "original", bits=bits,
-                                                  group_size=group_size if group_size > 0 else None, symmetric=True)
+    channel for group_size <= 0) with `ignore` rules for the vision tower, projector and head, and
+    a sparse LLM's routers (formats/rules.router_regex: vLLM would quantize them otherwise)."""
+    quant = compressed_tensors.quantization_config(kept_modules(layout), "original", bits=bits,
+                                                   group_size=group_size if group_size > 0 else None, symmetric=True)
+    router = router_regex(layout.record)
+    return dict(quant, ignore=quant["ignore"] + [f"re:{router}"]) if router else quant
 
 
 def scale_dtype_name(spec: TensorSpec) -> str:

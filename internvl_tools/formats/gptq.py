@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from ..errors import InputError
 from .base import Format, check_layout_name, packed_bits, plain_count
-from .rules import negative_rules
+from .rules import negative_rules, router_rules
 
 if TYPE_CHECKING:
     import torch
@@ -108,18 +108,20 @@ def packed_shapes(rows: int, cols: int, bits: int, group_size: int) -> dict[str,
     }
 
 
-def quantization_config(settings: GPTQSettings, layout: str = "original") -> dict:
+def quantization_config(settings: GPTQSettings, layout: str = "original", router: str | None = None) -> dict:
     """quantization_config for transformers (optimum / gptqmodel) and vLLM: the LLM's decoder
     layers quantized, the vision tower and projector kept (`block_name_to_quantize` for
     transformers, negative `dynamic` rules for GPTQModel and vLLM, which match both loaders'
-    module names). Raises ValueError for an unknown layout."""
+    module names), and a sparse LLM's routers (`router`: rules.router_regex) kept too. Raises
+    ValueError for an unknown layout."""
     check_layout_name(layout)
+    kept = negative_rules(layout) + ([f"-:{router}"] if router else [])
     block = "model.language_model.layers" if layout == "native" else "language_model.model.layers"
     return {
         "quant_method": "gptq", "bits": settings.bits, "group_size": settings.group_size, "desc_act": settings.desc_act,
         "sym": settings.sym, "damp_percent": settings.damp, "true_sequential": True, "static_groups": False,
         "checkpoint_format": "gptq", "block_name_to_quantize": block, "lm_head": False,
-        "dynamic": {rule: {} for rule in negative_rules(layout)},
+        "dynamic": {rule: {} for rule in kept},
         "meta": {"quantizer": ["internvl-tools"]},
     }
 
@@ -175,14 +177,19 @@ def dequantize(tensors: Mapping[str, torch.Tensor], quant: dict) -> torch.Tensor
     return unpack(tensors["qweight"], tensors["qzeros"], tensors["scales"], g_idx, bits)
 
 
+def _router(quant: dict) -> str | None:
+    """The router rule a GPTQ config carries (the same in both layouts), or None."""
+    return next((rule[2:] for rule in quant.get("dynamic") or {} if rule.startswith("-:") and rule[2:] in router_rules()), None)
+
+
 def to_native(quant: dict, record=None) -> dict:
     """The GPTQ quantization_config rebuilt for the native layout from the scheme it records."""
-    return quantization_config(settings_of(quant), "native")
+    return quantization_config(settings_of(quant), "native", _router(quant))
 
 
 def to_original(quant: dict, modules: dict[str, str]) -> dict:
     """The GPTQ quantization_config rebuilt for the original layout from the scheme it records."""
-    return quantization_config(settings_of(quant), "original")
+    return quantization_config(settings_of(quant), "original", _router(quant))
 
 
 FORMAT = Format(

@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 
 from ..errors import InputError
-from ..models.dialects import Dialect
+from ..models.dialects import DIALECTS, Dialect
 from ..models.native_map import native_llm_module
 from ..models.vision import LLM_PREFIX, NATIVE_HEAD, NATIVE_LLM_PREFIX, PROJECTOR, VISION
 from .base import check_layout_name
@@ -133,11 +133,29 @@ def _original_head(record: Dialect | None) -> str:
     return ORIGINAL_HEAD if record is None else f"{LLM_PREFIX}.{record.head}"
 
 
+def router_regex(record: Dialect | None) -> str | None:
+    """A regex (re.match semantics) naming the router of every sparse layer under each layout's and loader's
+    name (Qwen3-MoE: `.*\\.mlp\\.gate$`, never an expert's or a dense MLP's gate_proj); None for a dense
+    dialect. Quantized outputs name it as kept: vLLM builds the router as a linear layer (GateLinear) and
+    quantizes it unless a rule says not to, while the checkpoint holds it in float."""
+    if record is None or record.experts is None:
+        return None
+    return r".*\." + re.escape(record.experts.router) + "$"
+
+
+def router_rules() -> frozenset[str]:
+    """The router regexes of every sparse dialect: rules that read the same in both layouts."""
+    return frozenset(r for r in (router_regex(d) for d in DIALECTS.values()) if r)
+
+
 def native_rule(rule: str, record: Dialect | None = None) -> list[str]:
     """A compressed-tensors `ignore` entry of the original layout, rewritten for the native one.
 
     Exact names are renamed; a `re:` rule is accepted when it names a whole tower (then the
-    native tower rule replaces it) and refused with InputError otherwise."""
+    native tower rule replaces it) or is a router rule (the same in both layouts), and refused
+    with InputError otherwise."""
+    if rule.startswith("re:") and rule[3:] in router_rules():
+        return [rule]
     if not rule.startswith("re:"):
         return ignore_rules(native_modules(rule, record), "native")
     pattern = re.compile(rule[3:])

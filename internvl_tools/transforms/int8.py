@@ -21,8 +21,9 @@ from pathlib import Path
 from ..errors import InputError
 from ..formats import bnb_int8, compressed_tensors
 from ..formats.registry import check
-from ..formats.rules import towers
+from ..formats.rules import router_regex, towers
 from ..io.reader import CheckpointReader
+from ..models.dialects import dialect_of_architecture, dialect_of_native_model_type
 from ..models.layout import build_layout
 from ..models.vision import NATIVE_LLM_PREFIX
 from .stream import Output, run_transform
@@ -173,6 +174,15 @@ W8A8_EXPERTS = ("transformers cannot load W8A8 (int-quantized) experts: its comp
                 "transformers reads")
 
 
+def _dialect(config: dict, layout: str):
+    """The LLM's dialect record of an original-layout or native-layout config."""
+    if layout == "native":
+        text = config.get("text_config") or {}
+        return dialect_of_native_model_type(text.get("model_type"), "config.json: text_config.model_type", text)
+    llm = config.get("llm_config") or {}
+    return dialect_of_architecture(llm.get("architectures") or [], "config.json: llm_config.architectures")
+
+
 def expert_facts(plan: QuantPlan, groups: dict[str, str], fmt: str) -> dict | None:
     """{"quantized", "kept", "note"} for a sparse LLM's expert linears in `fmt` (None without experts): the
     note says what transformers does with them (bnb: kept in bf16 and why; w8a8: not loadable there)."""
@@ -206,7 +216,10 @@ def quantize_int8(source: Path, out: Path, *, only: tuple[str, ...] = (), skip: 
             raise InputError("--only/--skip leave nothing to quantize; check the patterns against `internvl-tools inspect` keys")
         outputs = int8_outputs(reader, plan, fmt)
     new_config = dict(config)
-    new_config["quantization_config"] = FORMATS[fmt].quantization_config(plan.skip_modules, layout)
+    new_config["quantization_config"] = quant = FORMATS[fmt].quantization_config(plan.skip_modules, layout)
+    router = router_regex(_dialect(config, layout)) if plan.experts else None
+    if router and "ignore" in quant:  # compressed-tensors: vLLM quantizes a router (GateLinear) that no rule names
+        quant["ignore"] = quant["ignore"] + [f"re:{router}"]
     if isinstance(new_config.get("llm_config"), dict):
         new_config["llm_config"] = {k: v for k, v in new_config["llm_config"].items() if k != "quantization_config"}
     path = run_transform(source, out, outputs, max_shard_size=max_shard_size, overwrite=overwrite,
