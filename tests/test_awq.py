@@ -27,7 +27,7 @@ ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # DESIGN §3: nibble i of an int32 holds outpu
 # groups with no exact fold per dialect: none (InternLM2 wo and Phi-3 o_proj / down_proj fold into the v rows /
 # up half of their fused wqkv, qkv_proj, gate_up_proj: InputGroup.after_rows in models/dialects.py)
 UNSCALED = {"InternVL2-Llama3-76B": set(), "InternVL2-1B": set(), "InternVL2-2B": set(), "InternVL2-4B": set(),
-            "InternVL3.5-1B": set()}
+            "InternVL3.5-1B": set(), "InternVL3-9B-InternLM3": set()}
 
 
 def independent_dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -181,7 +181,8 @@ def _decoder_layer(folder: Path, index: int, hidden: list[torch.Tensor], tmp_pat
     return DecoderLayer(index, module, rotary, acts, stems, all_links, "cpu"), layout.record
 
 
-@pytest.mark.parametrize("family", ["InternVL2-Llama3-76B", "InternVL2-1B", "InternVL2-2B", "InternVL2-4B", "InternVL3.5-1B"])
+@pytest.mark.parametrize("family", ["InternVL2-Llama3-76B", "InternVL2-1B", "InternVL2-2B", "InternVL2-4B", "InternVL3.5-1B",
+                                    "InternVL3-9B-InternLM3"])
 def test_folded_scales_keep_the_float_layer_s_function(family, tiny, tmp_path, monkeypatch):
     """prepare_layer's folds (norms, v_proj rows + bias, GQA-tied v -> o, up -> down, and into the rows of fused
     tensors: InternLM2 wqkv's v rows -> wo under GQA, Phi-3 qkv_proj's v rows -> o_proj, gate_up_proj's up half ->

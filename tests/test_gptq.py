@@ -106,7 +106,7 @@ def gptq_tiny(tiny, tmp_path_factory):
 
 
 @pytest.mark.parametrize("family", ["InternVL2-Llama3-76B", "InternVL2-1B", "InternVL2-4B", "InternVL2-2B", "InternVL-Chat-V1-2",
-                                    "InternVL3.5-1B"])
+                                    "InternVL3.5-1B", "InternVL3-9B-InternLM3"])
 def test_runner_on_every_dialect(family, tiny, gptq_tiny):
     out = gptq_tiny(family)
     src, dst = all_tensors(tiny(family)), all_tensors(out)
