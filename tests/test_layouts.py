@@ -424,3 +424,17 @@ def test_native_inspect_tensor_count_adds_up(native, run_cli):
     report = json.loads(run_cli("inspect", native("InternVL2-2B"), "--json").output)
     assert report["tensors"] == sum(d["tensors"] for d in report["dtypes"].values()) == len(all_tensors(native("InternVL2-2B")))
     assert report["bytes"]["total"] == sum(d["bytes"] for d in report["dtypes"].values())
+
+
+@pytest.mark.parametrize("fmt", INT8_FORMATS)
+def test_int8_of_the_original_comes_back_from_the_native_layout(fmt, tiny, int8_of, tmp_path, run_cli):
+    """quantize (original) -> convert --to hf -> convert --to original gives the int8 checkpoint back bit for bit, its
+    quantization_config included (the sidecar's original-named config was read as native names: bnb lost vision_model /
+    mlp1 from llm_int8_skip_modules, compressed-tensors the towers' ignore rules)."""
+    from .support import all_bytes
+
+    quantized, hf, back = int8_of("InternVL2-1B", "original", fmt), tmp_path / "hf", tmp_path / "back"
+    assert run_cli("convert", quantized, "-o", hf).exit_code == 0
+    assert run_cli("convert", hf, "-o", back, "--to", "original").exit_code == 0
+    assert json.loads((back / "config.json").read_text()) == json.loads((quantized / "config.json").read_text())
+    assert all_bytes(back) == all_bytes(quantized)

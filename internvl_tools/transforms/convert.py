@@ -108,13 +108,31 @@ def to_original(source: Path, out: Path, *, max_shard_size: int, overwrite: bool
             raise InputError(f"{source}: a quantized native checkpoint without {SIDECAR} cannot be converted back; "
                              "convert the bf16 checkpoint, then quantize")
         if config.get("quantization_config"):  # its module names, in the original layout
-            config = dict(config, quantization_config=original_quantization_config(config["quantization_config"], linear_modules(view)))
+            config = dict(config, quantization_config=original_quantization(source, config, view))
         outputs = [Output(key, (key,)) for key in view.keys()]
     remote_code = {p.name: None for p in Path(source).glob("*.py")}
     remote_code.update(view.remote_code)  # restored from the sidecar: the round trip is complete
     side = restored_side_files(source)
     return run_transform(source, out, outputs, max_shard_size=max_shard_size, overwrite=overwrite, names="view",
                          files={**remote_code, **side, "config.json": config, SIDECAR: None}, progress=progress)
+
+
+def original_quantization(source: Path, config: dict, view) -> dict:
+    """The quantization_config of a native checkpoint (its config.json: what its tensors hold) in original-layout
+    module names. The sidecar's own, already in original names, is kept as written when the native one is exactly
+    its rewrite (a checkpoint quantized in the original layout, then converted: bit for bit back)."""
+    native = read_json(Path(source) / "config.json").get("quantization_config")
+    saved = config.get("quantization_config")
+    if native is None:
+        return saved
+    if saved is not None and saved != native:
+        layout = build_layout(config, view.specs())
+        try:
+            if native_quantization_config(saved, layout.dialect, source) == native:
+                return saved
+        except InputError:
+            pass
+    return original_quantization_config(native, linear_modules(view))
 
 
 def linear_modules(view) -> dict[str, str]:
