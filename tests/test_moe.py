@@ -320,3 +320,23 @@ def test_quantized_configs_name_the_router_in_both_layouts(tiny, tmp_path, run_c
             back = tmp_path / f"{fmt}-{layout}-converted"
             assert run_cli("convert", out, "-o", back, "--to", "hf" if layout == "original" else "original").exit_code == 0
             assert f"re:{rule}" in json.loads((back / "config.json").read_text())["quantization_config"]["ignore"]
+
+
+@pytest.mark.requires("bitsandbytes")
+def test_bnb_skip_modules_name_experts_and_routers_in_either_layout(tiny, tmp_path, run_cli):
+    """bitsandbytes' loaders convert every nn.Linear not named in llm_int8_skip_modules (transformers 4's remote code and
+    vLLM build the router as one): int8 names each layer's experts and router, in the layout it writes, and convert
+    rewrites them both ways to what quantizing that layout writes (experts named once per layer, not per linear)."""
+    assert run_cli("convert", tiny(MOE), "-o", tmp_path / "hf").exit_code == 0
+    skips = {}
+    for layout, source in (("original", tiny(MOE)), ("native", tmp_path / "hf")):
+        out = tmp_path / f"bnb-{layout}"
+        assert run_cli("quantize", source, "-o", out, "--method", "int8").exit_code == 0
+        skips[layout] = json.loads((out / "config.json").read_text())["quantization_config"]["llm_int8_skip_modules"]
+    for n in range(3):
+        assert {f"language_model.model.layers.{n}.mlp.experts", f"language_model.model.layers.{n}.mlp.gate"} <= set(skips["original"])
+        assert {f"model.language_model.layers.{n}.mlp.experts", f"model.language_model.layers.{n}.mlp.gate"} <= set(skips["native"])
+    for layout, other in (("original", "native"), ("native", "original")):
+        back = tmp_path / f"bnb-{layout}-as-{other}"
+        assert run_cli("convert", tmp_path / f"bnb-{layout}", "-o", back, "--to", "hf" if other == "native" else "original").exit_code == 0
+        assert sorted(json.loads((back / "config.json").read_text())["quantization_config"]["llm_int8_skip_modules"]) == sorted(skips[other])

@@ -10,12 +10,14 @@ bytes equal bitsandbytes' `int8_vectorwise_quant` (tested).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from ..errors import InputError
 from .base import Format, block_rows, check_layout_name, row_absmax
-from .rules import loader_names, native_modules, original_modules, skipped_by_name
+from ..models.vision import LLM_PREFIX, NATIVE_LLM_PREFIX
+from .rules import loader_names, native_modules, original_modules, router_rules, skipped_by_name
 
 if TYPE_CHECKING:
     import torch
@@ -148,12 +150,35 @@ def to_native(quant: dict, record=None) -> dict:
     return dict(quant, llm_int8_skip_modules=loader_names(natives, "native"))
 
 
+def _whole_experts(kept: list[str], modules: dict[str, str]) -> list[str]:
+    """`kept` with the expert linears of a sparse layer named once, as `...layers.N.mlp.experts`, where every
+    one of them is kept (what transforms/int8.py writes; 18432 names otherwise on Qwen3-30B-A3B)."""
+    layers: dict[str, list[str]] = {}
+    for original in dict.fromkeys(modules.values()):
+        head, dot, _rest = original.partition(".mlp.experts.")
+        if dot:
+            layers.setdefault(head + ".mlp.experts", []).append(original)
+    chosen = set(kept)
+    whole = {layer for layer, members in layers.items() if all(m in chosen for m in members)}
+    out: list[str] = []
+    for name in kept:
+        head, dot, _rest = name.partition(".mlp.experts.")
+        collapsed = head + ".mlp.experts" if dot and head + ".mlp.experts" in whole else name
+        if collapsed not in out:
+            out.append(collapsed)
+    return out
+
+
 def to_original(quant: dict, modules: dict[str, str]) -> dict:
     """A native-layout bitsandbytes config with its skip modules named in the original layout
     (`modules`: {native linear module: original one}; formats/rules.py). Raises InputError."""
     skip = quant.get("llm_int8_skip_modules") or []
-    kept = original_modules(modules, lambda native: skipped_by_name(native, skip))
-    return dict(quant, llm_int8_skip_modules=loader_names(kept, "original"))
+    kept = _whole_experts(original_modules(modules, lambda native: skipped_by_name(native, skip)), modules)
+    # a sparse LLM's routers are named too (no linears of the layout: transforms/int8.py); vLLM's name is the original one
+    routers = [name if name.startswith(LLM_PREFIX + ".") else f"{LLM_PREFIX}.model.{name[len(NATIVE_LLM_PREFIX) + 1:]}"
+               for name in skip if name.startswith((NATIVE_LLM_PREFIX + ".", LLM_PREFIX + ".model."))
+               and any(re.match(rule, name) for rule in router_rules())]
+    return dict(quant, llm_int8_skip_modules=loader_names(list(dict.fromkeys(kept + routers)), "original"))
 
 
 FORMAT = Format(

@@ -210,6 +210,11 @@ def quantize_int8(source: Path, out: Path, *, only: tuple[str, ...] = (), skip: 
         facts = expert_facts(plan, groups, fmt)
         if facts is not None:
             plan = replace(plan, experts=facts)
+            if fmt == "bnb":  # the routers by name: bitsandbytes' loaders convert any nn.Linear (transformers 4's
+                # remote code and vLLM build the router as one) that llm_int8_skip_modules does not name
+                rule = re.compile(router_regex(_dialect(config, layout)))
+                routers = [k.removesuffix(".weight") for k in reader.keys() if k.endswith(".weight") and rule.match(k.removesuffix(".weight"))]
+                plan = replace(plan, skip_modules=plan.skip_modules + tuple(routers))
             if facts["note"]:
                 print(f"warning: {facts['note']}", file=sys.stderr)
         if not plan.selected:
