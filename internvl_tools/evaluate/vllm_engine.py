@@ -157,19 +157,19 @@ def topk_kl_partial(ref_logprobs: torch.Tensor, ref_ids: torch.Tensor, candidate
     """KL(ref || cand) per position over the reference's top-k tokens that vLLM returned a
     candidate log-probability for, plus one bucket for every other token (verify.topk_kl's
     partition, coarsened where vLLM's top list misses a reference token; equal to it when none
-    is missing, and never negative)."""
+    is missing, and never negative). Float64, as verify.topk_kl: [positions] nats."""
     rows = []
     for position, returned in enumerate(candidate):
         ids = ref_ids[position].tolist()
         present = torch.tensor([i in returned for i in ids])
-        p_log = ref_logprobs[position].float()
-        q_log = torch.tensor([returned.get(i, 0.0) for i in ids], dtype=torch.float32)
+        p_log = ref_logprobs[position].double()
+        q_log = torch.tensor([returned.get(i, 0.0) for i in ids], dtype=torch.float64)
         p, q = p_log.exp() * present, q_log.exp() * present
         p_rest = (1 - p.sum()).clamp_min(1e-12)
         q_rest = (1 - q.sum()).clamp_min(1e-12)
         inside = torch.where(present, p * (p_log - q_log), torch.zeros(()))
         rows.append(inside.sum() + p_rest * (p_rest.log() - q_rest.log()))
-    return torch.stack(rows).clamp_min(0) if rows else torch.zeros(0)  # float rounding can dip below 0
+    return torch.stack(rows).clamp_min(0) if rows else torch.zeros(0, dtype=torch.float64)  # rounding can dip below 0
 
 
 def compare_candidate_vllm(candidate: Path, items: list, reference: list[dict], max_new_tokens: int, dtype: str = "fp32",
