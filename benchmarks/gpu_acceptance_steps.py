@@ -751,8 +751,9 @@ def step_smollm2(spec: dict, res: Result) -> None:
     res.row("SmolLM2-135M InternVL checkpoint (native)", "pass", str(native), time.perf_counter() - started)
     out = work / "smolvl-gptq"
     shutil.rmtree(out, ignore_errors=True)
-    code, seconds, gpu, summary = run_cli(["quantize", native, "-o", out, "--method", "gptq", "--num-samples", spec.get("num_samples", 16), "--group-size", 64,
-                                           "--seq-len", 256, "--device", device, "--overwrite", "--json"], device)
+    code, seconds, gpu, summary = run_cli(["quantize", native, "-o", out, "--method", "gptq", "--num-samples", spec.get("num_samples", 16),
+                                           "--group-size", 64, "--seq-len", spec.get("seq_len", 256), "--device", device, "--overwrite",
+                                           "--json"], device)
     if code != 0:
         res.row("SmolLM2 GPTQ", "error", f"exit {code}", seconds, gpu)
         return
@@ -772,7 +773,8 @@ def step_smollm2(spec: dict, res: Result) -> None:
 
 # -- step: verify on the device ----------------------------------------------------------------------
 def step_verify(spec: dict, res: Result) -> None:
-    """verify REF CAND --device: samples per second (both models loaded and run, greedy)."""
+    """verify REF CAND --device: samples per second (both models loaded and run, greedy); spec
+    'model' says which pair (the real-weights SmolLM2 or the tiny stand-in)."""
     device, engine = spec["device"], spec.get("engine", "runtime")
     report = Path(spec["work"]) / f"verify-report-{engine}.json"
     report.unlink(missing_ok=True)
@@ -784,7 +786,7 @@ def step_verify(spec: dict, res: Result) -> None:
     code, seconds, gpu, _ = run_cli(["verify", spec["reference"], spec["candidate"], "--bench", spec["slice"], "--limit", items,
                                      "--device", device, "--min-top1", 0, "--max-kl", 100, "--min-image-cosine", 0,
                                      "--max-acc-drop", 100, "--json", report, *extra], device)
-    name = f"verify --device {device}" + (" --engine vllm" if engine == "vllm" else "")
+    name = f"verify --device {device}" + (" --engine vllm" if engine == "vllm" else "") + (f", {spec['model']}" if spec.get("model") else "")
     if code != 0 or not report.exists():
         res.row(name, "error", f"exit {code} (see the log)", seconds, gpu)
         return
