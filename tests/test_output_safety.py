@@ -136,6 +136,29 @@ def test_verify_reports_never_overwrite_the_inputs(tiny, copy_of, tmp_path, run_
     assert (_snapshot(ref), _snapshot(cand), bench.read_bytes()) == before
 
 
+def test_verify_reports_never_overwrite_the_slice_images_and_the_cache_never_holds_an_input(tiny, tmp_path, run_cli):
+    """A .jsonl slice reads the images its rows name (any row, not just the first --limit); a
+    report path that is one of them is refused, and --ref-cache must not be or contain an input."""
+    ref = tiny("InternVL2-1B")
+    data = tmp_path / "data"
+    data.mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (8, 8), "red").save(data / "a.png")
+    Image.new("RGB", (8, 8), "blue").save(data / "b.png")
+    bench = data / "b.jsonl"
+    bench.write_text('{"image": "a.png", "question": "Red?", "answer": "yes"}\n'
+                     '{"image": "b.png", "question": "Blue?", "answer": "yes"}\n')
+    before = _snapshot(data)
+    for option, path in (("--plot", data / "a.png"), ("--json", data / "b.png"), ("--markdown", bench),
+                         ("--ref-cache", data), ("--ref-cache", tmp_path), ("--ref-cache", ref.parent)):
+        result = run_cli("verify", ref, ref, "--bench", bench, "--limit", "1", option, path)
+        assert result.exit_code == 2, (option, result.output)
+        line = result.output.strip()
+        assert "\n" not in line and option in line and "inputs are never modified" in line, line
+    assert _snapshot(data) == before
+
+
 def test_quantize_never_writes_into_its_calibration_data(tiny, tmp_path, run_cli):
     calib = tmp_path / "calib"
     calib.mkdir()

@@ -64,10 +64,14 @@ def verify_cmd(reference: Path, candidate: Path | None, bench: Path, limit: int,
     for folder in (reference, candidate):
         if not (Path(folder) / "config.json").exists():
             raise InputError(f"{folder}: no config.json; pass checkpoint folders as REFERENCE and CANDIDATE")
-    inputs = [reference, candidate, bench, vision_onnx]
+    from ..io.slices import slice_files
+
+    inputs = [reference, candidate, vision_onnx, *slice_files(bench)]  # the slice and every image it names
     for option, path in (("--json", json_path), ("--markdown", markdown_path), ("--plot", plot_path), ("--ref-cache", ref_cache)):
         if path is not None and str(path) != "-":
-            check_apart(path, inputs, option)  # before any work: a report never overwrites what it measures
+            # before any work: a report never overwrites what it measures; the cache folder (written
+            # into, like quantize -o) must not be or contain REF, CAND, the slice or its images
+            check_apart(path, inputs, option, contains=option == "--ref-cache")
     vllm_python = None
     if engine == "vllm":
         from ..evaluate.vllm_engine import require_vllm_python

@@ -57,6 +57,24 @@ def read_slice(path: str | Path, limit: int | None = None) -> list[BenchItem]:
     raise InputError(f"{path}: unknown slice format {path.suffix!r}; use a VLMEvalKit .tsv or a .jsonl")
 
 
+def slice_files(path: str | Path) -> list[Path]:
+    """The files a slice reads: the slice itself and, for a .jsonl, every image file its rows name
+    (all rows, not only the first `--limit`), resolved as `_read_jsonl` does (relative to the slice's
+    folder). Unparsable lines are skipped here; read_slice reports them. Used to refuse report paths
+    that would overwrite an input."""
+    path = Path(path)
+    files = [path]
+    if path.suffix in (".jsonl", ".json") and path.is_file():
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and isinstance(row.get("image"), str) and row["image"]:
+                files.append(path.parent / row["image"])
+    return files
+
+
 def _read_tsv(path: Path, limit: int | None) -> list[BenchItem]:
     """Rows of a VLMEvalKit TSV. An `image` field that is a row index rather than base64 (MMBench's
     circular copies, index >= 1000000, point at the row holding the picture, as VLMEvalKit

@@ -75,12 +75,15 @@ def shard_file_names(count: int) -> list[str]:
     return [f"model-{k:05d}-of-{count:05d}.safetensors" for k in range(1, count + 1)]
 
 
-def check_apart(path: Path, inputs: list[Path | None], option: str = "output", *, replaced: bool = False) -> None:
+def check_apart(path: Path, inputs: list[Path | None], option: str = "output", *, replaced: bool = False,
+                contains: bool = False) -> None:
     """Refuse an output `path` (a file or folder that `option` writes) that is an input or lies
     inside an input folder, so that no run ever overwrites or adds to its inputs.
 
     `replaced`: the output is a folder that a run deletes and recreates (`-o OUT` with its
     OUT.partial/ and OUT.replaced/ siblings), so it must not contain an input either.
+    `contains`: the output is a folder the run writes into (verify --ref-cache): it must not contain
+    an input either (no partial siblings are checked).
     InputError (one line, naming the option, the path and the input) when refused."""
     targets = [Path(path)]
     if replaced:
@@ -91,8 +94,9 @@ def check_apart(path: Path, inputs: list[Path | None], option: str = "output", *
             if source is None:
                 continue
             src = Path(source).resolve()
-            if resolved == src or src in resolved.parents or (replaced and resolved in src.parents):
-                how = "is, contains or lies inside" if replaced else "is or lies inside"
+            wide = replaced or contains
+            if resolved == src or src in resolved.parents or (wide and resolved in src.parents):
+                how = "is, contains or lies inside" if wide else "is or lies inside"
                 raise InputError(f"{option} {path} {how} the input {source}; inputs are never modified: "
                                  "choose a path outside the inputs")
 
