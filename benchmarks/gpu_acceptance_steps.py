@@ -724,9 +724,18 @@ def step_vllm_prepare(spec: dict, res: Result) -> None:
     Path(spec["job"]).write_text(json.dumps(job, indent=1))
 
 
+SMOLLM2_VARIANTS = (  # (name, output folder, quantize arguments); group 64: it divides SmolLM2's 576-wide layers, 128 does not
+    ("GPTQ w4 g64", "smolvl-gptq", ["--method", "gptq"]),
+    ("AWQ w4 g64", "smolvl-awq", ["--method", "awq"]),
+    ("compressed-tensors W4A16 g64 (GPTQ)", "smolvl-ct", ["--method", "gptq", "--format", "compressed-tensors"]),
+)
+
+
 def step_smollm2(spec: dict, res: Result) -> None:
     """The real-weights SmolLM2-135M InternVL checkpoint of bench_gptq_smollm2.py in the native
-    layout, GPTQ'd on the device, and our runtime's greedy tokens on it (appended to the vLLM job)."""
+    layout, quantized on the device with GPTQ, AWQ and compressed-tensors W4A16 (group 64), and
+    our runtime's greedy tokens on each (appended to the vLLM job, with the job's token count).
+    The GPTQ output goes first: verify measures on it. spec 'variants' (optional) names the ones to make."""
     import importlib.util
 
     from internvl_tools.models.templates import build_prompt, get_template
@@ -749,26 +758,32 @@ def step_smollm2(spec: dict, res: Result) -> None:
             res.row("SmolLM2-135M InternVL checkpoint (native)", "error", f"convert exit {code}", time.perf_counter() - started)
             return
     res.row("SmolLM2-135M InternVL checkpoint (native)", "pass", str(native), time.perf_counter() - started)
-    out = work / "smolvl-gptq"
-    shutil.rmtree(out, ignore_errors=True)
-    code, seconds, gpu, summary = run_cli(["quantize", native, "-o", out, "--method", "gptq", "--num-samples", spec.get("num_samples", 16),
-                                           "--group-size", 64, "--seq-len", spec.get("seq_len", 256), "--device", device, "--overwrite",
-                                           "--json"], device)
-    if code != 0:
-        res.row("SmolLM2 GPTQ", "error", f"exit {code}", seconds, gpu)
-        return
-    res.row(f"SmolLM2 GPTQ w4 g64 on {device} (576 wide: vLLM needs the group to divide it)", "pass",
-            (summary or {}).get("detail", "").split("; calibrated")[0], seconds, gpu)
-    rt = InternVLRuntime(out, dtype=torch.float32, device=None if device == "cpu" else device)
-    template = rt.config.get("template")
-    stop = rt.tokenizer.convert_tokens_to_ids(get_template(template).stop)
-    question = "Write one sentence about the sea."
-    _text, ids = rt.generate(question, None, 16)
-    job = json.loads(Path(spec["job"]).read_text()) if Path(spec["job"]).exists() else {"models": [], "max_new_tokens": 16}
-    job["models"].append({"name": "SmolLM2-135M GPTQ", "model": str(out), "requests": [
-        {"prompt": build_prompt(template, question), "image": False, "runtime_ids": [int(i) for i in ids], "stop_ids": [int(stop)]}]})
-    Path(spec["job"]).write_text(json.dumps(job, indent=1))
-    res.row("our runtime on SmolLM2 GPTQ", "pass", f"{len(ids)} greedy tokens (fp32, {device})")
+    job_path = Path(spec["job"])
+    job = json.loads(job_path.read_text()) if job_path.exists() else {"models": [], "max_new_tokens": 16}
+    tokens = int(job.get("max_new_tokens", 16))
+    wanted = spec.get("variants")
+    for name, folder, method_args in SMOLLM2_VARIANTS:
+        if wanted is not None and name not in wanted:
+            continue
+        out = work / folder
+        shutil.rmtree(out, ignore_errors=True)
+        code, seconds, gpu, summary = run_cli(["quantize", native, "-o", out, *method_args, "--num-samples", spec.get("num_samples", 16),
+                                               "--group-size", 64, "--seq-len", spec.get("seq_len", 256), "--device", device,
+                                               "--overwrite", "--json"], device)
+        if code != 0:
+            res.row(f"SmolLM2 {name} on {device}", "error", f"exit {code} (see the log)", seconds, gpu)
+            continue
+        res.row(f"SmolLM2 {name} on {device}", "pass", (summary or {}).get("detail", "").split("; calibrated")[0], seconds, gpu)
+        rt = InternVLRuntime(out, dtype=torch.float32, device=None if device == "cpu" else device)
+        template = rt.config.get("template")
+        stop = rt.tokenizer.convert_tokens_to_ids(get_template(template).stop)
+        question = "Write one sentence about the sea."
+        _text, ids = rt.generate(question, None, tokens)
+        del rt
+        job["models"].append({"name": f"SmolLM2-135M {name}", "model": str(out), "max_new_tokens": tokens, "requests": [
+            {"prompt": build_prompt(template, question), "image": False, "runtime_ids": [int(i) for i in ids], "stop_ids": [int(stop)]}]})
+        job_path.write_text(json.dumps(job, indent=1))
+        res.row(f"our runtime on SmolLM2 {name}", "pass", f"{len(ids)} greedy tokens (fp32, {device})")
 
 
 # -- step: verify on the device ----------------------------------------------------------------------

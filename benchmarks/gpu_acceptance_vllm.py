@@ -55,7 +55,7 @@ def main(job_path: str, out_path: str, dtype: str = "float16") -> None:
             for request in model["requests"]:
                 data = {"image": Image.open(job["image"]).convert("RGB")} if request.get("image") else None
                 prompt = {"prompt": request["prompt"].replace("<image>", token), **({"multi_modal_data": data} if data else {})}
-                params = SamplingParams(temperature=0.0, max_tokens=int(job.get("max_new_tokens", 8)), seed=0, logprobs=2,
+                params = SamplingParams(temperature=0.0, max_tokens=int(model.get("max_new_tokens", job.get("max_new_tokens", 8))), seed=0, logprobs=2,
                                         stop_token_ids=request.get("stop_ids") or None)
                 output = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0]
                 entry["requests"].append({"ids": [int(i) for i in output.token_ids], "text": output.text,
