@@ -123,3 +123,60 @@ def test_chat_with_a_missing_image_is_a_one_line_error(tiny, tmp_path, run_cli):
     for image, needle in ((tmp_path / "nonexistent.png", "no such file"), (tmp_path, "a folder")):
         line = _one_line_error(run_cli("chat", tiny("InternVL2-1B"), "hi", "--image", image))
         assert str(image) in line and needle in line and "--image takes an image file" in line
+
+
+@pytest.mark.parametrize("out", [".", "", ".."])
+@pytest.mark.parametrize("command", ["convert", "shard", "quantize", "merge-lora", "export", "make-tiny"])
+def test_an_output_without_a_folder_name_is_one_line(tiny, tmp_path, run_cli, monkeypatch, command, out):
+    monkeypatch.chdir(tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    if command == "make-tiny":
+        args = ["make-tiny", "internvl2-1b", out]
+    else:
+        args = [command, tiny("InternVL2-1B"), "-o", out] + (["--method", "int8"] if command == "quantize" else [])
+    result = run_cli(*args)
+    line = result.output.strip()
+    assert result.exit_code == 2 and "\n" not in line and "names no folder" in line, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing left behind (no *.partial)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["quantize", "-o", "{out}", "--method", "gptq", "--num-samples", "0"], "--num-samples"),
+    (["quantize", "-o", "{out}", "--method", "gptq", "--seq-len", "0"], "--seq-len"),
+    (["quantize", "-o", "{out}", "--method", "gptq", "--group-size", "0"], "--group-size"),
+    (["quantize", "-o", "{out}", "--method", "gptq", "--group-size", "-2"], "--group-size"),
+    (["quantize", "-o", "{out}", "--method", "gptq", "--damp", "0"], "--damp"),
+    (["quantize", "-o", "{out}", "--method", "gptq", "--damp", "-0.1"], "--damp"),
+    (["quantize", "-o", "{out}", "--method", "int8", "--only", "("], "--only"),
+    (["quantize", "-o", "{out}", "--method", "int8", "--skip", "[a"], "--skip"),
+    (["chat", "hi", "--max-new-tokens", "0"], "--max-new-tokens"),
+    (["verify", "{ckpt}", "--bench", "{out}.jsonl", "--max-new-tokens", "0"], "--max-new-tokens"),
+    (["verify", "{ckpt}", "--bench", "{out}.jsonl", "--max-kl", "-1"], "--max-kl"),
+    (["merge-lora", "-o", "{out}", "--alpha", "0"], "--alpha"),
+    (["merge-lora", "-o", "{out}", "--alpha", "-2"], "--alpha"),
+])
+def test_out_of_range_values_are_refused_at_parse_time(tiny, tmp_path, run_cli, args, words):
+    ckpt, out = tiny("InternVL2-1B"), tmp_path / "out"
+    args = [a.format(out=out, ckpt=ckpt) for a in args]
+    result = run_cli(args[0], ckpt, *args[1:])
+    line = result.output.strip()
+    assert result.exit_code == 2 and "\n" not in line and words in line, result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("extra", [["--lora", "embedded", "--rank", "-1"], ["--lora", "embedded", "--rank", "0"],
+                                   ["--shards", "0"]])
+def test_make_tiny_refuses_out_of_range_counts(tmp_path, run_cli, extra):
+    result = run_cli("make-tiny", "internvl2-1b", tmp_path / "t", *extra)
+    assert result.exit_code == 2 and "\n" not in result.output.strip(), result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("line", ["bits: 5", "group_size: 0", "damp: 0", "num_samples: 0"])
+def test_recipe_values_get_the_same_checks_as_the_options(tiny, tmp_path, run_cli, line):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"method: gptq\n{line}\n")
+    result = run_cli("quantize", tiny("InternVL2-1B"), "-o", tmp_path / "q", "--recipe", recipe)
+    key = line.split(":")[0]
+    assert result.exit_code == 2 and str(recipe) in result.output and key in result.output, result.output
+    assert not (tmp_path / "q").exists() and not (tmp_path / "q.partial").exists()

@@ -19,7 +19,8 @@ stdout = Console() if sys.stdout.isatty() else Console(width=140)
 
 
 class ToolGroup(click.Group):
-    """A click group that turns InputError into `error: ...` and exit code 2 (traceback with --debug)."""
+    """A click group that turns InputError and click.BadParameter (an option value out of its range)
+    into one line `error: ...` and exit code 2 (traceback with --debug)."""
 
     def invoke(self, ctx: click.Context):
         try:
@@ -32,6 +33,11 @@ class ToolGroup(click.Group):
             if len(folders) == 1:  # `config.json: ...` raised where only the dict was known: name the folder
                 message = name_config(message, next(iter(folders.values())))
             click.echo(f"error: {message}", err=True)
+            ctx.exit(2)
+        except click.BadParameter as exc:  # an option value out of range / not a choice: one line, exit 2
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            click.echo(f"error: {exc.format_message()}", err=True)
             ctx.exit(2)
         except OSError as exc:
             if ctx.obj and ctx.obj.get("debug"):
@@ -51,6 +57,42 @@ def checkpoint_folder(ctx: click.Context, _param: click.Parameter, value):
     if ctx.obj is not None:
         ctx.obj.setdefault("checkpoints", {}).setdefault(path.resolve(), path)
     return path
+
+
+def output_folder(_ctx: click.Context, param: click.Parameter, value):
+    """Click callback of every output-folder option/argument (`-o OUT`, make-tiny's OUT): a path
+    without a folder name of its own (`.`, `..`, `''`, `x/..`) is refused with a one-line error
+    (exit 2), since OUT.partial/ is written beside OUT and renamed onto it."""
+    if value is None:
+        return None
+    from pathlib import Path
+
+    path = Path(value)
+    if str(value) == "" or path.name in ("", ".", ".."):
+        flag = "OUT" if param.param_type_name == "argument" else "-o"
+        raise InputError(f"{flag} {str(value)!r} names no folder of its own (the output is written to a sibling "
+                         "OUT.partial/ and renamed); pass a new folder name such as ./out")
+    return path
+
+
+def regexes(_ctx: click.Context, param: click.Parameter, value):
+    """Click callback of a repeatable regex option (--only, --skip): each must compile."""
+    import re
+
+    for pattern in value or ():
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise click.BadParameter(f"{pattern!r} is not a regular expression ({exc})", param=param) from exc
+    return value
+
+
+def group_size(_ctx: click.Context, param: click.Parameter, value):
+    """Click callback of --group-size: a positive number of input features, or -1 (one group per row)."""
+    if value is not None and value != -1 and value < 1:
+        raise click.BadParameter(f"{value}: pass a positive group size (e.g. 128), or -1 for one group per row",
+                                 param=param)
+    return value
 
 
 @contextmanager

@@ -11,12 +11,12 @@ from rich.table import Table
 
 from ..errors import InputError
 from ..io.writer import check_output, staged_folder
-from .common import byte_progress, checkpoint_folder, console, emit_json, human_bytes, human_count, stdout
+from .common import byte_progress, checkpoint_folder, output_folder, console, emit_json, human_bytes, human_count, stdout
 
 
 @click.command("export")
 @click.argument("checkpoint", type=click.Path(path_type=Path), callback=checkpoint_folder)
-@click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="output folder")
+@click.option("-o", "--out", type=click.Path(path_type=Path), callback=output_folder, required=True, help="output folder")
 @click.option("--format", "fmt", type=click.Choice(["onnx", "tensorrt"]), default="onnx", show_default=True,
               help="onnx: model.onnx + model.onnx.data; tensorrt: also model.engine (needs tensorrt and a GPU)")
 @click.option("--dtype", default="fp16", show_default=True, help="onnx: fp16 or fp32; tensorrt: engine precision fp16 or bf16")

@@ -20,7 +20,7 @@ from ..planners.gpu_layout import native_device_map, order_by_gpu, plan_for_chec
 from ..evaluate.inspect import summarize
 from ..transforms.shard import reshard
 from .gpu_plan import GpuOptions, does_not_fit_message, gpu_options, parse_gpu_options, plan_json, print_plan
-from .common import ToolGroup, checkpoint_folder, pipeline_log, byte_progress, layer_progress, emit_json, human_bytes, human_count, stdout
+from .common import ToolGroup, checkpoint_folder, group_size, output_folder, regexes, pipeline_log, byte_progress, layer_progress, emit_json, human_bytes, human_count, stdout
 
 SIZE_HELP = "largest shard, e.g. 5GB, 500MB, 2GiB"
 
@@ -131,12 +131,12 @@ def print_report(report: dict) -> None:
 
 @cli.command("make-tiny")
 @click.argument("family", type=click.Choice(list(FAMILIES), case_sensitive=False))
-@click.argument("out", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path), callback=output_folder)
 @click.option("--lora", type=click.Choice(["none", "embedded", "embedded-llm", "embedded-vision", "peft"]), default="none",
               show_default=True, help="embed InternVL-style LoRA (peft-wrapped keys, alpha = 2r) in the LLM and/or vision tower; "
               "peft: also write a PEFT adapter for the bare LLM in OUT-peft-adapter/")
-@click.option("--rank", default=4, show_default=True, help="LoRA rank")
-@click.option("--shards", default=2, show_default=True, help="number of shards")
+@click.option("--rank", type=click.IntRange(min=1), default=4, show_default=True, help="LoRA rank")
+@click.option("--shards", type=click.IntRange(min=1), default=2, show_default=True, help="number of shards")
 @click.option("--wide", is_flag=True, help="the family's true widths with 2 layers per tower (benchmarks; GBs)")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--head-dim", type=click.IntRange(min=2), default=None,
@@ -168,7 +168,7 @@ def make_tiny_cmd(family: str, out: Path, lora: str, rank: int, shards: int, wid
 
 @cli.command("shard")
 @click.argument("checkpoint", type=click.Path(path_type=Path), callback=checkpoint_folder)
-@click.option("-o", "--out", type=click.Path(path_type=Path), help="output folder (not needed with --plan-only)")
+@click.option("-o", "--out", type=click.Path(path_type=Path), callback=output_folder, help="output folder (not needed with --plan-only)")
 @click.option("--max-shard-size", default="5GB", show_default=True, help=SIZE_HELP)
 @gpu_options
 @click.option("--plan-only", is_flag=True, help="print the GPU layout and write nothing")
@@ -221,7 +221,7 @@ def shard_cmd(checkpoint: Path, out: Path | None, max_shard_size: str, plan_only
 
 @cli.command("convert")
 @click.argument("checkpoint", type=click.Path(path_type=Path), callback=checkpoint_folder)
-@click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="output folder")
+@click.option("-o", "--out", type=click.Path(path_type=Path), callback=output_folder, required=True, help="output folder")
 @click.option("--to", "target", type=click.Choice(["hf", "original"]), default="hf", show_default=True,
               help="hf: transformers-native InternVLForConditionalGeneration; original: back to the remote-code layout")
 @click.option("--max-shard-size", default="5GB", show_default=True, help=SIZE_HELP)
@@ -249,7 +249,7 @@ def convert_cmd(checkpoint: Path, out: Path, target: str, max_shard_size: str, o
 
 @cli.command("quantize")
 @click.argument("checkpoint", type=click.Path(path_type=Path), callback=checkpoint_folder)
-@click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="output folder")
+@click.option("-o", "--out", type=click.Path(path_type=Path), callback=output_folder, required=True, help="output folder")
 @click.option("--method", type=click.Choice(["int8", "gptq", "awq"]), default=None,
               help="int8: LLM.int8() weights; gptq / awq: layer-by-layer GPTQ / AWQ with multimodal calibration")
 @click.option("--recipe", type=click.Path(path_type=Path, exists=True, dir_okay=False), help="YAML file of option values (recipes/)")
@@ -258,11 +258,11 @@ def convert_cmd(checkpoint: Path, out: Path, target: str, max_shard_size: str, o
                    "(compressed-tensors int-quantized: int8 weights per channel, int8 activations per token); gptq: gptq "
                    "(default; GPTQ v1) or compressed-tensors; awq: awq (default; AutoAWQ gemm) or compressed-tensors "
                    "(pack-quantized W4A16, symmetric, per group)")
-@click.option("--only", multiple=True, help="int8: regex, quantize only weights whose key matches (repeatable)")
-@click.option("--skip", multiple=True, help="int8: regex, leave weights whose key matches unquantized (repeatable)")
+@click.option("--only", multiple=True, callback=regexes, help="int8: regex, quantize only weights whose key matches (repeatable)")
+@click.option("--skip", multiple=True, callback=regexes, help="int8: regex, leave weights whose key matches unquantized (repeatable)")
 @click.option("--force", is_flag=True, help="allow a vision-tower selection below 8 bits")
 @click.option("--bits", type=click.Choice(["4", "8"]), default="4", show_default=True, help="gptq (awq: 4 only)")
-@click.option("--group-size", type=int, default=128, show_default=True,
+@click.option("--group-size", type=int, default=128, callback=group_size, show_default=True,
               help="gptq / awq: inputs per scale group (gptq: -1 per row)")
 @click.option("--desc-act", is_flag=True, help="gptq: act-order (columns by decreasing Hessian diagonal; g_idx follows)")
 @click.option("--act-group-aware/--no-act-group-aware", default=True, show_default=True,
@@ -271,14 +271,14 @@ def convert_cmd(checkpoint: Path, out: Path, target: str, max_shard_size: str, o
 @click.option("--zero-point/--no-zero-point", default=None,
               help="awq: asymmetric codes with zero points (default for --format awq) or symmetric ones (the only "
                    "choice for --format compressed-tensors)")
-@click.option("--damp", type=float, default=0.01, show_default=True, help="gptq: dampening, fraction of the mean Hessian diagonal")
+@click.option("--damp", type=click.FloatRange(min=0, min_open=True), default=0.01, show_default=True, help="gptq: dampening, fraction of the mean Hessian diagonal")
 @click.option("--calib", type=click.Path(path_type=Path, exists=True),
               help="gptq / awq: in-domain calibration data, the files verify --bench reads: a VLMEvalKit .tsv, a .jsonl "
                    "(verify rows, prompts, texts or InternVL conversations), or a folder of them with their images "
                    "(default: the built-in set of photos, documents, charts, tables, text-in-image, multi-turn and "
                    "English/Chinese text)")
-@click.option("--num-samples", type=int, default=128, show_default=True, help="gptq / awq: calibration samples")
-@click.option("--seq-len", type=int, default=2048, show_default=True, help="gptq / awq: tokens per sample at most")
+@click.option("--num-samples", type=click.IntRange(min=1), default=128, show_default=True, help="gptq / awq: calibration samples")
+@click.option("--seq-len", type=click.IntRange(min=1), default=2048, show_default=True, help="gptq / awq: tokens per sample at most")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="gptq / awq: where layers run")
 @click.option("--resume", is_flag=True, help="gptq / awq: continue an interrupted run from its last finished layer")
 @click.option("--max-shard-size", default="5GB", show_default=True, help=SIZE_HELP)
@@ -371,7 +371,11 @@ def apply_recipe(ctx: click.Context, recipe: Path, options: dict) -> tuple[dict,
         if name not in options:
             raise InputError(f"{recipe}: unknown option {key!r}; recipes set quantize options such as method, bits, group_size")
         if ctx.get_parameter_source(name) in (click.core.ParameterSource.DEFAULT, None):
-            merged[name] = str(value) if name == "bits" else value
+            param = next(p for p in ctx.command.params if p.name == name)
+            try:  # the option's own type and range checks (bits: 4 or 8, group_size, damp > 0, ...)
+                merged[name] = param.process_value(ctx, str(value) if name == "bits" else value)
+            except click.BadParameter as exc:
+                raise InputError(f"{recipe}: {key}: {exc.format_message()}") from exc
             applied.add(name)
         elif name == "method" and value != options["method"]:
             raise InputError(f"--method {options['method']} conflicts with the recipe {recipe} (method: {value}); its other "
@@ -511,10 +515,10 @@ def _run_int8(checkpoint: Path, out: Path, options: dict, limit: int, total: int
 
 @cli.command("merge-lora")
 @click.argument("checkpoint", type=click.Path(path_type=Path), callback=checkpoint_folder)
-@click.option("-o", "--out", type=click.Path(path_type=Path), default=None, help="output folder (not needed with --dry-run)")
+@click.option("-o", "--out", type=click.Path(path_type=Path), callback=output_folder, default=None, help="output folder (not needed with --dry-run)")
 @click.option("--adapter", "adapters", multiple=True, type=click.Path(path_type=Path),
               help="a PEFT adapter folder (repeatable, merged in order after any embedded LoRA)")
-@click.option("--alpha", type=float, default=None, help="alpha of the embedded LoRA (default 2r, as InternVL's training sets it); "
+@click.option("--alpha", type=click.FloatRange(min=0, min_open=True), default=None, help="alpha of the embedded LoRA (default 2r, as InternVL's training sets it); "
               "a PEFT --adapter uses its own lora_alpha, so --alpha is refused when CHECKPOINT has no embedded LoRA")
 @click.option("--max-shard-size", default="5GB", show_default=True, help=SIZE_HELP)
 @click.option("--overwrite", is_flag=True, help="replace a non-empty OUT")
@@ -592,7 +596,7 @@ def _report_merge_plan(plan, as_json: bool) -> None:
 @click.argument("checkpoint", type=click.Path(path_type=Path), callback=checkpoint_folder)
 @click.argument("question")
 @click.option("--image", type=click.Path(path_type=Path), help="an image file")
-@click.option("--max-new-tokens", default=64, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--dtype", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True)
 @click.option("--vision-onnx", type=click.Path(path_type=Path), default=None,
               help="an `export --format onnx` folder whose image embeddings replace the PyTorch vision tower")

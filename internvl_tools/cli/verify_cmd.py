@@ -22,12 +22,12 @@ METRICS = ("n", "ref_accuracy", "cand_accuracy", "answer_agreement", "mean_kl", 
 @click.option("--bench", "bench", type=click.Path(path_type=Path), required=True, help="a VLMEvalKit .tsv or a .jsonl slice")
 @click.option("--limit", type=int, default=200, show_default=True, help="first N items of the slice")
 @click.option("--max-acc-drop", type=float, default=1.0, show_default=True, help="accuracy points the candidate may lose")
-@click.option("--max-kl", type=float, default=0.05, show_default=True, help="mean KL(ref || cand) along the reference answers")
+@click.option("--max-kl", type=click.FloatRange(min=0), default=0.05, show_default=True, help="mean KL(ref || cand) along the reference answers")
 @click.option("--min-top1", type=float, default=90.0, show_default=True,
               help="% of answer positions where the candidate's top-1 token equals the reference's")
 @click.option("--min-image-cosine", type=float, default=0.99, show_default=True,
               help="mean cosine of the candidate's image embeddings to the reference's")
-@click.option("--max-new-tokens", type=int, default=16, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--ref-cache", type=click.Path(path_type=Path, file_okay=False), help="folder to keep and reuse the reference's outputs")
 @click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False), help="write the report as JSON here ('-' for stdout)")
 @click.option("--markdown", "markdown_path", type=click.Path(path_type=Path, dir_okay=False), help="write the report as markdown here")
