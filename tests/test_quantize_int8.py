@@ -187,3 +187,17 @@ def test_compressed_tensors_w8a16_loads_in_transformers(family, tiny, tmp_path, 
     loaded = model.model.language_model.layers[1].mlp.down_proj.weight
     torch.testing.assert_close(loaded.float(), (q.float() * scale.float()).to(loaded.dtype).float(), rtol=0, atol=0)
     assert torch.equal(model.model.vision_tower.encoder.layer[0].attention.q_proj.weight, src["model.vision_tower.encoder.layer.0.attention.q_proj.weight"])
+
+
+@pytest.mark.parametrize("family", ["InternVL2-2B", "InternVL2-1B"])
+def test_part_of_fused_linear_refused_in_native_layout(family, tiny, tmp_path, run_cli):
+    """--skip q_proj alone of a converted InternLM2 (wqkv) or --only of the vision q_proj (InternViT
+    attn.qkv) would leave a checkpoint no command reads: refused before writing, in one line."""
+    native = tmp_path / "hf"
+    assert run_cli("convert", tiny(family), "-o", native, "--to", "hf").exit_code == 0
+    pattern = ("--skip", "q_proj") if family == "InternVL2-2B" else ("--only", r"vision_tower.*\.q_proj")
+    result = run_cli("quantize", native, "-o", tmp_path / "q", "--method", "int8", *pattern)
+    assert result.exit_code == 2 and "fused" in result.output and len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "q").exists()
+    whole = run_cli("quantize", native, "-o", tmp_path / "w", "--method", "int8", "--skip", "(q|k|v)_proj")
+    assert whole.exit_code == 0, whole.output

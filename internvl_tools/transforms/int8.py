@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ..errors import InputError
+from ..errors import InputError, LayoutError
 from ..formats import bnb_int8, compressed_tensors
 from ..formats.registry import check
 from ..formats.rules import router_regex, towers
@@ -198,6 +198,31 @@ def expert_facts(plan: QuantPlan, groups: dict[str, str], fmt: str) -> dict | No
     return {"quantized": quantized, "kept": len(experts) - quantized, "note": note}
 
 
+def check_fused_selection(reader: CheckpointReader, plan: QuantPlan) -> None:
+    """Refuse (InputError, one line) a selection holding some but not all native parts of one
+    fused original linear (InternLM2's wqkv, InternViT's attn.qkv): the parts would be stored
+    differently and no reader could rebuild the fused tensor. Checked before anything is written."""
+    from ..models.views import NativeView  # the links of the native folder (internvl_original.json or config.json)
+
+    try:
+        view = NativeView(reader)
+    except LayoutError:
+        return  # not an InternVL layout this project reads; other checks name what is wrong
+    chosen = set(plan.selected)
+    for name in view.keys():
+        link = view.link(name)
+        if len(link.natives) < 2 or not name.endswith(".weight"):
+            continue
+        stored = [view._native(n) for n in link.natives]
+        picked = [n for n in stored if n in chosen]
+        if picked and len(picked) < len(stored):
+            left = [n for n in stored if n not in chosen]
+            modules = ", ".join(n.removesuffix(".weight") for n in stored)
+            raise InputError(f"{reader.folder}: --only/--skip select {picked[0].removesuffix('.weight')} but not "
+                             f"{left[0].removesuffix('.weight')}, parts of the fused {name.removesuffix('.weight')} "
+                             f"in the original layout; select or skip all of {modules} together")
+
+
 def quantize_int8(source: Path, out: Path, *, only: tuple[str, ...] = (), skip: tuple[str, ...] = (), fmt: str = "bnb",
                   max_shard_size: int, overwrite: bool = False, progress: Callable[[int], None] | None = None) -> tuple[Path, QuantPlan]:
     """Write the 8-bit checkpoint; returns its path and the plan used."""
@@ -217,6 +242,8 @@ def quantize_int8(source: Path, out: Path, *, only: tuple[str, ...] = (), skip: 
                 plan = replace(plan, skip_modules=plan.skip_modules + tuple(routers))
             if facts["note"]:
                 print(f"warning: {facts['note']}", file=sys.stderr)
+        if layout == "native":
+            check_fused_selection(reader, plan)
         if not plan.selected:
             raise InputError("--only/--skip leave nothing to quantize; check the patterns against `internvl-tools inspect` keys")
         outputs = int8_outputs(reader, plan, fmt)
