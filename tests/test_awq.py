@@ -299,7 +299,7 @@ def test_bad_input_exits_2_and_writes_nothing(tiny, awq_tiny, tmp_path, run_cli)
     refused(src, *TINY_AWQ, "--format", "gptq", needle="--format awq or compressed-tensors")
     refused(src, "--method", "gptq", "--asym", "--format", "compressed-tensors", needle="symmetric")
     refused(src, *TINY_AWQ, "--group-size", "0", needle="--group-size 0 is not supported")
-    # a --bits the option does not offer at all is click's usage error: exit 2, nothing written, but 3 lines
+    # a --bits the option does not offer at all is refused while parsing: exit 2, nothing written, one line
     out = tmp_path / "bits3"
     result = run_cli("quantize", src, "-o", out, *TINY_AWQ, "--bits", "3")
     assert result.exit_code == 2 and "'3' is not one of '4', '8'" in result.output and not out.exists()

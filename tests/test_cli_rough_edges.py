@@ -13,7 +13,7 @@ def test_options_of_another_method_are_refused(tiny, tmp_path, run_cli):
 
 def test_resume_on_a_complete_output_is_refused(tiny, tmp_path, run_cli):
     out = tmp_path / "g"
-    args = ["quantize", tiny("InternVL2-1B"), "-o", out, "--method", "gptq", "--num-samples", "2", "--seq-len", "32"]
+    args = ["quantize", tiny("InternVL2-1B"), "-o", out, "--method", "gptq", "--group-size", "32", "--num-samples", "2", "--seq-len", "32"]
     assert run_cli(*args).exit_code == 0
     again = run_cli(*args, "--resume")
     assert again.exit_code == 2 and "already complete" in again.output and "--overwrite" in again.output
@@ -180,3 +180,14 @@ def test_recipe_values_get_the_same_checks_as_the_options(tiny, tmp_path, run_cl
     key = line.split(":")[0]
     assert result.exit_code == 2 and str(recipe) in result.output and key in result.output, result.output
     assert not (tmp_path / "q").exists() and not (tmp_path / "q.partial").exists()
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_a_group_size_that_does_not_divide_every_linear_names_one_that_does(tiny, tmp_path, run_cli, method):
+    """Tiny linears are 64 wide: group 128 would give a GPTQ file transformers + gptqmodel refuse
+    ("in_features 64 must be divisible by group_size 128"); the hint must work for every linear."""
+    out = tmp_path / "q"
+    result = run_cli("quantize", tiny("InternVL2-1B"), "-o", out, "--method", method, "--num-samples", "2", "--seq-len", "16")
+    line = result.output.strip()
+    assert result.exit_code == 2 and "\n" not in line and "--group-size 128" in line and "--group-size 32 divides every" in line
+    assert not out.exists() and not (tmp_path / "q.partial").exists()

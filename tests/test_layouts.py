@@ -193,7 +193,7 @@ def test_native_checkpoint_with_a_stray_key_is_refused(native, tmp_path, run_cli
 def test_gptq_in_the_native_layout_equals_the_converted_original_gptq(tiny, native, tmp_path, run_cli):
     """The calibrated pipeline reads a native checkpoint and writes the native layout: bit for bit
     what converting the original's GPTQ output gives, with the same config rules."""
-    args = ["--method", "gptq", "--num-samples", "3", "--seq-len", "48"]
+    args = ["--method", "gptq", "--group-size", "32", "--num-samples", "3", "--seq-len", "48"]
     a, b, b_hf = tmp_path / "a", tmp_path / "b", tmp_path / "b-hf"
     assert run_cli("quantize", native("InternVL2-1B"), "-o", a, *args).exit_code == 0
     assert run_cli("quantize", tiny("InternVL2-1B"), "-o", b, *args).exit_code == 0
@@ -207,7 +207,7 @@ def test_gptq_in_the_native_layout_equals_the_converted_original_gptq(tiny, nati
 
 def test_gptq_of_a_converted_internlm2_quantizes_the_llama_it_became(native, tmp_path, run_cli):
     out = tmp_path / "q"
-    result = run_cli("quantize", native("InternVL2-2B"), "-o", out, "--method", "gptq", "--num-samples", "2", "--seq-len", "32")
+    result = run_cli("quantize", native("InternVL2-2B"), "-o", out, "--method", "gptq", "--group-size", "32", "--num-samples", "2", "--seq-len", "32")
     assert result.exit_code == 0, result.output
     keys = set(all_tensors(out))
     assert "model.language_model.layers.0.self_attn.q_proj.qweight" in keys and not any("wqkv" in k for k in keys)
@@ -234,7 +234,7 @@ def test_round_trip_restores_the_remote_code_files(tiny, copy_of, tmp_path, run_
 
 
 @pytest.mark.parametrize("command", [["shard"], ["quantize", "--method", "int8"], ["convert"],
-                                     ["quantize", "--method", "gptq", "--num-samples", "2", "--seq-len", "32"]])
+                                     ["quantize", "--method", "gptq", "--group-size", "32", "--num-samples", "2", "--seq-len", "32"]])
 def test_a_stale_lora_flag_is_corrected_in_every_output(command, tiny, copy_of, tmp_path, run_cli):
     """use_llm_lora set on an already merged checkpoint makes the remote code wrap the LLM in
     uninitialised LoRA (InternVL#231, #468): every output corrects it, with a warning."""
@@ -330,7 +330,7 @@ def test_int8_internlm2_with_only_part_of_wqkv_quantized_is_refused(native, tmp_
 def test_gptq_internlm2_conversion_is_refused_naming_the_packed_tensor(tiny, tmp_path, run_cli):
     """GPTQ packs wqkv across its output rows: converting it is refused (convert first, then quantize)."""
     quantized, out = tmp_path / "q", tmp_path / "hf"
-    assert run_cli("quantize", tiny("InternVL2-2B"), "-o", quantized, "--method", "gptq", "--num-samples", "2",
+    assert run_cli("quantize", tiny("InternVL2-2B"), "-o", quantized, "--method", "gptq", "--group-size", "32", "--num-samples", "2",
                    "--seq-len", "32").exit_code == 0
     result = run_cli("convert", quantized, "-o", out)
     assert result.exit_code == 2 and result.output.count("\n") == 1

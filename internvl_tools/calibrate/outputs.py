@@ -38,6 +38,26 @@ def group_count(spec: TensorSpec, group_size: int, *, what: str, whole: bool = T
     return -(-cols // group_size)
 
 
+def check_group_size(widths: dict[str, int], group_size: int, *, what: str) -> None:
+    """Refuse (InputError) a `group_size` > 0 that does not divide the input width of every linear
+    (`widths`: weight key -> input features): the first such linear is named with a group size that
+    divides every one of them, so the suggested rerun does not fail on the next linear. GPTQ's own
+    format would pack a ragged last group, but transformers + gptqmodel refuse to load it
+    ("in_features 64 must be divisible by group_size 128"); AWQ and compressed-tensors cannot
+    store it at all."""
+    if group_size <= 0:
+        return
+    bad = [(name, cols) for name, cols in widths.items() if cols % group_size]
+    if not bad:
+        return
+    name, cols = bad[0]
+    fits = [g for g in (256, 128, 64, 32, 16, 8) if all(c % g == 0 for c in widths.values())]
+    hint = (f"--group-size {fits[0]} divides every linear's input width" if fits
+            else "no group size of 8..256 divides every linear's input width")
+    raise InputError(f"{name}: its {cols} input features are not a multiple of --group-size {group_size} "
+                     f"({len(bad)} of {len(widths)} linears are not), which {what} needs; {hint}")
+
+
 def ct_specs(spec: TensorSpec, bits: int, group_size: int) -> list[TensorSpec]:
     """The compressed-tensors tensors replacing linear weight `spec` [out, in]: weight_packed,
     weight_scale (in the weight's dtype, as vLLM loads it), weight_shape. InputError when the

@@ -125,8 +125,15 @@ def calibration_embeddings(reader: CheckpointReader, config: dict, layout: Layou
 def output_plan(reader: CheckpointReader, layout: Layout, quantizer: Quantizer) -> tuple[list[TensorSpec], dict[int, list[str]]]:
     """The output's tensor specs (decoder-layer keys as the quantizer replaces them, the rest as
     they are) and, per layer, the names the quantizer writes. InputError from the quantizer."""
+    from .outputs import check_group_size
+
     specs: list[TensorSpec] = []
     per_layer: dict[int, list[str]] = {}
+    group_size = getattr(getattr(quantizer, "config", None), "group_size", 0)
+    widths = {name: reader.spec(name).shape[-1] for name, info in layout.keys.items()
+              if info.family == "llm" and info.part == "layer" and info.is_linear and info.param == "weight"
+              and len(reader.spec(name).shape) == 2}
+    check_group_size(widths, group_size, what="AWQ" if "awq" in type(quantizer).__module__ else "GPTQ")
     for name, info in layout.keys.items():
         spec = reader.spec(name)
         replaced = quantizer.output_specs(spec, info) if info.family == "llm" and info.part == "layer" else None

@@ -90,8 +90,8 @@ def regexes(_ctx: click.Context, param: click.Parameter, value):
 def group_size(_ctx: click.Context, param: click.Parameter, value):
     """Click callback of --group-size: a positive number of input features, or -1 (one group per row)."""
     if value is not None and value != -1 and value < 1:
-        raise click.BadParameter(f"{value}: pass a positive group size (e.g. 128), or -1 for one group per row",
-                                 param=param)
+        raise click.BadParameter(f"--group-size {value} is not supported: pass a positive group size (e.g. 128), "
+                                 "or -1 for one group per row (gptq)", param=param)
     return value
 
 
