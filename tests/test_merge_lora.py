@@ -317,7 +317,7 @@ def test_lora_into_a_quantized_base_says_merge_before_quantizing(tiny, tmp_path,
     base = tiny("InternVL2-1B")
     adapter = make_peft_adapter(base, tmp_path / "adapter")
     quantized = tmp_path / "q"
-    extra = ["--num-samples", "2", "--seq-len", "32"] if method == "gptq" else []
+    extra = ["--num-samples", "2", "--seq-len", "32", "--group-size", "32"] if method == "gptq" else []
     assert run_cli("quantize", base, "-o", quantized, "--method", method, *extra).exit_code == 0
     fmt = {"int8": "bnb_int8", "gptq": "gptq"}[method]
     _expect_refused(run_cli, tmp_path, [quantized, "--adapter", adapter], f"quantized ({fmt})", "merge-lora on the unquantized")
