@@ -438,3 +438,23 @@ def test_int8_of_the_original_comes_back_from_the_native_layout(fmt, tiny, int8_
     assert run_cli("convert", hf, "-o", back, "--to", "original").exit_code == 0
     assert json.loads((back / "config.json").read_text()) == json.loads((quantized / "config.json").read_text())
     assert all_bytes(back) == all_bytes(quantized)
+
+
+def test_sidecar_from_another_model_is_refused(native, tmp_path, run_cli):
+    """An internvl_original.json copied from another model of the same widths (InternLM2's into a
+    Qwen2 folder; a Qwen2 one missing the q_proj biases) is refused naming the file, not read as
+    the wrong family or converted into a wrong checkpoint."""
+    folder = tmp_path / "q2"
+    shutil.copytree(native("InternVL2-1B"), folder)
+    shutil.copy(native("InternVL2-2B") / "internvl_original.json", folder / "internvl_original.json")
+    for command in (("inspect", folder), ("convert", folder, "-o", tmp_path / "back", "--to", "original")):
+        result = run_cli(*command)
+        assert result.exit_code == 2 and "internvl_original.json" in result.output and "qwen2" in result.output
+        assert len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "back").exists()
+    shutil.copy(native("InternVL2-1B") / "internvl_original.json", folder / "internvl_original.json")
+    saved = json.loads((folder / "internvl_original.json").read_text())
+    saved["keys"] = [k for k in saved["keys"] if not k.endswith("q_proj.bias")]
+    (folder / "internvl_original.json").write_text(json.dumps(saved))
+    result = run_cli("inspect", folder)
+    assert result.exit_code == 2 and "internvl_original.json" in result.output and "q_proj.bias" in result.output

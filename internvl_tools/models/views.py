@@ -74,6 +74,8 @@ class NativeView:
             self._config["quantization_config"] = native_config["quantization_config"]
         derived = original_keys(reader.keys(), get_dialect(llm_dialect(self._config)))
         present = set(derived)
+        if self.sidecar:
+            self._check_sidecar(sidecar, native_config, derived, order)
         keys = [k for k in order if k in present] + [k for k in derived if k not in set(order)]
         # errors name the file each config comes from, and the LLM section it has there
         origins = [(str(reader.folder / "config.json"), "text_config", native_derived)]
@@ -104,6 +106,31 @@ class NativeView:
         unpacked = {spec.name for spec in specs if spec.dtype in UNPACKED_DTYPES}
         for where, section, config in origins:
             check_config_matches(config, self._layout, shapes, where=where, llm_section=section, unpacked=unpacked)
+
+    @staticmethod
+    def _check_sidecar(sidecar: Path, native_config: dict, derived: list[str], order: list[str]) -> None:
+        """`internvl_original.json` must describe this folder, not another model of the same widths:
+        its LLM must convert to config.json's text_config.model_type, and its original keys must be
+        the ones this folder's native keys map to (qkv bias, q_norm, ... present in both or neither).
+        Raises LayoutError naming the sidecar."""
+        fix = "it comes from another checkpoint: delete it to read the folder from config.json alone"
+        text = native_config.get("text_config") if isinstance(native_config.get("text_config"), dict) else {}
+        saved = get_dialect(llm_dialect(read_json(sidecar)["config"]))
+        if text.get("model_type") and saved.native_model_type != text["model_type"]:
+            raise LayoutError(f"{sidecar}: its LLM is {saved.name} (native {saved.native_model_type!r}) but config.json's "
+                              f"text_config.model_type is {text['model_type']!r}; {fix}")
+        if not order:
+            return
+        def modules(keys):  # modules and biases: a quantized folder's sidecar may list weight for SCB, weight_packed, ...
+            return {k.rpartition(".")[0] for k in keys} | {k for k in keys if k.endswith(".bias")}
+
+        listed = modules([k for k in order if "rotary_emb" not in k])
+        made = modules(derived)
+        odd = sorted(listed - made) or sorted(made - listed)
+        if odd:
+            where = "lists" if odd[0] in listed else "does not list"
+            raise LayoutError(f"{sidecar}: {where} {odd[0]!r}, which this folder's native tensors "
+                              f"{'do not hold' if odd[0] in listed else 'make'} ({len(odd)} such keys); {fix}")
 
     def keys(self) -> list[str]:
         return list(self._keys)
