@@ -458,3 +458,37 @@ def test_sidecar_from_another_model_is_refused(native, tmp_path, run_cli):
     (folder / "internvl_original.json").write_text(json.dumps(saved))
     result = run_cli("inspect", folder)
     assert result.exit_code == 2 and "internvl_original.json" in result.output and "q_proj.bias" in result.output
+
+
+@pytest.mark.parametrize("sidecar", [True, False])
+@pytest.mark.parametrize("field, value", [("downsample_ratio", 0.25), ("vision_feature_layer", 7), ("image_token_id", 10 ** 6),
+                                          ("head_dim", None)])
+def test_native_config_fields_that_disagree_with_the_tensors_are_refused(field, value, sidecar, native, tmp_path, run_cli):
+    """downsample_ratio vs mlp1's input width, vision_feature_layer beyond the vision layers,
+    image_token_id outside the vocabulary, Qwen3 head_dim vs q_norm (heads doubled so q/k/v rows
+    still fit): one line naming config.json and the field."""
+    folder = tmp_path / "bad"
+    shutil.copytree(native("InternVL3.5-1B", sidecar=sidecar), folder)
+    config = json.loads((folder / "config.json").read_text())
+    if field == "head_dim":
+        text = config["text_config"]
+        text["num_attention_heads"] *= 2
+        text["num_key_value_heads"] *= 2
+        text["head_dim"] //= 2
+    else:
+        config[field] = value
+    (folder / "config.json").write_text(json.dumps(config))
+    result = run_cli("inspect", folder)
+    assert result.exit_code == 2 and "config.json" in result.output and field in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("field, value", [("downsample_ratio", 0.25), ("select_layer", -5), ("max_dynamic_patch", 0)])
+def test_original_config_fields_that_disagree_with_the_tensors_are_refused(field, value, tiny, copy_of, run_cli):
+    folder = copy_of(tiny("InternVL2-1B"))
+    config = json.loads((folder / "config.json").read_text())
+    config[field] = value
+    (folder / "config.json").write_text(json.dumps(config))
+    result = run_cli("inspect", folder)
+    assert result.exit_code == 2 and "config.json" in result.output and field in result.output
+    assert len(result.output.strip().splitlines()) == 1

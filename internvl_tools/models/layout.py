@@ -208,6 +208,40 @@ def check_config_matches(config: dict, layout: Layout, shapes: dict[str, tuple[i
             raise LayoutError(f"{where}: {field_name} is {declared} but {key} has {shape[dim]} there (shape {list(shape)}); "
                               "the config does not belong to these weights")
     _check_layer_linears(llm_cfg, layout, plain, where, llm_section)
+    _check_image_fields(config, layout, plain, where, llm_section)
+
+
+def _check_image_fields(config: dict, layout: Layout, plain: dict[str, tuple[int, ...]], where: str, llm_section: str) -> None:
+    """Top-level image settings and Qwen3's head_dim against the tensors: mlp1's input width is
+    vision hidden_size / downsample_ratio^2 (pixel shuffle), select_layer (native:
+    vision_feature_layer) indexes the vision tower's hidden states (-(layers+1) .. layers),
+    max_dynamic_patch is at least 1, head_dim is q_norm's width. Raises LayoutError naming
+    `where` and the field."""
+    native = llm_section == "text_config"
+    vision_cfg, llm_cfg = config["vision_config"], config["llm_config"]
+    ratio, hidden = config.get("downsample_ratio"), vision_cfg.get("hidden_size")
+    shuffled = plain.get("mlp1.1.weight")  # shapes are () where a view classifies keys before reading headers
+    shuffled = shuffled if shuffled is not None and len(shuffled) == 2 else None
+    if isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and isinstance(hidden, int) and shuffled is not None:
+        expected = hidden / ratio ** 2 if ratio > 0 else None
+        if expected is None or shuffled[1] != expected:
+            raise LayoutError(f"{where}: downsample_ratio is {ratio}, so mlp1 would take vision_config.hidden_size {hidden} / "
+                              f"{ratio}^2 inputs, but mlp1.1.weight has {shuffled[-1]}; the config does not belong to these weights")
+    layer, layers = config.get("select_layer"), layout.vision_layers
+    name = "vision_feature_layer" if native else "select_layer"
+    if isinstance(layer, int) and not isinstance(layer, bool) and layers and not -(layers + 1) <= layer <= layers:
+        raise LayoutError(f"{where}: {name} is {layer} but the vision tower has {layers} layers "
+                          f"({layers + 1} hidden states: {-(layers + 1)} .. {layers}); the config does not belong to these weights")
+    patches = config.get("max_dynamic_patch")
+    if not native and patches is not None and (not isinstance(patches, int) or isinstance(patches, bool) or patches < 1):
+        raise LayoutError(f"{where}: max_dynamic_patch is {patches!r}; it must be an integer of at least 1 (12 in the released models)")
+    head_dim = llm_cfg.get("head_dim")
+    norm = plain.get("language_model.model.layers.0.self_attn.q_norm.weight")
+    if norm is None:  # q_norm is a norm, not a linear weight `plain` holds only when classified so
+        norm = next((shape for key, shape in plain.items() if key.endswith("layers.0.self_attn.q_norm.weight")), None)
+    if isinstance(head_dim, int) and norm is not None and len(norm) == 1 and norm[0] != head_dim:
+        raise LayoutError(f"{where}: {llm_section}.head_dim is {head_dim} but language_model.model.layers.0.self_attn.q_norm.weight "
+                          f"has width {norm[0]}; the config does not belong to these weights")
 
 
 def _check_heads(cfg: dict, section: str, where: str) -> None:

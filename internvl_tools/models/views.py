@@ -106,6 +106,10 @@ class NativeView:
         unpacked = {spec.name for spec in specs if spec.dtype in UNPACKED_DTYPES}
         for where, section, config in origins:
             check_config_matches(config, self._layout, shapes, where=where, llm_section=section, unpacked=unpacked)
+        token, embed = native_config.get("image_token_id"), shapes.get(f"language_model.model.{self._layout.record.embed}.weight")
+        if isinstance(token, int) and embed and len(embed) == 2 and not 0 <= token < embed[0]:
+            raise LayoutError(f"{reader.folder / 'config.json'}: image_token_id is {token} but the embeddings have {embed[0]} rows "
+                              f"(ids 0 .. {embed[0] - 1}); the config does not belong to these weights")
 
     @staticmethod
     def _check_sidecar(sidecar: Path, native_config: dict, derived: list[str], order: list[str]) -> None:
