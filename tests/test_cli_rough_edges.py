@@ -191,3 +191,22 @@ def test_a_group_size_that_does_not_divide_every_linear_names_one_that_does(tiny
     line = result.output.strip()
     assert result.exit_code == 2 and "\n" not in line and "--group-size 128" in line and "--group-size 32 divides every" in line
     assert not out.exists() and not (tmp_path / "q.partial").exists()
+
+
+@pytest.mark.parametrize("text, where", [("method: gptq\nbits: [4\n", "line 3"), ("a: b: c\n", "line 1")])
+def test_broken_recipe_yaml_is_one_line(text, where, tiny, tmp_path, run_cli):
+    recipe = tmp_path / "broken.yaml"
+    recipe.write_text(text)
+    line = _one_line_error(run_cli("quantize", tiny("InternVL2-1B"), "-o", tmp_path / "q", "--recipe", recipe))
+    assert "broken.yaml" in line and "not valid YAML" in line and where in line
+
+
+def test_chat_without_a_tokenizer_is_one_line(tiny, tmp_path, run_cli):
+    import shutil
+
+    folder = tmp_path / "notok"
+    shutil.copytree(tiny("InternVL2-1B"), folder)
+    for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json"):
+        (folder / name).unlink(missing_ok=True)
+    line = _one_line_error(run_cli("chat", folder, "hi"))
+    assert str(folder) in line and "tokenizer" in line

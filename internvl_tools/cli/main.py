@@ -362,7 +362,10 @@ def apply_recipe(ctx: click.Context, recipe: Path, options: dict) -> tuple[dict,
     try:
         values = yaml.safe_load(recipe.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
-        raise InputError(f"{recipe}: not valid YAML ({exc})") from exc
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        reason = " ".join(str(getattr(exc, "problem", None) or exc).split())  # PyYAML's messages run over several lines
+        raise InputError(f"{recipe}: not valid YAML ({where}{reason})") from exc
     if not isinstance(values, dict):
         raise InputError(f"{recipe}: not a mapping of quantize options (method: gptq, bits: 4, ...)")
     merged, applied = dict(options), set()

@@ -18,6 +18,10 @@ from pathlib import Path
 
 from ..errors import InputError
 
+# what AutoTokenizer reads a vocabulary from (fast tokenizers, sentencepiece, BPE, tiktoken)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "tokenizer.tiktoken", "qwen.tiktoken")
+
+
 def load_tokenizer(folder: str | Path):
     """The tokenizer of a checkpoint folder (a transformers tokenizer object).
 
@@ -34,7 +38,11 @@ def load_tokenizer(folder: str | Path):
         except (OSError, ValueError, KeyError, AttributeError) as exc:
             fallback = _without_remote_code(folder)
             if fallback is None:
-                raise InputError(f"{folder}: cannot load the tokenizer ({exc}); the folder needs its tokenizer files") from exc
+                if not any((folder / name).exists() for name in TOKENIZER_FILES):
+                    raise InputError(f"{folder}: no tokenizer.json (nor another tokenizer file); copy the tokenizer files of "
+                                     "the checkpoint it was made from into the folder") from exc
+                reason = " ".join(str(exc).split())  # transformers' messages run over several lines
+                raise InputError(f"{folder}: cannot load the tokenizer ({reason}); the folder needs its tokenizer files") from exc
             print(f"warning: {folder}: the tokenizer class it names needs remote code ({_class_name(folder)}); "
                   f"read with transformers' {type(fallback).__name__} instead", file=sys.stderr)
             return fallback
