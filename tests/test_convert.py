@@ -84,7 +84,7 @@ def test_native_config_fields(tiny, converted):
 
 def test_convert_refuses_bad_input(tiny, tmp_path, run_cli, converted):
     lora = run_cli("convert", tiny("InternVL2-1B", lora="embedded"), "-o", tmp_path / "a")
-    assert lora.exit_code == 2 and "merge-lora" in lora.output
+    assert lora.exit_code == 2 and "merge-lora" in lora.output and str(tiny("InternVL2-1B", lora="embedded")) in lora.output
     back = run_cli("convert", tiny("InternVL2-1B"), "-o", tmp_path / "b", "--to", "original")
     assert back.exit_code == 2 and "internvl_original.json" in back.output
     twice = run_cli("convert", converted("InternVL2-1B"), "-o", tmp_path / "c")

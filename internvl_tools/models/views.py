@@ -83,6 +83,8 @@ class NativeView:
             origins.append((str(sidecar), "llm_config", self._config))
         where, section, _ = origins[-1]
         self._layout = build_layout(self._config, [TensorSpec(k, "BF16", ()) for k in keys], where=where, llm_section=section)
+        if self._layout.lora:
+            raise LayoutError(f"{reader.folder}: embedded LoRA adapters; merge them first with `internvl-tools merge-lora`")
         self.fused_kinds = fused(self._config) if fused is not None else PLAIN_FUSED
         self._links = {link.original: link for link in links(self._config, self._layout, adapt_v1=True, fused=self.fused_kinds)}
         self._keys = [k for k in keys if k in self._links]

@@ -49,6 +49,9 @@ def to_hf(source: Path, out: Path, *, max_shard_size: int, overwrite: bool = Fal
             raise InputError(f"{source}: already in the transformers-native layout (model_type internvl); nothing to convert")
         layout = build_layout(config, reader.specs())
         keys = reader.keys()
+    if layout.lora:
+        raise InputError(f"{source}: embedded LoRA adapters; merge them first with `internvl-tools merge-lora`, "
+                         "then convert the merged checkpoint")
     native = native_config(config, layout.dialect, image_token_id(source))
     quant = config.get("quantization_config")
     if quant:
