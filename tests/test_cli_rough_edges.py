@@ -210,3 +210,27 @@ def test_chat_without_a_tokenizer_is_one_line(tiny, tmp_path, run_cli):
         (folder / name).unlink(missing_ok=True)
     line = _one_line_error(run_cli("chat", folder, "hi"))
     assert str(folder) in line and "tokenizer" in line
+
+
+def test_vllm_engine_names_known_causes_before_vllm_starts(tiny, tmp_path, run_cli):
+    """verify --engine vllm: an original layout without remote code, a bitsandbytes candidate and a
+    head_dim vLLM's CPU attention lacks are refused in one line with the fix, before vLLM runs
+    (vLLM's own text for these is a pydantic dump or a list of 30 methods)."""
+    from internvl_tools.evaluate.vllm_engine import refusal
+    from internvl_tools.runtime.model import open_for_runtime
+
+    original = tiny("InternVL2-1B")  # head_dim 16, no remote code
+    native = tmp_path / "hf"
+    assert run_cli("convert", original, "-o", native, "--to", "hf").exit_code == 0
+    bnb = tmp_path / "bnb"
+    assert run_cli("quantize", native, "-o", bnb, "--method", "int8").exit_code == 0
+
+    def why(folder):
+        with open_for_runtime(folder) as view:
+            return refusal(folder, view.config())
+
+    assert "convert" in why(original) and "--to hf" in why(original)
+    assert "--format w8a8" in why(bnb)
+    assert "head_dim 16" in why(native) and "--head-dim 32" in why(native)
+    for line in (why(original), why(bnb), why(native)):
+        assert "\n" not in line

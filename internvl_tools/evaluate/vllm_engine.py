@@ -53,6 +53,41 @@ def require_vllm_python() -> str:
     return python
 
 
+# vLLM 0.32's CPU attention backend accepts these head sizes only ("Unsupported CPU attention
+# configuration: head_dim=16"); a GPU build accepts more, but this module drives the CPU build.
+CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+
+
+def refusal(folder: str | Path, config: dict) -> str | None:
+    """Why vLLM's CPU build cannot serve `folder`, with the fix, as one line; None when nothing
+    known stands in the way. `config` is the runtime's original-layout config of the folder.
+    Checked before vLLM starts, so that a known cause is named instead of vLLM's own text."""
+    folder = Path(folder)
+    stored = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    if stored.get("model_type") != "internvl":
+        modules = {str(v).split(".")[0] for v in (stored.get("auto_map") or {}).values()}
+        if not modules or any(not (folder / f"{m}.py").is_file() for m in modules):
+            return (f"{folder}: an original-layout checkpoint without its remote code (auto_map / configuration_*.py), "
+                    f"which vLLM needs to read it; serve the native layout: `internvl-tools convert {folder} --to hf -o OUT`")
+    method = (stored.get("quantization_config") or {}).get("quant_method")
+    if method == "bitsandbytes":
+        return (f"{folder}: vLLM's CPU build has no bitsandbytes int8 kernel; for vLLM quantize with "
+                f"`--method int8 --format w8a8` (compressed-tensors W8A8)")
+    llm = config.get("llm_config") or {}
+    heads = llm.get("num_attention_heads")
+    head_dim = llm.get("head_dim") or (llm["hidden_size"] // heads if heads and llm.get("hidden_size") else None)
+    if head_dim and head_dim not in CPU_HEAD_DIMS:
+        return (f"{folder}: head_dim {head_dim} is not one vLLM's CPU attention supports "
+                f"({', '.join(map(str, CPU_HEAD_DIMS))}); for a test checkpoint use `make-tiny --head-dim 32`")
+    return None
+
+
+def _one_line(text: str) -> str:
+    """vLLM's errors span lines (pydantic dumps, lists of methods): the first meaningful line."""
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    return lines[0] if lines else "no message"
+
+
 def is_native(folder: str | Path) -> bool:
     """True for a transformers-native checkpoint (model_type internvl)."""
     config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
@@ -131,7 +166,8 @@ def run_vllm(runs: list[dict], workdir: str | Path | None = None, timeout: float
             raise InputError(f"vLLM did not finish within {timeout:.0f} s ({python} {WORKER.name})") from None
         if done.returncode != 0 or not out.exists():
             tail = [line for line in (done.stderr or done.stdout).splitlines() if line.strip()][-1:] or ["no output"]
-            raise InputError(f"vLLM failed (exit {done.returncode}): {tail[0]}")
+            hint = f" (is {python} a Python with vllm? {HOW_TO_BUILD})" if "No module named 'vllm'" in tail[0] else ""
+            raise InputError(f"vLLM failed (exit {done.returncode}): {tail[0]}{hint}")
         output = json.loads(out.read_text(encoding="utf-8"))
         for run in output["runs"]:
             for result in run.get("results", []):
@@ -187,6 +223,9 @@ def compare_candidate_vllm(candidate: Path, items: list, reference: list[dict], 
 
     with open_for_runtime(candidate) as view:
         config = view.config()
+    why = refusal(candidate, config)
+    if why:
+        raise InputError(f"--engine vllm: {why}")
     tokenizer = load_tokenizer(Path(candidate))
     per_tile = image_tokens_per_tile(config)
     with tempfile.TemporaryDirectory(prefix="verify-vllm-") as scratch:
@@ -200,7 +239,7 @@ def compare_candidate_vllm(candidate: Path, items: list, reference: list[dict], 
         spec = run_spec(candidate, requests, dtype="bfloat16" if dtype == "bf16" else "float32", top_logprobs=2 * TOP_K)
         run = run_vllm([spec], workdir=scratch, timeout=timeout, python=python)["runs"][0]
     if "error" in run:
-        raise InputError(f"vLLM could not run {candidate}: {run['error']}")
+        raise InputError(f"vLLM could not run {candidate}: {_one_line(run['error'])}")
     rows = []
     for item, ref, result, prompt in zip(items, reference, run["results"], expected):
         ref_lp, ref_ids = ref["top_logprobs"].float(), ref["top_ids"].long()
