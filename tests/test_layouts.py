@@ -493,3 +493,18 @@ def test_original_config_fields_that_disagree_with_the_tensors_are_refused(field
     result = run_cli("inspect", folder)
     assert result.exit_code == 2 and "config.json" in result.output and field in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("field", ["template", "architectures"])
+def test_sidecar_template_and_architecture_errors_name_the_sidecar(field, native, tmp_path, run_cli):
+    folder = tmp_path / "s"
+    shutil.copytree(native("InternVL2-1B"), folder)
+    saved = json.loads((folder / "internvl_original.json").read_text())
+    if field == "template":
+        saved["config"]["template"] = "nope"
+    else:
+        saved["config"]["llm_config"]["architectures"] = ["FooForCausalLM"]
+    (folder / "internvl_original.json").write_text(json.dumps(saved))
+    result = run_cli("inspect", folder)
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
+    assert "internvl_original.json" in result.output and "config.json" not in result.output

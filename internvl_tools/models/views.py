@@ -63,6 +63,7 @@ class NativeView:
             self.remote_code = dict(saved.get("remote_code") or {})  # *.py files of the original folder
             self.sidecar_extra = {k: v for k, v in saved.items() if k not in ("config", "keys")}  # e.g. side_files
             self.sidecar = True
+            self._check_sidecar_names(sidecar)
             if native_dialect and llm_dialect(self._config) != llm_dialect(native_derived):
                 self._config["llm_config"], order = native_derived["llm_config"], []
         else:
@@ -112,6 +113,19 @@ class NativeView:
         if isinstance(token, int) and embed and len(embed) == 2 and not 0 <= token < embed[0]:
             raise LayoutError(f"{reader.folder / 'config.json'}: image_token_id is {token} but the embeddings have {embed[0]} rows "
                               f"(ids 0 .. {embed[0] - 1}); the config does not belong to these weights")
+
+    def _check_sidecar_names(self, sidecar: Path) -> None:
+        """The sidecar's template and LLM architecture must be supported; the error names
+        internvl_original.json (the checks themselves say config.json, where they usually come from)."""
+        from .templates import get_template
+
+        try:
+            llm_dialect(self._config)
+            if "template" in self._config:
+                get_template(self._config["template"])
+        except LayoutError as exc:
+            message = str(exc)
+            raise LayoutError(f"{sidecar}: {message.removeprefix('config.json: ')}") from None
 
     @staticmethod
     def _check_sidecar(sidecar: Path, native_config: dict, derived: list[str], order: list[str]) -> None:
