@@ -203,3 +203,14 @@ def test_symlinked_side_file_outside_the_folder_needs_follow_symlinks(tiny, copy
     assert not (tmp_path / "out").exists()
     assert run_cli("--follow-symlinks", "shard", folder, "-o", tmp_path / "out").exit_code == 0
     assert (tmp_path / "out" / name).read_bytes() == elsewhere.read_bytes()
+
+
+def test_bad_calibration_data_leaves_nothing_behind(tiny, tmp_path, run_cli):
+    """A --calib file that cannot be read is refused before OUT.partial is made (fresh-user review:
+    each bad run left OUT.partial/ with a copied model.safetensors)."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("not json\n")
+    out = tmp_path / "q"
+    result = run_cli("quantize", tiny("InternVL2-1B"), "-o", out, "--method", "gptq", "--group-size", "32", "--calib", bad)
+    assert result.exit_code == 2 and "bad.jsonl" in result.output, result.output
+    assert not out.exists() and not (tmp_path / "q.partial").exists() and not (tmp_path / "q.lock").exists()

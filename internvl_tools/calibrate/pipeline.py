@@ -326,6 +326,12 @@ def quantize_calibrated(source: Path, out: Path, quantizer: Quantizer, job: Cali
         files = fix_lora_flags(files, Path(source), [s.name for s in specs])
         all_links = {link.original: link for link in links(config, layout, adapt_v1=False)}
         planned = LayoutWriter(reader, None).specs(specs) if native else specs
+
+        def load_samples():
+            return load_calibration(Path(job.calib), job.num_samples) if job.calib else builtin_samples(job.num_samples, job.seed)
+
+        # bad calibration data is refused before OUT.partial exists (a resumed run reads its rows from there)
+        samples = None if resume else load_samples()
         with CheckpointWriter(out, planned, max_shard_size=max_shard_size, inputs=[Path(source)], overwrite=overwrite or resume,
                               resumable=True) as raw_writer:
             writer = LayoutWriter(reader, raw_writer)
@@ -342,7 +348,7 @@ def quantize_calibrated(source: Path, out: Path, quantizer: Quantizer, job: Cali
                 for spec in specs:
                     if spec.name not in replaced:
                         writer.copy(spec.name)
-                samples = load_calibration(Path(job.calib), job.num_samples) if job.calib else builtin_samples(job.num_samples, job.seed)
+                samples = samples if samples is not None else load_samples()
                 record, rows = calibration_record(samples, job.calib, job.seed)
                 write_file(raw_writer.partial / ROWS_FILE, {"calibration": record, "rows": rows})  # kept for --resume
                 acts = calibration_embeddings(reader, config, layout, samples, job.seq_len, job.memory_budget, state.spill, log,
