@@ -1,30 +1,36 @@
-"""Every streaming command against cp + sync on the wide InternVL2-Llama3-76B-shaped checkpoint,
+"""Every streaming command against cp + sync on a wide checkpoint (issue 18 item 3, issue 14 item 6),
 optionally side by side with another copy of the code (the no-regression check of a refactor).
 
-Builds the wide checkpoint once (benchmarks/common.py wide_checkpoint(): true widths, 2 layers
-per tower, ~7.9 GiB), a PEFT adapter with r = 16 on every LLM linear (for merge-lora) and a
-converted copy in the transformers-native layout (for convert --to original), then runs in N
-interleaved rounds (round robin over the commands, never all repeats of one command in a row):
+Builds, once, the wide checkpoint of --family (benchmarks/common.py wide_checkpoint(): true widths,
+2 layers per tower; InternVL2-Llama3-76B ~7.9 GiB, InternVL2.5-78B, InternVL3.5-30B-A3B (MoE)),
+a PEFT adapter with r = 16 on every LLM linear (for merge-lora --adapter), a copy with LoRA
+r = 16 embedded in the LLM and the vision tower (for merge-lora of embedded LoRA) and a converted
+copy in the transformers-native layout (for convert --to original), then runs in N interleaved
+rounds (round robin over the commands, never all repeats of one command in a row):
 
-- cp + sync of the weight files (the yardstick)
+- cp + sync of the weight files (the yardstick: the same bytes read and written, flushed to disk)
 - shard
-- quantize --method int8 (bnb layout)
-- quantize --method int8 --format compressed-tensors
-- merge-lora --adapter (r = 16)
+- quantize --method int8 (bnb layout), --format compressed-tensors (W8A16), --format w8a8
+- merge-lora --adapter (PEFT, r = 16) and merge-lora of the embedded LoRA (r = 16)
 - convert --to hf
 - convert --to original (of the converted copy)
 
 and prints, per command, the MEDIAN wall time, the ratio to cp's median (cp seconds / command
-seconds: higher is better, 1.0 = disk speed), the peak RSS (GNU time in a child) and the bound
-1 GiB + 2 x largest tensor. With --compare-with DIR every internvl-tools command also runs with
-the code in DIR (cwd=DIR, PYTHONPATH=DIR; same input, same output disk, in the same rounds, the
-order of the two alternating from round to round) and both columns are printed with the change
-in %. A command that fails prints "n/a" (e.g. one the other code does not support).
+seconds: higher is better, 1.0 = disk speed; every command fsyncs its shards, as cp + sync does),
+the bytes written, the peak RSS (GNU time in a child) and the bound 1 GiB + 2 x largest tensor.
+With --compare-with DIR every internvl-tools command also runs with the code in DIR (cwd=DIR,
+PYTHONPATH=DIR; same input, same output disk, in the same rounds, the order of the two
+alternating from round to round) and both columns are printed with the change in %. A command
+that fails prints "n/a" (e.g. one the other code does not support). --only keeps the commands
+whose label contains one of the words given.
 
 Outputs go to WORK/streaming-scratch/ (deleted between runs). The machine's load (1-minute load
 average before/after and per round), nproc, the date and free disk are printed with the table.
+--remove-inputs deletes what this run built (checkpoint, adapter, LoRA and converted copies)
+at the end; inputs that existed before are kept.
 
-Run: python benchmarks/bench_streaming.py [--repeat 3] [--compare-with /tmp/base]
+Run: python benchmarks/bench_streaming.py [--repeat 3] [--family InternVL2.5-78B] [--only int8 merge]
+     [--compare-with /tmp/base] [--remove-inputs]
 """
 
 from __future__ import annotations
@@ -111,7 +117,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3, help="interleaved rounds; the median is reported")
     parser.add_argument("--compare-with", type=Path, help="another copy of the code (e.g. a git worktree of the old commit)")
-    parser.add_argument("--family", default="InternVL2-Llama3-76B", help="make-tiny family of the wide checkpoint")
+    parser.add_argument("--family", default="InternVL2-Llama3-76B", help="make-tiny family of the wide checkpoint "
+                        "(InternVL2-Llama3-76B, InternVL2.5-78B, InternVL3.5-30B-A3B, ...)")
+    parser.add_argument("--only", nargs="+", default=None, help="run only the commands whose label contains one of these words")
+    parser.add_argument("--remove-inputs", action="store_true", help="delete the inputs this run built when it ends")
     args = parser.parse_args()
 
     WORK.mkdir(parents=True, exist_ok=True)
@@ -127,40 +136,58 @@ def main() -> None:
             raise SystemExit(f"{side} code: internvl_tools imports from {where[side]}, not from {code}")
 
     # inputs, built once (with this checkout's code)
+    built: list[Path] = []
+    src = WORK / f"{args.family}-wide"
+    if not (src / "config.json").exists():
+        built.append(src)
     src = wide_checkpoint(args.family)
     total = folder_bytes(src)
     largest = largest_tensor(src)
     bound = GIB + 2 * largest
-    need = 2 * total + 2 * GIB  # the converted copy + one output at a time (+ its .partial slack)
-    if not (WORK / f"{args.family}-wide-hf" / "config.json").exists() and free_gib(WORK) * GIB < need + total:
-        raise SystemExit(f"not enough disk under {WORK}: {free_gib(WORK):.1f} GiB free, need ~{(need + total) / GIB:.1f} GiB")
     adapter = WORK / f"{args.family}-wide-adapter-r16"
-    if not (adapter / "adapter_config.json").exists():
-        from internvl_tools.tiny.generator import make_peft_adapter
-
-        make_peft_adapter(src, adapter, rank=16, alpha=32)
+    embedded = WORK / f"{args.family}-wide-lora-r16"
     converted = WORK / f"{args.family}-wide-hf"
-    if not (converted / "config.json").exists():
-        fresh(converted)
-        subprocess.run([sys.executable, "-m", "internvl_tools", "convert", str(src), "-o", str(converted), "--to", "hf", "--json"],
-                       cwd=ROOT, env=code_env(ROOT), check=True, capture_output=True)
     scratch = WORK / "streaming-scratch"
     out = scratch / "out"
-    fresh(scratch)
-
     tool = [sys.executable, "-m", "internvl_tools"]
     commands: dict[str, list[str]] = {
         "shard": ["shard", str(src), "-o", str(out), "--json"],
         "quantize --method int8 (bnb)": ["quantize", str(src), "-o", str(out), "--method", "int8", "--json"],
-        "quantize --method int8 --format compressed-tensors": ["quantize", str(src), "-o", str(out), "--method", "int8",
-                                                               "--format", "compressed-tensors", "--json"],
-        "merge-lora (PEFT adapter, r 16 on every LLM linear)": ["merge-lora", str(src), "--adapter", str(adapter), "-o", str(out), "--json"],
+        "quantize --method int8 --format compressed-tensors (W8A16)": ["quantize", str(src), "-o", str(out), "--method", "int8",
+                                                                       "--format", "compressed-tensors", "--json"],
+        "quantize --method int8 --format w8a8": ["quantize", str(src), "-o", str(out), "--method", "int8", "--format", "w8a8", "--json"],
+        "merge-lora --adapter (PEFT, r 16 on every LLM linear)": ["merge-lora", str(src), "--adapter", str(adapter), "-o", str(out), "--json"],
+        "merge-lora (embedded LoRA, r 16 in the LLM and the vision tower)": ["merge-lora", str(embedded), "-o", str(out), "--json"],
         "convert --to hf": ["convert", str(src), "-o", str(out), "--to", "hf", "--json"],
         "convert --to original (of the converted copy)": ["convert", str(converted), "-o", str(out), "--to", "original", "--json"],
     }
+    if args.only:
+        commands = {label: argv for label, argv in commands.items() if any(word in label for word in args.only)}
+    needs = {path for path in (adapter, embedded, converted) if any(str(path) in argv for argv in commands.values())}
+    missing = [path for path in (embedded, converted) if path in needs and not (path / "config.json").exists()]
+    need = (len(missing) + 1) * total + 2 * GIB  # the copies to build + one output at a time (+ its .partial slack)
+    if free_gib(WORK) * GIB < need:
+        raise SystemExit(f"not enough disk under {WORK}: {free_gib(WORK):.1f} GiB free, need ~{need / GIB:.1f} GiB")
+    if adapter in needs and not (adapter / "adapter_config.json").exists():
+        from internvl_tools.tiny.generator import make_peft_adapter
+
+        built.append(adapter)
+        make_peft_adapter(src, adapter, rank=16, alpha=32)
+    if embedded in needs and not (embedded / "config.json").exists():
+        built.append(embedded)
+        fresh(embedded)
+        subprocess.run([sys.executable, "-m", "internvl_tools", "make-tiny", args.family, str(embedded), "--wide", "--lora", "embedded",
+                        "--rank", "16", "--shards", "3"], cwd=ROOT, env=code_env(ROOT), check=True, capture_output=True)
+    if converted in needs and not (converted / "config.json").exists():
+        built.append(converted)
+        fresh(converted)
+        subprocess.run([sys.executable, "-m", "internvl_tools", "convert", str(src), "-o", str(converted), "--to", "hf", "--json"],
+                       cwd=ROOT, env=code_env(ROOT), check=True, capture_output=True)
+    fresh(scratch)
     CP = "cp + sync (yardstick)"
     results: dict[tuple[str, str], list] = {}  # (label, side) -> [(seconds, rss) | error str]
     round_loads = []
+    written: dict[str, int] = {}  # label -> bytes of weights written
     for round_no in range(args.repeat):
         round_loads.append(load1())
         fresh(out)
@@ -172,12 +199,17 @@ def main() -> None:
                 fresh(out)
                 result = timed(tool + argv, cwd=codes[side], env=code_env(codes[side]))
                 results.setdefault((label, side), []).append(result)
+                if isinstance(result, tuple) and (out / "config.json").exists():
+                    written[label] = folder_bytes(out)
                 fresh(out)
                 status = f"{result[0]:.1f} s, {result[1] / GIB:.2f} GiB" if isinstance(result, tuple) else f"FAILED: {result}"
                 print(f"[round {round_no + 1}/{args.repeat}] {label} [{side}]: {status}", file=sys.stderr, flush=True)
         round_loads[-1] = (round_loads[-1], load1())
     fresh(scratch)
     load_after = os.getloadavg()
+    if args.remove_inputs:
+        for path in built:
+            fresh(path)
 
     def summary(label: str, side: str) -> tuple[float, int, list[float]] | None:
         runs = results.get((label, side), [])
@@ -200,15 +232,15 @@ def main() -> None:
         return f"{(new - old) / old * 100:+.1f}%"
 
     compare = "old" in codes
-    header = ["command", "new median s", "new runs s", "new vs cp", "new peak RSS GiB"]
+    header = ["command", "GiB written", "new median s", "new runs s", "new vs cp", "new peak RSS GiB"]
     if compare:
         header += ["old median s", "old runs s", "old vs cp", "old peak RSS GiB", "change in vs cp", "change in RSS"]
     header += ["bound GiB", "within"]
-    rows = [[CP, *cells(cp)] + (["", "", "", "", "", ""] if compare else []) + ["-", "-"]]
+    rows = [[CP, f"{total / GIB:.2f}", *cells(cp)] + (["", "", "", "", "", ""] if compare else []) + ["-", "-"]]
     failures = []
     for label in commands:
         new = summary(label, "new")
-        row = [label, *cells(new)]
+        row = [label, f"{written[label] / GIB:.2f}" if label in written else "n/a", *cells(new)]
         if compare:
             old = summary(label, "old")
             row += cells(old)
@@ -223,15 +255,17 @@ def main() -> None:
             if errors:
                 failures.append(f"- {label} [{side}] failed {len(errors)}/{args.repeat}: {errors[0][:400]}")
 
+    shards = len(list(src.glob("*.safetensors"))) if src.exists() else "(removed)"
     print(f"bench_streaming.py, {started_at:%Y-%m-%d %H:%M:%S %Z}; nproc {os.cpu_count()}; "
           f"load average (1/5/15 min) before {load_before[0]:.2f}/{load_before[1]:.2f}/{load_before[2]:.2f}, "
           f"after {load_after[0]:.2f}/{load_after[1]:.2f}/{load_after[2]:.2f}")
     print("1-minute load at the start/end of each round: " + ", ".join(f"{a:.2f}/{b:.2f}" for a, b in round_loads))
-    print(f"free disk under {WORK}: {free_before:.1f} GiB before (checkpoint, adapter and converted copy then built if missing), "
-          f"{free_gib(WORK):.1f} GiB after")
+    print(f"free disk under {WORK}: {free_before:.1f} GiB before (checkpoint, adapter and copies then built if missing), "
+          f"{free_gib(WORK):.1f} GiB after" + (f" (removed what this run built: {', '.join(p.name for p in built) or 'nothing'})"
+                                                if args.remove_inputs else ""))
     for side, code in codes.items():
         print(f"{side} code: {code} (git {git_state(code)}); internvl_tools imported from {where[side]}")
-    print(f"wide {args.family}-shaped checkpoint: {total / GIB:.2f} GiB in {len(list(src.glob('*.safetensors')))} shards, "
+    print(f"wide {args.family}-shaped checkpoint: {total / GIB:.2f} GiB in {shards} shards, "
           f"largest tensor {largest / GIB:.2f} GiB, bound 1 GiB + 2 x largest = {bound / GIB:.2f} GiB; "
           f"median of {args.repeat} interleaved rounds; vs cp = cp median / command median (higher is better)"
           + ("; change: new relative to old (vs cp: + = faster; RSS: - = less)" if compare else ""))
