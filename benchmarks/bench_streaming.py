@@ -8,7 +8,8 @@ r = 16 embedded in the LLM and the vision tower (for merge-lora of embedded LoRA
 copy in the transformers-native layout (for convert --to original), then runs in N interleaved
 rounds (round robin over the commands, never all repeats of one command in a row):
 
-- cp + sync of the weight files (the yardstick: the same bytes read and written, flushed to disk)
+- cp + sync of the weight files of each input (the yardstick of the commands reading that input:
+  the same bytes read, and written, flushed to disk; run just before them in every round)
 - shard
 - quantize --method int8 (bnb layout), --format compressed-tensors (W8A16), --format w8a8
 - merge-lora --adapter (PEFT, r = 16) and merge-lora of the embedded LoRA (r = 16)
@@ -184,17 +185,27 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "internvl_tools", "convert", str(src), "-o", str(converted), "--to", "hf", "--json"],
                        cwd=ROOT, env=code_env(ROOT), check=True, capture_output=True)
     fresh(scratch)
-    CP = "cp + sync (yardstick)"
+    # each command's yardstick is cp + sync of ITS input (the same bytes read), run just before the
+    # commands reading that input in every round, so that each finds the page cache as they do
+    def input_of(argv: list[str]) -> Path:
+        return next(path for path in (embedded, converted, src) if str(path) in argv)
+
+    inputs = list(dict.fromkeys(input_of(argv) for argv in commands.values()))
+    yardstick = {path: f"cp + sync of {path.name} (yardstick)" for path in inputs}
     results: dict[tuple[str, str], list] = {}  # (label, side) -> [(seconds, rss) | error str]
     round_loads = []
-    written: dict[str, int] = {}  # label -> bytes of weights written
+    written: dict[str, int] = {yardstick[path]: folder_bytes(path) for path in inputs}  # label -> bytes of weights written
     for round_no in range(args.repeat):
         round_loads.append(load1())
-        fresh(out)
-        results.setdefault((CP, "-"), []).append(timed(cp_weights(src, out), cwd=ROOT))
-        fresh(out)
         sides = list(codes) if round_no % 2 == 0 else list(reversed(codes))
-        for label, argv in commands.items():
+        for label, argv in [item for path in inputs for item in [(yardstick[path], None)] + [
+                (label, argv) for label, argv in commands.items() if input_of(argv) == path]]:
+            if argv is None:
+                fresh(out)
+                path = next(p for p, name in yardstick.items() if name == label)
+                results.setdefault((label, "-"), []).append(timed(cp_weights(path, out), cwd=ROOT))
+                fresh(out)
+                continue
             for side in sides:
                 fresh(out)
                 result = timed(tool + argv, cwd=codes[side], env=code_env(codes[side]))
@@ -218,12 +229,14 @@ def main() -> None:
             return None
         return statistics.median(r[0] for r in ok), max(r[1] for r in ok), [r[0] for r in ok]
 
-    cp = summary(CP, "-")
-    if cp is None:
-        raise SystemExit(f"cp failed: {results[(CP, '-')]}")
-    cp_median = cp[0]
+    cp_medians = {}
+    for path, label in yardstick.items():
+        cp = summary(label, "-")
+        if cp is None:
+            raise SystemExit(f"cp failed: {results[(label, '-')]}")
+        cp_medians[label] = cp[0]
 
-    def cells(s) -> list[str]:
+    def cells(s, cp_median: float) -> list[str]:
         if s is None:
             return ["n/a", "n/a", "n/a", "n/a"]
         return [f"{s[0]:.1f}", "/".join(f"{x:.1f}" for x in s[2]), f"{cp_median / s[0]:.2f}x", f"{s[1] / GIB:.2f}"]
@@ -236,20 +249,25 @@ def main() -> None:
     if compare:
         header += ["old median s", "old runs s", "old vs cp", "old peak RSS GiB", "change in vs cp", "change in RSS"]
     header += ["bound GiB", "within"]
-    rows = [[CP, f"{total / GIB:.2f}", *cells(cp)] + (["", "", "", "", "", ""] if compare else []) + ["-", "-"]]
+    rows = []
     failures = []
-    for label in commands:
-        new = summary(label, "new")
-        row = [label, f"{written[label] / GIB:.2f}" if label in written else "n/a", *cells(new)]
-        if compare:
-            old = summary(label, "old")
-            row += cells(old)
-            if new and old:
-                row += [pct(cp_median / new[0], cp_median / old[0]), pct(new[1], old[1])]
-            else:
-                row += ["n/a", "n/a"]
-        row += [f"{bound / GIB:.2f}", "n/a" if new is None else ("yes" if new[1] <= bound else "NO")]
-        rows.append(row)
+    for path in inputs:
+        cp_label = yardstick[path]
+        cp_median = cp_medians[cp_label]
+        rows.append([cp_label, f"{written[cp_label] / GIB:.2f}", *cells(summary(cp_label, "-"), cp_median)]
+                    + (["", "", "", "", "", ""] if compare else []) + ["-", "-"])
+        for label in [label for label, argv in commands.items() if input_of(argv) == path]:
+            new = summary(label, "new")
+            row = [label, f"{written[label] / GIB:.2f}" if label in written else "n/a", *cells(new, cp_median)]
+            if compare:
+                old = summary(label, "old")
+                row += cells(old, cp_median)
+                if new and old:
+                    row += [pct(cp_median / new[0], cp_median / old[0]), pct(new[1], old[1])]
+                else:
+                    row += ["n/a", "n/a"]
+            row += [f"{bound / GIB:.2f}", "n/a" if new is None else ("yes" if new[1] <= bound else "NO")]
+            rows.append(row)
         for side in codes:
             errors = [r for r in results.get((label, side), []) if isinstance(r, str)]
             if errors:
@@ -267,7 +285,8 @@ def main() -> None:
         print(f"{side} code: {code} (git {git_state(code)}); internvl_tools imported from {where[side]}")
     print(f"wide {args.family}-shaped checkpoint: {total / GIB:.2f} GiB in {shards} shards, "
           f"largest tensor {largest / GIB:.2f} GiB, bound 1 GiB + 2 x largest = {bound / GIB:.2f} GiB; "
-          f"median of {args.repeat} interleaved rounds; vs cp = cp median / command median (higher is better)"
+          f"median of {args.repeat} interleaved rounds; vs cp = median of cp + sync of the command's input / command median "
+          f"(higher is better)"
           + ("; change: new relative to old (vs cp: + = faster; RSS: - = less)" if compare else ""))
     print(markdown_table(header, rows))
     if failures:

@@ -150,3 +150,30 @@ def test_side_files_copied_weights_not(tiny, copy_of, tmp_path):
     assert "pytorch_model.bin" not in names
     for name in ("config.json", "tokenizer.json", "modeling_internvl_chat.py"):
         assert (out / name).read_bytes() == (src / name).read_bytes()
+
+
+def test_failed_fsync_of_a_finished_shard_publishes_nothing(tmp_path, monkeypatch):
+    """Finished shards are fsynced by the writer's syncer thread while the next shard is written;
+    a failed fsync there (a full or failing disk) must stop the run with the one-line error that
+    names the shard, and OUT must never appear."""
+    import errno
+    import os
+
+    real_fsync, calls = os.fsync, []
+
+    def failing_fsync(fd):
+        calls.append(fd)
+        raise OSError(errno.EIO, "Input/output error")
+
+    specs = [TensorSpec("a", "F32", (300,)), TensorSpec("b", "F32", (300,))]  # one shard each
+    out = tmp_path / "out"
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(InputError) as caught:
+        with CheckpointWriter(out, specs, max_shard_size=1500) as writer:
+            writer.write("a", torch.ones(300))  # shard 1 complete: handed to the syncer
+            writer.write("b", torch.ones(300))
+            writer.finalize()
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert calls, "the finished shard was never fsynced"
+    assert "model-00001-of-00002.safetensors" in str(caught.value) and "\n" not in str(caught.value)
+    assert not out.exists()
