@@ -234,3 +234,41 @@ def test_vllm_engine_names_known_causes_before_vllm_starts(tiny, tmp_path, run_c
     assert "head_dim 16" in why(native) and "--head-dim 32" in why(native)
     for line in (why(original), why(bnb), why(native)):
         assert "\n" not in line
+
+
+def _damage(folder, key_part: str, value: float, where=(0, 0)) -> str:
+    """Set one element of the first tensor whose key holds `key_part` (in place, in a private copy); its key."""
+    from safetensors.torch import load_file, save_file
+
+    for shard in sorted(folder.glob("*.safetensors")):
+        tensors = load_file(shard)
+        key = next((k for k in tensors if key_part in k), None)
+        if key is not None:
+            tensors[key][where] = value
+            save_file(tensors, shard, metadata={"format": "pt"})
+            return key
+    raise AssertionError(key_part)
+
+
+@pytest.mark.parametrize("fmt", ["bnb", "compressed-tensors", "w8a8"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_int8_refuses_a_weight_holding_nan_or_inf(tiny, copy_of, tmp_path, run_cli, fmt, value):
+    """A NaN/Inf in a quantized weight makes its row absmax (the scale) NaN/Inf: refused naming the tensor
+    and the row, nothing published (the partial folder is removed)."""
+    folder = copy_of(tiny("InternVL2-1B"))
+    key = _damage(folder, "layers.0.mlp.down_proj.weight", value, (3, 5))
+    out = tmp_path / "q"
+    line = _one_line_error(run_cli("quantize", folder, "-o", out, "--method", "int8", "--format", fmt))
+    assert key in line and "row 3" in line and "NaN or Inf" in line and "--skip" in line, line
+    assert not out.exists() and not (tmp_path / "q.partial").exists()
+
+
+def test_int8_bnb_names_values_beyond_float16(tiny, copy_of, tmp_path, run_cli):
+    """bitsandbytes' float16 pass turns a bf16 value above 65504 into Inf: refused, with the formats that take it."""
+    folder = copy_of(tiny("InternVL2-1B"))
+    key = _damage(folder, "layers.0.mlp.down_proj.weight", 1e6)
+    out = tmp_path / "q"
+    line = _one_line_error(run_cli("quantize", folder, "-o", out, "--method", "int8"))
+    assert key in line and "float16's range" in line and "--format w8a8" in line, line
+    assert not out.exists() and not (tmp_path / "q.partial").exists()
+    assert run_cli("quantize", folder, "-o", out, "--method", "int8", "--format", "w8a8").exit_code == 0

@@ -100,7 +100,8 @@ def byte_progress(description: str, total: int, enabled: bool = True) -> Iterato
     """A rich progress bar over bytes; yields an `advance(nbytes)` callback.
 
     The bar appears with the first byte of real work, so input that is refused while it
-    is validated ends with just the one-line error."""
+    is validated ends with just the one-line error; one refused mid-stream (a NaN weight)
+    clears the bar, so that too ends with the error line alone."""
     if not enabled:
         yield lambda _n: None
         return
@@ -117,6 +118,10 @@ def byte_progress(description: str, total: int, enabled: bool = True) -> Iterato
 
     try:
         yield advance
+    except BaseException:
+        if task is not None:
+            progress.live.transient = True  # the half bar would stand above the error line
+        raise
     finally:
         if task is not None:
             progress.stop()

@@ -134,8 +134,31 @@ class _LastQuantized:
             value = self.quantize(tensor)
             if tensor.device.type == "meta":
                 return value
+            _check_finite_scales(name, tensor, value)
             self.key, self.value = name, value
         return self.value
+
+
+SCALES = ("SCB", "weight_scale")  # the per-row scale each format writes: row absmax (bnb) or absmax / 127
+
+
+def _check_finite_scales(name: str, weight, value: dict) -> None:
+    """Raise InputError (one line) when a weight's row scales, computed from the row absmax anyway,
+    are NaN or Inf: the weight holds NaN/Inf (or, for bnb's float16 pass, values beyond 65504), and its
+    int8 codes would be garbage. Checks [out] scales only; the weight itself is looked at on refusal."""
+    import torch
+
+    scale = next(value[k] for k in SCALES if k in value)
+    bad = ~torch.isfinite(scale.reshape(-1))
+    if not bool(bad.any()):
+        return
+    row = int(bad.nonzero()[0, 0])
+    if bool(torch.isfinite(weight[row]).all()):
+        why = (f"row {row} holds values beyond float16's range (max |x| {float(weight[row].float().abs().max()):.4g}), "
+               "which bitsandbytes' float16 pass turns into Inf; use --format w8a8 or --format compressed-tensors, or --skip it")
+    else:
+        why = f"row {row} holds NaN or Inf ({int(bad.sum())} of {bad.numel()} rows); fix or replace the checkpoint, or --skip it"
+    raise InputError(f"{name}: cannot be quantized to int8: {why}")
 
 
 def int8_outputs(reader: CheckpointReader, plan: QuantPlan, fmt: str = "bnb") -> list[Output]:
