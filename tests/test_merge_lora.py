@@ -331,3 +331,20 @@ def test_alpha_without_embedded_lora_is_refused(tiny, tmp_path, run_cli):
     adapter = make_peft_adapter(base, tmp_path / "adapter")
     _expect_refused(run_cli, tmp_path, [base, "--adapter", adapter, "--alpha", "16"], "--alpha", "lora_alpha")
     assert run_cli("merge-lora", tiny("InternVL2-1B", lora="embedded"), "--alpha", "16", "-o", tmp_path / "ok").exit_code == 0
+
+
+@pytest.mark.parametrize("name", ["adapter_model.safetensors", "adapter_config.json"])
+def test_adapter_file_symlinked_outside_its_folder_needs_follow_symlinks(tiny, tmp_path, run_cli, name):
+    """As a checkpoint's shards and side files: a link to outside the adapter folder is refused naming it."""
+    base = tiny("InternVL2-1B")
+    adapter = make_peft_adapter(base, tmp_path / "adapter")
+    elsewhere = tmp_path / f"elsewhere-{name}"
+    (adapter / name).rename(elsewhere)
+    (adapter / name).symlink_to(elsewhere)
+    _expect_refused(run_cli, tmp_path, [base, "--adapter", adapter], f"{adapter / name}", "outside the adapter folder",
+                    "--follow-symlinks")
+    assert run_cli("--follow-symlinks", "merge-lora", base, "--adapter", adapter, "-o", tmp_path / "ok").exit_code == 0
+    inside = make_peft_adapter(base, tmp_path / "inside")  # a link within the folder is fine
+    (inside / name).rename(inside / f"real-{name}")
+    (inside / name).symlink_to(inside / f"real-{name}")
+    assert run_cli("merge-lora", base, "--adapter", inside, "-o", tmp_path / "ok2").exit_code == 0

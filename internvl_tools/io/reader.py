@@ -236,8 +236,9 @@ def symlinked_side_files(folder: Path) -> Iterator[Path]:
                 yield path
 
 
-def _check_symlink(folder: Path, path: Path) -> None:
-    """Refuse a shard or side file that resolves outside the checkpoint folder (but a HF-cache blob)."""
+def _check_symlink(folder: Path, path: Path, what: str = "checkpoint folder") -> None:
+    """Refuse a shard or side file that resolves outside the checkpoint folder (but a HF-cache blob);
+    `what` names the folder in the message (e.g. "adapter folder")."""
     if not path.is_symlink():
         return
     target, home = path.resolve(), folder.resolve()
@@ -245,7 +246,7 @@ def _check_symlink(folder: Path, path: Path) -> None:
         return
     if home.parent.name == "snapshots" and target.parent == home.parent.parent / "blobs":
         return  # huggingface_hub cache: snapshots/<rev>/file -> ../../blobs/<hash>
-    raise CheckpointError(f"{path}: a symlink to {target}, outside the checkpoint folder; pass --follow-symlinks if that is intended")
+    raise CheckpointError(f"{path}: a symlink to {target}, outside the {what}; pass --follow-symlinks if that is intended")
 
 
 def _check_unindexed(folder: Path, index_path: Path | None, files: dict[str, list[str]]) -> None:

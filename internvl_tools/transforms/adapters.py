@@ -51,7 +51,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import InputError, LayoutError
-from ..io.reader import read_json
+from ..io.reader import CheckpointReader, read_json
+from ..io.reader import _check_symlink as check_symlink
 from ..io.safetensors_format import read_header
 from ..models.layout import Layout, classify_key, llm_dialect
 from ..models.native_layout import modern_key, original_key
@@ -229,12 +230,17 @@ class PeftAdapter:
 
 
 def open_peft_adapter(folder: Path) -> PeftAdapter:
-    """Read adapter_config.json and the weights file's key list (InputError when unreadable)."""
+    """Read adapter_config.json and the weights file's key list (InputError when unreadable).
+    Either file a symlink to outside the adapter folder is refused (CheckpointError) unless
+    --follow-symlinks (CheckpointReader.follow_symlinks), as a checkpoint's shards and side files are."""
     folder = Path(folder)
     config_path = folder / "adapter_config.json"
     if not config_path.exists():
         raise InputError(f"{folder}: no adapter_config.json; pass a PEFT adapter folder (saved with save_pretrained; "
                          "for an xtuner .pth, write adapter_config.json with r and lora_alpha of its training config)")
+    if not CheckpointReader.follow_symlinks:
+        for name in ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"):
+            check_symlink(folder, folder / name, "adapter folder")
     config = read_json(config_path)
     if not isinstance(config, dict):
         raise InputError(f"{config_path}: not a JSON object")
