@@ -200,3 +200,16 @@ def test_failing_report_names_the_calibration(tiny, calibrated, run_cli, tmp_pat
     line = next(l for l in result.output.splitlines() if l.startswith("note:"))
     assert "GPTQ 4-bit calibrated on the built-in set (builtin-v2, seed 0), 6 samples" in line and "--calib" in line
     assert "Note: the candidate is GPTQ 4-bit" in (tmp_path / "r.md").read_text()
+
+
+def test_fewer_calib_rows_than_num_samples_is_said_and_recorded(tiny, tmp_path, run_cli):
+    """--num-samples above the rows --calib holds: calibrated on all the rows, one warning line, and the
+    summary / --json / config.json record the number actually used."""
+    calib = write_tsv(items(3), tmp_path / "three.tsv")
+    result = run_cli("quantize", tiny(FAMILY), "-o", tmp_path / "q", *TINY_GPTQ, "--calib", calib, "--json")
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "holds 3 rows, fewer than --num-samples 6" in warnings[0] and str(calib) in warnings[0]
+    summary = json.loads(result.stdout)
+    assert summary["calibration"]["samples"] == 3 and "3 samples" in summary["detail"]
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization_calibration"]["samples"] == 3

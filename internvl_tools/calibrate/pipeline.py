@@ -46,7 +46,7 @@ from ..models.templates import IMG_CONTEXT
 from ..models.vision import NATIVE_LLM_PREFIX
 from ..runtime.build import build_decoder_layer
 from .activations import Activations, ResumeState
-from .experts import quantize_experts
+from .experts import SparseBlock, quantize_experts
 from .quantizer import GroupWork, LayerWork, ModuleUpdate, Quantizer
 from .samples import ROWS_FILE, Sample, builtin_samples, calibration_record, load_calibration
 
@@ -175,10 +175,16 @@ class DecoderLayer:
         rows = fused.shape[1] // chunks
         return fused, expert, slice(chunk * rows, (chunk + 1) * rows)
 
-    def work(self, dialect: Dialect, log: Callable[[str], None]) -> LayerWork:
-        """The LayerWork a quantizer sees for this layer."""
+    def work(self, dialect: Dialect, log: Callable[[str], None], llm_config: dict | None = None,
+             budget: int = 2 * 2**30) -> LayerWork:
+        """The LayerWork a quantizer sees for this layer (with `llm_config`, a sparse layer's routing
+        in LayerWork.sparse; `budget`: the activation budget in bytes)."""
+        sparse = None
+        if self.experts is not None and llm_config is not None:
+            act = self.module.get_submodule(self.experts.prefix).act_fn
+            sparse = SparseBlock(self.experts, self.experts.settings(llm_config), act, budget)
         return LayerWork(self.index, dialect, self.weight, self.set_weight, self.inputs, self.outputs, log, self.device,
-                         self.bias)
+                         self.bias, sparse)
 
     def _params(self, module: str, param: str = "weight") -> tuple[Link, list[torch.nn.Module], list[str]]:
         link = self.links[f"{self.stems[module]}.{param}"]
@@ -268,7 +274,7 @@ def quantize_layer(reader: CheckpointReader, config: dict, layout: Layout, index
         stems[info.module] = key.removesuffix(f".{info.param}")
     layer = DecoderLayer(index, module.to(job.device), rotary.to(job.device), acts, stems, all_links, job.device,
                          layout.record.experts)
-    work = layer.work(layout.record, log)
+    work = layer.work(layout.record, log, config["llm_config"], job.memory_budget)
     written: set[str] = set()
 
     def apply(updates: Iterable[tuple[str, ModuleUpdate]]) -> None:
@@ -315,8 +321,8 @@ def quantize_calibrated(source: Path, out: Path, quantizer: Quantizer, job: Cali
         if layout.lora:
             raise InputError(f"{source}: embedded LoRA adapters; merge them first with `internvl-tools merge-lora`")
         if layout.record.experts is not None and not quantizer.supports_experts:
-            raise InputError(f"{source}: {method} does not calibrate a sparse layer's experts ({layout.dialect}) yet; "
-                             "use --method gptq (each expert on the tokens routed to it) or --method int8")
+            raise InputError(f"{source}: {method} does not calibrate a sparse layer's experts ({layout.dialect}); "
+                             "use --method gptq or awq (each expert on the tokens routed to it) or --method int8")
         specs, per_layer = output_plan(reader, layout, quantizer)
         replaced = {name for names in per_layer.values() for name in names}
         quantization_config = quantizer.quantization_config(layout)
@@ -328,7 +334,13 @@ def quantize_calibrated(source: Path, out: Path, quantizer: Quantizer, job: Cali
         planned = LayoutWriter(reader, None).specs(specs) if native else specs
 
         def load_samples():
-            return load_calibration(Path(job.calib), job.num_samples) if job.calib else builtin_samples(job.num_samples, job.seed)
+            if not job.calib:
+                return builtin_samples(job.num_samples, job.seed)
+            loaded = load_calibration(Path(job.calib), job.num_samples)
+            if len(loaded) < job.num_samples:  # all the rows there are: calibrated on fewer, said once (the record counts them)
+                log(f"warning: --calib {job.calib} holds {len(loaded)} rows, fewer than --num-samples {job.num_samples}; "
+                    f"calibrating on all {len(loaded)} (add rows for the full count)")
+            return loaded
 
         # bad calibration data is refused before OUT.partial exists (a resumed run reads its rows from there)
         samples = None if resume else load_samples()
