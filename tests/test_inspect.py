@@ -148,3 +148,37 @@ def test_inspect_and_shard_never_import_torch(tiny, tmp_path, run_cli):
     probe = subprocess.run([sys.executable, "-c", TORCH_PROBE, *runs], capture_output=True, text=True, timeout=300)
     assert probe.returncode == 0, probe.stderr[-2000:]
     assert probe.stdout.strip().splitlines()[-1] == "torch-free"
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_native_quantized_internlm2_is_named_as_its_bf16_copy(tiny, tmp_path, run_cli, method):
+    """A native GPTQ / AWQ copy of InternLM2 reads its LLM as Llama (packed q/k/v cannot be fused back
+    into wqkv), yet it is the same family as the bf16 native copy: the template decides."""
+    native = tmp_path / "hf"
+    assert run_cli("convert", tiny("InternVL2-2B"), "-o", native).exit_code == 0
+    quantized = tmp_path / method
+    assert run_cli("quantize", native, "-o", quantized, "--method", method, "--group-size", "32", "--num-samples", "2",
+                   "--seq-len", "16").exit_code == 0
+    names = {}
+    for folder in (native, quantized):
+        report = json.loads(run_cli("inspect", folder, "--json").output)
+        names[folder.name] = (report["family"], report["llm"]["dialect"])
+    assert names == {"hf": ("InternVL2-2B (reduced size)", "internlm2"), method: ("InternVL2-2B (reduced size)", "llama")}
+
+
+def test_native_llama_reading_of_true_width_families():
+    from internvl_tools.models.families import FAMILIES, identify
+
+    for name, hint in (("InternVL2-2B", ""), ("InternVL2-26B", ""), ("InternVL3-9B-InternLM3", "OpenGVLab/InternVL3-9B-InternLM3")):
+        family = FAMILIES[name]
+        args = (family.vision.norm_type, "llama", family.ps_version, family.llm.hidden_size, family.template, hint,
+                family.llm.num_hidden_layers)
+        assert identify(*args, native=True) == name
+        assert identify(*args) != name  # without `native`, Llama means a Llama LLM
+    # InternVL3-9B (InternLM2) and -InternLM3 share ViT, template, width and depth: without a name, both are named
+    nine = FAMILIES["InternVL3-9B"]
+    assert identify(nine.vision.norm_type, "llama", nine.ps_version, nine.llm.hidden_size, nine.template, "",
+                    nine.llm.num_hidden_layers, native=True) == "InternVL3-9B / InternVL3-9B-InternLM3"
+    llama = FAMILIES["InternVL2-Llama3-76B"]  # a real Llama family is still itself
+    assert identify(llama.vision.norm_type, "llama", llama.ps_version, llama.llm.hidden_size, llama.template, "",
+                    llama.llm.num_hidden_layers, native=True) == "InternVL2-Llama3-76B"

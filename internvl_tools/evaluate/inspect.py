@@ -79,7 +79,8 @@ def summarize(folder: str | Path) -> dict:
         "path": str(Path(folder)),
         "layout": getattr(reader, "layout_name", "original"),
         "family": identify(style, layout.dialect, config.get("ps_version", "v1"), llm_cfg.get("hidden_size", 0),
-                           config.get("template"), str(config.get("_name_or_path") or ""), layout.llm_layers),
+                           config.get("template"), str(config.get("_name_or_path") or ""), layout.llm_layers,
+                           native=getattr(reader, "layout_name", "original") == "native"),
         "template": config.get("template"),
         "ps_version": config.get("ps_version"),
         "vision": {

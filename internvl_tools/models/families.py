@@ -234,17 +234,25 @@ def wide_family(family: Family, *, vision_layers: int = 2, llm_layers: int = 2) 
 
 
 def identify(vision_style: str, dialect: str, ps_version: str, llm_hidden: int, template: str | None, name_hint: str = "",
-             llm_layers: int | None = None) -> str:
+             llm_layers: int | None = None, native: bool = False) -> str:
     """Name the family a checkpoint belongs to, or describe it when no family matches.
 
     Matches on the structural signature (ViT style, LLM dialect, pixel-shuffle version), then
     on the template, the LLM width and depth, then on the config's `_name_or_path` (its last
     part, "InternVL2_5-8B-MPO" naming InternVL2.5-8B) when several families share a signature.
+    `native`: the LLM is read in the transformers-native layout, where a dialect may stand as
+    the native class it converts to (a GPTQ / AWQ copy of InternLM2 is Llama there: packed
+    q/k/v cannot be fused back into wqkv): unless a family of the dialect itself has the template,
+    families whose dialect converts to the same native model type match too, and the template
+    (kept from the original config) decides.
     """
-    candidates = [
-        f for f in FAMILIES.values()
-        if f.vision.norm_type == vision_style and f.llm.dialect == dialect and f.ps_version == ps_version
-    ]
+    from .dialects import get_dialect
+
+    shaped = [f for f in FAMILIES.values() if f.vision.norm_type == vision_style and f.ps_version == ps_version]
+    candidates = [f for f in shaped if f.llm.dialect == dialect]
+    if native and not any(f.template == template for f in candidates):
+        native_type = get_dialect(dialect).native_model_type
+        candidates += [f for f in shaped if f.llm.dialect != dialect and get_dialect(f.llm.dialect).native_model_type == native_type]
     if template:
         by_template = [f for f in candidates if f.template == template]
         candidates = by_template or candidates
