@@ -272,3 +272,32 @@ def test_int8_bnb_names_values_beyond_float16(tiny, copy_of, tmp_path, run_cli):
     assert key in line and "float16's range" in line and "--format w8a8" in line, line
     assert not out.exists() and not (tmp_path / "q.partial").exists()
     assert run_cli("quantize", folder, "-o", out, "--method", "int8", "--format", "w8a8").exit_code == 0
+
+
+@pytest.mark.parametrize("extra, words", [(["--rank", "8"], "--rank"), (["--lora", "none", "--rank", "8"], "--rank"),
+                                          (["--shards", "1000"], "--shards 77 at most")])
+def test_make_tiny_refuses_options_that_do_not_apply(tmp_path, run_cli, extra, words):
+    """--rank without --lora would be dropped silently; more shards than tensors cannot be made."""
+    line = _one_line_error(run_cli("make-tiny", "internvl2-1b", tmp_path / "t", *extra))
+    assert words in line, line
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("shards", [9, 10, 19, 77])
+def test_make_tiny_writes_the_shard_count_asked(tmp_path, run_cli, shards):
+    """Up to one tensor per shard; counts no size limit gives (10 or 19 for this family) too."""
+    import json
+
+    result = run_cli("make-tiny", "internvl2-1b", tmp_path / "t", "--shards", shards, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["shards"] == shards == len(list((tmp_path / "t").glob("*.safetensors")))
+    assert run_cli("inspect", tmp_path / "t").exit_code == 0
+
+
+@pytest.mark.parametrize("option", ["--context", "--batch"])
+def test_gpu_plan_refuses_zero_context_or_batch(tiny, tmp_path, run_cli, option):
+    for command in ("shard", "inspect"):
+        args = [command, tiny("InternVL2-1B"), "--gpus", "2", option, "0"] + (["-o", tmp_path / "s"] if command == "shard" else [])
+        line = _one_line_error(run_cli(*args))
+        assert option in line and "x>=1" in line, line
+    assert not (tmp_path / "s").exists()

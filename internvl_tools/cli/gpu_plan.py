@@ -33,8 +33,8 @@ def gpu_options(func):
         click.option("--gpus", type=click.IntRange(1, 64), default=None, help="plan a layout over this many GPUs"),
         click.option("--gpu-memory", default="80GiB", show_default=True, help="memory of each GPU"),
         click.option("--reserve", default="2GiB", show_default=True, help="per-GPU reserve: CUDA context, allocator slack, activations"),
-        click.option("--context", default=8192, show_default=True, help="tokens of KV cache to keep room for"),
-        click.option("--batch", default=1, show_default=True, help="sequences of KV cache to keep room for"),
+        click.option("--context", type=click.IntRange(min=1), default=8192, show_default=True, help="tokens of KV cache to keep room for"),
+        click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="sequences of KV cache to keep room for"),
     ]
     for option in reversed(options):
         func = option(func)

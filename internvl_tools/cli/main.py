@@ -149,6 +149,9 @@ def make_tiny_cmd(family: str, out: Path, lora: str, rank: int, shards: int, wid
     from ..tiny.generator import make_checkpoint, make_peft_adapter
 
     started = time.perf_counter()
+    if lora == "none" and click.get_current_context().get_parameter_source("rank") != click.core.ParameterSource.DEFAULT:
+        raise InputError("--rank sets the rank of the LoRA that --lora adds; it does not apply without --lora "
+                         "(embedded, embedded-llm, embedded-vision or peft): add --lora or remove --rank")
     with byte_progress("generating", 0, enabled=wide and not as_json) as advance:
         if head_dim is not None and (wide or head_dim % 2):
             raise InputError("--head-dim takes an even number and applies to tiny checkpoints (not --wide)")
@@ -472,6 +475,12 @@ def _run_gptq(checkpoint: Path, out: Path, options: dict, limit: int, as_json: b
                                                f"{experts['min_tokens_share']:.1%} of the calibration tokens)" if experts else "")}
 
 
+AWQ_EXPERTS_NOTE = ("transformers (with gptqmodel's AWQ kernels) cannot load awq-format experts: it converts nn.Linear "
+                    "modules only and Qwen3-MoE's experts are fused 3-D parameters there; the output is for this toolkit's "
+                    "runtime (chat, verify) and vLLM's AWQ MoE method (not run here); --format compressed-tensors "
+                    "--no-zero-point gives experts that transformers loads")
+
+
 def _run_awq(checkpoint: Path, out: Path, options: dict, limit: int, as_json: bool) -> dict:
     from ..calibrate.awq import AWQConfig
     from ..calibrate.awq_quantizer import AWQJob, AWQQuantizer, llm_facts, quantize_awq
@@ -493,12 +502,22 @@ def _run_awq(checkpoint: Path, out: Path, options: dict, limit: int, as_json: bo
                      progress=advance, log=log, quantizer=quantizer)
     facts = quantizer.summary()
     unscaled = sorted(facts["unscaled"])
+    experts = facts.get("experts")  # a sparse LLM: experts calibrated on their routed tokens, or RTN
+    if experts:
+        # transformers 5.24 + gptqmodel 7.7 replace nn.Linear modules only: an awq-format expert's qweight is
+        # "unexpected" and the fused Qwen3MoeExperts parameters stay "missing"; compressed-tensors' loader fills them
+        experts["note"] = AWQ_EXPERTS_NOTE if options["fmt"] == "awq" else None
+        if experts["note"]:
+            click.echo(f"warning: {experts['note']}", err=True)
     return {"out": str(out), "method": "awq", "format": options["fmt"], "bits": config.bits, "group_size": config.group_size,
             "zero_point": zero_point, "layers": layers, **facts,
             "detail": f"{layers} decoder layers in AWQ {config.bits}-bit, group {config.group_size}, "
                       f"{'zero point' if zero_point else 'symmetric'} ({options['fmt']}); output error "
                       f"{facts['error_vs_rtn']} x round-to-nearest's on the scaled groups"
-                      + (f"; kept unscaled (no exact fold): {', '.join(unscaled)}" if unscaled else "")}
+                      + (f"; kept unscaled (no exact fold): {', '.join(unscaled)}" if unscaled else "")
+                      + (f"; experts: {experts['awq']} with AWQ on their routed tokens, {experts['round_to_nearest']} with "
+                         f"round-to-nearest (fewer than {experts['min_tokens_share']:.1%} of the calibration tokens)"
+                         if experts else "")}
 
 
 def _run_int8(checkpoint: Path, out: Path, options: dict, limit: int, total: int, as_json: bool) -> dict:

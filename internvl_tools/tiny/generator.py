@@ -17,6 +17,7 @@ from ..models.dialects import get_dialect, layer_dims, linear_shape
 from ..models.families import Family, get_family, tiny_family, wide_family
 from ..models.vision import VISION
 from ..io.safetensors_format import TensorSpec
+from ..errors import InputError
 from ..io.writer import CheckpointWriter, plan_shards
 from .tokenizer import tokenizer_files
 
@@ -275,8 +276,14 @@ def make_checkpoint(
     config = make_config(family, use_llm_lora=llm_rank, use_backbone_lora=vision_rank, name=base.name, token_ids=special_ids(files))
     files.update(side_files(family))
     files["config.json"] = config
+    if shards > len(specs):
+        raise InputError(f"--shards {shards}: {base.name}{' (wide)' if wide else ''} has {len(specs)} tensors, and a shard holds "
+                         f"at least one; pass --shards {len(specs)} at most")
+    limit = shard_limit_for(specs, shards)
+    groups = None if len(plan_shards(specs, limit)) == shards else shard_groups(specs, shards)  # exactly `shards` files
     generator = torch.Generator().manual_seed(seed)
-    with CheckpointWriter(out, specs, max_shard_size=shard_limit_for(specs, shards), overwrite=overwrite) as writer:
+    with CheckpointWriter(out, specs, max_shard_size=limit if groups is None else sum(s.nbytes for s in specs),
+                          groups=groups, overwrite=overwrite) as writer:
         for item in planned:
             writer.write(item.spec.name, _fill(item, generator))
             if progress:
@@ -373,6 +380,24 @@ def make_peft_adapter(checkpoint: Path, out: Path, *, rank: int = 4, alpha: floa
     }
     (out / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n")
     return out
+
+
+def shard_groups(specs: list[TensorSpec], shards: int) -> list[list[TensorSpec]]:
+    """`specs` in order, cut into exactly `shards` non-empty runs of about equal bytes (1 <= shards <= len(specs)):
+    for a shard count no size limit gives (the limit cuts where tensors overflow, and a tensor over it stands alone)."""
+    total = sum(s.nbytes for s in specs)
+    groups: list[list[TensorSpec]] = []
+    current: list[TensorSpec] = []
+    done = 0
+    for index, spec in enumerate(specs):
+        still_to_open = shards - len(groups) - 1  # groups after the current one
+        if current and still_to_open and (len(specs) - index == still_to_open or done >= total * (len(groups) + 1) / shards):
+            groups.append(current)
+            current = []
+        current.append(spec)
+        done += spec.nbytes
+    groups.append(current)
+    return groups
 
 
 def shard_limit_for(specs: list[TensorSpec], shards: int) -> int:
