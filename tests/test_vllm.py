@@ -213,6 +213,8 @@ def test_vllm_keeps_vision_and_projector_unquantized(served, dialect, output):
     kernel = {"gptq": "GPTQ", "awq": "AWQ", "w4a16": "WNA16"}.get(output, "W8A8Int8")
     assert decoder and all(kernel in v for v in decoder.values()), decoder
     assert modules["language_model.lm_head"].startswith("Unquantized")
+    # asked for float32 (run_spec's default): packed low-bit weights run in bf16, and vLLM says so
+    assert run["dtype"] == ("bfloat16" if output in ("gptq", "awq", "w4a16") else "float32"), run["dtype"]
 
 
 @needs_vllm
@@ -285,6 +287,39 @@ def test_verify_engine_vllm_without_its_environment(tiny, tmp_path, run_cli, mon
     assert "no vLLM environment" in result.output and "scripts/setup_vllm.sh" in result.output
     onnx = run_cli("verify", tiny("InternVL2-1B"), "--bench", _slice(tmp_path), "--engine", "vllm", "--vision-onnx", tmp_path)
     assert onnx.exit_code == 2 and "--vision-onnx" in onnx.output
+
+
+def test_verify_engine_vllm_says_a_gptq_candidate_runs_in_bf16(tiny, tmp_path, run_cli, monkeypatch):
+    """--dtype fp32 (the default) with a GPTQ candidate: vLLM runs it in bf16 (see the served test above);
+    verify says so in one warning line before anything runs, and the report records the dtype it ran in.
+    vLLM itself is replaced by a stand-in that echoes the dtype it was started with (run_spec's choice)."""
+    from internvl_tools.tiny.generator import make_checkpoint
+
+    original = make_checkpoint("InternVL2-1B", tmp_path / "t", head_dim=32, shards=1)
+    assert run_cli("convert", original, "-o", tmp_path / "hf").exit_code == 0
+    gptq = tmp_path / "gptq"
+    assert run_cli("quantize", tmp_path / "hf", "-o", gptq, "--method", "gptq", *CALIB).exit_code == 0
+
+    def stand_in(runs, workdir=None, timeout=0, python=None):
+        run = runs[0]
+        results = [{"prompt_ids": [], "ids": [], "features": None,
+                    "forced": [{"top": {str(i): 0.0}, "best": i} for i in r["forced_ids"]]} for r in run["requests"]]
+        return {"runs": [{"model": run["model"], "dtype": run["dtype"], "results": results}]}
+
+    monkeypatch.setattr(vllm_engine, "require_vllm_python", lambda: "python")
+    monkeypatch.setattr(vllm_engine, "run_vllm", stand_in)
+    common = ["--bench", _slice(tmp_path), "--engine", "vllm", "--max-new-tokens", "2", "--max-kl", "100", "--min-top1", "0",
+              "--max-acc-drop", "100"]
+    result = run_cli("verify", tmp_path / "hf", gptq, *common, "--json", tmp_path / "r.json", "--markdown", tmp_path / "r.md")
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:") and "--dtype" in line]
+    assert len(warnings) == 1 and "--dtype fp32" in warnings[0] and "bf16" in warnings[0] and "--dtype bf16" in warnings[0]
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert (report["dtype"], report["candidate_dtype"]) == ("fp32", "bf16")
+    assert "(in vLLM, bf16, reference fp32)" in (tmp_path / "r.md").read_text()
+    same = run_cli("verify", tmp_path / "hf", gptq, *common, "--dtype", "bf16", "--json", tmp_path / "s.json")
+    assert same.exit_code == 0 and "--dtype" not in same.stderr, same.output
+    assert json.loads((tmp_path / "s.json").read_text())["candidate_dtype"] == "bf16"
 
 
 def test_partial_kl_equals_verify_kl_when_vllm_returns_every_token():

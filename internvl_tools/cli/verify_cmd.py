@@ -81,6 +81,11 @@ def verify_cmd(reference: Path, candidate: Path | None, bench: Path, limit: int,
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise InputError("--engine vllm runs in one process; start verify without torchrun")
         vllm_python = require_vllm_python()  # before the reference runs: fail fast
+        from ..evaluate.vllm_engine import dtype_note
+
+        note = dtype_note(candidate, dtype)  # GPTQ / AWQ / W4A16 run in bf16 in vLLM whatever --dtype says
+        if note:
+            click.echo(f"warning: {note}", err=True)
     items = read_slice(bench, limit)
     if not items:
         raise InputError(f"{bench}: the slice has no items")
@@ -104,15 +109,17 @@ def verify_cmd(reference: Path, candidate: Path | None, bench: Path, limit: int,
     with about_checkpoint(reference):
         records = load_or_run_reference(reference, mine, ref_cache, key, max_new_tokens, torch_dtype,
                                         f"-rank{rank}of{world}" if world > 1 else "", device)
+    facts = {"dtype": dtype}  # the dtype the candidate ran in (vLLM may run it in another)
     with about_checkpoint(candidate):
         rows = _candidate_rows(candidate, mine, records, max_new_tokens, dtype, torch_dtype, device, engine, vllm_python,
-                               vision_onnx)
+                               vision_onnx, facts)
     rows = gather(rows, world, [i.index for i in items])
     if rank != 0:
         return
     summary = summarize(rows)
     failures = verdict(summary, max_acc_drop, max_kl, min_image_cosine, min_top1)
     report = {"reference": str(reference), "candidate": str(candidate), "engine": engine,
+              "dtype": dtype, "candidate_dtype": facts["dtype"],
               "vision_onnx": str(vision_onnx) if vision_onnx else None,
               "bench": str(bench), "items": len(rows), **summary,
               "thresholds": {"max_acc_drop": max_acc_drop, "max_kl": max_kl, "min_top1": min_top1,
@@ -134,12 +141,13 @@ def verify_cmd(reference: Path, candidate: Path | None, bench: Path, limit: int,
 
 
 def _candidate_rows(candidate: Path, items: list, records: list[dict], max_new_tokens: int, dtype: str, torch_dtype, device: str,
-                    engine: str, vllm_python, vision_onnx: Path | None) -> list[dict]:
-    """The candidate's rows against the reference records, in the runtime or in vLLM."""
+                    engine: str, vllm_python, vision_onnx: Path | None, facts: dict | None = None) -> list[dict]:
+    """The candidate's rows against the reference records, in the runtime or in vLLM (`facts["dtype"]`
+    set to the dtype vLLM ran it in)."""
     if engine == "vllm":
         from ..evaluate.vllm_engine import compare_candidate_vllm
 
-        rows = compare_candidate_vllm(candidate, items, records, max_new_tokens, dtype, python=vllm_python)
+        rows = compare_candidate_vllm(candidate, items, records, max_new_tokens, dtype, python=vllm_python, facts=facts)
         mismatched = [r["index"] for r in rows if not r.pop("prompt_match")]
         if mismatched:
             click.echo(f"warning: vLLM tokenized or tiled the prompt of {len(mismatched)} item(s) differently from the runtime "
@@ -187,11 +195,13 @@ def _fmt(value, metric: str) -> str:
 
 
 def candidate_label(report: dict) -> str:
-    """CANDIDATE, or its LLM with the ONNX vision export that feeds it."""
+    """CANDIDATE, or its LLM with the ONNX vision export that feeds it; in vLLM, with the dtype it ran in
+    where that is not the reference's (GPTQ / AWQ in bf16 under --dtype fp32)."""
     if report.get("vision_onnx"):
         return f"{report['candidate']} (LLM) + {report['vision_onnx']} (ONNX vision)"
     if report.get("engine") == "vllm":
-        return f"{report['candidate']} (in vLLM)"
+        ran = report.get("candidate_dtype")
+        return f"{report['candidate']} (in vLLM" + (f", {ran}, reference {report['dtype']})" if ran and ran != report.get("dtype") else ")")
     return report["candidate"]
 
 

@@ -132,6 +132,32 @@ def request(workdir: Path, name: str, folder: str | Path, config: dict, tokenize
     return entry
 
 
+def served_dtype(config: dict, dtype: str) -> str:
+    """The dtype vLLM is started with for a checkpoint of this config.json when `dtype` ("float32" |
+    "bfloat16") is asked: packed low-bit weights (GPTQ, AWQ, compressed-tensors pack-quantized) run in
+    bfloat16, as vLLM's kernels for them take bf16 / fp16 only (it refuses float32)."""
+    quant = config.get("quantization_config") or {}
+    packed = quant.get("quant_method") in ("gptq", "awq") or quant.get("format") == "pack-quantized"
+    return "bfloat16" if packed and dtype == "float32" else dtype
+
+
+def dtype_note(candidate: str | Path, dtype: str) -> str | None:
+    """verify --engine vllm --dtype `dtype` ("fp32" | "bf16"): one line saying that vLLM will run the
+    candidate in another dtype (served_dtype), or None when it runs the one asked."""
+    config = json.loads((Path(candidate) / "config.json").read_text(encoding="utf-8"))
+    asked = "bfloat16" if dtype == "bf16" else "float32"
+    ran = served_dtype(config, asked)
+    if ran == asked:
+        return None
+    method = (config.get("quantization_config") or {}).get("quant_method")
+    return (f"--dtype {dtype}: vLLM runs {candidate} ({method}) in {SHORT_DTYPE[ran]}, its kernels for packed low-bit "
+            f"weights take bf16/fp16 only; the reference runs in {dtype}, so the drift includes {SHORT_DTYPE[ran]} "
+            f"arithmetic (pass --dtype bf16 to compare like with like)")
+
+
+SHORT_DTYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
 def run_spec(folder: str | Path, requests: list[dict], *, dtype: str = "float32", top_logprobs: int = 64,
              max_model_len: int = 4096, modules: bool = False) -> dict:
     """One checkpoint's entry of a job. GPTQ, AWQ and compressed-tensors W4A16 run in bfloat16
@@ -139,10 +165,7 @@ def run_spec(folder: str | Path, requests: list[dict], *, dtype: str = "float32"
     is `max_model_len` at most, the LLM's max_position_embeddings where that is shorter (the KV
     cache on CPU is $VLLM_CPU_KVCACHE_SPACE GiB, 1 unless set)."""
     config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
-    quant = config.get("quantization_config") or {}
-    packed = quant.get("quant_method") in ("gptq", "awq") or quant.get("format") == "pack-quantized"
-    if packed and dtype == "float32":  # vLLM's CPU kernels for packed int4 weights take bf16 / fp16 only
-        dtype = "bfloat16"
+    dtype = served_dtype(config, dtype)
     text = config.get("text_config") or config.get("llm_config") or {}
     if text.get("max_position_embeddings"):  # vLLM refuses a longer max_model_len than the model's
         max_model_len = min(max_model_len, int(text["max_position_embeddings"]))
@@ -209,11 +232,12 @@ def topk_kl_partial(ref_logprobs: torch.Tensor, ref_ids: torch.Tensor, candidate
 
 
 def compare_candidate_vllm(candidate: Path, items: list, reference: list[dict], max_new_tokens: int, dtype: str = "fp32",
-                           python: str | None = None, timeout: float = 7200) -> list[dict]:
+                           python: str | None = None, timeout: float = 7200, facts: dict | None = None) -> list[dict]:
     """verify.compare_candidate with the candidate served by vLLM: its greedy answers, its
     log-probabilities along the reference's answers (teacher forcing through prompt logprobs)
     and its own vision tower + projector on this toolkit's pixel values; rows in the same shape,
-    plus `prompt_match` (vLLM tokenized and tiled the prompt as the runtime does)."""
+    plus `prompt_match` (vLLM tokenized and tiled the prompt as the runtime does). `facts`, when
+    given, gets "dtype": the dtype vLLM ran the candidate in ("fp32" | "bf16" | "fp16")."""
     from ..models.native_config import image_tokens_per_tile
     from ..models.templates import build_prompt
     from ..runtime.model import open_for_runtime
@@ -240,6 +264,8 @@ def compare_candidate_vllm(candidate: Path, items: list, reference: list[dict], 
         run = run_vllm([spec], workdir=scratch, timeout=timeout, python=python)["runs"][0]
     if "error" in run:
         raise InputError(f"vLLM could not run {candidate}: {_one_line(run['error'])}")
+    if facts is not None:  # what vLLM says it ran in (the worker reads its model config), else what it was asked
+        facts["dtype"] = SHORT_DTYPE.get(run.get("dtype") or spec["dtype"], run.get("dtype") or spec["dtype"])
     rows = []
     for item, ref, result, prompt in zip(items, reference, run["results"], expected):
         ref_lp, ref_ids = ref["top_logprobs"].float(), ref["top_ids"].long()

@@ -11,6 +11,7 @@ job: {"runs": [{"model": folder, "dtype": "float32" | "bfloat16", "max_model_len
                               "forced_ids": [answer token ids] or null,
                               "pixels": safetensors path (tensor pixel_values) or null}]}]}
 out:  {"vllm": version, "import_s": seconds to import vllm, "runs": [{"model", "quantization": vLLM's quant method,
+       "dtype": the dtype vLLM runs the model in ("float32", "bfloat16", ...),
        "load_s": seconds to start the engine (LLM(...)), "seconds": the whole run's,
        "modules": {module: quant method class[/scheme]}, "results": [{"prompt_ids", "ids", "text",
        "forced": [{"top": {id: logprob}, "best": id}] | null, "features": safetensors path | null}]}
@@ -82,7 +83,9 @@ def run_one(run: dict, out_path: Path, number: int) -> dict:
               trust_remote_code=bool(run.get("trust_remote_code", False)), seed=0)
     tokenizer = llm.get_tokenizer()
     image_token = placeholder(config, getattr(tokenizer, "context_image_token", None))
-    out: dict = {"model": run["model"], "quantization": llm.llm_engine.vllm_config.model_config.quantization,
+    model_config = llm.llm_engine.vllm_config.model_config
+    out: dict = {"model": run["model"], "quantization": model_config.quantization,
+                 "dtype": str(model_config.dtype).removeprefix("torch."),
                  "load_s": round(time.perf_counter() - started, 3), "results": []}
     if run.get("modules"):
         out["modules"] = llm.apply_model(linear_methods)[0]
