@@ -164,12 +164,6 @@ def test_native_layout_gptq(tiny, tmp_path, run_cli):
     assert torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0) > 0.9  # 4-bit noise on a tiny random model
 
 
-def test_awq_refuses_experts_in_one_line(tiny, tmp_path, run_cli):
-    result = run_cli("quantize", tiny(MOE), "-o", tmp_path / "a", "--method", "awq", "--group-size", "32",
-                     "--num-samples", "2", "--seq-len", "32")
-    assert result.exit_code == 2 and "experts" in result.output and "--method gptq" in result.output
-
-
 @pytest.mark.requires("compressed_tensors")
 def test_transformers_loads_compressed_tensors_experts(tiny, tmp_path, run_cli):
     """GPTQ --format compressed-tensors (W4A16, pack-quantized) of the native layout: transformers' compressed-tensors

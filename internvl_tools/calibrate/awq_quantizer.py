@@ -20,6 +20,16 @@ group-wise round-to-nearest, packed as AWQ gemm (formats/awq.py) or compressed-t
 (symmetric only). Fused tensors (InternLM2 wqkv, w1/w3; Phi-3 qkv_proj, gate_up_proj) are
 quantized as the fused tensors they are, under their original names.
 
+A sparse layer (Qwen3-MoE; LayerWork.sparse): after the attention groups, `prepare_layer` searches
+ONE scale vector for the post-attention norm -> router + every expert's gate/up on the block's
+output error (calibrate/awq_experts.py), folds it (norm / s; router and gate/up columns x s, the
+router stored in its own dtype and never quantized, so its logits stay), then per expert the
+up -> down scales on the down inputs of the tokens routed to it (folded into that expert's up rows).
+The pipeline then quantizes each expert on its routed tokens (calibrate/experts.py): clipping search
+and round-to-nearest per expert linear. An expert that fewer than `expert_min_tokens` of the
+calibration tokens reach (the share GPTQ uses, 0.5%) gets no up -> down scale search and plain
+round-to-nearest (no clipping); the summary counts them.
+
 `AWQJob` / `quantize_awq` are the one-call entry point of `quantize --method awq`.
 """
 
@@ -39,6 +49,8 @@ from ..models.dialects import FUSED_ROWS, Dialect, InputGroup, get_dialect, laye
 from ..models.layout import KeyInfo, Layout, build_layout
 from ..models.views import open_view
 from .awq import AWQCodes, AWQConfig, InputStats, apply_clip, quantize, search_clip, search_scales
+from .awq_experts import collect_block_inputs, search_block_scales
+from .experts import EXPERT_MIN_TOKENS, HESSIAN_SHARE, min_routed_tokens
 from .outputs import CT_FORMAT, ct_quantization_config, ct_specs, group_count, kept_modules, scale_dtype_name
 from .pipeline import QuantizeJob, quantize_calibrated
 from .quantizer import GroupWork, LayerWork, ModuleUpdate, Quantizer
@@ -83,12 +95,20 @@ class AWQQuantizer(Quantizer):
     `fmt` "awq" (gemm tensors, fp16 scales) or "compressed-tensors" (pack-quantized, symmetric,
     scales in the model's dtype). `head_dim` (from the LLM config) lets the v -> o fold tie
     its scales under grouped-query attention; without it such a group keeps scale 1.
+    `expert_min_tokens`: a sparse layer's experts reached by fewer than this share of the
+    calibration tokens get round-to-nearest (GPTQ's threshold).
     `summary()`: {"linears", "groups_scaled", "unscaled": {module: reason}, "clipped",
-    "mean_alpha", "error_vs_rtn"} so far."""
+    "mean_alpha", "error_vs_rtn"} so far and, for a sparse LLM, "experts": {"awq": experts (of all
+    layers) with AWQ on their routed tokens, "round_to_nearest": experts below the token threshold,
+    and which, "min_tokens_share", "fewest_tokens", "up_down_scaled": experts whose up -> down was
+    scaled, "blocks_scaled": sparse blocks whose shared gate/up scales were searched}."""
 
     name = "awq"
+    supports_experts = True
+    DEFAULT_EXPERT_MIN_TOKENS = EXPERT_MIN_TOKENS
 
-    def __init__(self, config: AWQConfig, dialect: Dialect, fmt: str = "awq", head_dim: int | None = None):
+    def __init__(self, config: AWQConfig, dialect: Dialect, fmt: str = "awq", head_dim: int | None = None,
+                 expert_min_tokens: float = DEFAULT_EXPERT_MIN_TOKENS):
         if fmt not in FORMATS:
             raise ValueError(f"AWQ writes {' or '.join(FORMATS)}, not {fmt!r}")
         if fmt == CT_FORMAT and config.zero_point:
@@ -101,8 +121,16 @@ class AWQQuantizer(Quantizer):
             raise InputError(f"AWQ quantizes in groups of input features; --group-size {config.group_size} is not supported")
         self.config, self.dialect, self.fmt, self.head_dim = config, dialect, fmt, head_dim
         self._folded = {g.after for g in dialect.groups if g.after is not None}
+        # a sparse layer: the MLP norm (the second of `norms`) and the router take the block's scales
+        self._block_norm = list(dialect.norms)[1] if dialect.experts is not None else None
+        if dialect.experts is not None:
+            self._folded |= {self._block_norm, dialect.experts.router}
+        self.expert_min_tokens = expert_min_tokens
         self._dtypes: dict[tuple[str, str], torch.dtype] = {}  # (module, param) -> stored dtype
-        self._pending: tuple[InputGroup, InputStats] | None = None
+        self._pending: dict[InputGroup, InputStats] = {}  # several at once for a chunk of experts
+        self._experts: dict[str, set[str]] = {"awq": set(), "round_to_nearest": set()}  # "layer N mlp.experts.E"
+        self._fewest_tokens: int | None = None
+        self._up_down = self._blocks = 0
         self._linears = self._clipped = self._scaled = 0
         self._unscaled: dict[str, str] = {}
         self._alphas: list[float] = []
@@ -110,8 +138,10 @@ class AWQQuantizer(Quantizer):
 
     # -- the plan ------------------------------------------------------------------------
     def options(self) -> dict:
-        """The AWQConfig, the format and head_dim (a resumed run must match them)."""
-        return {**asdict(self.config), "format": self.fmt, "head_dim": self.head_dim}
+        """The AWQConfig, the format and head_dim (and an expert threshold other than the default: a
+        resumed run must match them)."""
+        return ({**asdict(self.config), "format": self.fmt, "head_dim": self.head_dim}
+                | ({"expert_min_tokens": self.expert_min_tokens} if self.expert_min_tokens != self.DEFAULT_EXPERT_MIN_TOKENS else {}))
 
     def output_specs(self, spec: TensorSpec, info: KeyInfo) -> list[TensorSpec] | None:
         """A linear's weight becomes qweight / qzeros / scales (AWQ) or weight_packed /
@@ -128,7 +158,7 @@ class AWQQuantizer(Quantizer):
                 return ct_specs(spec, self.config.bits, self.config.group_size)
             return self._awq_specs(spec)
         if info.module in self._folded and info.param in ("weight", "bias"):
-            return [spec]  # a norm's weight, or the bias of a linear the scales fold into
+            return [spec]  # a norm's weight, the bias of a linear the scales fold into, a sparse layer's router
         return None
 
     def _awq_specs(self, spec: TensorSpec) -> list[TensorSpec]:
@@ -142,11 +172,18 @@ class AWQQuantizer(Quantizer):
                 TensorSpec(f"{stem}.scales", "F16", (groups, rows))]
 
     def quantization_config(self, layout: Layout) -> dict:
-        """AWQ gemm (top level; modules_to_not_convert: vision tower, projector, head) or
-        compressed-tensors W4A16 symmetric per group (ignore rules for the same modules)."""
+        """AWQ gemm (top level; modules_to_not_convert: vision tower, projector, head, and a sparse
+        LLM's routers one by one, `...layers.N.mlp.gate`, as bitsandbytes' skip list names them:
+        transformers and vLLM skip a module by name, and build the router as a linear) or
+        compressed-tensors W4A16 symmetric per group (ignore rules for the same modules, the
+        routers as one rule `re:.*\\.mlp\\.gate$`)."""
         if self.fmt == CT_FORMAT:
             return ct_quantization_config(layout, self.config.bits, self.config.group_size)
-        return awq_format.quantization_config(kept_modules(layout), "original", group_size=self.config.group_size)
+        routers = []
+        if layout.record.experts is not None:
+            routers = [info.key.removesuffix(f".{info.param}") for info in layout.keys.values()
+                       if info.family == "llm" and info.module == layout.record.experts.router and info.param == "weight"]
+        return awq_format.quantization_config(kept_modules(layout) + routers, "original", group_size=self.config.group_size)
 
     # -- scales, folded before any linear of the layer is quantized ----------------------
     def _fold(self, work: LayerWork, group: InputGroup) -> tuple[Fold | None, str]:
@@ -201,6 +238,63 @@ class AWQQuantizer(Quantizer):
             for name, weight in zip(group.linears, weights):
                 yield name, ModuleUpdate({}, weight * s_in)
             del weights
+        if work.sparse is not None:
+            yield from self._prepare_sparse(work)
+
+    def _prepare_sparse(self, work: LayerWork) -> Iterator[tuple[str, ModuleUpdate]]:
+        """A sparse block (module docstring): the shared scales of the MLP norm -> router + every
+        expert's gate/up, searched on the block's output and folded; then each expert's up -> down
+        scales on its routed tokens (none for an expert below the token threshold)."""
+        sparse = work.sparse
+        experts, count = sparse.experts, sparse.settings["experts"]
+        router = work.weight(experts.router)  # [experts, hidden]
+        width = router.shape[1]
+        cap = max(1, sparse.budget // HESSIAN_SHARE // (4 * width * 3))  # the rows, the block's output and its target
+        seen = collect_block_inputs(work.inputs(experts.block), lambda rows: sparse.route(rows, router)[0], count, cap)
+        x = seen.rows
+        chosen, weights = sparse.route(x, router)
+        groups = [experts.expert_groups(e) for e in range(count)]
+
+        def expert_weights(e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            first, second = groups[e][0].linears, groups[e][1].linears
+            return work.weight(first[0]), work.weight(first[1]), work.weight(second[0])
+
+        found = search_block_scales(x, chosen, weights, count, expert_weights, sparse.act, seen.mean_abs, self.config)
+        ratio = found.loss / found.rtn_loss if found.rtn_loss > 0 else 1.0
+        self._scaled += 1
+        self._blocks += 1
+        self._alphas.append(found.alpha)
+        self._ratios.append(ratio)
+        sample = f" (an even 1 in {seen.stride} of the {seen.tokens} tokens)" if seen.stride > 1 else ""
+        work.log(f"layer {work.index} {self._block_norm} -> {experts.router}, experts' gate/up: alpha {found.alpha:.2f}, "
+                 f"block output error {ratio:.3f} x round-to-nearest's{sample}")
+        s = found.scales
+        yield from self._fold_into_after(work, Fold(self._block_norm, True, _same, _same), s)
+        stored = self._stored(experts.router, "weight", router * s)  # never quantized: its logits stay
+        yield experts.router, ModuleUpdate({"weight": stored}, stored.float().to(work.device))
+        for e in range(count):
+            for name in groups[e][0].linears:
+                yield name, ModuleUpdate({}, work.weight(name) * s)
+        # per expert: up -> down, on the down inputs of its routed tokens (the block's input is x / s now)
+        threshold = min_routed_tokens(self.expert_min_tokens, seen.tokens)
+        x = x / s
+        for e in range(count):
+            rows = (chosen == e).any(dim=-1)
+            if int(seen.routed[e]) < threshold or not rows.any():
+                continue  # too few tokens: scale 1 (and round-to-nearest, in quantize_group)
+            (gate_name, up_name), (down_name,) = groups[e][0].linears, groups[e][1].linears  # up: act(gate) * up's factor
+            xe = x[rows]
+            up, down = work.weight(up_name), work.weight(down_name)
+            stats = InputStats(down.shape[1], work.device)
+            stats.add(sparse.act(xe @ work.weight(gate_name).T) * (xe @ up.T))
+            found = search_scales([down], stats, stats.mean_abs(), self.config)
+            del stats
+            self._up_down += 1
+            self._scaled += 1
+            self._alphas.append(found.alpha)
+            self._ratios.append(found.loss / found.rtn_loss if found.rtn_loss > 0 else 1.0)
+            yield up_name, ModuleUpdate({}, up / found.scales[:, None])
+            yield down_name, ModuleUpdate({}, down * found.scales)
 
     def _fold_into_after(self, work: LayerWork, fold: Fold, s: torch.Tensor) -> Iterator[tuple[str, ModuleUpdate]]:
         weight = work.weight(fold.after)
@@ -238,20 +332,28 @@ class AWQQuantizer(Quantizer):
 
     def observe(self, group: InputGroup, inputs: torch.Tensor) -> None:
         """Add one sample's group input to the statistics of the clipping search (when one of
-        the group's linears is clipped)."""
+        the group's linears is clipped); one set per group (a chunk of experts at once)."""
         if not any(self._clips(name) for name in group.linears):
             return
-        if self._pending is None or self._pending[0] != group:
-            self._pending = (group, InputStats(inputs.shape[-1], inputs.device))
-        self._pending[1].add(inputs)
+        if group not in self._pending:
+            self._pending[group] = InputStats(inputs.shape[-1], inputs.device)
+        self._pending[group].add(inputs)
 
     def quantize_group(self, work: GroupWork) -> Iterator[tuple[str, ModuleUpdate]]:
         """Clip (search on the observed inputs) and quantize each linear of the group; yields
         (linear, update) one linear at a time."""
         group, layer = work.group, work.layer
-        stats = None
-        if self._pending is not None and self._pending[0] == group:
-            stats, self._pending = self._pending[1], None
+        stats = self._pending.pop(group, None)
+        rtn = False
+        if work.tokens is not None:  # one routed expert's group
+            rtn = work.tokens < min_routed_tokens(self.expert_min_tokens, work.calibration_tokens)
+            expert = f"layer {layer.index} {group.linears[0].rsplit('.', 1)[0]}"
+            self._experts["round_to_nearest" if rtn else "awq"].add(expert)
+            self._fewest_tokens = work.tokens if self._fewest_tokens is None else min(self._fewest_tokens, work.tokens)
+            if rtn:
+                layer.log(f"layer {layer.index} {', '.join(group.linears)}: {work.tokens} of {work.calibration_tokens} "
+                          f"calibration tokens routed to it (fewer than {self.expert_min_tokens:.1%}); round-to-nearest")
+                stats = None
         for name in group.linears:
             weight = layer.weight(name).float()
             if self._clips(name) and stats is not None:
@@ -274,9 +376,16 @@ class AWQQuantizer(Quantizer):
     def summary(self) -> dict:
         """Counts so far: linears quantized, groups scaled / unscaled (with the reason), linears
         clipped, the mean alpha, and the scaled groups' mean output error relative to RTN's."""
-        return {"linears": self._linears, "groups_scaled": self._scaled, "unscaled": dict(self._unscaled),
-                "clipped": self._clipped, "mean_alpha": round(sum(self._alphas) / len(self._alphas), 3) if self._alphas else None,
-                "error_vs_rtn": round(sum(self._ratios) / len(self._ratios), 4) if self._ratios else None}
+        facts = {"linears": self._linears, "groups_scaled": self._scaled, "unscaled": dict(self._unscaled),
+                 "clipped": self._clipped, "mean_alpha": round(sum(self._alphas) / len(self._alphas), 3) if self._alphas else None,
+                 "error_vs_rtn": round(sum(self._ratios) / len(self._ratios), 4) if self._ratios else None}
+        if self._experts["awq"] or self._experts["round_to_nearest"] or self._blocks:
+            facts["experts"] = {"awq": len(self._experts["awq"] - self._experts["round_to_nearest"]),
+                                "round_to_nearest": len(self._experts["round_to_nearest"]),
+                                "round_to_nearest_experts": sorted(self._experts["round_to_nearest"]),
+                                "min_tokens_share": self.expert_min_tokens, "fewest_tokens": self._fewest_tokens,
+                                "up_down_scaled": self._up_down, "blocks_scaled": self._blocks}
+        return facts
 
 
 @dataclass(frozen=True)

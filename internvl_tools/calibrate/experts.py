@@ -21,20 +21,55 @@ calibration tokens, GPTQModel's fallback). The router itself is never quantized.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import torch
 
-from ..models.dialects import InputGroup
+from ..models.dialects import Experts, InputGroup
 from .quantizer import GroupWork, LayerWork, ModuleUpdate, Quantizer
 
 HESSIAN_SHARE = 4  # at most 1/HESSIAN_SHARE of the activation budget in expert Hessians at once
+EXPERT_MIN_TOKENS = 0.005  # GPTQModel's default `Fallback`: below 0.5% of the calibration tokens, round-to-nearest
+
+
+def min_routed_tokens(share: float, calibration_tokens: int | None) -> int:
+    """The fewest routed tokens an expert needs to be calibrated: `share` of the calibration tokens, at least 1."""
+    return max(1, int(share * (calibration_tokens or 0)))
+
+
+def routing(hidden: torch.Tensor, router_weight: torch.Tensor, top_k: int, norm_topk: bool = False
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(experts, weights) of each token, int64 [tokens, top_k] and float32 [tokens, top_k], as the
+    sparse block routes: softmax over the router's logits, the top_k, renormalised to sum to 1 when
+    `norm_topk` (norm_topk_prob). hidden [..., hidden]; router_weight [experts, hidden]."""
+    logits = hidden.reshape(-1, hidden.shape[-1]) @ router_weight.T.to(hidden.dtype)
+    weights, chosen = torch.softmax(logits.float(), dim=-1).topk(top_k, dim=-1)
+    if norm_topk:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return chosen, weights
 
 
 def route(hidden: torch.Tensor, router_weight: torch.Tensor, top_k: int) -> torch.Tensor:
     """The experts each token goes to, [tokens, top_k] (by the router's softmax; renormalising the
     chosen weights, norm_topk_prob, changes the mix, never the choice)."""
-    logits = hidden.reshape(-1, hidden.shape[-1]) @ router_weight.T.to(hidden.dtype)
-    return torch.softmax(logits.float(), dim=-1).topk(top_k, dim=-1).indices
+    return routing(hidden, router_weight, top_k)[0]
+
+
+@dataclass(frozen=True)
+class SparseBlock:
+    """A sparse decoder layer's routing as a quantizer sees it (LayerWork.sparse): the dialect's
+    `experts` record, the LLM config's `settings` (Experts.settings: experts, top_k, intermediate,
+    norm_topk), the experts' activation `act` (SiLU for Qwen3-MoE) and the activation `budget` in
+    bytes (a method keeps at most budget / HESSIAN_SHARE of its own statistics at once)."""
+
+    experts: Experts
+    settings: dict
+    act: Callable[[torch.Tensor], torch.Tensor]
+    budget: int
+
+    def route(self, rows: torch.Tensor, router_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(experts, weights) of the rows [tokens, hidden] of the block's input (`routing`)."""
+        return routing(rows, router_weight, self.settings["top_k"], self.settings["norm_topk"])
 
 
 def expert_chunks(count: int, width: int, budget: int) -> list[range]:

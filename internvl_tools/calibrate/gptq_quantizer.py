@@ -41,6 +41,7 @@ from ..io.safetensors_format import TensorSpec
 from ..models.dialects import InputGroup
 from ..models.layout import KeyInfo, Layout
 from .gptq import GPTQConfig, GPTQResult, HessianAccumulator, HessianNotPositiveDefinite, prepare_hessian, gptq_quantize, rtn_quantize
+from .experts import EXPERT_MIN_TOKENS, min_routed_tokens
 from .outputs import CT_FORMAT, ct_quantization_config, ct_specs, scale_dtype_name
 from .pipeline import QuantizeJob, quantize_calibrated
 from .quantizer import GroupWork, ModuleUpdate, Quantizer
@@ -56,7 +57,7 @@ class GPTQQuantizer(Quantizer):
 
     name = "gptq"
     supports_experts = True
-    DEFAULT_EXPERT_MIN_TOKENS = 0.005
+    DEFAULT_EXPERT_MIN_TOKENS = EXPERT_MIN_TOKENS
 
     def __init__(self, config: GPTQConfig, fmt: str = "gptq", expert_min_tokens: float = DEFAULT_EXPERT_MIN_TOKENS):
         if fmt not in ("gptq", CT_FORMAT):
@@ -153,7 +154,7 @@ class GPTQQuantizer(Quantizer):
 
     def _expert_threshold(self, work: GroupWork) -> int:
         """The fewest routed tokens an expert needs for GPTQ: a share of the calibration tokens, at least 1."""
-        return max(1, int(self.expert_min_tokens * (work.calibration_tokens or 0)))
+        return min_routed_tokens(self.expert_min_tokens, work.calibration_tokens)
 
     def _prepare(self, accumulator: HessianAccumulator, where: str, group: InputGroup, layer):
         """The prepared Hessian of a group, or None (round-to-nearest, logged) when it cannot be inverted."""

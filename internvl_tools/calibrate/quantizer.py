@@ -29,13 +29,16 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
 from ..io.safetensors_format import TensorSpec
 from ..models.dialects import Dialect, InputGroup
 from ..models.layout import KeyInfo, Layout
+
+if TYPE_CHECKING:
+    from .experts import SparseBlock
 
 
 class ModuleUpdate(NamedTuple):
@@ -69,6 +72,8 @@ class LayerWork:
     log: one line of progress or a warning (a warning starts with "warning: ").
     device: where the layer and its inputs live ("cpu", "cuda").
     bias(module): the module's current float32 bias [out], or None when it has none.
+    sparse: a sparse layer's routing (calibrate/experts.SparseBlock: the experts record, their
+        settings and activation, the activation budget); None for a dense layer.
     """
 
     index: int
@@ -80,6 +85,7 @@ class LayerWork:
     log: Callable[[str], None]
     device: str = "cpu"
     bias: Callable[[str], torch.Tensor | None] = lambda _module: None
+    sparse: SparseBlock | None = None
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import InputError
 from .base import Format, check_layout_name, first_present, plain_count
-from .rules import loader_names, native_modules, original_modules, skipped_by_name
+from .rules import loader_names, native_modules, original_modules, original_routers, skipped_by_name
 
 if TYPE_CHECKING:
     import torch
@@ -141,7 +141,8 @@ def to_original(quant: dict, modules: dict[str, str]) -> dict:
     """A native-layout AWQ config with `modules_to_not_convert` named in the original layout."""
     skip = quant.get("modules_to_not_convert") or []
     kept = original_modules(modules, lambda native: skipped_by_name(native, skip))
-    return dict(quant, modules_to_not_convert=loader_names(kept, "original"))
+    # a sparse LLM's routers, named one by one (no linears of the layout: calibrate/awq_quantizer.py)
+    return dict(quant, modules_to_not_convert=loader_names(list(dict.fromkeys(kept + original_routers(skip))), "original"))
 
 
 FORMAT = Format(

@@ -10,14 +10,12 @@ bytes equal bitsandbytes' `int8_vectorwise_quant` (tested).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from ..errors import InputError
 from .base import Format, block_rows, check_layout_name, row_absmax
-from ..models.vision import LLM_PREFIX, NATIVE_LLM_PREFIX
-from .rules import loader_names, native_modules, original_modules, router_rules, skipped_by_name
+from .rules import loader_names, native_modules, original_modules, original_routers, skipped_by_name
 
 if TYPE_CHECKING:
     import torch
@@ -175,9 +173,7 @@ def to_original(quant: dict, modules: dict[str, str]) -> dict:
     skip = quant.get("llm_int8_skip_modules") or []
     kept = _whole_experts(original_modules(modules, lambda native: skipped_by_name(native, skip)), modules)
     # a sparse LLM's routers are named too (no linears of the layout: transforms/int8.py); vLLM's name is the original one
-    routers = [name if name.startswith(LLM_PREFIX + ".") else f"{LLM_PREFIX}.model.{name[len(NATIVE_LLM_PREFIX) + 1:]}"
-               for name in skip if name.startswith((NATIVE_LLM_PREFIX + ".", LLM_PREFIX + ".model."))
-               and any(re.match(rule, name) for rule in router_rules())]
+    routers = original_routers(skip)
     return dict(quant, llm_int8_skip_modules=loader_names(list(dict.fromkeys(kept + routers)), "original"))
 
 

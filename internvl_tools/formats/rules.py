@@ -148,6 +148,16 @@ def router_rules() -> frozenset[str]:
     return frozenset(r for r in (router_regex(d) for d in DIALECTS.values()) if r)
 
 
+def original_routers(names) -> list[str]:
+    """The routers a skip list of plain module names (bitsandbytes `llm_int8_skip_modules`, AWQ
+    `modules_to_not_convert`) names one by one (`...layers.N.mlp.gate`, either layout's or vLLM's
+    name), under their original-layout names. Routers are no linears of the layout, so
+    `original_modules` cannot carry them."""
+    return [name if name.startswith(LLM_PREFIX + ".") else f"{LLM_PREFIX}.model.{name[len(NATIVE_LLM_PREFIX) + 1:]}"
+            for name in names if name.startswith((NATIVE_LLM_PREFIX + ".", LLM_PREFIX + ".model."))
+            and any(re.match(rule, name) for rule in router_rules())]
+
+
 def native_rule(rule: str, record: Dialect | None = None) -> list[str]:
     """A compressed-tensors `ignore` entry of the original layout, rewritten for the native one.
 
