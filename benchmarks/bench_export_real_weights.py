@@ -37,8 +37,9 @@ def package_dir(name: str) -> Path:
     return Path(spec.submodule_search_locations[0])
 
 
-def dinov2_tensors() -> dict[str, torch.Tensor]:
-    """DINOv2 ViT-S/14 backbone weights under InternViT's original key names."""
+def dinov2_tensors(grid_side: int = 32) -> dict[str, torch.Tensor]:
+    """DINOv2 ViT-S/14 backbone weights under InternViT's original key names; the 37x37 position
+    grid resized (bicubic) to grid_side x grid_side (32: 448 px tiles; 16: 224 px)."""
     import onnx
     from onnx import numpy_helper
 
@@ -51,13 +52,13 @@ def dinov2_tensors() -> dict[str, torch.Tensor]:
     cls_pos = next(v for v in init.values() if tuple(v.shape) == (1, 1, 384) and not torch.equal(v, init["backbone.embeddings.cls_token"]))
     grid_pos = next(v for v in init.values() if tuple(v.shape) == (1, 1369, 384))
     grid = grid_pos.reshape(1, 37, 37, 384).permute(0, 3, 1, 2)
-    grid = torch.nn.functional.interpolate(grid, size=(32, 32), mode="bicubic", align_corners=False)
+    grid = torch.nn.functional.interpolate(grid, size=(grid_side, grid_side), mode="bicubic", align_corners=False)
     e = "vision_model.embeddings."
     out = {
         e + "class_embedding": init["backbone.embeddings.cls_token"],
         e + "patch_embedding.weight": init["backbone.embeddings.patch_embeddings.projection.weight"],
         e + "patch_embedding.bias": init["backbone.embeddings.patch_embeddings.projection.bias"],
-        e + "position_embedding": torch.cat([cls_pos, grid.permute(0, 2, 3, 1).reshape(1, 1024, 384)], dim=1),
+        e + "position_embedding": torch.cat([cls_pos, grid.permute(0, 2, 3, 1).reshape(1, grid_side * grid_side, 384)], dim=1),
     }
     for n in range(12):
         src, dst = f"backbone.encoder.layer.{n}.", f"vision_model.encoder.layers.{n}."
