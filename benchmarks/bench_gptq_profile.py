@@ -23,6 +23,7 @@ SmolLM2, whose 576 input features 128 does not divide).
   heads) from the wide InternVL2-Llama3-76B checkpoint: ours stops after layer 0; GPTQModel gets a
   1-layer LlamaForCausalLM built from the same tensors (embedding, layer 0, norm, head: 5.8 GB bf16,
   built once under bench-work/).
+`--layers N` stops ours after N layers (per-layer figures need only a few; every layer has the same shapes).
 `--only ours|gptqmodel` runs one side (the other side's last result is read from bench-work/ when
 present). Run: python benchmarks/bench_gptq_profile.py --model smollm2 --samples 32 --seq-len 512
 """
@@ -121,6 +122,8 @@ class Done(Exception):
 marks = {}
 def progress(done):
     marks[done] = (time.perf_counter(), dict(TOTALS))
+    print(f"layer {done} finished: {marks[done][0] - marks[0][0]:.1f} s, " + ", ".join(f"{k} {v - marks[0][1].get(k, 0):.1f}"
+          for k, v in sorted(TOTALS.items())), file=sys.stderr, flush=True)
     if layers and done >= layers:
         raise Done
 
@@ -230,11 +233,11 @@ def wide_sources() -> tuple[Path, Path]:
 
 
 def run_side(name: str, code: str, python: Path, argv: list[str], env: dict | None = None) -> dict:
-    proc = subprocess.run([str(python), "-c", code, *argv], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+    proc = subprocess.run([str(python), "-c", code, *argv], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})  # stderr (progress) passes through
     line = next((line for line in proc.stdout.splitlines() if line.startswith("PROFILE ")), None)
     if proc.returncode != 0 or line is None:
-        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
+        sys.stderr.write(proc.stdout[-3000:])
         raise SystemExit(f"{name}: the profiled run failed")
     return json.loads(line[len("PROFILE "):])
 
@@ -252,6 +255,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--group-size", type=int, default=None, help="default: 64 for smollm2 (576 inputs), 128 for wide")
+    parser.add_argument("--layers", type=int, default=None, help="ours: stop after N decoder layers (default: 1 on wide, all on smollm2)")
     parser.add_argument("--only", choices=["ours", "gptqmodel"], default=None)
     args = parser.parse_args()
     group = args.group_size or (64 if args.model == "smollm2" else 128)
@@ -274,9 +278,9 @@ def main() -> None:
             continue
         if side == "ours":
             out = fresh(WORK / f"profile-ours-{args.model}")
+            layers = args.layers if args.layers is not None else (1 if args.model == "wide" else 0)
             results[side] = run_side(side, OURS, Path(sys.executable),
-                                     [str(ours_src), str(out), str(calib), str(args.samples), str(args.seq_len),
-                                      "1" if args.model == "wide" else "0", str(group)])
+                                     [str(ours_src), str(out), str(calib), str(args.samples), str(args.seq_len), str(layers), str(group)])
             fresh(out)
         elif GPTQ_PYTHON.exists():
             out = fresh(WORK / f"profile-gptqmodel-{args.model}")

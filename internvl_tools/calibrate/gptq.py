@@ -236,6 +236,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor | PreparedHessian,
         w1 = w[:, start:stop].T.contiguous()
         codes1 = torch.empty_like(w1)
         err1 = torch.empty_like(w1)
+        buffer = torch.empty_like(w1)
         hinv1 = hinv[start:stop, start:stop]
         for i in range(stop - start):
             column = start + i
@@ -247,7 +248,10 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor | PreparedHessian,
             x = w1[i]
             codes = torch.clamp(torch.round(x / scale) + zero, 0, maxq, out=codes1[i])  # quantize_column
             e = torch.sub(x, scale * (codes - zero), out=err1[i]).div_(hinv1[i, i])  # (x - dequantized) / d
-            w1[i:] -= hinv1[i, i:].unsqueeze(1) * e  # the rank-1 update of the block's later columns
+            # the rank-1 update of the block's later columns, its product in a reused buffer (a fresh
+            # [block - i, rows] temporary per column costs as much as the arithmetic)
+            product = torch.mul(hinv1[i, i:].unsqueeze(1), e, out=buffer[: stop - start - i])
+            w1[i:] -= product
         loss += float(err1.square().sum()) / 2  # sum over columns of |x - dequantized|^2 / d^2 / 2
         q[:, start:stop] = codes1.T.to(torch.int32)
         w[:, start:stop] = w1.T
