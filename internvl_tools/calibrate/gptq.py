@@ -245,9 +245,10 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor | PreparedHessian,
                 scale, zero = group_params(w[:, column : column + group], config.bits, config.sym, config.scale_dtype)
                 index = int(perm[column]) // group if static else column // group
                 scales[index], zeros[index] = scale, zero
-            x = w1[i]
-            codes = torch.clamp(torch.round(x / scale) + zero, 0, maxq, out=codes1[i])  # quantize_column
-            e = torch.sub(x, scale * (codes - zero), out=err1[i]).div_(hinv1[i, i])  # (x - dequantized) / d
+            x, codes = w1[i], codes1[i]
+            torch.div(x, scale, out=codes).round_().add_(zero).clamp_(0, maxq)  # quantize_column, in place
+            dequantized = torch.sub(codes, zero, out=buffer[0]).mul_(scale)
+            e = torch.sub(x, dequantized, out=err1[i]).div_(hinv1[i, i])  # (x - dequantized) / d
             # the rank-1 update of the block's later columns, its product in a reused buffer (a fresh
             # [block - i, rows] temporary per column costs as much as the arithmetic)
             product = torch.mul(hinv1[i, i:].unsqueeze(1), e, out=buffer[: stop - start - i])
