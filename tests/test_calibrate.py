@@ -118,6 +118,24 @@ def test_transposed_sweep_is_the_reference_sweep_bit_for_bit(cfg):
     assert torch.equal(gptq_quantize(w, prepared, cfg).q, _reference_sweep(w, prepared, cfg))
 
 
+@pytest.mark.parametrize("cfg", [GPTQConfig(4, 64, True, False), GPTQConfig(4, 64, False, True), GPTQConfig(8, 128, False, False)])
+def test_stacked_linears_get_their_own_codes(cfg):
+    """The quantizer sweeps linears sharing a Hessian (q/k/v, gate/up) as one stacked matrix: each keeps its own codes, scales and loss."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(900, 256, generator=g) @ (torch.randn(256, 256, generator=g) * 0.2)
+    prepared = prepare_hessian(2 * x.T @ x / 900, cfg)
+    weights = [torch.randn(rows, 256, generator=g) * 0.05 for rows in (256, 64, 64)]
+    whole = gptq_quantize(torch.cat(weights), prepared, cfg)
+    start = 0
+    for weight in weights:
+        alone = gptq_quantize(weight, prepared, cfg)
+        stop = start + weight.shape[0]
+        assert torch.equal(whole.q[start:stop], alone.q) and torch.equal(whole.scales[:, start:stop], alone.scales)
+        assert torch.equal(whole.zeros[:, start:stop], alone.zeros)
+        assert float(whole.row_loss[start:stop].sum()) == pytest.approx(alone.loss, rel=1e-5)
+        start = stop
+
+
 def test_non_finite_hessian_is_refused_after_the_ladder():
     h = torch.full((4, 4), float("nan"))
     with pytest.raises(HessianNotPositiveDefinite, match="damp 1"):

@@ -48,6 +48,7 @@ class GPTQResult:
     zeros: torch.Tensor  # int32 [groups, out]
     g_idx: torch.Tensor  # int32 [in]: the group of each input column
     loss: float  # sum of the GPTQ objective over columns
+    row_loss: torch.Tensor | None = None  # float32 [out]: each row's share of `loss` (rows are independent given H)
 
     def dequantize(self) -> torch.Tensor:
         """W ~ scale x (q - zero), float32 [out, in]."""
@@ -226,7 +227,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor | PreparedHessian,
     q = torch.zeros(rows, cols, dtype=torch.int32, device=device)
     scales = torch.zeros(n_groups, rows, device=device)
     zeros = torch.zeros(n_groups, rows, device=device)
-    loss = 0.0
+    row_loss = torch.zeros(rows, device=device)
     scale = zero = None
     maxq = 2**config.bits - 1
     # each block is swept transposed ([columns, rows]: a column is a contiguous row), with the same
@@ -253,7 +254,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor | PreparedHessian,
             # [block - i, rows] temporary per column costs as much as the arithmetic)
             product = torch.mul(hinv1[i, i:].unsqueeze(1), e, out=buffer[: stop - start - i])
             w1[i:] -= product
-        loss += float(err1.square().sum()) / 2  # sum over columns of |x - dequantized|^2 / d^2 / 2
+        row_loss += err1.square().sum(dim=0)  # per row, sum over columns of (x - dequantized)^2 / d^2
         q[:, start:stop] = codes1.T.to(torch.int32)
         w[:, start:stop] = w1.T
         # the lazy batch update, accumulated in place (no [rows, cols - stop] temporary: 0.9 GiB for a
@@ -263,7 +264,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor | PreparedHessian,
     positions = torch.arange(cols, device=device)
     # act-order: a column's group is its position in quantization order; otherwise its own range
     g_idx = (positions // group).to(torch.int32)[inverse] if not static else (positions // group).to(torch.int32)
-    return GPTQResult(q[:, inverse].cpu(), scales.cpu(), zeros.to(torch.int32).cpu(), g_idx.cpu(), loss)
+    row_loss = row_loss.cpu() / 2
+    return GPTQResult(q[:, inverse].cpu(), scales.cpu(), zeros.to(torch.int32).cpu(), g_idx.cpu(), float(row_loss.sum()), row_loss)
 
 
 def group_aware_order(diag: torch.Tensor, group: int) -> torch.Tensor:

@@ -140,10 +140,17 @@ class GPTQQuantizer(Quantizer):
         if work.tokens is not None:
             self._fewest_tokens = work.tokens if self._fewest_tokens is None else min(self._fewest_tokens, work.tokens)
         del accumulator
+        # linears that share the Hessian (q/k/v, gate/up) are swept as one stacked matrix: GPTQ treats
+        # rows independently given H, so the codes are each linear's own, bit for bit, and the
+        # per-column loop runs once per group instead of once per linear
+        stacked = self._stacked(layer, group.linears, prepared) if prepared is not None and len(group.linears) > 1 else {}
         for name in group.linears:
-            weight = layer.weight(name)
-            result = gptq_quantize(weight, prepared, self.config) if prepared is not None else rtn_quantize(weight, self.config)
-            del weight
+            if name in stacked:
+                result = stacked.pop(name)
+            else:
+                weight = layer.weight(name)
+                result = gptq_quantize(weight, prepared, self.config) if prepared is not None else rtn_quantize(weight, self.config)
+                del weight
             self._linears += 1
             method = f"GPTQ loss {result.loss:.4g}" if prepared is not None else "round-to-nearest"
             layer.log(f"layer {layer.index} {name}: {method}")
@@ -151,6 +158,20 @@ class GPTQQuantizer(Quantizer):
             del result
             yield name, update
             del update  # the layer holds the weight now; keep no second reference while the next linear runs
+
+    def _stacked(self, layer, names, prepared) -> dict[str, GPTQResult]:
+        """GPTQ of the linears `names` (all reading the prepared Hessian's input) as one matrix of
+        their stacked rows, split back into one GPTQResult per linear (its rows' codes, scales,
+        zeros and loss)."""
+        weights = [layer.weight(name) for name in names]
+        bounds = [0]
+        for weight in weights:
+            bounds.append(bounds[-1] + weight.shape[0])
+        whole = gptq_quantize(torch.cat(weights), prepared, self.config)
+        del weights
+        return {name: GPTQResult(whole.q[a:b], whole.scales[:, a:b].contiguous(), whole.zeros[:, a:b].contiguous(), whole.g_idx,
+                                 float(whole.row_loss[a:b].sum()), whole.row_loss[a:b])
+                for name, a, b in zip(names, bounds, bounds[1:])}
 
     def _expert_threshold(self, work: GroupWork) -> int:
         """The fewest routed tokens an expert needs for GPTQ: a share of the calibration tokens, at least 1."""
@@ -177,6 +198,20 @@ class GPTQQuantizer(Quantizer):
         signed = result.q - result.zeros[g].T  # symmetric: zero 2^(bits-1) everywhere
         return compressed_tensors.pack_codes(signed, result.scales.T.contiguous(), self.config.bits,
                                              getattr(torch, self.config.scale_dtype))
+
+    _STATE = ("_fewest_tokens", "_linears", "_fallbacks", "_damped")
+
+    def state(self) -> dict:
+        """The counts, fallbacks, raised dampenings and expert sets so far (Quantizer.state)."""
+        return {**{name: getattr(self, name) for name in self._STATE},
+                "_experts": {kind: sorted(names) for kind, names in self._experts.items()}}
+
+    def restore(self, state: dict) -> None:
+        """Continue from `state()` of an interrupted run (Quantizer.restore)."""
+        for name in self._STATE:
+            if name in state:
+                setattr(self, name, state[name])
+        self._experts.update({kind: set(names) for kind, names in state.get("_experts", {}).items()})
 
     def summary(self) -> dict:
         """{"linears": count, "round_to_nearest": [...], "damp_raised": {...}} so far; "experts" (expert groups
