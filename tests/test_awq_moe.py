@@ -214,7 +214,8 @@ def test_transformers_loads_compressed_tensors_awq_experts(tiny, tmp_path, run_c
     out = tmp_path / "w4a16"
     result = run_cli("quantize", tmp_path / "hf", "-o", out, *TINY_AWQ, "--format", "compressed-tensors", "--no-zero-point")
     assert result.exit_code == 0, result.output
-    assert "warning" not in result.stderr  # this format's experts load in transformers
+    # this format's experts load in transformers: no warning but --seq-len's (the tiny samples are cut)
+    assert [line for line in result.stderr.splitlines() if line.startswith("warning") and "--seq-len" not in line] == []
     tensors = all_tensors(out)
     assert "model.language_model.layers.1.mlp.experts.2.down_proj.weight_packed" in tensors
     assert tensors["model.language_model.layers.1.mlp.gate.weight"].dtype == torch.bfloat16

@@ -164,12 +164,50 @@ def test_resume_continues_from_last_finished_layer(tiny, tmp_path):
     assert not (tmp_path / "resumed.partial").exists() and not (out / ".gptq_state.json").exists()
 
 
+def test_resume_onto_another_run_s_partial_starts_fresh_saying_why(tiny, tmp_path):
+    """--resume onto OUT.partial of another method, --format or input: one warning line naming why,
+    then a fresh start; --resume with no partial at all: one note line. (Each run stops after its
+    first layer: what is said comes before.)"""
+    from internvl_tools.calibrate.awq import AWQConfig
+    from internvl_tools.calibrate.awq_quantizer import AWQJob, quantize_awq
+
+    class Stop(Exception):
+        pass
+
+    def stop(done):
+        raise Stop
+
+    out, partial = tmp_path / "q", tmp_path / "q.partial"
+    gptq = GPTQJob(GPTQConfig(4, 32), num_samples=2, seq_len=32)
+
+    def said(run, source, job):
+        lines = []
+        with pytest.raises(Stop):
+            run(tiny(source), out, job, max_shard_size=10**9, resume=True, progress=stop, log=lines.append)
+        assert json.loads(next(partial.glob(".*_state.json")).read_text())["layers_done"] == 1  # started afresh
+        return [line for line in lines if "--resume" in line]
+
+    assert said(quantize_gptq, "InternVL2-1B", gptq) == ["note: --resume: there is no q.partial to resume; starting from the first layer"]
+    awq = AWQJob(AWQConfig(group_size=32, zero_point=False), fmt="compressed-tensors", num_samples=2, seq_len=32)
+    assert said(quantize_awq, "InternVL2-1B", awq) == [
+        f"warning: --resume: {partial} is not resumed: it was started by --method gptq (now awq); starting fresh"]
+    gptq_ct = GPTQJob(GPTQConfig(4, 32), fmt="compressed-tensors", num_samples=2, seq_len=32)
+    assert said(quantize_gptq, "InternVL2-1B", gptq_ct) == [
+        f"warning: --resume: {partial} is not resumed: it was started by --method awq (now gptq); starting fresh"]
+    assert said(quantize_gptq, "InternVL2-1B", gptq) == [
+        f"warning: --resume: {partial} is not resumed: it was started with --format compressed-tensors (now gptq); starting fresh"]
+    assert said(quantize_gptq, "InternVL2-2B", gptq) == [
+        f"warning: --resume: {partial} is not resumed: it was started from another input ({tiny('InternVL2-1B').resolve()}); "
+        "starting fresh"]
+    assert [p.name for p in partial.glob(".*_state.json")] == [".gptq_state.json"]  # nothing of the earlier runs left
+
+
 def test_recipe_and_command_line_override(tiny, tmp_path, run_cli):
     recipe = ROOT / "recipes" / "internvl2-llama3-76b-gptq-w4g128.yaml"
     result = run_cli("quantize", tiny("InternVL2-Llama3-76B"), "-o", tmp_path / "r", "--recipe", recipe,
                      "--group-size", "32", "--num-samples", "4", "--seq-len", "64", "--json")
     assert result.exit_code == 0, result.output
-    summary = json.loads(result.output)
+    summary = json.loads(result.stdout)  # stderr: the --seq-len 64 warning (samples cut)
     assert summary["method"] == "gptq" and summary["bits"] == 4 and summary["group_size"] == 32 and summary["sym"] is True
     for name in ("internvl2-llama3-76b-gptq-w4g128.yaml", "internvl-chat-v1-2-gptq-w4g128.yaml"):
         import yaml

@@ -118,7 +118,7 @@ def test_malformed_rows_exit_2(tiny, slice_tsv, run_cli, tmp_path):
     assert result.exit_code == 2 and "row 3" in result.output and "base64" in result.output
     (tmp_path / "bad.jsonl").write_text('{"question": "q", "answer": "a"}\n{"question": "no answer"}\n')
     result = run_cli("verify", tiny(FAMILY), tiny(FAMILY), "--bench", tmp_path / "bad.jsonl")
-    assert result.exit_code == 2 and "line 2" in result.output
+    assert result.exit_code == 2 and "bad.jsonl:2: needs 'question'" in result.output
     cells = lines[1].split("\t")
     cells[-2] = "Z"  # an answer that is not an option
     (tmp_path / "bad2.tsv").write_text("\n".join([lines[0], "\t".join(cells)]))

@@ -33,7 +33,7 @@ import torch
 
 from ..errors import InputError
 from ..io.reader import CheckpointReader
-from ..formats import to_native
+from ..formats import refuse_unannounced_quantization, to_native
 from ..models.native_map import SIDECAR
 from ..models.views import LayoutWriter, open_view
 from ..transforms.stream import fix_lora_flags
@@ -42,13 +42,14 @@ from ..io.writer import CheckpointWriter, write_file
 from ..models.dialects import Dialect, Experts
 from ..models.layout import Layout, build_layout
 from ..models.native_map import Link, links
-from ..models.templates import IMG_CONTEXT
+from ..models.templates import IMG_CONTEXT, IMG_END
 from ..models.vision import NATIVE_LLM_PREFIX
 from ..runtime.build import build_decoder_layer
 from .activations import Activations, ResumeState
 from .experts import SparseBlock, quantize_experts
 from .quantizer import GroupWork, LayerWork, ModuleUpdate, Quantizer
 from .samples import ROWS_FILE, Sample, builtin_samples, calibration_record, load_calibration
+from .window import Window, fit_samples
 
 
 @dataclass(frozen=True)
@@ -88,34 +89,53 @@ class QuantizeJob:
         return CalibrationJob(**fields)
 
 
-def calibration_embeddings(reader: CheckpointReader, config: dict, layout: Layout, samples: list[Sample], seq_len: int,
-                           budget: int, work: Path, log: Callable[[str], None] = lambda _m: None,
-                           device: str = "cpu") -> Activations:
-    """Input embeddings of every sample, float32 [1, T, hidden] on the CPU with T <= seq_len, image
-    features spliced in at the IMG_CONTEXT tokens; spilled into `work` beyond `budget` bytes.
+def fit_window(reader: CheckpointReader, config: dict, samples: list[Sample], seq_len: int, count: int | None = None) -> Window:
+    """The samples fitted into `seq_len` tokens with the checkpoint's tokenizer and tiling
+    (calibrate/window.py: the system prompt left out when it takes more than half, images tiled
+    smaller rather than split, the end cut), the first `count` that keep content. InputError when
+    no sample keeps any content. Reads the tokenizer and config only (no weights)."""
+    from ..runtime.model import InternVLRuntime
+
+    runtime = InternVLRuntime(reader.folder, dtype=None, load_llm=False, load_vision=False)
+    tokenizer = runtime.tokenizer
+    end_id = tokenizer.convert_tokens_to_ids(IMG_END)
+    return fit_samples(samples, seq_len, config.get("template"), lambda text: tokenizer(text).input_ids, runtime.tokens_per_tile,
+                       runtime.config, tokenizer.convert_tokens_to_ids(IMG_CONTEXT),
+                       end_id if isinstance(end_id, int) and end_id != tokenizer.unk_token_id else None, count)
+
+
+def calibration_embeddings(reader: CheckpointReader, config: dict, layout: Layout, window: Window, budget: int, work: Path,
+                           log: Callable[[str], None] = lambda _m: None, device: str = "cpu") -> Activations:
+    """Input embeddings of every fitted sample (`window`: fit_window), float32 [1, T, hidden] on the
+    CPU with T <= the window's seq_len, image features spliced in at the IMG_CONTEXT tokens (every
+    image whole: the window never splits one); spilled into `work` beyond `budget` bytes.
 
     The runtime's vision part (InternViT + pixel shuffle + mlp1, never quantized; float32, run on
-    `device`, the job's "cpu" or "cuda") and tokenizer make the image features and prompts; the
-    LLM is not built, only its embedding table read (on the CPU)."""
+    `device`, the job's "cpu" or "cuda") makes the image features, each image tiled as the window
+    chose (its max_dynamic_patch); the LLM is not built, only its embedding table read (on the CPU)."""
     from ..runtime.model import InternVLRuntime
+    from ..runtime.preprocess import pixel_values
 
     vision = InternVLRuntime(reader.folder, dtype=torch.float32, load_llm=False, device=device)
     embed_key = next(k for k, i in layout.keys.items() if i.family == "llm" and i.part == "embeddings")
     table = reader.get(embed_key).float()
     context_id = vision.tokenizer.convert_tokens_to_ids(IMG_CONTEXT)
-    template = config.get("template")
     acts = Activations(work, budget)
-    for number, sample in enumerate(samples, 1):
-        tiles = vision.pixel_values(sample.image) if sample.image is not None else None
-        text = sample.text(template, vision.tokens_per_tile, tiles.shape[0] if tiles is not None else 0)
-        ids = vision.tokenizer(text, return_tensors="pt").input_ids[:, :seq_len]
+    for number, fitted in enumerate(window.used, 1):
+        ids = torch.tensor([fitted.ids], dtype=torch.long)
         embeds = table[ids]
-        if tiles is not None:
+        if fitted.tiles:
+            low = vision.config.get("min_dynamic_patch", 1)
+            tiles = pixel_values(fitted.sample.image, dict(vision.config, max_dynamic_patch=fitted.max_tiles,
+                                                           min_dynamic_patch=min(low, fitted.max_tiles)))
             features = vision.image_features(tiles).reshape(-1, table.shape[1]).cpu()
             mask = ids[0] == context_id
-            embeds[0, mask] = features[: int(mask.sum())]  # a truncated prompt keeps the leading image tokens
+            if tiles.shape[0] != fitted.tiles or int(mask.sum()) != features.shape[0]:
+                raise RuntimeError(f"calibration sample {number}: {int(mask.sum())} image tokens in the window, "
+                                   f"{features.shape[0]} image features ({tiles.shape[0]} tiles, {fitted.tiles} planned)")
+            embeds[0, mask] = features
         acts.append(embeds)
-        log(f"calibration {number}/{len(samples)} samples")
+        log(f"calibration {number}/{len(window.used)} samples")
     del vision
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()  # the tower's memory goes back before the decoder layers are built
@@ -317,6 +337,7 @@ def quantize_calibrated(source: Path, out: Path, quantizer: Quantizer, job: Cali
         config = reader.config()
         if config.get("quantization_config"):
             raise InputError(f"{source}/config.json: the checkpoint is already quantized; quantize the bf16 checkpoint")
+        refuse_unannounced_quantization(getattr(reader, "reader", reader).keys())  # before OUT.partial exists
         layout = build_layout(config, reader.specs())
         if layout.lora:
             raise InputError(f"{source}: embedded LoRA adapters; merge them first with `internvl-tools merge-lora`")
@@ -342,40 +363,136 @@ def quantize_calibrated(source: Path, out: Path, quantizer: Quantizer, job: Cali
                     f"calibrating on all {len(loaded)} (add rows for the full count)")
             return loaded
 
-        # bad calibration data is refused before OUT.partial exists (a resumed run reads its rows from there)
-        samples = None if resume else load_samples()
+        def load_window() -> Window:
+            samples = load_samples()
+            try:
+                window = fit_window(reader, config, samples, job.seq_len, job.num_samples)
+            except InputError:  # no sample keeps content: later ones may
+                window = None
+            if (window is None or window.dropped) and len(samples) == job.num_samples:
+                # the next samples of the set (--calib: the next rows) stand in for dropped ones
+                more = builtin_samples(4 * job.num_samples, job.seed) if not job.calib else \
+                    load_calibration(Path(job.calib), 4 * job.num_samples)
+                if len(more) > len(samples):
+                    window = fit_window(reader, config, more, job.seq_len, job.num_samples)
+            window = window or fit_window(reader, config, samples, job.seq_len, job.num_samples)  # the refusal
+            if window.warning():
+                log(window.warning())
+            return window
+
+        # bad calibration data, or a --seq-len that leaves it no room, is refused before OUT.partial exists
+        # (a resumed run reads its rows from there)
+        window = None if resume else load_window()
+        run = {"method": quantizer.name, "options": quantizer.options(), "calibration": asdict(job)}
+        partial = Path(out).with_name(Path(out).name + ".partial")
+        reopen, leftover = _resume_check(partial, run, str(Path(source).resolve()), log) if resume else (False, None)
         with CheckpointWriter(out, planned, max_shard_size=max_shard_size, inputs=[Path(source)], overwrite=overwrite or resume,
-                              resumable=True) as raw_writer:
+                              resumable=True, reopen=reopen, leftover=leftover) as raw_writer:
             writer = LayoutWriter(reader, raw_writer)
-            state = ResumeState(raw_writer.partial, quantizer.name,
-                                {"method": quantizer.name, "options": quantizer.options(), "calibration": asdict(job)})
+            state = ResumeState(raw_writer.partial, quantizer.name, run, str(Path(source).resolve()))
             done = state.load(raw_writer.partial) if resume and raw_writer.resumed else None
+            if resume and raw_writer.resumed and done is None:
+                log(f"note: --resume: {raw_writer.partial} holds no finished layer (the run stopped while calibrating); "
+                    "starting from the first layer")
             if done is not None:
                 writer.mark_written([s.name for s in specs if s.name not in replaced])
                 writer.mark_written([n for layer in range(done) for n in per_layer.get(layer, [])])
                 acts = state.activations(job.memory_budget)
+                quantizer.restore(state.stats)  # the finished layers' statistics: the summary counts every layer
                 log(f"resuming after layer {done - 1}")
             else:
                 done = 0
                 for spec in specs:
                     if spec.name not in replaced:
                         writer.copy(spec.name)
-                samples = samples if samples is not None else load_samples()
-                record, rows = calibration_record(samples, job.calib, job.seed)
+                window = window if window is not None else load_window()
+                record, rows = calibration_record([f.sample for f in window.used], job.calib, job.seed, window.record())
                 write_file(raw_writer.partial / ROWS_FILE, {"calibration": record, "rows": rows})  # kept for --resume
-                acts = calibration_embeddings(reader, config, layout, samples, job.seq_len, job.memory_budget, state.spill, log,
-                                              job.device)
+                acts = calibration_embeddings(reader, config, layout, window, job.memory_budget, state.spill, log, job.device)
                 state.save(acts, 0)
             for index in range(done, layout.llm_layers):
                 acts = quantize_layer(reader, config, layout, index, acts, quantizer, job, writer, per_layer.get(index, []),
                                       all_links, log)
-                state.save(acts, index + 1)
+                state.save(acts, index + 1, quantizer.state())
                 if progress:
                     progress(index + 1)
             state.clear()
             if (raw_writer.partial / ROWS_FILE).exists():  # absent only in a partial from before it was recorded
                 files = _with_calibration(files, json.loads((raw_writer.partial / ROWS_FILE).read_text()), quantizer)
             return raw_writer.finalize(side_files_from=Path(source), files=files)
+
+
+# how the options of a calibrated run read on the command line: job key -> (flag, its negation for a boolean)
+_FLAGS = {
+    "bits": ("--bits", None), "group_size": ("--group-size", None), "zero_point": ("--zero-point", "--no-zero-point"),
+    "sym": ("--sym", "--asym"), "desc_act": ("--desc-act", None), "damp": ("--damp", None),
+    "act_group_aware": ("--act-group-aware", "--no-act-group-aware"), "format": ("--format", None),
+    "num_samples": ("--num-samples", None), "seq_len": ("--seq-len", None), "calib": ("--calib", None),
+    "device": ("--device", None),
+}
+
+
+def _option_text(key: str, value: object) -> str:
+    """One option value as the command line spells it ("--num-samples 4", "--no-zero-point")."""
+    flag, negated = _FLAGS.get(key, (key, None))
+    if isinstance(value, bool):
+        return flag if value else (negated or f"without {flag}")
+    if key == "calib" and value is None:
+        return "the built-in set (no --calib)"
+    return f"{flag} {value}"
+
+
+def _run_format(run: dict) -> str:
+    """The output format of a run record (GPTQ records it only when it is not gptq)."""
+    return run["options"].get("format", run["method"])
+
+
+def option_differences(was: dict, now: dict) -> list[str]:
+    """The options two run records ({"method", "options", "calibration"}) differ in, as
+    "--num-samples 4 (now 3)" / "--zero-point (now --no-zero-point)", the earlier run's value first."""
+    before = {**was.get("options", {}), **was.get("calibration", {})}
+    after = {**now.get("options", {}), **now.get("calibration", {})}
+    lines = []
+    for key in dict.fromkeys([*before, *after]):
+        old, new = before.get(key), after.get(key)
+        if old != new:
+            plain = old is not None and new is not None and not isinstance(new, bool)  # "--num-samples 4 (now 3)"
+            lines.append(f"{_option_text(key, old)} (now {new if plain else _option_text(key, new)})")
+    return lines
+
+
+def _resume_check(partial: Path, run: dict, source: str, log: Callable[[str], None]) -> tuple[bool, Callable[[Path], None]]:
+    """Before a --resume run opens OUT.partial/ (`run`: its record, `source`: the resolved input):
+    whether the writer may reopen it, and what to say if the writer then replaces it (its shards
+    planned for other tensors). One note line when there is no partial; one warning line (and a
+    fresh start) for a partial from another input, method or --format; InputError naming each
+    differing option (was, now) and the fix for a partial of the same run with other options."""
+    def replaced(_partial: Path) -> None:
+        log(f"warning: --resume: {partial} is not resumed: its shards were planned for other tensors (another "
+            "--max-shard-size, or the input changed since); starting fresh")
+
+    if not partial.exists():
+        log(f"note: --resume: there is no {partial.name} to resume; starting from the first layer")
+        return False, replaced
+    previous = ResumeState.read(partial)
+    if previous is None:
+        return True, replaced
+    was, now = previous["job"], json.loads(json.dumps(run))  # as it reads back from JSON (tuples -> lists)
+    reason = None
+    if previous.get("source") and previous["source"] != source:
+        reason = f"it was started from another input ({previous['source']})"
+    elif was.get("method") != now["method"]:
+        reason = f"it was started by --method {was.get('method')} (now {now['method']})"
+    elif _run_format(was) != _run_format(now):
+        reason = f"it was started with --format {_run_format(was)} (now {_run_format(now)})"
+    if reason:
+        log(f"warning: --resume: {partial} is not resumed: {reason}; starting fresh")
+        return False, lambda _partial: None
+    if was != now:
+        differ = option_differences(was, now)
+        raise InputError(f"{partial}: the interrupted run used other options: {'; '.join(differ) or 'internal settings'}; "
+                         f"rerun with its options to resume, or drop --resume (or remove {partial}) to start over")
+    return True, replaced
 
 
 def _with_calibration(files: dict[str, object], rows_file: dict, quantizer: Quantizer) -> dict[str, object]:

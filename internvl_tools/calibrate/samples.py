@@ -66,18 +66,26 @@ class Sample:
     turns: tuple[tuple[str, str], ...] = ()
     source_question: str | None = None
 
-    def text(self, template: str, tokens_per_tile: int = 0, num_tiles: int = 0) -> str:
-        """The whole conversation in the model's chat template (image tokens in the first turn)."""
-        from ..models.templates import build_prompt, get_template
+    def text(self, template: str, tokens_per_tile: int = 0, num_tiles: int = 0, system: bool = True) -> str:
+        """The whole conversation in the model's chat template (image tokens in the first turn);
+        `system=False`: without the system prompt (the template with an empty system message)."""
+        from dataclasses import replace
+
+        from ..models.templates import build_prompt, get_template, image_placeholder
 
         chat = get_template(template)
-        text = build_prompt(template, self.question, tokens_per_tile, num_tiles) + self.answer + chat.sep
+        if system:
+            text = build_prompt(template, self.question, tokens_per_tile, num_tiles)
+        else:  # build_prompt's image line and question, under an empty system message
+            image = image_placeholder(tokens_per_tile, num_tiles) + "\n" if num_tiles else ""
+            text = replace(chat, system="{system_message}", system_message="").prompt(image + self.question)
+        text += self.answer + chat.sep
         for question, answer in self.turns:
             if chat.user == "USER":  # vicuna style
                 text += f"USER: {question} ASSISTANT: {answer}{chat.sep}"
             else:
                 text += f"{chat.user}{question}{chat.sep}{chat.assistant}{answer}{chat.sep}"
-        return text
+        return text if system else text.lstrip()
 
     def fingerprint(self) -> str:
         """io.slices.row_fingerprint of the row this sample came from."""
@@ -206,16 +214,15 @@ def load_samples(folder: Path, count: int) -> list[Sample]:
 
 
 def _read_file(path: Path, count: int) -> list[Sample]:
-    from ..io.slices import read_slice
+    from ..io.slices import jsonl_rows, read_slice
 
     if path.suffix == ".tsv":
         return [_from_item(item) for item in read_slice(path, count)]
     samples = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, where, row in jsonl_rows(path):  # UTF-8, JSON objects, field types checked there (shared with verify)
         if len(samples) >= count:
             break
-        if line.strip():
-            samples.append(_parse(path, number, line, path.parent))
+        samples.append(_parse(where, number, row, path.parent))
     return samples
 
 
@@ -226,14 +233,8 @@ def _from_item(item) -> Sample:
     return Sample(prompt_of(item), item.answer, item.image, "slice", source_question=item.question)
 
 
-def _parse(path: Path, number: int, line: str, folder: Path) -> Sample:
-    where = f"{path}:{number}"
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{where}: not JSON ({exc.msg}); each line is one sample object") from exc
-    if not isinstance(row, dict):
-        raise InputError(f"{where}: each line is one JSON object")
+def _parse(where: str, number: int, row: dict, folder: Path) -> Sample:
+    """One checked .jsonl row (io.slices.check_row: field types) as a sample; InputError naming `where`."""
     image = None
     if row.get("image"):
         image_path = folder / row["image"]
@@ -243,7 +244,7 @@ def _parse(path: Path, number: int, line: str, folder: Path) -> Sample:
             raise InputError(f"{where}: cannot read image {image_path} ({exc})") from exc
     if "conversations" in row:
         turns = [t for t in row["conversations"] if t.get("from") in ("human", "gpt")]
-        pairs = [(turns[i]["value"], turns[i + 1]["value"]) for i in range(0, len(turns) - 1, 2)
+        pairs = [(turns[i].get("value", ""), turns[i + 1].get("value", "")) for i in range(0, len(turns) - 1, 2)
                  if turns[i].get("from") == "human" and turns[i + 1].get("from") == "gpt"]
         if not pairs:
             raise InputError(f"{where}: 'conversations' needs a human turn followed by a gpt turn")
@@ -253,7 +254,7 @@ def _parse(path: Path, number: int, line: str, folder: Path) -> Sample:
     if "text" in row:
         return Sample("", row["text"], image, "text")
     if "prompt" in row:
-        return Sample(row["prompt"], row.get("answer", ""), image, "prompt")
+        return Sample(row["prompt"], str(row.get("answer", "")), image, "prompt")
     if "question" in row and "answer" in row:
         from ..io.slices import BenchItem
 
@@ -269,9 +270,11 @@ def _parse(path: Path, number: int, line: str, folder: Path) -> Sample:
 ROWS_FILE = "calibration_rows.json"
 
 
-def calibration_record(samples: list[Sample], calib: str | None, seed: int) -> tuple[dict, list[str]]:
+def calibration_record(samples: list[Sample], calib: str | None, seed: int, window: dict | None = None) -> tuple[dict, list[str]]:
     """What a quantized checkpoint was calibrated with: (the summary quantize writes into config.json
-    as `quantization_calibration`, the row fingerprints it writes to calibration_rows.json)."""
+    as `quantization_calibration`, the row fingerprints it writes to calibration_rows.json).
+    `samples`: the ones that reached the model; `window`: calibrate.window.Window.record()'s counts
+    (seq_len, tokens, cut, system_prompt_dropped, retiled, dropped), added as they are."""
     rows = sorted({sample.fingerprint() for sample in samples})
     kinds = Counter(sample.kind for sample in samples)
     record = {
@@ -286,12 +289,18 @@ def calibration_record(samples: list[Sample], calib: str | None, seed: int) -> t
     }
     if not calib:
         record["seed"] = seed
+    record.update(window or {})
     return record, rows
 
 
 def describe(record: dict) -> str:
-    """One line: "built-in builtin-v2, 128 samples (photo 26, document 19, ...)" or "PATH, 64 samples (...)"."""
+    """One line: "the built-in set (builtin-v2, seed 0), 128 samples (photo 26, ...), 61440 tokens (--seq-len 2048;
+    3 cut)" or "PATH, 64 samples (...), ..."."""
     kinds = ", ".join(f"{kind} {n}" for kind, n in sorted(record.get("kinds", {}).items(), key=lambda kv: -kv[1]))
     source = f"the built-in set ({record.get('set')}, seed {record.get('seed', 0)})" if record.get("source") == "built-in" \
         else record.get("source", "?")
-    return f"{source}, {record.get('samples', '?')} samples" + (f" ({kinds})" if kinds else "")
+    line = f"{source}, {record.get('samples', '?')} samples" + (f" ({kinds})" if kinds else "")
+    if "tokens" in record:  # what reached the model within --seq-len (calibrate/window.py)
+        lost = [f"{record[key]} {what}" for key, what in (("cut", "cut"), ("dropped", "dropped")) if record.get(key)]
+        line += f", {record['tokens']} tokens (--seq-len {record['seq_len']}" + (f"; {', '.join(lost)}" if lost else "") + ")"
+    return line

@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,7 +52,11 @@ def read_slice(path: str | Path, limit: int | None = None) -> list[BenchItem]:
     if not path.is_file():
         raise InputError(f"{path}: no such benchmark slice; pass a VLMEvalKit .tsv or a .jsonl file")
     if path.suffix == ".tsv":
-        return _read_tsv(path, limit)
+        try:
+            return _read_tsv(path, limit)
+        except UnicodeDecodeError as exc:
+            raise InputError(f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x}); VLMEvalKit slices are "
+                             "UTF-8: re-save it as UTF-8") from None
     if path.suffix in (".jsonl", ".json"):
         return _read_jsonl(path, limit)
     raise InputError(f"{path}: unknown slice format {path.suffix!r}; use a VLMEvalKit .tsv or a .jsonl")
@@ -141,19 +146,78 @@ def _decode_image(data: str | None, where: str) -> Image.Image | None:
         raise InputError(f"{where}: image bytes are not a picture PIL can read ({exc})") from exc
 
 
-def _read_jsonl(path: Path, limit: int | None) -> list[BenchItem]:
-    items = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if limit is not None and len(items) >= limit:
-            break
+# the type of each field a .jsonl row may carry (verify rows and calibration rows): checked where
+# rows are parsed, so that a wrong type is a one-line error naming file:line and the field
+TEXT, SCALAR = (str,), (str, int, float)
+ROW_FIELDS = {"image": TEXT, "question": TEXT, "prompt": TEXT, "text": TEXT, "hint": TEXT,
+              "answer": SCALAR, "index": SCALAR, "category": SCALAR}
+KIND_NAMES = {str: "a string", int: "a number", float: "a number", dict: "an object", list: "a list"}
+
+
+def _kind(value: object) -> str:
+    return "null" if value is None else "a boolean" if isinstance(value, bool) else KIND_NAMES.get(type(value), type(value).__name__)
+
+
+def _check_type(where: str, field: str, value: object, types: tuple[type, ...]) -> None:
+    if isinstance(value, bool) or not isinstance(value, types):
+        wanted = " or ".join(dict.fromkeys(KIND_NAMES[t] for t in types))
+        shown = json.dumps(value, ensure_ascii=False)
+        shown = shown if len(shown) <= 40 else shown[:37] + "..."
+        raise InputError(f"{where}: field {field!r} is {_kind(value)} ({shown}); it must be {wanted}")
+
+
+def check_row(row: object, where: str) -> dict:
+    """A parsed .jsonl row with every known field of the right type (ROW_FIELDS; `image` may also be
+    null; `options` an object of letter -> string or number; `conversations` a list of objects whose
+    `from` and `value` are strings), returned as it is. InputError naming `where` (file:line) and
+    the field otherwise. Shared by verify's slices and quantize --calib."""
+    if not isinstance(row, dict):
+        raise InputError(f"{where}: each line is one JSON object, not {_kind(row)}")
+    for field, types in ROW_FIELDS.items():
+        if field in row and not (field == "image" and row[field] is None):
+            _check_type(where, field, row[field], types)
+    if "options" in row and row["options"] is not None:
+        _check_type(where, "options", row["options"], (dict,))
+        for letter, text in row["options"].items():
+            _check_type(where, f"options.{letter}", text, SCALAR)
+    if "conversations" in row:
+        _check_type(where, "conversations", row["conversations"], (list,))
+        for turn_number, turn in enumerate(row["conversations"]):
+            _check_type(where, f"conversations[{turn_number}]", turn, (dict,))
+            for key in ("from", "value"):
+                if key in turn:
+                    _check_type(where, f"conversations[{turn_number}].{key}", turn[key], TEXT)
+    return row
+
+
+def jsonl_rows(path: Path) -> Iterator[tuple[int, str, dict]]:
+    """(line number, "file:line", row) for each non-blank line of a .jsonl file, each row checked
+    by check_row. InputError, one line naming file:line, for bytes that are not UTF-8, a line that
+    is not JSON or not an object, and a field of the wrong type."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise InputError(f"{path}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x}); a .jsonl is UTF-8, "
+                         "one JSON object a line: re-save it as UTF-8") from None
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
-        where = f"{path} line {number}"
+        where = f"{path}:{number}"
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise InputError(f"{where}: not JSON ({exc.msg})") from exc
-        if not isinstance(row, dict) or not row.get("question") or "answer" not in row:
+            raise InputError(f"{where}: not JSON ({exc.msg}); each line is one JSON object") from None
+        yield number, where, check_row(row, where)
+
+
+def _read_jsonl(path: Path, limit: int | None) -> list[BenchItem]:
+    items = []
+    for number, where, row in jsonl_rows(path):
+        if limit is not None and len(items) >= limit:
+            break
+        if not row.get("question") or "answer" not in row:
             raise InputError(f"{where}: needs 'question' and 'answer'")
         image = None
         if row.get("image"):
