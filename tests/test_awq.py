@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -61,7 +62,7 @@ def awq_tiny(tiny, tmp_path_factory):
             out = tmp_path_factory.mktemp("awq") / family
             result = CliRunner().invoke(cli, ["quantize", str(tiny(family)), "-o", str(out), *TINY_AWQ, *extra, "--json"])
             assert result.exit_code == 0, result.output
-            cache[key] = (out, json.loads(result.output))
+            cache[key] = (out, json.loads(result.stdout))
         return cache[key]
 
     return get
@@ -282,6 +283,41 @@ def test_resume_continues_from_last_finished_layer(tiny, awq_tiny, tmp_path):
     assert not (tmp_path / "resumed.partial").exists()
 
 
+def test_resumed_run_s_summary_counts_every_layer(tiny, awq_tiny, tmp_path, run_cli):
+    """Interrupted after layer 1 and resumed from the command line: the --json summary (linears,
+    groups scaled, clipped, error_vs_rtn, ...) equals the uninterrupted run's, whose output it
+    equals bit for bit; before that, a resume with changed options is refused naming each one
+    (was, now) and the fix, the partial kept as it was."""
+    family = "InternVL2-Llama3-76B"
+    whole, expected = awq_tiny(family)
+    job = AWQJob(AWQConfig(group_size=32), num_samples=4, seq_len=64)  # what TINY_AWQ runs
+
+    class Stop(Exception):
+        pass
+
+    def interrupt(done):
+        if done == 1:
+            raise Stop
+
+    out, partial = tmp_path / "resumed", tmp_path / "resumed.partial"
+    with pytest.raises(Stop):
+        quantize_awq(tiny(family), out, job, max_shard_size=10**9, progress=interrupt)
+    state = json.loads((partial / ".awq_state.json").read_text())
+    changed = run_cli("quantize", tiny(family), "-o", out, *TINY_AWQ, "--no-zero-point", "--num-samples", "3", "--resume")
+    assert changed.exit_code == 2 and changed.output.strip().count("\n") == 0, changed.output
+    assert "--zero-point (now --no-zero-point); --num-samples 4 (now 3);" in changed.output
+    assert "rerun with its options to resume, or drop --resume" in changed.output and "{" not in changed.output
+    assert json.loads((partial / ".awq_state.json").read_text()) == state
+    resumed = run_cli("quantize", tiny(family), "-o", out, *TINY_AWQ, "--resume", "--json")
+    assert resumed.exit_code == 0, resumed.output
+    summary = json.loads(resumed.stdout)
+    assert summary["linears"] == expected["linears"] > 0
+    assert {k: v for k, v in summary.items() if k not in ("out", "seconds")} == \
+        {k: v for k, v in expected.items() if k not in ("out", "seconds")}
+    got, want = all_tensors(out), all_tensors(whole)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], t) for k, t in want.items())
+
+
 def test_bad_input_exits_2_and_writes_nothing(tiny, awq_tiny, tmp_path, run_cli):
     def refused(*args, needle):
         out = tmp_path / f"out{len(list(tmp_path.iterdir()))}"
@@ -299,6 +335,20 @@ def test_bad_input_exits_2_and_writes_nothing(tiny, awq_tiny, tmp_path, run_cli)
     refused(src, *TINY_AWQ, "--format", "gptq", needle="--format awq or compressed-tensors")
     refused(src, "--method", "gptq", "--asym", "--format", "compressed-tensors", needle="symmetric")
     refused(src, *TINY_AWQ, "--group-size", "0", needle="--group-size 0 is not supported")
+    # an AWQ output whose config.json lost its quantization_config: every command names the key and the fix
+    # (as inspect does), quantize before OUT.partial exists
+    stripped = tmp_path / "stripped"
+    shutil.copytree(awq_tiny("InternVL2-Llama3-76B")[0], stripped)
+    config = json.loads((stripped / "config.json").read_text())
+    del config["quantization_config"]
+    (stripped / "config.json").write_text(json.dumps(config))
+    needle = "is a quantized tensor (gptq / awq) but config.json has no quantization_config; restore"
+    refused(stripped, *TINY_AWQ, needle=needle)
+    refused(stripped, "--method", "gptq", "--group-size", "32", "--num-samples", "2", "--seq-len", "32", needle=needle)
+    for args in (("inspect", stripped), ("chat", stripped, "hi"), ("convert", stripped, "-o", tmp_path / "c")):
+        result = run_cli(*args)
+        assert result.exit_code == 2 and needle in result.output and result.output.strip().count("\n") == 0, result.output
+    assert not (tmp_path / "c").exists() and not (tmp_path / "c.partial").exists()
     # a --bits the option does not offer at all is refused while parsing: exit 2, nothing written, one line
     out = tmp_path / "bits3"
     result = run_cli("quantize", src, "-o", out, *TINY_AWQ, "--bits", "3")
@@ -435,6 +485,9 @@ def test_compressed_tensors_w4a16_loads_in_transformers(method, tiny, tmp_path, 
     weights = qc["config_groups"]["group_0"]["weights"]
     assert qc["format"] == "pack-quantized" and weights["num_bits"] == 4 and weights["symmetric"] is True
     assert weights["strategy"] == "group" and weights["group_size"] == 32
+    report = json.loads(run_cli("inspect", out, "--json").stdout)["quantization"]
+    assert report == {"format": "compressed_tensors", "quant_method": "compressed-tensors", "bits": 4, "strategy": "group",
+                      "group_size": 32, "symmetric": True}
     assert qc["ignore"][:2] == ["re:.*vision_tower.*", "re:.*multi_modal_projector.*"]
     dst = all_tensors(out)
     key = "model.language_model.layers.1.mlp.down_proj"
@@ -466,4 +519,9 @@ def test_native_input_gives_the_converted_original_output(tiny, awq_tiny, tmp_pa
     assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
     qc = json.loads((direct / "config.json").read_text())["quantization_config"]
     assert qc == json.loads((converted / "config.json").read_text())["quantization_config"]
+    # the calibration record travels into the converted config.json (verify reads it there) and back
+    record = json.loads((direct / "config.json").read_text())["quantization_calibration"]
+    assert record["method"] == "awq" and json.loads((converted / "config.json").read_text())["quantization_calibration"] == record
+    assert run_cli("convert", converted, "-o", tmp_path / "back", "--to", "original").exit_code == 0
+    assert (tmp_path / "back" / "config.json").read_bytes() == (awq_tiny(family)[0] / "config.json").read_bytes()
     assert {"model.vision_tower", "model.multi_modal_projector", "lm_head"} <= set(qc["modules_to_not_convert"])

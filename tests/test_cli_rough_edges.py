@@ -11,6 +11,14 @@ def test_options_of_another_method_are_refused(tiny, tmp_path, run_cli):
     assert not (tmp_path / "q").exists()
 
 
+@pytest.mark.parametrize("method, flag", [("awq", "--asym"), ("awq", "--no-act-group-aware"), ("gptq", "--no-zero-point"),
+                                          ("awq", "--sym")])
+def test_an_option_of_another_method_is_named_as_typed(tiny, tmp_path, run_cli, method, flag):
+    result = run_cli("quantize", tiny("InternVL2-1B"), "-o", tmp_path / "q", "--method", method, flag)
+    assert result.exit_code == 2 and result.output.startswith(f"error: {flag} does not apply to --method {method}"), result.output
+    assert not (tmp_path / "q").exists() and not (tmp_path / "q.partial").exists()
+
+
 def test_resume_on_a_complete_output_is_refused(tiny, tmp_path, run_cli):
     out = tmp_path / "g"
     args = ["quantize", tiny("InternVL2-1B"), "-o", out, "--method", "gptq", "--group-size", "32", "--num-samples", "2", "--seq-len", "32"]

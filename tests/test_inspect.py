@@ -182,3 +182,27 @@ def test_native_llama_reading_of_true_width_families():
     llama = FAMILIES["InternVL2-Llama3-76B"]  # a real Llama family is still itself
     assert identify(llama.vision.norm_type, "llama", llama.ps_version, llama.llm.hidden_size, llama.template, "",
                     llama.llm.num_hidden_layers, native=True) == "InternVL2-Llama3-76B"
+
+
+def test_compressed_tensors_scheme_is_reported():
+    """inspect's quantization line for compressed-tensors: the weights' bits, strategy, group size and
+    symmetry from config_groups (W4A16 / W8A16 as quantize writes them), activations for W8A8, and
+    per group when groups differ (which the reader refuses today)."""
+    from internvl_tools.evaluate.inspect import quantization_facts
+    from internvl_tools.formats import compressed_tensors as ct, detect, get_format
+
+    def facts(quant):
+        return quantization_facts(detect({"quantization_config": quant}), quant)
+
+    base = {"format": "compressed_tensors", "quant_method": "compressed-tensors"}
+    assert facts(ct.quantization_config(["mlp1"], bits=4, group_size=128)) == \
+        {**base, "bits": 4, "strategy": "group", "group_size": 128, "symmetric": True}
+    assert facts(ct.quantization_config(["mlp1"])) == {**base, "bits": 8, "strategy": "channel", "symmetric": True}
+    assert facts(ct.w8a8_quantization_config(["mlp1"])) == {
+        **base, "format": "compressed_tensors_int8", "bits": 8, "strategy": "channel", "symmetric": True,
+        "activation_bits": 8, "activation_strategy": "token dynamic"}
+    mixed = ct.quantization_config(["mlp1"], bits=4, group_size=128)
+    mixed["config_groups"]["group_1"] = dict(mixed["config_groups"]["group_0"],
+                                             weights=dict(mixed["config_groups"]["group_0"]["weights"], num_bits=8))
+    assert quantization_facts(get_format("compressed_tensors"), mixed)["config_groups"] == {"group_0": "bits=4 strategy=group group_size=128 symmetric=True",
+                                             "group_1": "bits=8 strategy=group group_size=128 symmetric=True"}

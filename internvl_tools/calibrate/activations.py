@@ -79,22 +79,45 @@ class ResumeState:
 
     `method` names the files (`.gptq_state.json`, `.gptq_activations/`); `job` is the JSON-able
     description of the run (method options and calibration settings) that a resumed run must
-    match exactly."""
+    match exactly; `source` the input folder it was started from (recorded, compared by the
+    pipeline). The state file also keeps the quantizer's statistics of the finished layers
+    (`Quantizer.state()`), so a resumed run's summary counts every layer."""
 
-    def __init__(self, partial: Path, method: str, job: dict):
+    def __init__(self, partial: Path, method: str, job: dict, source: str | None = None):
         self.path = partial / f".{method}_state.json"
         self.work = partial / f".{method}_activations"
         self.job = json.loads(json.dumps(job))  # as it reads back from JSON (tuples -> lists)
+        self.source = source
+        self.stats: dict = {}  # the quantizer's statistics as the last load() read them
+
+    @staticmethod
+    def read(partial: Path) -> dict | None:
+        """The newest state file of any method in `partial` ({"job", "layers_done", "stats", "source"}:
+        the last two absent in a state from before they were recorded), None when there is none
+        or it does not parse."""
+        files = sorted(partial.glob(".*_state.json"), key=lambda p: p.stat().st_mtime) if partial.is_dir() else []
+        for path in reversed(files):
+            try:
+                state = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            if isinstance(state, dict) and isinstance(state.get("job"), dict) and "layers_done" in state:
+                return state
+        return None
 
     def load(self, where: Path) -> int | None:
-        """Layers finished by an interrupted run, or None when there is no state to resume.
+        """Layers finished by an interrupted run, or None when there is no state to resume; their
+        statistics go to `self.stats`.
 
-        Raises InputError (naming `where`, the partial folder) when that run used other options."""
+        Raises InputError (naming `where`, the partial folder) when that run used other options
+        (the pipeline names the differing options before it gets here)."""
         if not self.path.exists():
             return None
         state = json.loads(self.path.read_text())
         if state["job"] != self.job:
-            raise InputError(f"{where}: the interrupted run used other options ({state['job']}); rerun without --resume")
+            raise InputError(f"{where}: the interrupted run used other options; rerun it with the same options, "
+                             "or drop --resume to start over")
+        self.stats = state.get("stats") or {}
         return int(state["layers_done"])
 
     @property
@@ -106,14 +129,19 @@ class ResumeState:
         """The saved inputs of the next layer."""
         return Activations.load_all(self.work / "current", budget)
 
-    def save(self, acts: Activations, layers_done: int) -> None:
-        """Persist the next layer's inputs, then the number of finished layers (state file last)."""
+    def save(self, acts: Activations, layers_done: int, stats: dict | None = None) -> None:
+        """Persist the next layer's inputs, then the number of finished layers and the quantizer's
+        statistics of those layers (JSON-able; state file last)."""
         fresh = self.work / "next"
         shutil.rmtree(fresh, ignore_errors=True)
         acts.save_all(fresh)
         shutil.rmtree(self.work / "current", ignore_errors=True)
         fresh.rename(self.work / "current")
-        self.path.write_text(json.dumps({"job": self.job, "layers_done": layers_done}))
+        state = {"job": self.job, "layers_done": layers_done, "stats": stats or {},
+                 **({"source": self.source} if self.source else {})}
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(state))
+        tmp.replace(self.path)
 
     def clear(self) -> None:
         """Remove the state and the saved activations (the run is complete)."""

@@ -159,3 +159,13 @@ class Quantizer(ABC):
     def summary(self) -> dict:
         """JSON-able facts about the finished run (e.g. linears that fell back to round-to-nearest)."""
         return {}
+
+    def state(self) -> dict:
+        """The statistics behind `summary()` so far, JSON-able and exact (floats round-trip through
+        JSON): the pipeline saves them with each finished layer, so a resumed run's summary counts
+        the layers of the interrupted one too. None kept by default."""
+        return {}
+
+    def restore(self, state: dict) -> None:
+        """Take back what `state()` returned (a resumed run, before its first layer); {} from a
+        partial that recorded none."""

@@ -175,7 +175,7 @@ def layer_progress(description: str, total: int, enabled: bool = True) -> Iterat
 
 @contextmanager
 def pipeline_log(enabled: bool = True) -> Iterator[callable]:
-    """A `log(line)` for the calibrated pipeline: `warning:` lines go to stderr; `calibration i/n
+    """A `log(line)` for the calibrated pipeline: `warning:` and `note:` lines go to stderr; `calibration i/n
     samples` lines drive a progress bar over the calibration samples (minutes on a big model)."""
     progress = Progress(TextColumn("[bold]calibrating"), BarColumn(), TextColumn("{task.completed}/{task.total} samples"),
                         TimeRemainingColumn(), console=console, transient=False)
@@ -183,7 +183,7 @@ def pipeline_log(enabled: bool = True) -> Iterator[callable]:
 
     def log(line: str) -> None:
         nonlocal task
-        if line.startswith("warning:"):
+        if line.startswith(("warning:", "note:")):
             click.echo(line, err=True)
         elif line.startswith("calibration ") and enabled:
             done, total = (int(x) for x in line.split()[1].split("/"))

@@ -349,6 +349,9 @@ def _refuse_options_of_other_methods(ctx: click.Context, options: dict, from_rec
         given = source not in (click.core.ParameterSource.DEFAULT, None)
         if method not in methods and (given or name in from_recipe):
             flag = "--" + name.replace("_", "-")
+            param = next((p for p in ctx.command.params if p.name == name), None)
+            if given and param is not None and getattr(param, "secondary_opts", None) and options[name] is False:
+                flag = param.secondary_opts[0]  # the flag typed: --asym, --no-act-group-aware, --no-zero-point
             if given and name in ("only", "skip") and method == "gptq":
                 continue  # _run_gptq explains the vision-tower case itself
             where = "" if given else f" (set by the recipe {recipe})"

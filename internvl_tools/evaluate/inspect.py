@@ -104,7 +104,7 @@ def summarize(folder: str | Path) -> dict:
             "vocab_size": llm_cfg.get("vocab_size"),
             **({"experts": experts} if experts is not None else {}),
         },
-        "quantization": {"format": fmt.name, **{k: quant[k] for k in ("quant_method", "bits", "group_size", "load_in_8bit") if k in quant}} if quant else None,
+        "quantization": quantization_facts(fmt, quant) if quant else None,
         "shards": len(reader.shards),
         "tensors": len(stored),
         "dtypes": dict(dtypes),
@@ -119,6 +119,35 @@ def summarize(folder: str | Path) -> dict:
         "lora_flags": flag_mismatches(config, layout),  # use_llm_lora / use_backbone_lora that disagree with the tensors
         "memory_estimate": memory_estimate(total_params, linear) if not quant else None,
     }
+
+
+def quantization_facts(fmt: Format, quant: dict) -> dict:
+    """The scheme of a quantized checkpoint from its quantization_config: format and quant_method,
+    bits, group_size, sym (GPTQ) / zero_point (AWQ) / load_in_8bit (bnb); for compressed-tensors the
+    weights' scheme of its config_groups (bits, strategy "group" / "channel" / "tensor", group_size
+    for "group", symmetric) and, when activations are quantized too (W8A8), their bits and
+    strategy ("dynamic" when computed at run time). Groups with different weight schemes are
+    listed per group as "group_0: 4-bit group 128 sym", ..."""
+    facts = {"format": fmt.name, **{k: quant[k] for k in ("quant_method", "bits", "group_size", "sym", "desc_act", "zero_point",
+                                                           "load_in_8bit") if k in quant}}
+    groups = {name: group for name, group in (quant.get("config_groups") or {}).items() if isinstance(group, dict)}
+    schemes = {}
+    for name, group in groups.items():
+        weights, inputs = group.get("weights") or {}, group.get("input_activations") or {}
+        scheme = {"bits": weights.get("num_bits"), "strategy": weights.get("strategy"),
+                  **({"group_size": weights.get("group_size")} if weights.get("strategy") == "group" else {}),
+                  "symmetric": weights.get("symmetric")}
+        if inputs:
+            scheme |= {"activation_bits": inputs.get("num_bits"),
+                       "activation_strategy": inputs.get("strategy") + (" dynamic" if inputs.get("dynamic") else "")
+                       if inputs.get("strategy") else ("dynamic" if inputs.get("dynamic") else None)}
+        schemes[name] = {k: v for k, v in scheme.items() if v is not None}
+    distinct = {tuple(sorted(scheme.items())) for scheme in schemes.values()}
+    if len(distinct) == 1:
+        facts |= next(iter(schemes.values()))
+    elif distinct:
+        facts["config_groups"] = {name: " ".join(f"{k}={v}" for k, v in scheme.items()) for name, scheme in schemes.items()}
+    return facts
 
 
 def expert_report(reader: CheckpointReader, layout: Layout, fmt: Format, quant: dict, llm_cfg: dict) -> dict | None:

@@ -10,7 +10,9 @@ models/ (and third-party libraries).
 """
 
 from .base import Format
-from .registry import FORMATS, check, detect, fused_params, get_format, parameter_count, to_native, to_original, validate
+from .registry import (FORMATS, check, detect, fused_params, get_format, parameter_count, refuse_unannounced_quantization,
+                       to_native, to_original, validate)
 
-__all__ = ["FORMATS", "Format", "check", "detect", "fused_params", "get_format", "parameter_count", "to_native", "to_original",
+__all__ = ["FORMATS", "Format", "check", "detect", "fused_params", "get_format", "parameter_count",
+           "refuse_unannounced_quantization", "to_native", "to_original",
            "validate"]

@@ -58,12 +58,18 @@ def detect(config: dict, keys: Iterable[str] = ()) -> Format:
     fmt = found[0]
     fmt.check_config(quant)
     if fmt is plain.FORMAT:
-        _refuse_unannounced_quantization(keys)
+        refuse_unannounced_quantization(keys)
     return fmt
 
 
-def _refuse_unannounced_quantization(keys: Iterable[str]) -> None:
-    """Quantized tensors in a checkpoint whose config.json declares no quantization."""
+def refuse_unannounced_quantization(keys: Iterable[str], config: dict | None = None) -> None:
+    """Quantized tensors (gptq / awq qweight, compressed-tensors weight_packed, bnb SCB, ...) in a
+    checkpoint whose config.json declares no quantization (with `config`: only checked when its
+    top-level quantization_config is absent). Every command that opens a checkpoint calls this
+    before building anything from it (formats/views.open_view, quantize, convert), so the same
+    one-line LayoutError names the key and the fix (restore the config.json)."""
+    if config is not None and quantization_config(config):
+        return
     for key in keys:
         param = split_key(key)[1]
         owners = [f for f in FORMATS[1:] if param in f.state_params and param not in plain.PARAMS]

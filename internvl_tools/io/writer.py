@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from ..errors import CheckpointError, InputError
@@ -191,11 +191,15 @@ class CheckpointWriter:
         metadata: dict[str, str] | None = None,
         groups: list[list[TensorSpec]] | None = None,
         resumable: bool = False,
+        reopen: bool = True,
+        leftover: Callable[[Path], None] | None = None,
     ):
         """`groups`, when given, splits `specs` into groups that never share a shard file.
 
-        `resumable`: an error keeps OUT.partial/ (for `resume`), and an existing OUT.partial/
-        whose shard headers equal this plan's is reopened instead of recreated."""
+        `resumable`: an error keeps OUT.partial/ (for `resume`), and (with `reopen`) an existing
+        OUT.partial/ whose shard headers equal this plan's is reopened instead of recreated.
+        `leftover(partial)` is called before an existing OUT.partial/ is replaced (default: a
+        warning line on stderr)."""
         self.out = Path(out)
         check_output(self.out, list(inputs), overwrite)
         names = [s.name for s in specs]
@@ -215,6 +219,7 @@ class CheckpointWriter:
         self.bytes_written = 0
         self.resumable = resumable
         self.resumed = False
+        self._reopen, self._leftover = reopen, leftover or _report_leftover
         self._inputs, self._overwrite = list(inputs), overwrite
         self._lock = OutputLock(self.out)
         self._syncer = Syncer()
@@ -231,11 +236,11 @@ class CheckpointWriter:
 
     def _start(self) -> None:
         headers = [build_header(shard, self.metadata) for shard in self.plan]
-        if self.resumable and self._matches(headers):
+        if self.resumable and self._reopen and self._matches(headers):
             self.resumed = True
         else:
             if self.partial.exists():
-                _report_leftover(self.partial)
+                self._leftover(self.partial)
                 shutil.rmtree(self.partial)
             self.partial.mkdir(parents=True)
             for index, (header, _) in enumerate(headers):

@@ -19,7 +19,7 @@ from ..formats.views import open_view
 from ..errors import InputError
 from ..io.reader import CheckpointReader, read_json
 from ..io.safetensors_format import TensorSpec
-from ..formats import fused_params, to_original as original_quantization_config
+from ..formats import fused_params, refuse_unannounced_quantization, to_original as original_quantization_config
 from ..models.native_config import native_config
 from ..models.processor_files import FILES as PROCESSOR_FILES, original_side_files, processor_files
 from .stream import Output, run_transform, to_native_outputs
@@ -47,6 +47,7 @@ def to_hf(source: Path, out: Path, *, max_shard_size: int, overwrite: bool = Fal
         config = reader.config()
         if is_native(config):
             raise InputError(f"{source}: already in the transformers-native layout (model_type internvl); nothing to convert")
+        refuse_unannounced_quantization(reader.keys(), config)
         layout = build_layout(config, reader.specs())
         keys = reader.keys()
     if layout.lora:
@@ -56,6 +57,8 @@ def to_hf(source: Path, out: Path, *, max_shard_size: int, overwrite: bool = Fal
     quant = config.get("quantization_config")
     if quant:
         native["quantization_config"] = native_quantization_config(quant, layout.dialect, source)
+    if config.get("quantization_calibration"):  # what quantize calibrated with: verify reads it from config.json
+        native["quantization_calibration"] = config["quantization_calibration"]
     # a fused linear's quantized tensors split as their format allows (int8: row by row; GPTQ / AWQ: refused)
     outputs = to_native_outputs(links(config, layout, adapt_v1=True, fused=fused_params(config)))
     code = {p.name: p.read_text(encoding="utf-8") for p in sorted(Path(source).glob("*.py"))}
@@ -112,6 +115,9 @@ def to_original(source: Path, out: Path, *, max_shard_size: int, overwrite: bool
                              "convert the bf16 checkpoint, then quantize")
         if config.get("quantization_config"):  # its module names, in the original layout
             config = dict(config, quantization_config=original_quantization(source, config, view))
+        calibration = view.native_config.get("quantization_calibration")
+        if calibration and not config.get("quantization_calibration"):  # a sidecar written before it was carried
+            config = dict(config, quantization_calibration=calibration)
         outputs = [Output(key, (key,)) for key in view.keys()]
     remote_code = {p.name: None for p in Path(source).glob("*.py")}
     remote_code.update(view.remote_code)  # restored from the sidecar: the round trip is complete
