@@ -229,7 +229,9 @@ def test_transformers_loads_compressed_tensors_awq_experts(tiny, tmp_path, run_c
         theirs = model(input_ids=ids, pixel_values=pixels).logits
     ours = runtime.logits(ids, pixels)
     torch.testing.assert_close(theirs, ours, rtol=0, atol=5e-3)  # its dequantized weights pass through bf16, ours stay fp32
-    assert torch.equal(theirs.argmax(-1), ours.argmax(-1))
+    top2 = ours.topk(2, dim=-1).values
+    clear = top2[..., 0] - top2[..., 1] > 1e-2  # the same next token wherever the random tiny model's top two are not a near-tie
+    assert clear.float().mean() > 0.5 and torch.equal(theirs.argmax(-1)[clear], ours.argmax(-1)[clear])
 
 
 LOAD_SCRIPT = """
