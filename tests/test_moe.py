@@ -340,3 +340,92 @@ def test_bnb_skip_modules_name_experts_and_routers_in_either_layout(tiny, tmp_pa
         back = tmp_path / f"bnb-{layout}-as-{other}"
         assert run_cli("convert", tmp_path / f"bnb-{layout}", "-o", back, "--to", "hf" if other == "native" else "original").exit_code == 0
         assert sorted(json.loads((back / "config.json").read_text())["quantization_config"]["llm_int8_skip_modules"]) == sorted(skips[other])
+
+
+def _without(src, out, key):
+    """A copy of checkpoint `src` at `out` without tensor `key` (config and side files kept)."""
+    from internvl_tools.io.writer import CheckpointWriter
+
+    with CheckpointReader(src) as reader:
+        keep = [s for s in reader.specs() if s.name != key]
+        assert len(keep) == len(reader.specs()) - 1
+        with CheckpointWriter(out, keep, inputs=[src]) as writer:
+            for spec in keep:
+                writer.write(spec.name, reader.get(spec.name))
+            writer.finalize(side_files_from=src)
+    return out
+
+
+def _edit(folder, section, **fields):
+    config = json.loads((folder / "config.json").read_text())
+    config[section].update(fields)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.parametrize("command", ["inspect", "convert", "shard", "quantize", "export", "chat"])
+@pytest.mark.parametrize("missing", ["language_model.model.layers.1.mlp.experts.1.up_proj.weight",
+                                     "language_model.model.layers.0.mlp.gate.weight"])
+def test_a_missing_expert_or_router_is_refused_by_every_command(tiny, tmp_path, run_cli, command, missing):
+    """transformers would load a missing router / expert linear with random weights: refused at open, one line."""
+    src = _without(tiny(MOE), tmp_path / "holed", missing)
+    out = tmp_path / "out"
+    extra = {"inspect": [], "convert": ["-o", out, "--to", "hf"], "shard": ["-o", out], "quantize": ["-o", out, "--method", "int8"],
+             "export": ["-o", out], "chat": ["hi"]}[command]
+    result = run_cli(command, src, *extra)
+    module = missing.removeprefix("language_model.model.").removesuffix(".weight").partition(".")[2].partition(".")[2]
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+    assert "config.json" in result.output and module in result.output and "incomplete" in result.output, result.output
+    assert not out.exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_a_missing_expert_in_the_native_layout_is_refused(tiny, tmp_path, run_cli):
+    native = tmp_path / "hf"
+    assert run_cli("convert", tiny(MOE), "-o", native, "--to", "hf").exit_code == 0
+    (native / "internvl_original.json").unlink()
+    holed = _without(native, tmp_path / "holed", "model.language_model.layers.2.mlp.experts.3.down_proj.weight")
+    for args in (["inspect", holed], ["quantize", holed, "-o", tmp_path / "q", "--method", "int8"]):
+        result = run_cli(*args)
+        assert result.exit_code == 2 and "decoder layer 2 has no mlp.experts.3.down_proj" in result.output, result.output
+    assert not (tmp_path / "q").exists()
+
+
+@pytest.mark.parametrize("top_k", [5, 0])
+def test_top_k_outside_1_to_num_experts_is_refused(tiny, copy_of, run_cli, top_k):
+    folder = _edit(copy_of(tiny(MOE)), "llm_config", num_experts_per_tok=top_k)
+    for args in (["inspect", folder], ["chat", folder, "hi"]):
+        result = run_cli(*args)
+        assert result.exit_code == 2 and f"llm_config.num_experts_per_tok is {top_k}" in result.output, result.output
+        assert "between 1 and llm_config.num_experts (4)" in result.output
+
+
+def test_native_top_k_that_disagrees_with_the_sidecar_is_refused(tiny, tmp_path, run_cli):
+    native = tmp_path / "hf"
+    assert run_cli("convert", tiny(MOE), "-o", native, "--to", "hf").exit_code == 0
+    _edit(native, "text_config", num_experts_per_tok=3)  # within range, but the sidecar says 2
+    result = run_cli("inspect", native)
+    assert result.exit_code == 2 and "internvl_original.json: llm_config.num_experts_per_tok is 2" in result.output, result.output
+    assert "text_config.num_experts_per_tok is 3" in result.output
+
+
+@pytest.mark.parametrize("case", ["unknown-model-type", "head-dim", "num-experts"])
+def test_int8_on_a_native_checkpoint_validates_the_config(tiny, tmp_path, run_cli, case):
+    """quantize --method int8 opens a native folder through the same checks as every other command."""
+    native = tmp_path / "hf"
+    assert run_cli("convert", tiny(MOE), "-o", native, "--to", "hf").exit_code == 0
+    (native / "internvl_original.json").unlink()
+    head_dim = json.loads((native / "config.json").read_text())["text_config"]["head_dim"]
+    fields = {"unknown-model-type": {"model_type": "foo"}, "head-dim": {"head_dim": 2 * head_dim}, "num-experts": {"num_experts": 3}}[case]
+    _edit(native, "text_config", **fields)
+    result = run_cli("quantize", native, "-o", tmp_path / "q", "--method", "int8")
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+    assert "config.json: text_config." in result.output and next(iter(fields)) in result.output, result.output
+    assert not (tmp_path / "q").exists() and not (tmp_path / "q.partial").exists()
+
+
+@pytest.mark.parametrize("fmt", ["compressed-tensors", "bnb"])
+def test_int8_summary_names_the_kept_routers(tiny, tmp_path, run_cli, fmt):
+    args = ["quantize", tiny(MOE), "--method", "int8", "--format", fmt]
+    report = json.loads(run_cli(*args, "-o", tmp_path / "j", "--json").stdout)
+    assert report["kept_routers"] == "mlp.gate of every decoder layer"
+    assert "routers kept unquantized: mlp.gate of every decoder layer" in run_cli(*args, "-o", tmp_path / "t").output

@@ -475,7 +475,9 @@ def _run_gptq(checkpoint: Path, out: Path, options: dict, limit: int, as_json: b
             "detail": f"{layers} decoder layers in GPTQ {config.bits}-bit, group {config.group_size}, {'sym' if config.sym else 'asym'} "
                       f"({options['fmt']})" + (f"; experts: {experts['gptq']} with GPTQ on their routed tokens, "
                                                f"{experts['round_to_nearest']} with round-to-nearest (fewer than "
-                                               f"{experts['min_tokens_share']:.1%} of the calibration tokens)" if experts else "")}
+                                               f"{experts['min_tokens_share']:.1%} of the calibration tokens); "
+                                               f"routers kept unquantized: {ROUTERS_KEPT}" if experts else ""),
+            **({"kept_routers": ROUTERS_KEPT} if experts else {})}
 
 
 AWQ_EXPERTS_NOTE = ("transformers (with gptqmodel's AWQ kernels) cannot load awq-format experts: it converts nn.Linear "
@@ -519,8 +521,13 @@ def _run_awq(checkpoint: Path, out: Path, options: dict, limit: int, as_json: bo
                       f"{facts['error_vs_rtn']} x round-to-nearest's on the scaled groups"
                       + (f"; kept unscaled (no exact fold): {', '.join(unscaled)}" if unscaled else "")
                       + (f"; experts: {experts['awq']} with AWQ on their routed tokens, {experts['round_to_nearest']} with "
-                         f"round-to-nearest (fewer than {experts['min_tokens_share']:.1%} of the calibration tokens)"
-                         if experts else "")}
+                         f"round-to-nearest (fewer than {experts['min_tokens_share']:.1%} of the calibration tokens); "
+                         f"routers kept unquantized: {ROUTERS_KEPT}" if experts else ""),
+            **({"kept_routers": ROUTERS_KEPT} if experts else {})}
+
+
+# a sparse LLM's routers: every method keeps them in the checkpoint's dtype (formats/rules.router_regex)
+ROUTERS_KEPT = "mlp.gate of every decoder layer"
 
 
 def _run_int8(checkpoint: Path, out: Path, options: dict, limit: int, total: int, as_json: bool) -> dict:
@@ -533,9 +540,11 @@ def _run_int8(checkpoint: Path, out: Path, options: dict, limit: int, total: int
     experts = plan.experts  # a sparse LLM: expert linears quantized / kept, and what loaders do with them
     return {"out": str(path), "method": "int8", "format": options["fmt"], "layout": plan.layout, "quantized": len(plan.selected),
             "skip_modules": list(plan.skip_modules), **({"experts": experts} if experts else {}),
+            **({"kept_routers": ROUTERS_KEPT} if experts else {}),
             "detail": f"{len(plan.selected)} linears in int8 ({options['fmt']}, {plan.layout} layout); kept unquantized: {kept}"
                       + (f"; experts: {experts['quantized']} in int8, {experts['kept']} kept in their dtype"
-                         + (" (why: the warning above)" if experts["note"] else "") if experts else "")}
+                         + (" (why: the warning above)" if experts["note"] else "") + f"; routers kept unquantized: {ROUTERS_KEPT}"
+                         if experts else "")}
 
 
 @cli.command("merge-lora")

@@ -202,6 +202,7 @@ def check_config_matches(config: dict, layout: Layout, shapes: dict[str, tuple[i
                               f"{per_layer[wrong]} experts; the config does not belong to these weights")
         checks.append((f"language_model.model.layers.0.{experts.module(0, experts.linears[0].name)}.weight", 0,
                        llm_cfg.get(experts.intermediate), f"{llm_section}.{experts.intermediate}"))
+    _check_layers_complete(llm_cfg, layout, where, llm_section)
     for key, dim, declared, field_name in checks:
         shape = plain.get(key)
         if shape is not None and declared is not None and len(shape) > dim and shape[dim] != declared:
@@ -242,6 +243,39 @@ def _check_image_fields(config: dict, layout: Layout, plain: dict[str, tuple[int
     if isinstance(head_dim, int) and norm is not None and len(norm) == 1 and norm[0] != head_dim:
         raise LayoutError(f"{where}: {llm_section}.head_dim is {head_dim} but language_model.model.layers.0.self_attn.q_norm.weight "
                           f"has width {norm[0]}; the config does not belong to these weights")
+
+
+def _check_layers_complete(llm_cfg: dict, layout: Layout, where: str, section: str) -> None:
+    """Every decoder layer must hold every module its dialect record names: the dense linears,
+    the norms and, in a sparse layer, the router and each expert's linears (0 .. num_experts-1,
+    the config's count, else the most any layer has) and top-k within 1 .. num_experts. A missing
+    one would be loaded with random weights by transformers; raises LayoutError naming `where`,
+    the module and the key."""
+    if not layout.llm_layers:
+        return
+    record = layout.record
+    present: dict[int, set[str]] = {}
+    for info in layout.keys.values():
+        if info.family == "llm" and info.part == "layer":
+            present.setdefault(info.layer, set()).add(info.module)
+    expected = [*record.linear_names, *record.norms, *record.extra_norms]
+    experts = record.experts
+    if experts is not None:
+        settings = experts.settings(llm_cfg)
+        count = settings["experts"] or max((i.expert + 1 for i in layout.keys.values() if i.expert is not None), default=0)
+        top_k = llm_cfg.get(experts.top_k)
+        if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= count):
+            raise LayoutError(f"{where}: {section}.{experts.top_k} is {top_k!r} but it must be between 1 and "
+                              f"{section}.{experts.count} ({count}); the config does not belong to these weights")
+        expected += [experts.router, *(experts.module(e, item.name) for e in range(count) for item in experts.linears)]
+    for layer in range(layout.llm_layers):
+        modules = present.get(layer, set())
+        missing = [m for m in expected if m not in modules]
+        if missing:
+            key = f"language_model.model.layers.{layer}.{missing[0]}.weight"
+            what = f"router {missing[0]}" if experts is not None and missing[0] == experts.router else missing[0]
+            raise LayoutError(f"{where}: decoder layer {layer} has no {what} ({key}; {len(missing)} missing in that layer) but "
+                              f"{section} expects it; the checkpoint is incomplete (re-download or re-create it)")
 
 
 def _check_heads(cfg: dict, section: str, where: str) -> None:

@@ -139,6 +139,13 @@ class NativeView:
         if text.get("model_type") and saved.native_model_type != text["model_type"]:
             raise LayoutError(f"{sidecar}: its LLM is {saved.name} (native {saved.native_model_type!r}) but config.json's "
                               f"text_config.model_type is {text['model_type']!r}; {fix}")
+        llm = read_json(sidecar)["config"].get("llm_config") or {}
+        if saved.experts is not None:  # the routing fields both files carry must agree (transformers reads config.json's)
+            e = saved.experts
+            for name in (e.count, e.top_k, e.intermediate, e.norm_topk):
+                if name in llm and name in text and llm[name] != text[name]:
+                    raise LayoutError(f"{sidecar}: llm_config.{name} is {llm[name]!r} but config.json's text_config.{name} is "
+                                      f"{text[name]!r}; make them agree (the value the weights were trained with) or {fix}")
         if not order:
             return
         def modules(keys):  # modules and biases: a quantized folder's sidecar may list weight for SCB, weight_packed, ...
@@ -150,7 +157,8 @@ class NativeView:
         if odd:
             where = "lists" if odd[0] in listed else "does not list"
             raise LayoutError(f"{sidecar}: {where} {odd[0]!r}, which this folder's native tensors "
-                              f"{'do not hold' if odd[0] in listed else 'make'} ({len(odd)} such keys); {fix}")
+                              f"{'do not hold' if odd[0] in listed else 'make'} ({len(odd)} such keys); "
+                              + ("the folder lacks that tensor (incomplete: re-create it) or " if odd[0] in listed else "") + fix)
 
     def keys(self) -> list[str]:
         return list(self._keys)

@@ -69,6 +69,10 @@ def linear_weights(reader: CheckpointReader, config: dict) -> tuple[str, dict[st
         raise InputError(f"{reader.folder}/config.json: the checkpoint is already quantized "
                          f"({config['quantization_config'].get('quant_method')}); quantize the bf16 checkpoint")
     if config.get("model_type") == "internvl":
+        from ..formats.views import open_view
+
+        with open_view(reader.folder):  # the same config-vs-tensor checks as every other command (model_type, head_dim, experts, sidecar)
+            pass
         groups = {}
         for spec in reader.specs():
             if len(spec.shape) != 2 or not spec.name.endswith(".weight") or "embed_tokens" in spec.name:
