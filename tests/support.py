@@ -87,3 +87,45 @@ def make_items(count: int = 6, seed: int = 0):
         else:
             items.append(BenchItem(str(i), "Name the color.", color, image, {}, "color"))
     return items
+
+
+# -- AWQ (tests/test_awq.py, tests/test_awq_moe.py) --------------------------------------------------
+GPTQ_PYTHON = Path(__file__).resolve().parent.parent / ".venv-gptq" / "bin" / "python"  # transformers + gptqmodel
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # DESIGN §3: nibble i of an int32 holds output column AWQ_ORDER[i]
+
+
+def awq_independent_dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """AWQ gemm read with numpy from the format's statement: W^T = (q - z) x s per group of input rows."""
+    def nibbles(packed):
+        words = packed.numpy().astype(np.int64) & 0xFFFFFFFF
+        out = np.zeros((words.shape[0], words.shape[1] * 8), dtype=np.int64)
+        for c in range(words.shape[1]):
+            for i, column in enumerate(AWQ_ORDER):
+                out[:, 8 * c + column] = (words[:, c] >> (4 * i)) & 0xF
+        return out
+
+    q, z = nibbles(qweight), nibbles(qzeros)  # [in, out], [groups, out]
+    group = q.shape[0] // z.shape[0]
+    s = scales.float().numpy()
+    w_t = (q - np.repeat(z, group, axis=0)) * np.repeat(s, group, axis=0)
+    return torch.from_numpy(w_t.T.astype(np.float32))
+
+
+def decoder_layer_of(folder: Path, index: int, hidden: list[torch.Tensor], tmp_path: Path):
+    from internvl_tools.calibrate.activations import Activations
+    from internvl_tools.calibrate.pipeline import DecoderLayer
+    from internvl_tools.models.layout import build_layout
+    from internvl_tools.models.native_map import links
+    from internvl_tools.models.views import open_view
+    from internvl_tools.runtime.build import build_decoder_layer
+
+    with open_view(folder, native_dialect=True) as view:
+        config = view.config()
+        layout = build_layout(config, view.specs())
+        module, rotary = build_decoder_layer(view, config, layout, index, torch.float32)
+        stems = {layout.keys[k].module: k.removesuffix(f".{layout.keys[k].param}") for k in layout.llm_layer_keys(index)}
+        all_links = {link.original: link for link in links(config, layout, adapt_v1=False)}
+    acts = Activations(tmp_path / "acts", 2**30)
+    for h in hidden:
+        acts.append(h)
+    return DecoderLayer(index, module, rotary, acts, stems, all_links, "cpu"), layout.record

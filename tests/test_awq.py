@@ -11,7 +11,6 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -20,32 +19,14 @@ from internvl_tools.calibrate.awq import AWQConfig, InputStats, apply_clip, fake
     search_clip, search_scales
 from internvl_tools.calibrate.awq_quantizer import AWQJob, AWQQuantizer, llm_facts, quantize_awq
 
-from .support import all_tensors, sample_image
+from .support import GPTQ_PYTHON, all_tensors, awq_independent_dequantize as independent_dequantize, \
+    decoder_layer_of as _decoder_layer, sample_image
 
 TINY_AWQ = ["--method", "awq", "--group-size", "32", "--num-samples", "4", "--seq-len", "64"]
-ROOT = Path(__file__).resolve().parent.parent
-ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # DESIGN §3: nibble i of an int32 holds output column ORDER[i]
 # groups with no exact fold per dialect: none (InternLM2 wo and Phi-3 o_proj / down_proj fold into the v rows /
 # up half of their fused wqkv, qkv_proj, gate_up_proj: InputGroup.after_rows in models/dialects.py)
 UNSCALED = {"InternVL2-Llama3-76B": set(), "InternVL2-1B": set(), "InternVL2-2B": set(), "InternVL2-4B": set(),
             "InternVL3.5-1B": set(), "InternVL3-9B-InternLM3": set()}
-
-
-def independent_dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """AWQ gemm read with numpy from the format's statement: W^T = (q - z) x s per group of input rows."""
-    def nibbles(packed):
-        words = packed.numpy().astype(np.int64) & 0xFFFFFFFF
-        out = np.zeros((words.shape[0], words.shape[1] * 8), dtype=np.int64)
-        for c in range(words.shape[1]):
-            for i, column in enumerate(ORDER):
-                out[:, 8 * c + column] = (words[:, c] >> (4 * i)) & 0xF
-        return out
-
-    q, z = nibbles(qweight), nibbles(qzeros)  # [in, out], [groups, out]
-    group = q.shape[0] // z.shape[0]
-    s = scales.float().numpy()
-    w_t = (q - np.repeat(z, group, axis=0)) * np.repeat(s, group, axis=0)
-    return torch.from_numpy(w_t.T.astype(np.float32))
 
 
 @pytest.fixture(scope="module")
@@ -162,26 +143,6 @@ def test_independent_dequantizer_equals_the_runtime(tiny, awq_tiny):
 
 
 # -- the folds ----------------------------------------------------------------------------------
-def _decoder_layer(folder: Path, index: int, hidden: list[torch.Tensor], tmp_path: Path):
-    from internvl_tools.calibrate.activations import Activations
-    from internvl_tools.calibrate.pipeline import DecoderLayer
-    from internvl_tools.models.layout import build_layout
-    from internvl_tools.models.native_map import links
-    from internvl_tools.models.views import open_view
-    from internvl_tools.runtime.build import build_decoder_layer
-
-    with open_view(folder, native_dialect=True) as view:
-        config = view.config()
-        layout = build_layout(config, view.specs())
-        module, rotary = build_decoder_layer(view, config, layout, index, torch.float32)
-        stems = {layout.keys[k].module: k.removesuffix(f".{layout.keys[k].param}") for k in layout.llm_layer_keys(index)}
-        all_links = {link.original: link for link in links(config, layout, adapt_v1=False)}
-    acts = Activations(tmp_path / "acts", 2**30)
-    for h in hidden:
-        acts.append(h)
-    return DecoderLayer(index, module, rotary, acts, stems, all_links, "cpu"), layout.record
-
-
 @pytest.mark.parametrize("family", ["InternVL2-Llama3-76B", "InternVL2-1B", "InternVL2-2B", "InternVL2-4B", "InternVL3.5-1B",
                                     "InternVL3-9B-InternLM3"])
 def test_folded_scales_keep_the_float_layer_s_function(family, tiny, tmp_path, monkeypatch):
@@ -374,7 +335,6 @@ def test_chat_and_verify_run_the_awq_output(tiny, awq_tiny, run_cli, tmp_path):
 
 
 # -- transformers + gptqmodel on the native gemm output -------------------------------------------
-GPTQ_PYTHON = ROOT / ".venv-gptq" / "bin" / "python"
 NATIVE_AWQ_FAMILIES = ["InternVL2-Llama3-76B", "InternVL2-1B", "InternVL2-2B", "InternVL2-4B"]
 LOAD_IDS = list(range(1, 25))
 # argv: a JSON list of [checkpoint folder, file for gptqmodel's dequantized weights], then the backends

@@ -22,7 +22,7 @@ from internvl_tools.formats import awq as awq_format
 
 from . import reference_internvl as ref
 from .support import all_tensors, sample_image
-from .test_awq import GPTQ_PYTHON, independent_dequantize
+from .support import GPTQ_PYTHON, awq_independent_dequantize as independent_dequantize
 
 MOE = "InternVL3.5-30B-A3B"
 TINY_AWQ = ["--method", "awq", "--group-size", "32", "--num-samples", "4", "--seq-len", "48"]
@@ -50,7 +50,7 @@ def test_folds_keep_the_sparse_layer_s_function(tiny, tmp_path, monkeypatch):
     """prepare_layer on a sparse layer with uneven scales forced everywhere (alpha 0.5): the post-attention norm / s,
     the router's and every expert's gate/up columns x s, each expert's up rows / s_e and down columns x s_e leave the
     router's logits (so the routing) and the float layer's output unchanged; the router is rewritten, not quantized."""
-    from .test_awq import _decoder_layer
+    from .support import decoder_layer_of as _decoder_layer
 
     g = torch.Generator().manual_seed(1)
     hidden = [torch.randn(1, 24, 64, generator=g) * torch.linspace(0.1, 8, 64) for _ in range(2)]
