@@ -9,7 +9,7 @@ checkpoint (bench_gptq_smollm2.build_checkpoint; its vision tower is small and r
 (not our renderer) asked for the largest bar or a comparison, and text-only questions (capitals as
 multiple choice, arithmetic yes/no). In-domain calibration: other rows of the same three sources
 (easy-vqa train split, other charts and questions); verify itself checks that no slice row is in
-any calibration set. All runs: 4-bit, group 128 (AWQ 64: its groups must divide SmolLM2's 576 inputs);
+any calibration set. All runs: 4-bit, group 64 (groups must divide SmolLM2's 576 inputs);
 GPTQ symmetric and asymmetric (--asym) rows.
 
 --tower dinov2 uses a model whose image tokens mean something (trained_tower.py): the same
@@ -228,8 +228,8 @@ def main() -> None:
                             + text_rows(c_text, rng, CAPITALS[:12]), data / "in-domain.jsonl")
     old = builtin_v1_folder(work / "builtin-v1", args.samples)
     calibrations = [("built-in v1 (old)", old, "v1"), ("built-in v2 (new)", None, "v2"), ("in-domain", in_domain, "dom")]
-    runs = [(f"GPTQ sym, {label}", "gptq", calib, f"gptq-{tag}", ["--group-size", "128"]) for label, calib, tag in calibrations]
-    runs += [(f"GPTQ asym, {label}", "gptq", calib, f"gptq-asym-{tag}", ["--group-size", "128", "--asym"])
+    runs = [(f"GPTQ sym, {label}", "gptq", calib, f"gptq-{tag}", ["--group-size", "64"]) for label, calib, tag in calibrations]
+    runs += [(f"GPTQ asym, {label}", "gptq", calib, f"gptq-asym-{tag}", ["--group-size", "64", "--asym"])
              for label, calib, tag in calibrations]
     if not args.no_awq:
         # AWQ scales whole groups, so its group must divide SmolLM2's 576 inputs: 64 (GPTQ's last group of a row is short)
@@ -239,8 +239,8 @@ def main() -> None:
     cache = work / "ref-cache"
     only = set(filter(None, args.only.split(",")))
     wanted = lambda tag: not only or tag in only  # noqa: E731
-    rtn = rtn_checkpoint(ckpt, work / "rtn-sym", 128) if wanted("rtn-sym") or (work / "rtn-sym").exists() else None
-    rtn_asym = rtn_checkpoint(ckpt, work / "rtn-asym", 128, sym=False) if wanted("rtn-asym") or (work / "rtn-asym").exists() else None
+    rtn = rtn_checkpoint(ckpt, work / "rtn-sym", 64) if wanted("rtn-sym") or (work / "rtn-sym").exists() else None
+    rtn_asym = rtn_checkpoint(ckpt, work / "rtn-asym", 64, sym=False) if wanted("rtn-asym") or (work / "rtn-asym").exists() else None
     runs = [run for run in runs if wanted(run[3]) or (work / run[3] / "config.json").exists()]
     with ThreadPoolExecutor(args.jobs) as pool:
         seconds = list(pool.map(lambda run: quantize(ckpt, work / run[3], run[1], run[2], args, run[4]), runs))
@@ -258,7 +258,7 @@ def main() -> None:
                      " / ".join(f"{per[c]:.0f}" for c in per), "-" if took != took else f"{took:.0f}"])
         print(label, json.dumps(o), flush=True)
     print(f"\n{model}; slice: {args.items} rows ({n_vqa} easy-vqa test, {n_chart} matplotlib bar charts, {n_text} text questions); "
-          f"calibration: {args.samples} samples, seq-len {args.seq_len}; 4-bit, group 128 (AWQ: 64); verify in {args.dtype}")
+          f"calibration: {args.samples} samples, seq-len {args.seq_len}; 4-bit, group 64; verify in {args.dtype}")
     print(markdown_table(["candidate", "ref acc %", "cand acc %", "acc drop", "answers agree %", "mean KL", "top-1 agree %",
                           "cand acc easy-vqa / chart / text", "quantize s"], rows))
 
