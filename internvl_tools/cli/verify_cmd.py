@@ -175,13 +175,17 @@ def distributed_setup() -> tuple[int, int]:
 
 
 def gather(rows: list[dict], world: int, order: list[str]) -> list[dict]:
-    """All ranks' rows on rank 0, in slice order."""
+    """All ranks' rows on every rank, in slice order; the process group is destroyed afterwards."""
     if world <= 1:
         return rows
     import torch.distributed as dist
 
     parts: list[list[dict]] = [None] * world  # type: ignore[list-item]
     dist.all_gather_object(parts, rows)
+    # every rank has every row now: leave the group together and tear it down before any rank exits
+    # (a rank exiting while gloo's threads still hold the other's connection can abort it: SIGABRT)
+    dist.barrier()
+    dist.destroy_process_group()
     position = {index: n for n, index in enumerate(order)}
     return sorted((r for part in parts for r in part), key=lambda r: position[r["index"]])
 
