@@ -29,16 +29,13 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import torch
 
 from ..io.safetensors_format import TensorSpec
 from ..models.dialects import Dialect, InputGroup
 from ..models.layout import KeyInfo, Layout
-
-if TYPE_CHECKING:
-    from .experts import SparseBlock
 
 
 class ModuleUpdate(NamedTuple):
@@ -85,7 +82,7 @@ class LayerWork:
     log: Callable[[str], None]
     device: str = "cpu"
     bias: Callable[[str], torch.Tensor | None] = lambda _module: None
-    sparse: SparseBlock | None = None
+    sparse: object | None = None  # an experts.SparseBlock (not imported: experts builds on this module)
 
 
 @dataclass(frozen=True)
