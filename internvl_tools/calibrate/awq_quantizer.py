@@ -375,18 +375,6 @@ class AWQQuantizer(Quantizer):
 
     _STATE = ("_fewest_tokens", "_up_down", "_blocks", "_linears", "_clipped", "_scaled", "_unscaled", "_alphas", "_ratios")
 
-    def state(self) -> dict:
-        """The counts, per-group alphas and error ratios, and expert sets so far (Quantizer.state)."""
-        return {**{name: getattr(self, name) for name in self._STATE},
-                "_experts": {kind: sorted(names) for kind, names in self._experts.items()}}
-
-    def restore(self, state: dict) -> None:
-        """Continue from `state()` of an interrupted run (Quantizer.restore)."""
-        for name in self._STATE:
-            if name in state:
-                setattr(self, name, state[name])
-        self._experts.update({kind: set(names) for kind, names in state.get("_experts", {}).items()})
-
     def summary(self) -> dict:
         """Counts so far: linears quantized, groups scaled / unscaled (with the reason), linears
         clipped, the mean alpha, and the scaled groups' mean output error relative to RTN's."""

@@ -201,18 +201,6 @@ class GPTQQuantizer(Quantizer):
 
     _STATE = ("_fewest_tokens", "_linears", "_fallbacks", "_damped")
 
-    def state(self) -> dict:
-        """The counts, fallbacks, raised dampenings and expert sets so far (Quantizer.state)."""
-        return {**{name: getattr(self, name) for name in self._STATE},
-                "_experts": {kind: sorted(names) for kind, names in self._experts.items()}}
-
-    def restore(self, state: dict) -> None:
-        """Continue from `state()` of an interrupted run (Quantizer.restore)."""
-        for name in self._STATE:
-            if name in state:
-                setattr(self, name, state[name])
-        self._experts.update({kind: set(names) for kind, names in state.get("_experts", {}).items()})
-
     def summary(self) -> dict:
         """{"linears": count, "round_to_nearest": [...], "damp_raised": {...}} so far; "experts" (expert groups
         quantized with GPTQ / with round-to-nearest for too few routed tokens) when there were any."""

@@ -157,12 +157,23 @@ class Quantizer(ABC):
         """JSON-able facts about the finished run (e.g. linears that fell back to round-to-nearest)."""
         return {}
 
+    # attributes whose values are the statistics behind summary(), and a dict of expert-name sets
+    # ("layer N mlp.experts.E" per kind), that state() / restore() carry across a resumed run
+    _STATE: tuple[str, ...] = ()
+    _experts: dict[str, set[str]] = {}
+
     def state(self) -> dict:
-        """The statistics behind `summary()` so far, JSON-able and exact (floats round-trip through
-        JSON): the pipeline saves them with each finished layer, so a resumed run's summary counts
-        the layers of the interrupted one too. None kept by default."""
-        return {}
+        """The statistics behind `summary()` so far (the `_STATE` attributes and the expert sets),
+        JSON-able and exact (floats round-trip through JSON): the pipeline saves them with each
+        finished layer, so a resumed run's summary counts the layers of the interrupted one too."""
+        return {**{name: getattr(self, name) for name in self._STATE},
+                "_experts": {kind: sorted(names) for kind, names in self._experts.items()}}
 
     def restore(self, state: dict) -> None:
         """Take back what `state()` returned (a resumed run, before its first layer); {} from a
         partial that recorded none."""
+        for name in self._STATE:
+            if name in state:
+                setattr(self, name, state[name])
+        self._experts = {**self._experts, **{kind: set(names) for kind, names in state.get("_experts", {}).items()}}
+
