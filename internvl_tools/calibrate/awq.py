@@ -222,15 +222,24 @@ def search_scales(weights: Sequence[torch.Tensor], h: torch.Tensor | InputStats,
     per v_proj row repeated over the query heads sharing it under GQA). Returns the scales in
     the fold's space: the inputs are divided by expand(s), the linears' columns multiplied."""
     expand = expand or (lambda s: s)
+
+    def loss_of(s: torch.Tensor) -> float:
+        s_in = expand(s)
+        return sum(output_error(w - fake_quantize(w * s_in, config) / s_in, h) for w in weights)
+
+    return best_scales(x_mean, config, loss_of)
+
+
+def best_scales(x_mean: torch.Tensor, config: AWQConfig, loss_of: Callable[[torch.Tensor], float]) -> ScaleSearch:
+    """The grid of AWQ's scale search: s = normalized_scales(x_mean, alpha) for alpha = step / n_grid,
+    step 0 .. n_grid - 1 (alpha 0: plain round-to-nearest, its loss kept as rtn_loss), and the one
+    with the least `loss_of(s)` (the first on ties)."""
     best: ScaleSearch | None = None
     rtn_loss = 0.0
     for step in range(config.n_grid):
         alpha = step / config.n_grid
         s = normalized_scales(x_mean, alpha)
-        s_in = expand(s)
-        loss = 0.0
-        for w in weights:
-            loss += output_error(w - fake_quantize(w * s_in, config) / s_in, h)
+        loss = loss_of(s)
         if step == 0:
             rtn_loss = loss
         if best is None or loss < best.loss:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .awq import AWQConfig, ScaleSearch, fake_quantize, normalized_scales
+from .awq import AWQConfig, ScaleSearch, best_scales, fake_quantize
 
 ExpertWeights = Callable[[int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # expert -> (gate, up, down), float32
 
@@ -96,20 +96,15 @@ def search_block_scales(x: torch.Tensor, chosen: torch.Tensor, weights: torch.Te
     router's columns take s too, so its logits do not move). Alpha 0 is plain round-to-nearest."""
     target = block_output(x, chosen, weights, experts, expert_weights, act)
     count = max(x.shape[0], 1)
-    best: ScaleSearch | None = None
-    rtn_loss = 0.0
-    for step in range(config.n_grid):
-        alpha = step / config.n_grid
-        s = normalized_scales(x_mean, alpha).to(x.device)
+    def loss_of(s: torch.Tensor) -> float:
+        s = s.to(x.device)
 
         def scaled(e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             gate, up, down = expert_weights(e)
             return fake_quantize(gate * s, config) / s, fake_quantize(up * s, config) / s, down
 
-        loss = float((block_output(x, chosen, weights, experts, scaled, act) - target).square().sum()) / count
-        if step == 0:
-            rtn_loss = loss
-        if best is None or loss < best.loss:
-            best = ScaleSearch(s, alpha, loss, rtn_loss)
-    best.rtn_loss = rtn_loss
+        return float((block_output(x, chosen, weights, experts, scaled, act) - target).square().sum()) / count
+
+    best = best_scales(x_mean, config, loss_of)
+    best.scales = best.scales.to(x.device)
     return best
