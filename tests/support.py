@@ -129,3 +129,21 @@ def decoder_layer_of(folder: Path, index: int, hidden: list[torch.Tensor], tmp_p
     for h in hidden:
         acts.append(h)
     return DecoderLayer(index, module, rotary, acts, stems, all_links, "cpu"), layout.record
+
+
+def transformers_and_runtime_logits(folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """(transformers', our runtime's) float32 logits of one image prompt on a native-layout folder,
+    after asserting that AutoModelForImageTextToText loads it with no missing, unexpected or
+    mismatched keys."""
+    from transformers import AutoModelForImageTextToText
+
+    from internvl_tools.runtime.model import InternVLRuntime
+
+    model, info = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32, output_loading_info=True, device_map="cpu")
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    runtime = InternVLRuntime(folder, dtype=torch.float32)
+    pixels = runtime.pixel_values(sample_image(5))
+    ids = runtime.prompt_ids("Describe the image.", pixels.shape[0])
+    with torch.no_grad():
+        theirs = model(input_ids=ids, pixel_values=pixels).logits
+    return theirs, runtime.logits(ids, pixels)

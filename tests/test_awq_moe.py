@@ -21,7 +21,7 @@ from internvl_tools.calibrate.experts import routing
 from internvl_tools.formats import awq as awq_format
 
 from . import reference_internvl as ref
-from .support import all_tensors, sample_image
+from .support import all_tensors, sample_image, transformers_and_runtime_logits
 from .support import GPTQ_PYTHON, awq_independent_dequantize as independent_dequantize
 
 MOE = "InternVL3.5-30B-A3B"
@@ -206,10 +206,6 @@ def test_transformers_loads_compressed_tensors_awq_experts(tiny, tmp_path, run_c
     """AWQ --format compressed-tensors (W4A16 symmetric) of the native layout: transformers' compressed-tensors loader
     fills the fused experts (no missing or unexpected keys), the router stays a bf16 parameter it is told to ignore,
     and its logits are our runtime's on the same quantized weights."""
-    from transformers import AutoModelForImageTextToText
-
-    from internvl_tools.runtime.model import InternVLRuntime
-
     assert run_cli("convert", tiny(MOE), "-o", tmp_path / "hf").exit_code == 0
     out = tmp_path / "w4a16"
     result = run_cli("quantize", tmp_path / "hf", "-o", out, *TINY_AWQ, "--format", "compressed-tensors", "--no-zero-point")
@@ -220,14 +216,7 @@ def test_transformers_loads_compressed_tensors_awq_experts(tiny, tmp_path, run_c
     assert "model.language_model.layers.1.mlp.experts.2.down_proj.weight_packed" in tensors
     assert tensors["model.language_model.layers.1.mlp.gate.weight"].dtype == torch.bfloat16
     assert r"re:.*\.mlp\.gate$" in json.loads((out / "config.json").read_text())["quantization_config"]["ignore"]
-    model, info = AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float32, output_loading_info=True, device_map="cpu")
-    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
-    runtime = InternVLRuntime(out, dtype=torch.float32)
-    pixels = runtime.pixel_values(sample_image(5))
-    ids = runtime.prompt_ids("Describe the image.", pixels.shape[0])
-    with torch.no_grad():
-        theirs = model(input_ids=ids, pixel_values=pixels).logits
-    ours = runtime.logits(ids, pixels)
+    theirs, ours = transformers_and_runtime_logits(out)
     torch.testing.assert_close(theirs, ours, rtol=0, atol=5e-3)  # its dequantized weights pass through bf16, ours stay fp32
     top2 = ours.topk(2, dim=-1).values
     clear = top2[..., 0] - top2[..., 1] > 1e-2  # the same next token wherever the random tiny model's top two are not a near-tie

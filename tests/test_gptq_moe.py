@@ -24,7 +24,7 @@ from internvl_tools.runtime.build import build_decoder_layer
 from internvl_tools.runtime.model import InternVLRuntime
 
 from . import reference_internvl as ref
-from .support import all_tensors, sample_image
+from .support import all_tensors, sample_image, transformers_and_runtime_logits
 
 MOE = "InternVL3.5-30B-A3B"
 TINY_GPTQ = ["--method", "gptq", "--group-size", "32", "--num-samples", "4", "--seq-len", "64"]
@@ -169,21 +169,12 @@ def test_transformers_loads_compressed_tensors_experts(tiny, tmp_path, run_cli):
     """GPTQ --format compressed-tensors (W4A16, pack-quantized) of the native layout: transformers' compressed-tensors
     loader dequantizes every expert into its fused parameters (no missing or unexpected keys) and computes our
     runtime's logits on the same quantized weights. (The gptq format's experts it cannot fill: README.)"""
-    from transformers import AutoModelForImageTextToText
-
     assert run_cli("convert", tiny(MOE), "-o", tmp_path / "hf").exit_code == 0
     out = tmp_path / "w4a16"
     result = run_cli("quantize", tmp_path / "hf", "-o", out, *TINY_GPTQ, "--format", "compressed-tensors")
     assert result.exit_code == 0, result.output
     assert "model.language_model.layers.1.mlp.experts.2.down_proj.weight_packed" in all_tensors(out)
     assert r"re:.*\.mlp\.gate$" in json.loads((out / "config.json").read_text())["quantization_config"]["ignore"]
-    model, info = AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float32, output_loading_info=True, device_map="cpu")
-    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
-    runtime = InternVLRuntime(out, dtype=torch.float32)
-    pixels = runtime.pixel_values(sample_image(5))
-    ids = runtime.prompt_ids("Describe the image.", pixels.shape[0])
-    with torch.no_grad():
-        theirs = model(input_ids=ids, pixel_values=pixels).logits
-    ours = runtime.logits(ids, pixels)
+    theirs, ours = transformers_and_runtime_logits(out)
     torch.testing.assert_close(theirs, ours, rtol=0, atol=5e-3)  # its dequantized weights pass through bf16, ours stay fp32
     assert torch.equal(theirs.argmax(-1), ours.argmax(-1))
