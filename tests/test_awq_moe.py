@@ -21,7 +21,7 @@ from internvl_tools.calibrate.experts import routing
 from internvl_tools.formats import awq as awq_format
 
 from . import reference_internvl as ref
-from .support import all_tensors, sample_image, transformers_and_runtime_logits
+from .support import all_tensors, transformers_and_runtime_logits
 from .support import GPTQ_PYTHON, awq_independent_dequantize as independent_dequantize
 
 MOE = "InternVL3.5-30B-A3B"
