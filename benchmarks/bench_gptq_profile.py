@@ -105,6 +105,7 @@ from internvl_tools.calibrate.gptq_quantizer import GPTQJob, quantize_gptq
 from internvl_tools.models import views
 
 src, out, calib, samples, seq_len, layers, group = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], *map(int, sys.argv[4:8])
+forward_dtype = sys.argv[8]
 pipeline.build_decoder_layer = timed("read layer", pipeline.build_decoder_layer)
 pipeline.DecoderLayer.inputs = timed_generator("forward", pipeline.DecoderLayer.inputs)
 pipeline.DecoderLayer.outputs = timed_generator("forward", pipeline.DecoderLayer.outputs)
@@ -131,14 +132,14 @@ def log(line):
     if line.startswith("calibration") and "samples" in line:
         marks[0] = (time.perf_counter(), dict(TOTALS))
 
-job = GPTQJob(GPTQConfig(group_size=group), num_samples=samples, seq_len=seq_len, calib=calib)
+job = GPTQJob(GPTQConfig(group_size=group), num_samples=samples, seq_len=seq_len, calib=calib, forward_dtype=forward_dtype)
 try:
     quantize_gptq(src, out, job, max_shard_size=5 * 2**30, log=log, progress=progress)
 except Done:
     pass
 (t0, s0), last = marks[0], max(marks)
 (t1, s1) = marks[last]
-print("PROFILE " + json.dumps({"layers": last, "wall": t1 - t0, "threads": torch.get_num_threads(),
+print("PROFILE " + json.dumps({"layers": last, "wall": t1 - t0, "threads": torch.get_num_threads(), "forward_dtype": forward_dtype,
                                "stages": {k: v - s0.get(k, 0.0) for k, v in s1.items()}}))
 '''
 
@@ -257,6 +258,8 @@ def main() -> None:
     parser.add_argument("--group-size", type=int, default=None, help="default: 64 for smollm2 (576 inputs), 128 for wide")
     parser.add_argument("--layers", type=int, default=None, help="ours: stop after N decoder layers (default: 1 on wide, all on smollm2)")
     parser.add_argument("--only", choices=["ours", "gptqmodel"], default=None)
+    parser.add_argument("--forward-dtype", choices=["auto", "bf16", "fp32"], default="auto",
+                        help="ours: the calibration forwards' dtype (quantize --forward-dtype); GPTQModel runs the checkpoint's bf16")
     args = parser.parse_args()
     group = args.group_size or (64 if args.model == "smollm2" else 128)
     ours_src, hf = smollm2_sources() if args.model == "smollm2" else wide_sources()
@@ -271,7 +274,7 @@ def main() -> None:
     (WORK / f"profile-ids-{tag}.json").write_text(json.dumps(ids))
     results = {}
     for side in ("ours", "gptqmodel"):
-        cache = WORK / f"profile-{side}-{tag}.json"
+        cache = WORK / (f"profile-{side}-{tag}-{args.forward_dtype}.json" if side == "ours" else f"profile-{side}-{tag}.json")
         if args.only not in (None, side):
             if cache.exists():
                 results[side] = json.loads(cache.read_text())
@@ -280,7 +283,8 @@ def main() -> None:
             out = fresh(WORK / f"profile-ours-{args.model}")
             layers = args.layers if args.layers is not None else (1 if args.model == "wide" else 0)
             results[side] = run_side(side, OURS, Path(sys.executable),
-                                     [str(ours_src), str(out), str(calib), str(args.samples), str(args.seq_len), str(layers), str(group)])
+                                     [str(ours_src), str(out), str(calib), str(args.samples), str(args.seq_len), str(layers), str(group),
+                                      args.forward_dtype])
             fresh(out)
         elif GPTQ_PYTHON.exists():
             out = fresh(WORK / f"profile-gptqmodel-{args.model}")
@@ -293,7 +297,7 @@ def main() -> None:
     load = os.getloadavg()
     what = "SmolLM2-135M-Instruct (real weights, 30 layers)" if args.model == "smollm2" else "one true-width Llama-3-70B layer"
     print(f"{what}; {args.samples} samples x {args.seq_len} tokens; w4 g{group} sym GAR; load average now {load[0]:.2f}")
-    labels = {"ours": "internvl-tools", "gptqmodel": "GPTQModel 7.7"}
+    labels = {"ours": f"internvl-tools (--forward-dtype {args.forward_dtype})", "gptqmodel": "GPTQModel 7.7 (bf16)"}
     print(markdown_table(["run", *STAGES, "other", "seconds per layer", "layers", "torch threads"],
                          [row(labels[side], result) for side, result in results.items()]))
 

@@ -269,3 +269,68 @@ def test_quantizer_interface_and_awq_style_folding(family, tiny, tmp_path):
     ids = torch.tensor([list(range(1, 30))])
     want, got = InternVLRuntime(tiny(family)).logits(ids), InternVLRuntime(out).logits(ids)
     assert (got - want).norm() / want.norm() < 0.02  # the fold is exact up to bf16 rounding
+
+
+# -- the calibration forwards: SDPA, and their dtype ----------------------------------------------
+def _decoder_layer(folder, index, dtype, attention, samples):
+    from internvl_tools.calibrate.activations import Activations
+    from internvl_tools.calibrate.pipeline import DecoderLayer
+    from internvl_tools.io.reader import CheckpointReader
+    from internvl_tools.models.layout import build_layout
+    from internvl_tools.models.native_map import links
+    from internvl_tools.runtime.build import build_decoder_layer
+
+    with CheckpointReader(folder) as reader:
+        config = reader.config()
+        layout = build_layout(config, reader.specs())
+        module, rotary = build_decoder_layer(reader, config, layout, index, dtype, attention=attention)
+        stems = {layout.keys[k].module: k.removesuffix(f".{layout.keys[k].param}") for k in layout.llm_layer_keys(index)}
+        all_links = {link.original: link for link in links(config, layout, adapt_v1=False)}
+    acts = Activations(folder / "unused", 2**30)
+    for sample in samples:
+        acts.append(sample)
+    return DecoderLayer(index, module, rotary, acts, stems, all_links, "cpu", layout.record.experts)
+
+
+@pytest.mark.parametrize("family", ["InternVL2-1B", "InternVL2-4B", "InternVL3.5-30B-A3B"])  # qwen2, phi3, qwen3_moe
+def test_sdpa_and_bf16_forwards_match_the_eager_float32_layer(family, tiny):
+    """The pipeline's layer (SDPA, causal without a mask) gives the eager float32 layer's outputs and
+    group inputs; in bf16 they stay within bf16 rounding, and weight() still hands out float32."""
+    folder = tiny(family)
+    hidden = json.loads((folder / "config.json").read_text())["llm_config"]["hidden_size"]
+    g = torch.Generator().manual_seed(5)
+    samples = [torch.randn(1, t, hidden, generator=g) for t in (9, 17)]
+    eager = _decoder_layer(folder, 1, torch.float32, "eager", samples)
+    sdpa = _decoder_layer(folder, 1, torch.float32, "sdpa", samples)
+    bf16 = _decoder_layer(folder, 1, torch.bfloat16, "sdpa", samples)
+    dialect = get_dialect(llm_dialect(json.loads((folder / "config.json").read_text())))
+    o_group = dialect.groups[1].hook  # the attention output projection's input: after attention
+    for want, got, low in zip(eager.outputs(), sdpa.outputs(), bf16.outputs(), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert low.dtype == torch.bfloat16 and (low.float() - want).norm() / want.norm() < 2e-2
+    for want, got, low in zip(eager.inputs(o_group), sdpa.inputs(o_group), bf16.inputs(o_group), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # a non-causal SDPA would differ at every row but the last
+        assert (low.float() - want).norm() / want.norm() < 2e-2
+    name = dialect.groups[0].linears[0]
+    assert bf16.weight(name).dtype == torch.float32 and torch.equal(bf16.weight(name), sdpa.weight(name))
+    bf16.set_weight(name, sdpa.weight(name) * 2)
+    assert torch.equal(bf16.weight(name), sdpa.weight(name) * 2) and next(bf16.module.parameters()).dtype == torch.bfloat16
+
+
+def test_forward_dtype_option_is_recorded(tiny, tmp_path, run_cli, monkeypatch):
+    from internvl_tools.calibrate import pipeline
+
+    assert pipeline.forward_dtype("fp32", "cpu") == torch.float32 and pipeline.forward_dtype("bf16", "cpu") == torch.bfloat16
+    monkeypatch.setattr(pipeline, "native_bf16", lambda device: False)  # a CPU without AVX512-BF16 / AMX
+    assert pipeline.forward_dtype("auto", "cpu") == torch.float32
+    monkeypatch.setattr(pipeline, "native_bf16", lambda device: True)
+    assert pipeline.forward_dtype("auto", "cpu") == torch.bfloat16
+    for option, recorded in (("auto", "bf16"), ("fp32", "fp32")):
+        out = tmp_path / option
+        result = run_cli("quantize", tiny("InternVL2-1B"), "-o", out, "--method", "gptq", "--group-size", "32",
+                         "--num-samples", "2", "--seq-len", "48", "--forward-dtype", option)
+        assert result.exit_code == 0, result.output
+        record = json.loads((out / "config.json").read_text())["quantization_calibration"]
+        assert record["forward_dtype"] == recorded and f"{recorded} forwards" in result.output
+    result = run_cli("quantize", tiny("InternVL2-1B"), "-o", tmp_path / "i8", "--method", "int8", "--forward-dtype", "bf16")
+    assert result.exit_code == 2 and "--forward-dtype" in result.output

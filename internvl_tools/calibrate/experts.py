@@ -117,5 +117,6 @@ def _group_input(layer, experts, expert: int, index: int, x: torch.Tensor, act) 
     if index == 0:
         return x
     first: InputGroup = experts.expert_groups(expert)[0]
-    gate, up = (layer.weight(name) for name in first.linears)
+    gate, up = (layer.weight(name) for name in first.linears)  # float32
+    x = x.float()
     return act(x @ gate.T) * (x @ up.T)

@@ -4,8 +4,10 @@ that implements calibrate.quantizer.Quantizer (GPTQ: calibrate/gptq_quantizer.py
 1. Calibration: image + text samples go through the vision tower and mlp1 (never quantized;
    on the job's device) and are spliced into the LLM's input embeddings as the model does;
    text-only samples too.
-2. For each decoder layer: build it alone from the stream (float32, moved to the job's device:
-   the layer's forwards, the quantizer's statistics and its math run there), let the quantizer prepare
+2. For each decoder layer: build it alone from the stream (in the job's forward dtype, bf16 or
+   float32: `forward_dtype`; SDPA causal attention; moved to the job's device: the layer's
+   forwards, the quantizer's statistics and its math run there; the statistics and the
+   quantizer's math are float32 whatever the forward dtype), let the quantizer prepare
    it, then for each input group of the dialect's record (models/dialects.py: linears in
    execution order, the native module whose input they share, the module that produces it)
    run the cached samples up to that module with a forward pre-hook that hands each input to
@@ -17,7 +19,7 @@ that implements calibrate.quantizer.Quantizer (GPTQ: calibrate/gptq_quantizer.py
 3. Everything else is copied byte for byte; config.json gets the quantizer's top-level
    quantization_config (none for a method whose output stays plain weights).
 
-Peak memory: one decoder layer in float32, what the quantizer keeps for one group (GPTQ: one
+Peak memory: one decoder layer in the forward dtype, what the quantizer keeps for one group (GPTQ: one
 Hessian), and the activations in memory. With `resume`, OUT.partial/ keeps the finished layers
 and the activations after each layer.
 """
@@ -56,7 +58,8 @@ from .window import Window, fit_samples
 class CalibrationJob:
     """The calibration settings of a run (a resumed run must match them): samples (`calib`, a
     folder of *.jsonl, or the built-in set drawn with `seed`), tokens per sample at most,
-    bytes of activations kept in memory, and where layers run ("cpu" or "cuda")."""
+    bytes of activations kept in memory, where layers run ("cpu" or "cuda") and in which dtype
+    the decoder layers' forwards run (`forward_dtype`: "bf16", "fp32" or "auto", see forward_dtype)."""
 
     num_samples: int = 128
     seq_len: int = 2048
@@ -64,6 +67,7 @@ class CalibrationJob:
     seed: int = 0
     memory_budget: int = 2 * 2**30
     device: str = "cpu"
+    forward_dtype: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -80,6 +84,7 @@ class QuantizeJob:
     seed: int = 0
     memory_budget: int = 2 * 2**30  # bytes of activations kept in memory
     device: str = "cpu"
+    forward_dtype: str = "auto"
 
     def calibration(self) -> CalibrationJob:
         """The calibration part of the job."""
@@ -87,6 +92,32 @@ class QuantizeJob:
         fields.pop("config")
         fields.pop("fmt")
         return CalibrationJob(**fields)
+
+
+def native_bf16(device: str) -> bool:
+    """Whether `device` computes bf16 matrix products natively: a CUDA device of compute capability
+    >= 8.0, or a CPU whose flags (Linux /proc/cpuinfo) list avx512_bf16 or amx_bf16, the
+    instructions oneDNN's bf16 GEMM uses; elsewhere bf16 is emulated and slower than float32."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def forward_dtype(name: str, device: str) -> torch.dtype:
+    """The dtype the decoder layers' calibration forwards run in: "bf16", "fp32", or "auto" = bf16
+    where `device` computes it natively (native_bf16), float32 elsewhere. bf16 is what GPTQModel,
+    llm-compressor and AutoAWQ calibrate in (the checkpoint's dtype); the Hessians, input statistics
+    and the quantizers' math stay float32 either way. ValueError for another name."""
+    if name == "auto":
+        return torch.bfloat16 if native_bf16(device) else torch.float32
+    dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
+    if name not in dtypes:
+        raise ValueError(f"forward dtype {name!r}: bf16, fp32 or auto")
+    return dtypes[name]
 
 
 def fit_window(reader: CheckpointReader, config: dict, samples: list[Sample], seq_len: int, count: int | None = None) -> Window:
@@ -170,7 +201,7 @@ class _Captured(Exception):
 
 
 class DecoderLayer:
-    """One decoder layer under calibration: the native module (float32, on `device`), its rotary
+    """One decoder layer under calibration: the native module (forward dtype, on `device`), its rotary
     embedding, the cached samples, and the original-layout view of its modules.
 
     `stems` maps an original module name ("attention.wqkv") to its key stem
@@ -182,6 +213,9 @@ class DecoderLayer:
         self.index, self.module, self.rotary, self.acts = index, module, rotary, acts
         self.stems, self.links, self.device = stems, layer_links, device
         self.experts = experts  # a sparse layer's experts: fused in memory (models/dialects.Experts)
+        self.dtype = next(module.parameters()).dtype  # the forward dtype
+        config = next((m.config for m in module.modules() if hasattr(m, "config")), None)
+        self._sdpa = getattr(config, "_attn_implementation", None) == "sdpa"  # causal without a mask
         self._native_prefix = f"{NATIVE_LLM_PREFIX}.layers.{index}."
 
     def expert_rows(self, module: str) -> tuple[torch.nn.Parameter, int, slice] | None:
@@ -216,13 +250,14 @@ class DecoderLayer:
         return link, owners, leaves
 
     def weight(self, module: str) -> torch.Tensor:
-        """The current weight of an original-layout module (fused tensors merged), float32; read-only."""
+        """The current weight of an original-layout module (fused tensors merged), float32 (a copy
+        when the layer runs in bf16); read-only."""
         slot = self.expert_rows(module)
         if slot is not None:
             fused, expert, rows = slot
-            return fused.detach()[expert, rows]
+            return fused.detach()[expert, rows].float()
         link, owners, leaves = self._params(module)
-        parts = [owner._parameters[leaf].detach() for owner, leaf in zip(owners, leaves)]
+        parts = [owner._parameters[leaf].detach().float() for owner, leaf in zip(owners, leaves)]
         return link.merge(*parts) if link.merge else parts[0]
 
     def bias(self, module: str) -> torch.Tensor | None:
@@ -230,12 +265,12 @@ class DecoderLayer:
         if f"{self.stems[module]}.bias" not in self.links:
             return None
         link, owners, leaves = self._params(module, "bias")
-        parts = [owner._parameters[leaf].detach() for owner, leaf in zip(owners, leaves)]
+        parts = [owner._parameters[leaf].detach().float() for owner, leaf in zip(owners, leaves)]
         return link.merge(*parts) if link.merge else parts[0]
 
     def set_weight(self, module: str, tensor: torch.Tensor, param: str = "weight") -> None:
         """Put an original-layout weight (or `param` "bias") into the native layer (split when fused),
-        on the layer's device."""
+        on the layer's device, in the layer's dtype."""
         slot = self.expert_rows(module) if param == "weight" else None
         if slot is not None:  # an expert's rows of the fused parameter, in place
             fused, expert, rows = slot
@@ -245,12 +280,15 @@ class DecoderLayer:
         link, owners, leaves = self._params(module, param)
         parts = link.split(tensor) if link.split else (tensor,)
         for owner, leaf, part in zip(owners, leaves, parts):
-            owner._parameters[leaf] = torch.nn.Parameter(part.to(self.device).contiguous(), requires_grad=False)
+            dtype = owner._parameters[leaf].dtype
+            owner._parameters[leaf] = torch.nn.Parameter(part.to(self.device, dtype).contiguous(), requires_grad=False)
 
     def _forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        hidden = hidden.to(self.device)
+        hidden = hidden.to(self.device, self.dtype)
         positions = torch.arange(hidden.shape[1], device=hidden.device)[None]
-        mask = torch.full((hidden.shape[1], hidden.shape[1]), float("-inf"), device=hidden.device).triu(1)[None, None]
+        mask = None  # SDPA attention (build_decoder_layer(attention="sdpa")) is causal without one
+        if not self._sdpa:
+            mask = torch.full((hidden.shape[1],) * 2, float("-inf"), device=hidden.device, dtype=self.dtype).triu(1)[None, None]
         with torch.no_grad():
             out = self.module(hidden, attention_mask=mask, position_ids=positions,
                               position_embeddings=self.rotary(hidden, positions))
@@ -276,7 +314,7 @@ class DecoderLayer:
             yield captured
 
     def outputs(self) -> Iterator[torch.Tensor]:
-        """Per cached sample, the layer's output [1, T, hidden] under its current weights."""
+        """Per cached sample, the layer's output [1, T, hidden] under its current weights (forward dtype)."""
         for hidden in self.acts:
             yield self._forward(hidden)
 
@@ -287,7 +325,8 @@ def quantize_layer(reader: CheckpointReader, config: dict, layout: Layout, index
     """Quantize decoder layer `index` with `quantizer`, writing its `planned` tensors; returns the
     layer's outputs (the next layer's inputs). RuntimeError when the quantizer leaves a planned
     tensor unwritten."""
-    module, rotary = build_decoder_layer(reader, config, layout, index, torch.float32)
+    dtype = forward_dtype(job.forward_dtype, job.device)
+    module, rotary = build_decoder_layer(reader, config, layout, index, dtype, attention="sdpa")
     stems = {}
     for key in layout.llm_layer_keys(index):
         info = layout.keys[key]
@@ -406,7 +445,8 @@ def quantize_calibrated(source: Path, out: Path, quantizer: Quantizer, job: Cali
                     if spec.name not in replaced:
                         writer.copy(spec.name)
                 window = window if window is not None else load_window()
-                record, rows = calibration_record([f.sample for f in window.used], job.calib, job.seed, window.record())
+                record, rows = calibration_record([f.sample for f in window.used], job.calib, job.seed,
+                                                  dict(window.record(), forward_dtype=_DTYPE_NAMES[forward_dtype(job.forward_dtype, job.device)]))
                 write_file(raw_writer.partial / ROWS_FILE, {"calibration": record, "rows": rows})  # kept for --resume
                 acts = calibration_embeddings(reader, config, layout, window, job.memory_budget, state.spill, log, job.device)
                 state.save(acts, 0)
@@ -428,8 +468,10 @@ _FLAGS = {
     "sym": ("--sym", "--asym"), "desc_act": ("--desc-act", None), "damp": ("--damp", None),
     "act_group_aware": ("--act-group-aware", "--no-act-group-aware"), "format": ("--format", None),
     "num_samples": ("--num-samples", None), "seq_len": ("--seq-len", None), "calib": ("--calib", None),
-    "device": ("--device", None),
+    "device": ("--device", None), "forward_dtype": ("--forward-dtype", None),
 }
+
+_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
 def _option_text(key: str, value: object) -> str:

@@ -303,4 +303,6 @@ def describe(record: dict) -> str:
     if "tokens" in record:  # what reached the model within --seq-len (calibrate/window.py)
         lost = [f"{record[key]} {what}" for key, what in (("cut", "cut"), ("dropped", "dropped")) if record.get(key)]
         line += f", {record['tokens']} tokens (--seq-len {record['seq_len']}" + (f"; {', '.join(lost)}" if lost else "") + ")"
+    if "forward_dtype" in record:
+        line += f", {record['forward_dtype']} forwards"
     return line

@@ -283,6 +283,9 @@ def convert_cmd(checkpoint: Path, out: Path, target: str, max_shard_size: str, o
 @click.option("--num-samples", type=click.IntRange(min=1), default=128, show_default=True, help="gptq / awq: calibration samples")
 @click.option("--seq-len", type=click.IntRange(min=1), default=2048, show_default=True, help="gptq / awq: tokens per sample at most")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="gptq / awq: where layers run")
+@click.option("--forward-dtype", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True,
+              help="gptq / awq: dtype of the decoder layers' calibration forwards (auto: bf16 where the device computes it "
+                   "natively, CUDA or a CPU with AVX512-BF16/AMX, else fp32); Hessians and the quantizer's math stay fp32")
 @click.option("--resume", is_flag=True, help="gptq / awq: continue an interrupted run from its last finished layer")
 @click.option("--max-shard-size", default="5GB", show_default=True, help=SIZE_HELP)
 @click.option("--overwrite", is_flag=True, help="replace a non-empty OUT")
@@ -336,6 +339,7 @@ OPTION_METHODS = {
     "bits": ("gptq", "awq"), "group_size": ("gptq", "awq"), "desc_act": ("gptq",), "act_group_aware": ("gptq",),
     "sym": ("gptq",), "damp": ("gptq",), "zero_point": ("awq",), "calib": ("gptq", "awq"), "num_samples": ("gptq", "awq"),
     "seq_len": ("gptq", "awq"), "device": ("gptq", "awq"), "resume": ("gptq", "awq"),
+    "forward_dtype": ("gptq", "awq"),
 }
 
 
@@ -457,7 +461,8 @@ def _run_gptq(checkpoint: Path, out: Path, options: dict, limit: int, as_json: b
                         desc_act=options["desc_act"], damp=options["damp"],
                         act_group_aware=options["act_group_aware"] and not options["desc_act"])
     job = GPTQJob(config, fmt=options["fmt"], num_samples=options["num_samples"], seq_len=options["seq_len"],
-                  calib=str(options["calib"]) if options["calib"] else None, device=options["device"])
+                  calib=str(options["calib"]) if options["calib"] else None, device=options["device"],
+                  forward_dtype=options["forward_dtype"])
     layers = _llm_layers(checkpoint)
     quantizer = GPTQQuantizer(config, options["fmt"])
     with pipeline_log(enabled=not as_json) as log, layer_progress("GPTQ", layers, enabled=not as_json) as advance:
@@ -496,7 +501,8 @@ def _run_awq(checkpoint: Path, out: Path, options: dict, limit: int, as_json: bo
     zero_point = options["zero_point"] if options["zero_point"] is not None else options["fmt"] == "awq"
     config = AWQConfig(bits=int(options["bits"]), group_size=options["group_size"], zero_point=zero_point)
     job = AWQJob(config, fmt=options["fmt"], num_samples=options["num_samples"], seq_len=options["seq_len"],
-                 calib=str(options["calib"]) if options["calib"] else None, device=options["device"])
+                 calib=str(options["calib"]) if options["calib"] else None, device=options["device"],
+                  forward_dtype=options["forward_dtype"])
     dialect, head_dim = llm_facts(checkpoint)
     if dialect is None:
         raise InputError(f"{checkpoint}/config.json: the checkpoint is already quantized; quantize the bf16 checkpoint")

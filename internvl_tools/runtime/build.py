@@ -222,26 +222,30 @@ def build_llm(reader: CheckpointReader, config: dict, layout: Layout, dtype: tor
     return load_into(model, outputs, reader, "", dtype, placement=placement, fused=expert_slots(layout.record))
 
 
-def _text_config(config: dict, layout: Layout):
-    """The LLM's transformers config (eager attention; a sparse layer's experts looped in eager
-    mode, expert by expert, as the reference and the calibration hooks compute them)."""
+def _text_config(config: dict, layout: Layout, attention: str = "eager"):
+    """The LLM's transformers config (`attention`: "eager" by default, "sdpa" for the calibration
+    layers; a sparse layer's experts looped in eager mode, expert by expert, as the reference and
+    the calibration hooks compute them)."""
     from transformers import AutoConfig
 
     text = dict(nc.text_config(config, layout.dialect))
     text_cfg = AutoConfig.for_model(text.pop("model_type"), **text)
-    text_cfg._attn_implementation = "eager"
+    text_cfg._attn_implementation = attention
     if layout.record.experts is not None:
         text_cfg._experts_implementation = "eager"
     return text_cfg
 
 
-def build_decoder_layer(reader: CheckpointReader, config: dict, layout: Layout, index: int, dtype: torch.dtype | None = None):
-    """One decoder layer alone (what layer-by-layer GPTQ needs), plus its rotary embedding."""
+def build_decoder_layer(reader: CheckpointReader, config: dict, layout: Layout, index: int, dtype: torch.dtype | None = None,
+                        attention: str = "eager"):
+    """One decoder layer alone (what layer-by-layer GPTQ needs), plus its rotary embedding;
+    `attention` is transformers' attention implementation ("eager" or "sdpa": with sdpa and no
+    mask the layer attends causally)."""
     import importlib
 
     module_name, layer_cls, rotary_cls = layout.record.decoder_layer  # models/dialects.py
     module = importlib.import_module(module_name)
-    text_cfg = _text_config(config, layout)
+    text_cfg = _text_config(config, layout, attention)
     with params_on_meta():
         layer = getattr(module, layer_cls)(text_cfg, index)
     prefix = f"model.language_model.layers.{index}."
