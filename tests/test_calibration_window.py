@@ -131,7 +131,7 @@ def test_quantize_lets_later_samples_stand_in(tiny, tmp_path, monkeypatch):
     out = quantize_calibrated(tiny(FAMILY), tmp_path / "q", GPTQQuantizer(GPTQConfig(4, 32)),
                               CalibrationJob(num_samples=2, seq_len=128), max_shard_size=10**9, log=lines.append)
     record = json.loads((out / "config.json").read_text())["quantization_calibration"]
-    assert record["samples"] == 2 and record["kinds"] == {"text_en": 1, "text_zh": 1} and record["tokens"] == 256
+    assert record["samples"] == 2 and record["kinds"] == {"text_en": 1, "text_zh": 1} and 0 < record["tokens"] <= 2 * 128
     assert record["dropped"] >= 2 and record["with_images"] == 0
     assert len([line for line in lines if line.startswith("warning: --seq-len 128")]) == 1
 

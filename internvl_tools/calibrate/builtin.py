@@ -1,4 +1,4 @@
-"""The built-in calibration set (`builtin-v2`): what InternVL is used for, offline, a few hundred KB.
+"""The built-in calibration set (`builtin-v3`): what InternVL is used for, offline, a few hundred KB.
 
 Kinds, drawn in a fixed proportion (SCHEDULE) with a seeded RNG, so the same count and seed give
 the same samples on every machine (only PIL's bundled font is used, never a system font):
@@ -19,24 +19,45 @@ the same samples on every machine (only PIL's bundled font is used, never a syst
   into French / German / Spanish, continuation of prose from Python's own docstrings).
 - text_zh: Chinese instructions and answers (knowledge, reasoning, translation).
 
+Short-answer VQA (`builtin-v3`, the default): in every block of 20, one photo, document, chart,
+table and OCR crop (5 of the 15 samples with a picture) is asked a question in the formats
+`verify` and VLMEvalKit use (io.slices.prompt_of: "... Answer the question using a single word or
+phrase.", "... Please answer yes or no.", "Question: ... Options: A. ... Answer with the option's
+letter from the given choices directly."), answered with a word, a number, Yes / No (alternating,
+so balanced) or a letter, and every multi-turn conversation gets one such turn. The answers are
+facts of the generated content (the values a chart drew, the cells a table rendered, the text a
+sign shows, its ink colour) or, for the photos, facts checked by eye on the shipped files
+(PHOTO_VQA), asked of a mildly cropped whole photo. About a fifth are asked in Chinese (with
+verify's English suffixes, as verify asks a Chinese row). `builtin-v2` (version="builtin-v2")
+draws the previous set, sample for sample.
+
 PIL's bundled font has no CJK glyphs, so Chinese appears in prompts and answers, never inside
 rendered images. Everything is generated on the fly; only the photos are files.
 """
 
 from __future__ import annotations
 
+import math
 import random
+import re
 from functools import lru_cache
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-VERSION = "builtin-v2"
+VERSION = "builtin-v3"
+VERSIONS = ("builtin-v2", "builtin-v3")
 DATA = Path(__file__).with_name("data")
 KINDS = ("photo", "document", "chart", "table", "ocr", "multi_turn", "text_en", "text_zh")
 # one block of 20 samples; shuffled per block by the seeded RNG
 SCHEDULE = (["photo"] * 4 + ["document"] * 3 + ["chart"] * 2 + ["table"] * 2 + ["ocr"] * 2 + ["multi_turn"] * 2
             + ["text_en"] * 3 + ["text_zh"] * 2)
+# builtin-v3: per block, how many samples of a kind ask a short-answer question in verify's formats (the
+# first ones of that kind in the shuffled block); every multi_turn sample also gets one short-answer turn
+SHORT_PER_BLOCK = {"photo": 1, "document": 1, "chart": 1, "table": 1, "ocr": 1}
+# how often each answer format is drawn for a short-answer turn, and the share asked in Chinese
+FORMAT_WEIGHTS = {"short": 4, "yes_no": 3, "multiple_choice": 3}
+CHINESE_SHARE = 0.25
 # (width, height) of a rendered or resized picture: 1 to 6 tiles under InternVL's dynamic tiling
 SIZES = {"square": [(448, 448), (672, 672), (896, 896)], "wide": [(896, 448), (1344, 448), (896, 672), (1344, 896)],
          "tall": [(448, 896), (448, 1344), (672, 896), (896, 1344)], "photo": [(640, 480), (800, 600), (1024, 576), (480, 640)]}
@@ -115,6 +136,78 @@ PHOTOS = {
         [("What texture is this?", "Grass."), ("Is there a person in the image? Answer yes or no.", "No")]),
 }
 
+# name -> short-answer facts of the shipped photo, checked by eye on the file and true of any mild crop
+# (load_photo(whole=True)): (question, answer, None) or, for multiple choice, (question, right option, wrong options).
+# Every photo has Yes and No questions, so yes / no answers can alternate.
+PHOTO_VQA = {
+    "astronaut": [
+        ("What color is the person's suit?", "Orange", None), ("How many people are in the image?", "1", None),
+        ("What is the person holding?", "Helmet", None), ("Is there a flag in the image?", "Yes", None),
+        ("Is the person smiling?", "Yes", None), ("Is there a model of a space shuttle in the image?", "Yes", None),
+        ("Is the person wearing a helmet on the head?", "No", None), ("Is this a black and white photo?", "No", None),
+        ("What is the person's profession?", "astronaut", ("chef", "farmer", "firefighter")),
+        ("What color is the person's suit?", "orange", ("blue", "green", "white")),
+        ("图中人物穿的衣服是什么颜色？", "橙色", None), ("图中有几个人？", "1", None)],
+    "camera": [
+        ("What is the man looking through?", "Camera", None), ("How many people are in the image?", "1", None),
+        ("What is the camera mounted on?", "Tripod", None), ("Is this a black and white photo?", "Yes", None),
+        ("Is there a tripod in the image?", "Yes", None), ("Is the man wearing a coat?", "Yes", None),
+        ("Is this a color photo?", "No", None), ("Is there a dog in the image?", "No", None),
+        ("What is the man using?", "a camera", ("a bicycle", "a guitar", "a laptop")),
+        ("这张照片是彩色的还是黑白的？", "黑白", None)],
+    "chelsea": [
+        ("What animal is this?", "Cat", None), ("What color are the cat's eyes?", "Green", None),
+        ("Is this a cat?", "Yes", None), ("Does the animal have whiskers?", "Yes", None),
+        ("Is the animal a dog?", "No", None), ("Are the cat's eyes closed?", "No", None),
+        ("Which animal is shown in the image?", "cat", ("dog", "rabbit", "horse")), ("这是什么动物？", "猫", None)],
+    "coffee": [
+        ("What drink is in the cup?", "Coffee", None), ("How many spoons are there?", "1", None),
+        ("What is the table made of?", "Wood", None), ("Is there a spoon on the saucer?", "Yes", None),
+        ("Is the cup on a saucer?", "Yes", None), ("Is the cup empty?", "No", None),
+        ("Is there a glass of water in the image?", "No", None),
+        ("What is in the cup?", "coffee", ("tea", "orange juice", "milk")), ("杯子里是什么饮料？", "咖啡", None)],
+    "rocket": [
+        ("What stands in the middle of the image?", "Rocket", None), ("What color is the rocket?", "White", None),
+        ("Is there a rocket in the image?", "Yes", None), ("Are there lights on the ground?", "Yes", None),
+        ("Is the rocket in flight?", "No", None), ("Are there people in the image?", "No", None),
+        ("What is standing on the launch pad?", "a rocket", ("an airplane", "a helicopter", "a ship")),
+        ("图片中间是什么？", "火箭", None)],
+    "horse": [
+        ("What animal is shown?", "Horse", None), ("What color is the background?", "White", None),
+        ("What color is the horse?", "Black", None), ("Is the horse facing right?", "Yes", None),
+        ("Is the background white?", "Yes", None), ("Is the horse facing left?", "No", None),
+        ("Is there a rider on the horse?", "No", None),
+        ("Which animal is shown?", "horse", ("elephant", "cat", "bird")), ("这是什么动物的剪影？", "马", None)],
+    "hubble_deep_field": [
+        ("What color is the background?", "Black", None), ("What does the image show?", "Galaxies", None),
+        ("Is this an image of space?", "Yes", None), ("Is there a person in the image?", "No", None),
+        ("Was this image taken underwater?", "No", None),
+        ("What does the image show?", "galaxies", ("a forest", "a city", "an ocean")), ("这张图拍的是什么？", "星系", None)],
+    "retina": [
+        ("Which part of the eye is shown?", "Retina", None), ("Is this a medical image?", "Yes", None),
+        ("Are blood vessels visible?", "Yes", None), ("Is this a photo of a landscape?", "No", None),
+        ("What does the image show?", "the retina of an eye", ("a planet", "a slice of orange", "a coin")),
+        ("这是什么类型的医学图像？", "眼底照片", None)],
+    "text": [
+        ("Is the writing printed or handwritten?", "Handwritten", None), ("What is written on the paper?", "Equations", None),
+        ("Is there handwriting in the image?", "Yes", None), ("Is this a printed book page?", "No", None),
+        ("Is there a person in the image?", "No", None),
+        ("What is written on the paper?", "mathematical equations", ("a shopping list", "a poem", "a map"))],
+    "clock_motion": [
+        ("Is the image blurred?", "Yes", None), ("Is the image in color?", "No", None),
+        ("Why is the image hard to see?", "Motion blur", None)],
+    "cell": [
+        ("How many cells are visible?", "1", None), ("Is this a microscope image?", "Yes", None),
+        ("Is this image in color?", "No", None), ("图中有几个细胞？", "1", None)],
+    "brick": [
+        ("What is the wall made of?", "Brick", None), ("Is this a brick wall?", "Yes", None),
+        ("Is there a window in the image?", "No", None),
+        ("What is shown in the image?", "a brick wall", ("a lake", "a cat", "a car"))],
+    "grass": [
+        ("What plant covers the ground?", "Grass", None), ("Is the image in black and white?", "Yes", None),
+        ("Is there a person in the image?", "No", None)],
+}
+
 DOC_TOPICS = [
     ("Annual Report 2023", "Revenue grew in every region while costs stayed flat, and the board approved a new dividend."),
     ("Meeting Minutes", "The team agreed on the release date, assigned the remaining tasks and scheduled a review for Friday."),
@@ -145,6 +238,7 @@ CITIES_COUNTRY = {"Shanghai": "China", "Beijing": "China", "Berlin": "Germany", 
                   "Toronto": "Canada", "Sydney": "Australia"}
 SIGNS = ["EXIT", "NO PARKING", "OPEN 24 HOURS", "PLATFORM 4", "FRESH BREAD", "CAUTION WET FLOOR", "PUSH", "KEEP CLEAR",
          "SALE 50% OFF", "ROOM 214", "STAFF ONLY", "WELCOME", "GATE B12", "SPEED LIMIT 30", "PHARMACY", "LIBRARY"]
+SHOPS = ["CORNER MARKET", "FRESH FOODS", "CITY GROCER", "GREEN SHOP"]
 RECEIPT_ITEMS = ["Milk", "Bread", "Eggs", "Apples", "Coffee", "Rice", "Cheese", "Tea", "Butter", "Pasta", "Tomatoes", "Soap"]
 
 TEXT_EN = [
@@ -193,6 +287,7 @@ TEXT_ZH = [
 ]
 ZH_IMAGE_QUESTIONS = {"describe": "请详细描述这张图片。", "title": "这个文档的标题是什么？", "largest": "图表中哪一项的数值最大？",
                       "read": "图片中的文字是什么？", "rows": "这个表格有几行数据（不含表头）？"}
+CJK = re.compile(r"[\u4e00-\u9fff]")
 PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75), (227, 119, 194)]
 
 
@@ -210,10 +305,19 @@ def photo_names() -> list[str]:
     return [name for name in PHOTOS if (DATA / f"{name}.jpg").exists()]
 
 
-def load_photo(rng: random.Random, name: str) -> Image.Image:
-    """A shipped photo, cropped to a random aspect ratio and resized to a tiling-friendly size."""
+def load_photo(rng: random.Random, name: str, whole: bool = False) -> Image.Image:
+    """A shipped photo, cropped to a random aspect ratio and resized to a tiling-friendly size.
+    `whole`: only a mild crop (94-100% of each side) resized to the size nearest its own aspect
+    ratio, so PHOTO_VQA's facts stay true of it."""
     image = Image.open(DATA / f"{name}.jpg").convert("RGB")
     w, h = image.size
+    if whole:
+        crop_w, crop_h = round(w * rng.uniform(0.94, 1.0)), round(h * rng.uniform(0.94, 1.0))
+        x, y = rng.randint(0, w - crop_w), rng.randint(0, h - crop_h)
+        sizes = sorted({s for group in SIZES.values() for s in group})
+        best = min(abs(math.log(s[0] / s[1] * crop_h / crop_w)) for s in sizes)
+        target = rng.choice([s for s in sizes if abs(math.log(s[0] / s[1] * crop_h / crop_w)) <= best + 0.01])
+        return image.crop((x, y, x + crop_w, y + crop_h)).resize(target, Image.BICUBIC)
     target = rng.choice(SIZES[rng.choice(["square", "wide", "tall", "photo", "photo"])])
     ratio = target[0] / target[1]
     crop_w, crop_h = (w, min(h, round(w / ratio))) if w / h < ratio else (min(w, round(h * ratio)), h)
@@ -358,8 +462,14 @@ def render_table(rng: random.Random) -> tuple[Image.Image, dict]:
     return image, {"header": header, "rows": rows, "kind": kind}
 
 
-def render_ocr(rng: random.Random) -> tuple[Image.Image, str, str]:
-    """Text in an image: a sign, a label with a serial number, or a receipt. Returns (image, text, kind)."""
+BOARDS = {(250, 250, 250): "white", (20, 90, 40): "green", (180, 20, 20): "red", (20, 40, 120): "blue", (240, 200, 0): "yellow"}
+
+
+def render_ocr(rng: random.Random, fit: bool = False) -> tuple[Image.Image, str, str, dict]:
+    """Text in an image: a sign, a label with a serial number, or a receipt. Returns (image, text,
+    kind, facts: shop, total, items (receipt) or ink, board (colour names; sign, label)).
+    `fit`: a sign or label too wide for the picture is drawn smaller, so all its text shows
+    (builtin-v2 drew it at the drawn size, cut at the edges)."""
     kind = rng.choice(["sign", "sign", "label", "receipt"])
     if kind == "receipt":
         items = [(name, rng.randint(1, 9) + rng.choice([0.0, 0.25, 0.5, 0.99])) for name in rng.sample(RECEIPT_ITEMS, rng.randint(3, 7))]
@@ -369,7 +479,7 @@ def render_ocr(rng: random.Random) -> tuple[Image.Image, str, str]:
         draw = ImageDraw.Draw(image)
         body = 20
         y = 30
-        shop = rng.choice(["CORNER MARKET", "FRESH FOODS", "CITY GROCER", "GREEN SHOP"])
+        shop = rng.choice(SHOPS)
         draw.text((30, y), shop, fill=(10, 10, 10), font=font(body + 6))
         y += 60
         for name, price in items:
@@ -379,7 +489,8 @@ def render_ocr(rng: random.Random) -> tuple[Image.Image, str, str]:
         draw.line([(30, y), (size[0] - 30, y)], fill=(40, 40, 40), width=2)
         draw.text((30, y + 12), "TOTAL", fill=(0, 0, 0), font=font(body + 2))
         draw.text((size[0] - 110, y + 12), f"{total:.2f}", fill=(0, 0, 0), font=font(body + 2))
-        return image.filter(ImageFilter.GaussianBlur(0.6)), f"{shop}; total {total:.2f}", "receipt"
+        facts = {"shop": shop, "total": f"{total:.2f}", "items": [name for name, _ in items]}
+        return image.filter(ImageFilter.GaussianBlur(0.6)), f"{shop}; total {total:.2f}", "receipt", facts
     text = rng.choice(SIGNS) if kind == "sign" else f"SN {rng.randint(10000, 99999)}-{rng.choice('ABCDEFGHJK')}{rng.randint(10, 99)}"
     size = rng.choice([(448, 448), (896, 448), (672, 448), (1344, 448)])
     background = tuple(rng.randint(0, 255) for _ in range(3))
@@ -391,13 +502,16 @@ def render_ocr(rng: random.Random) -> tuple[Image.Image, str, str]:
         draw.ellipse([x, y, x + rng.randint(10, 80), y + rng.randint(10, 80)], fill=shade)
     face = font(rng.choice([36, 48, 64]))
     width = draw.textlength(text, font=face)
-    board = rng.choice([(250, 250, 250), (20, 90, 40), (180, 20, 20), (20, 40, 120), (240, 200, 0)])
+    while fit and width > size[0] - 80 and face.size > 16:  # the board (20 px each side) and the rotation stay inside
+        face = font(face.size - 4)
+        width = draw.textlength(text, font=face)
+    board = rng.choice(list(BOARDS))
     ink = (0, 0, 0) if sum(board) > 500 else (255, 255, 255)
     x0, y0 = (size[0] - width) / 2, size[1] / 2 - face.size
     draw.rectangle([x0 - 20, y0 - 15, x0 + width + 20, y0 + face.size * 1.6], fill=board)
     draw.text((x0, y0), text, fill=ink, font=face)
     image = image.rotate(rng.uniform(-6, 6), resample=Image.BICUBIC, fillcolor=background)
-    return image, text, kind
+    return image, text, kind, {"ink": "black" if ink == (0, 0, 0) else "white", "board": BOARDS[board]}
 
 
 def photo_sample(rng: random.Random):
@@ -458,8 +572,8 @@ def table_question(rng: random.Random, facts: dict) -> tuple[str, str]:
     return rng.choice(options)
 
 
-def ocr_sample(rng: random.Random):
-    image, text, kind = render_ocr(rng)
+def ocr_sample(rng: random.Random, fit: bool = False):
+    image, text, kind, _ = render_ocr(rng, fit)
     if kind == "receipt":
         shop, total = text.split("; total ")
         return (image, *rng.choice([("What is the total amount on the receipt?", total), ("What is the name of the shop?", shop),
@@ -469,23 +583,242 @@ def ocr_sample(rng: random.Random):
                               ("Is there any text in this image? If so, what does it say?", f"Yes, it says \"{text}\".")])
 
 
-def multi_turn_sample(rng: random.Random):
-    """(image, first question, first answer, follow-up turns)."""
+class Asker:
+    """Short-answer turns in verify's prompt formats (io.slices.prompt_of, so the suffixes are
+    verify's own strings): draws the format and the language with the seeded RNG, and alternates
+    the Yes / No answers so they stay balanced."""
+
+    def __init__(self, rng: random.Random):
+        self.rng = rng
+        self.yes_next = True
+
+    def format(self) -> str:
+        """'short', 'yes_no' or 'multiple_choice' (FORMAT_WEIGHTS)."""
+        return self.rng.choices(list(FORMAT_WEIGHTS), weights=list(FORMAT_WEIGHTS.values()))[0]
+
+    def chinese(self) -> bool:
+        return self.rng.random() < CHINESE_SHARE
+
+    def polarity(self) -> bool:
+        """The answer the next yes / no question must have: True, False, True, ..."""
+        yes, self.yes_next = self.yes_next, not self.yes_next
+        return yes
+
+    @staticmethod
+    def short(question: str, answer: str) -> tuple[str, str]:
+        """(question + verify's suffix for its answer: yes / no or a word or phrase, answer)."""
+        from ..io.slices import BenchItem, prompt_of
+
+        return prompt_of(BenchItem("", question, answer)), answer
+
+    def choice(self, question: str, right: str, wrong: list[str]) -> tuple[str, str]:
+        """(multiple-choice prompt with `right` and up to 3 of `wrong` as options A-D, shuffled, the right letter)."""
+        from ..io.slices import BenchItem, prompt_of
+
+        wrong = [w for w in dict.fromkeys(wrong) if w != right]
+        options = [right] + self.rng.sample(wrong, min(3, len(wrong)))
+        self.rng.shuffle(options)
+        letters = dict(zip("ABCD", options))
+        answer = "ABCD"[options.index(right)]
+        return prompt_of(BenchItem("", question, answer, None, letters)), answer
+
+
+def photo_short(ask: Asker, name: str) -> tuple[str, str]:
+    """A short-answer turn about shipped photo `name` (PHOTO_VQA)."""
+    facts = PHOTO_VQA[name]
+    fmt, chinese = ask.format(), ask.chinese()
+    if fmt == "yes_no":
+        want = "Yes" if ask.polarity() else "No"
+        question, answer, _ = ask.rng.choice([f for f in facts if f[1] == want])
+        return ask.short(question, answer)
+    choices = [f for f in facts if f[2]]
+    if fmt == "multiple_choice" and choices:
+        question, right, wrong = ask.rng.choice(choices)
+        return ask.choice(question, right, list(wrong))
+    words = [f for f in facts if not f[2] and f[1] not in ("Yes", "No")]
+    zh = [f for f in words if CJK.search(f[0])]
+    question, answer, _ = ask.rng.choice(zh if chinese and zh else [f for f in words if f not in zh])
+    return ask.short(question, answer)
+
+
+def chart_short(ask: Asker, facts: dict) -> tuple[str, str]:
+    """A short-answer turn about a chart render_chart drew: its largest / smallest category, a
+    value, the number of categories, its kind or title, which of two values is higher."""
+    rng, labels, values, kind, title = ask.rng, facts["labels"], facts["values"], facts["kind"], facts["title"]
+    fmt, chinese = ask.format(), ask.chinese()
+    top = labels[values.index(max(values))] if values.count(max(values)) == 1 else None
+    low = labels[values.index(min(values))] if values.count(min(values)) == 1 else None
+    pick = rng.randrange(len(labels))
+    shown = f"{values[pick]}%" if facts["unit"] == "percent" else str(values[pick])
+    titles = [t for t, _, _ in CHART_DATA if t != title]
+    if fmt == "yes_no":
+        yes = ask.polarity()
+        pairs = [(i, j) for i in range(len(labels)) for j in range(len(labels)) if values[i] > values[j]]
+        if pairs and rng.random() < 0.5:
+            i, j = rng.choice(pairs) if yes else rng.choice(pairs)[::-1]
+            if chinese:
+                return ask.short(f"{labels[i]}的数值比{labels[j]}高吗？", "Yes" if yes else "No")
+            return ask.short(f"Is the value of {labels[i]} higher than the value of {labels[j]}?", "Yes" if yes else "No")
+        if rng.random() < 0.5:
+            asked = kind if yes else rng.choice([k for k in ("bar", "line", "pie") if k != kind])
+            return ask.short(f"Is this a {asked} chart?", "Yes" if yes else "No")
+        asked = title if yes else rng.choice(titles)
+        return ask.short(f"Is the title of the chart \"{asked}\"?", "Yes" if yes else "No")
+    if fmt == "multiple_choice":
+        options = [("What type of chart is this?", f"{kind} chart", [f"{k} chart" for k in ("bar", "line", "pie", "scatter")]),
+                   ("What is the title of the chart?", title, titles)]
+        if low:
+            options.append(("Which category has the lowest value?", low, labels))
+        if top:
+            options.append(("图表中哪一项的数值最大？" if chinese else "Which category has the highest value?", top, labels))
+        question, right, wrong = rng.choice(options)
+        return ask.choice(question, right, wrong)
+    if chinese:
+        return ask.short(*rng.choice([(f"{labels[pick]}的数值是多少？", shown), ("图表中有几个类别？", str(len(labels)))]
+                                     + ([("图表中哪一项的数值最大？", top)] if top else [])))
+    return ask.short(*rng.choice([(f"What is the value of {labels[pick]}?", shown),
+                                  ("How many categories does the chart show?", str(len(labels))),
+                                  ("What is the title of the chart?", title)]
+                                 + ([("Which category has the highest value?", top)] if top else [])))
+
+
+def table_short(ask: Asker, facts: dict) -> tuple[str, str]:
+    """A short-answer turn about a table render_table drew: a cell, the number of rows or columns,
+    the row with the largest last column, whether a name is listed."""
+    rng, header, rows, kind = ask.rng, facts["header"], facts["rows"], facts["kind"]
+    fmt, chinese = ask.format(), ask.chinese()
+    row, column = rng.choice(rows), rng.randrange(1, len(header))
+    cell, others = row[column], [v for v in dict.fromkeys(r[column] for r in rows) if v != row[column]]
+    names = next(pool for _, (pool,), k in TABLES if k == kind)
+    unlisted = [n for n in names if n not in [r[0] for r in rows]]
+    last = [float(r[-1]) for r in rows] if kind in ("price", "population", "grades") else []
+    top = rows[last.index(max(last))][0] if last and last.count(max(last)) == 1 else None
+    count = str(len(rows))
+    ask_cell = f"表格中{row[0]}这一行的{header[column]}是多少？" if chinese else f"In the row of {row[0]}, what is the {header[column]}?"
+    ask_rows = ZH_IMAGE_QUESTIONS["rows"] if chinese else "How many rows of data does the table have, not counting the header?"
+    ask_top = f"Which {header[0].lower()} has the largest {header[-1]}?"
+    if fmt == "yes_no":
+        yes = ask.polarity()
+        answer = "Yes" if yes else "No"
+        if unlisted and rng.random() < 0.5:
+            name = row[0] if yes else rng.choice(unlisted)
+            return ask.short(f"表格中有{name}吗？" if chinese else f"Is {name} listed in the table?", answer)
+        if others:
+            value = cell if yes else rng.choice(others)
+            return ask.short(f"In the row of {row[0]}, is the {header[column]} {value}?", answer)
+        rows_asked = count if yes else str(len(rows) + rng.choice([-1, 1]))
+        return ask.short(f"Does the table have {rows_asked} rows of data, not counting the header?", answer)
+    if fmt == "multiple_choice":
+        options = [(ask_rows, count, [str(len(rows) + d) for d in (-2, -1, 1, 2) if len(rows) + d > 0])]
+        if others:
+            options.append((ask_cell, cell, others))
+        if top:
+            options.append((ask_top, top, [r[0] for r in rows]))
+        return ask.choice(*rng.choice(options))
+    options = [(ask_cell, cell), (ask_rows, count)]
+    if not chinese:
+        options.append(("How many columns does the table have?", str(len(header))))
+        if top:
+            options.append((ask_top, top))
+    return ask.short(*rng.choice(options))
+
+
+def document_short(ask: Asker, title: str) -> tuple[str, str]:
+    """A short-answer turn about a page render_document drew: its title, its kind, its language."""
+    rng = ask.rng
+    fmt, chinese = ask.format(), ask.chinese()
+    titles = [t for t, _ in DOC_TOPICS]
+    kind_of = {t: " ".join(w for w in t.split(":")[0].split() if not w.isdigit()) for t in titles}
+    ask_title = ZH_IMAGE_QUESTIONS["title"] if chinese else "What is the title of this document?"
+    if fmt == "yes_no":
+        yes = ask.polarity()
+        if rng.random() < 0.6:
+            asked = title if yes else rng.choice([t for t in titles if t != title])
+            question = f"这个文档的标题是“{asked}”吗？" if chinese else f"Is the title of this document \"{asked}\"?"
+            return ask.short(question, "Yes" if yes else "No")
+        if yes:
+            return ask.short(rng.choice(["Is this document written in English?", "Is the text of this page printed?"]), "Yes")
+        return ask.short(rng.choice(["Is this document written in Chinese?", "Is this page handwritten?",
+                                     "Does this page contain a photograph?"]), "No")
+    if fmt == "multiple_choice":
+        return ask.choice(*rng.choice([(ask_title, title, titles),
+                                       ("What kind of document is this?", kind_of[title], list(kind_of.values()))]))
+    return ask.short(*rng.choice([(ask_title, title)] + ([] if chinese else [("What kind of document is this?", kind_of[title])])))
+
+
+ZH_INK = {"black": "黑色", "white": "白色"}
+
+
+def _serial(rng: random.Random) -> str:
+    return f"SN {rng.randint(10000, 99999)}-{rng.choice('ABCDEFGHJK')}{rng.randint(10, 99)}"
+
+
+def ocr_short(ask: Asker, text: str, kind: str, facts: dict) -> tuple[str, str]:
+    """A short-answer turn about what render_ocr drew: a sign's text, a label's serial number, the ink
+    and board colours, a receipt's total, shop, number of items, whether an item is on it."""
+    rng = ask.rng
+    fmt, chinese = ask.format(), ask.chinese()
+    if kind == "receipt":
+        items, shop, total = facts["items"], facts["shop"], facts["total"]
+        count = str(len(items))
+        ask_total = "这张收据的总金额是多少？" if chinese else "What is the total amount on the receipt?"
+        ask_count = "收据上有几件商品？" if chinese else "How many items are listed on the receipt?"
+        if fmt == "yes_no":
+            yes = ask.polarity()
+            name = rng.choice(items) if yes else rng.choice([i for i in RECEIPT_ITEMS if i not in items])
+            return ask.short(f"收据上有{name}吗？" if chinese else f"Is {name} on the receipt?", "Yes" if yes else "No")
+        if fmt == "multiple_choice":
+            cents = round(float(total) * 100)
+            totals = [f"{(cents + d) / 100:.2f}" for d in (-250, -100, 75, 300) if cents + d > 0]
+            return ask.choice(*rng.choice([("What is the name of the shop?", shop, SHOPS), (ask_total, total, totals),
+                                           (ask_count, count, [str(len(items) + d) for d in (-2, -1, 1, 2) if len(items) + d > 0])]))
+        return ask.short(*rng.choice([(ask_total, total), (ask_count, count)] + ([] if chinese else [("What is the name of the shop?", shop)])))
+    sign = kind == "sign"
+    wrong = [t for t in SIGNS if t != text] if sign else [_serial(rng) for _ in range(3)]
+    if chinese or sign:  # the whole text
+        ask_text, shown = ZH_IMAGE_QUESTIONS["read"] if chinese else "What does the sign say?", text
+    else:  # the serial number without its "SN "
+        ask_text, shown = "What is the serial number on the label?", text.removeprefix("SN ")
+        wrong = [w.removeprefix("SN ") for w in wrong]
+    ink, board = facts["ink"], facts["board"]
+    if fmt == "yes_no":
+        yes = ask.polarity()
+        if rng.random() < 0.5:
+            asked = text if yes else (rng.choice(wrong) if sign else "SN " + wrong[0].removeprefix("SN "))
+            return ask.short(f"Does the text in the image say \"{asked}\"?", "Yes" if yes else "No")
+        asked = ink if yes else {"black": "white", "white": "black"}[ink]
+        question = f"图中的文字是{ZH_INK[asked]}的吗？" if chinese else f"Is the text written in {asked} letters?"
+        return ask.short(question, "Yes" if yes else "No")
+    if fmt == "multiple_choice":
+        return ask.choice(*rng.choice([(ask_text, shown, wrong),
+                                       ("What color is the board behind the text?", board, list(BOARDS.values()))]))
+    return ask.short(*rng.choice([(ask_text, shown)] + ([] if chinese else [("What color are the letters?", ink.capitalize())])))
+
+
+def multi_turn_sample(rng: random.Random, ask: Asker | None = None):
+    """(image, first question, first answer, follow-up turns). `ask` (builtin-v3): one short-answer
+    turn joins the follow-ups at a random place (the photo is then only mildly cropped)."""
     choice = rng.random()
-    if choice < 0.5:
+    if choice < 0.5 and photo_names():  # a stripped install without the photos: a chart
         name = rng.choice(photo_names())
         en, zh, qas = PHOTOS[name]
         picked = rng.sample(qas, min(2, len(qas)))
-        return load_photo(rng, name), "Describe the image briefly.", en.split(". ")[0].rstrip(".") + ".", tuple(picked)
-    if choice < 0.75:
+        image, question, answer = load_photo(rng, name, whole=ask is not None), "Describe the image briefly.", en.split(". ")[0].rstrip(".") + "."
+        follow = picked
+        short = photo_short(ask, name) if ask else None
+    elif choice < 0.75:
         image, facts = render_chart(rng)
-        first = chart_question(rng, facts)
-        follow = [chart_question(rng, facts) for _ in range(2)]
-        return image, first[0], first[1], tuple(q for q in follow if q[0] != first[0])
-    image, facts = render_table(rng)
-    first = table_question(rng, facts)
-    follow = [table_question(rng, facts) for _ in range(2)]
-    return image, first[0], first[1], tuple(q for q in follow if q[0] != first[0])
+        (question, answer), follow = chart_question(rng, facts), [chart_question(rng, facts) for _ in range(2)]
+        follow = [q for q in follow if q[0] != question]
+        short = chart_short(ask, facts) if ask else None
+    else:
+        image, facts = render_table(rng)
+        (question, answer), follow = table_question(rng, facts), [table_question(rng, facts) for _ in range(2)]
+        follow = [q for q in follow if q[0] != question]
+        short = table_short(ask, facts) if ask else None
+    if short:
+        follow.insert(rng.randint(0, len(follow)), short)
+    return image, question, answer, tuple(follow)
 
 
 def text_en_sample(rng: random.Random, corpus: list[str]) -> tuple[str, str]:
@@ -509,36 +842,56 @@ def text_en_sample(rng: random.Random, corpus: list[str]) -> tuple[str, str]:
     return rng.choice(TEXT_EN)
 
 
-def generate(count: int, seed: int, corpus: list[str]):
-    """Yields (kind, image or None, question, answer, follow-up turns) for `count` samples."""
+def generate(count: int, seed: int, corpus: list[str], version: str = VERSION):
+    """Yields (kind, image or None, question, answer, follow-up turns) for `count` samples of `version`
+    (VERSIONS; builtin-v2 without the short-answer turns, sample for sample as before). ValueError
+    for another version."""
+    if version not in VERSIONS:
+        raise ValueError(f"unknown built-in calibration set {version!r}; one of {', '.join(VERSIONS)}")
+    short = version != "builtin-v2"
     rng = random.Random(seed)
-    schedule: list[str] = []
+    ask = Asker(rng)
+    schedule: list[tuple[str, bool]] = []
     for _ in range(count):
         if not schedule:
-            schedule = list(SCHEDULE)
-            rng.shuffle(schedule)
-        kind = schedule.pop()
+            block = list(SCHEDULE)
+            rng.shuffle(block)
+            seen: dict[str, int] = {}
+            for kind in reversed(block):  # drawn from the end: the first of each kind drawn asks the short question
+                schedule.insert(0, (kind, short and seen.get(kind, 0) < SHORT_PER_BLOCK.get(kind, 0)))
+                seen[kind] = seen.get(kind, 0) + 1
+        kind, vqa = schedule.pop()
         if kind == "photo" and not photo_names():
             kind = "chart"  # a stripped install without the photos: charts stand in
         turns: tuple = ()
         image = None
-        if kind == "photo":
+        if kind == "photo" and vqa:
+            name = rng.choice(photo_names())
+            image = load_photo(rng, name, whole=True)
+            question, answer = photo_short(ask, name)
+        elif kind == "photo":
             image, question, answer = photo_sample(rng)
+        elif kind == "document" and vqa:
+            start = rng.randrange(len(corpus))
+            image, title, _, _ = render_document(rng, corpus[start : start + 8])
+            question, answer = document_short(ask, title)
         elif kind == "document":
             image, question, answer = document_sample(rng, corpus)
         elif kind == "chart":
             image, facts = render_chart(rng)
-            question, answer = chart_question(rng, facts)
+            question, answer = chart_short(ask, facts) if vqa else chart_question(rng, facts)
         elif kind == "table":
             image, facts = render_table(rng)
-            question, answer = table_question(rng, facts)
+            question, answer = table_short(ask, facts) if vqa else table_question(rng, facts)
+        elif kind == "ocr" and vqa:
+            image, text, ocr_kind, facts = render_ocr(rng, fit=True)
+            question, answer = ocr_short(ask, text, ocr_kind, facts)
         elif kind == "ocr":
-            image, question, answer = ocr_sample(rng)
+            image, question, answer = ocr_sample(rng, fit=short)
         elif kind == "multi_turn":
-            image, question, answer, turns = multi_turn_sample(rng)
+            image, question, answer, turns = multi_turn_sample(rng, ask if short else None)
         elif kind == "text_en":
             question, answer = text_en_sample(rng, corpus)
         else:
             question, answer = rng.choice(TEXT_ZH)
         yield kind, image, question, answer, turns
-

@@ -1,9 +1,11 @@
 """Calibration samples for GPTQ / AWQ: image + text pairs and text-only samples, offline.
 
-The built-in set (`builtin-v2`, calibrate/builtin.py) is what InternVL is used for: real CC0
+The built-in set (`builtin-v3`, calibrate/builtin.py) is what InternVL is used for: real CC0
 photographs shipped in calibrate/data/, rendered documents, charts, tables and text-in-image
 crops at several aspect ratios (so dynamic tiling is exercised), multi-turn conversations,
-and English, Chinese and other-language text instructions; drawn with a fixed seed. The first
+and English, Chinese and other-language text instructions; drawn with a fixed seed. A third of
+the pictures are asked short-answer questions in verify's formats (a word, a number, yes / no,
+an option's letter); `builtin-v2`, the same set without them, stays available for comparisons. The first
 built-in set (`builtin-v1`: drawn shapes with colour questions, and Python docstrings) stays
 available as `builtin_samples_v1` for comparisons.
 
@@ -147,17 +149,29 @@ def corpus_paragraphs() -> list[str]:
     return paragraphs
 
 
-BUILTIN = "builtin-v2"
+BUILTIN = "builtin-v3"
+BUILTIN_V2 = "builtin-v2"
 BUILTIN_V1 = "builtin-v1"
 
 
-def builtin_samples(count: int, seed: int = 0) -> list[Sample]:
-    """The built-in set (`builtin-v2`, calibrate/builtin.py): photos, documents, charts, tables,
-    text-in-image, multi-turn, English and Chinese text, in a fixed proportion, drawn with `seed`."""
+def builtin_samples(count: int, seed: int = 0, version: str = BUILTIN) -> list[Sample]:
+    """The built-in set (`builtin-v3`, calibrate/builtin.py): photos, documents, charts, tables,
+    text-in-image, multi-turn, English and Chinese text, in a fixed proportion, drawn with `seed`,
+    a third of the pictures asked short-answer questions in verify's formats. `version="builtin-v2"`:
+    the previous set (no short-answer turns), for comparisons."""
     from .builtin import generate
 
     return [Sample(question, answer, image, kind, turns)
-            for kind, image, question, answer, turns in generate(count, seed, corpus_paragraphs())]
+            for kind, image, question, answer, turns in generate(count, seed, corpus_paragraphs(), version)]
+
+
+def short_answer_turns(sample: Sample) -> int:
+    """How many of the sample's questions are asked in a short-answer format of verify's
+    (io.slices.prompt_of: they end with its multiple-choice, yes / no or word-or-phrase suffix)."""
+    from ..io.slices import MC_SUFFIX, SHORT_SUFFIX, YES_NO_SUFFIX
+
+    questions = [sample.question] + [question for question, _ in sample.turns]
+    return sum(q.rstrip().endswith((MC_SUFFIX, YES_NO_SUFFIX, SHORT_SUFFIX)) for q in questions)
 
 
 def builtin_samples_v1(count: int, seed: int = 0) -> list[Sample]:
@@ -283,6 +297,7 @@ def calibration_record(samples: list[Sample], calib: str | None, seed: int, wind
         "samples": len(samples),
         "with_images": sum(sample.image is not None for sample in samples),
         "multi_turn": sum(bool(sample.turns) for sample in samples),
+        "short_answer": sum(short_answer_turns(sample) > 0 for sample in samples),
         "kinds": dict(sorted(kinds.items())),
         "rows_file": ROWS_FILE,
         "rows_digest": hashlib.sha256("".join(rows).encode()).hexdigest()[:16],
@@ -294,12 +309,14 @@ def calibration_record(samples: list[Sample], calib: str | None, seed: int, wind
 
 
 def describe(record: dict) -> str:
-    """One line: "the built-in set (builtin-v2, seed 0), 128 samples (photo 26, ...), 61440 tokens (--seq-len 2048;
-    3 cut)" or "PATH, 64 samples (...), ..."."""
+    """One line: "the built-in set (builtin-v3, seed 0), 128 samples (photo 26, ...), 47 with short-answer
+    questions, 61440 tokens (--seq-len 2048; 3 cut)" or "PATH, 64 samples (...), ..."."""
     kinds = ", ".join(f"{kind} {n}" for kind, n in sorted(record.get("kinds", {}).items(), key=lambda kv: -kv[1]))
     source = f"the built-in set ({record.get('set')}, seed {record.get('seed', 0)})" if record.get("source") == "built-in" \
         else record.get("source", "?")
     line = f"{source}, {record.get('samples', '?')} samples" + (f" ({kinds})" if kinds else "")
+    if record.get("short_answer"):
+        line += f", {record['short_answer']} with short-answer questions"
     if "tokens" in record:  # what reached the model within --seq-len (calibrate/window.py)
         lost = [f"{record[key]} {what}" for key, what in (("cut", "cut"), ("dropped", "dropped")) if record.get(key)]
         line += f", {record['tokens']} tokens (--seq-len {record['seq_len']}" + (f"; {', '.join(lost)}" if lost else "") + ")"
