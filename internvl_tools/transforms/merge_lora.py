@@ -10,11 +10,13 @@ with nothing written.
 
 from __future__ import annotations
 
+import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import InputError
+from ..errors import CheckpointError, InputError
 from ..io.reader import CheckpointReader
 from ..models.layout import Layout, build_layout
 from ..formats.views import open_view
@@ -24,6 +26,8 @@ from ..formats.registry import detect
 from .stream import Output, run_transform
 
 BLOCK_ELEMENTS = 1 << 20  # elements per block of rows in the blocked merge: 4 MiB of float32 per buffer
+CHECK_WINDOW = 16 << 20  # bytes per read when checking an adapter's tensors for NaN / Inf (one reused buffer)
+CHECK_GAP = 1 << 20  # the most unneeded bytes read between two checked tensors of one window
 
 
 class TensorSources:
@@ -46,6 +50,53 @@ class TensorSources:
     def shape(self, source: str, key: str) -> tuple[int, ...]:
         reader = self._reader(source)
         return tuple(reader.spec(key).shape) if hasattr(reader, "spec") else tuple(reader.get(key).shape)
+
+    def nonfinite(self, source: str, keys: list[str]) -> set[str]:
+        """The keys among `keys` (tensors of `source`) holding NaN or Inf (torch.isfinite).
+
+        A safetensors file read by a CheckpointReader (an adapter's weights, a plain checkpoint's
+        embedded factors) is read in file order, several tensors per pread into one reused
+        buffer of CHECK_WINDOW bytes, so thousands of small factors cost a few large reads and
+        no allocation each; a tensor larger than the window, and every other source, is read
+        on its own."""
+        import torch
+
+        reader = self._reader(source)
+        bad: set[str] = set()
+        if type(reader) is not CheckpointReader:
+            return {key for key in dict.fromkeys(keys) if not torch.isfinite(reader.get(key)).all()}
+        stored = sorted((reader.stored(key) for key in dict.fromkeys(keys)), key=lambda t: (str(t.path), t.offset))
+        buffer = None
+        index = 0
+        while index < len(stored):
+            first = stored[index]
+            if first.nbytes > CHECK_WINDOW:
+                if not torch.isfinite(reader.get(first.spec.name)).all():
+                    bad.add(first.spec.name)
+                index += 1
+                continue
+            stop = index + 1  # the tensors of this window: same file, within CHECK_WINDOW of the first, small gaps
+            while (stop < len(stored) and stored[stop].path == first.path
+                   and stored[stop].offset - (stored[stop - 1].offset + stored[stop - 1].nbytes) <= CHECK_GAP
+                   and stored[stop].offset + stored[stop].nbytes - first.offset <= CHECK_WINDOW):
+                stop += 1
+            length = stored[stop - 1].offset + stored[stop - 1].nbytes - first.offset
+            if buffer is None:
+                buffer = bytearray(CHECK_WINDOW)
+            window = memoryview(buffer)[:length]
+            with open(first.path, "rb", buffering=0) as handle:
+                got = os.preadv(handle.fileno(), [window], first.offset)
+            if got != length:
+                raise CheckpointError(f"{first.path}: file ended after {got} of {length} bytes at offset {first.offset}; "
+                                      "the file was truncated while reading")
+            for tensor in stored[index:stop]:
+                if tensor.nbytes and tensor.spec.torch_dtype.is_floating_point:
+                    start = tensor.offset - first.offset
+                    values = torch.frombuffer(window[start:start + tensor.nbytes], dtype=tensor.spec.torch_dtype)
+                    if not torch.isfinite(values).all():
+                        bad.add(tensor.spec.name)
+            index = stop
+        return bad
 
     def close(self) -> None:
         for name, reader in self.readers.items():
@@ -147,20 +198,31 @@ def _refuse_quantized(plan: AdapterSet, base: BaseModel) -> None:
 
 
 def _check_tensors(plan: AdapterSet, base: BaseModel, sources: TensorSources) -> None:
-    """Embedded factor shapes, finite scales and tensors; refusals collected, offending changes dropped."""
-    import torch
+    """Embedded factor shapes, finite scales and tensors; refusals collected, offending changes dropped.
 
-    for key in list(plan.ops):
-        kept = []
-        for op in plan.ops[key]:
+    Every tensor of a change is checked for NaN / Inf once (TensorSources.nonfinite: an
+    adapter file is read in file order, a few large reads), then the refusals are made in the
+    order of the changes, as one change at a time would make them."""
+    problems: dict[tuple[str, int], str | None] = {}
+    wanted: dict[str, list[str]] = {}
+    for key, ops in plan.ops.items():
+        for number, op in enumerate(ops):
             problem = None
             if op.kind == "lora" and op.source == "embedded":
                 problem = factor_shape_error(base.shape(key, None), sources.shape("embedded", op.a), sources.shape("embedded", op.b), False)
                 problem = problem and f"{problem}; is the checkpoint damaged?"
             if problem is None and op.scale and not abs(op.scale) < 3.4e38:
                 problem = f"its scale alpha/r = {op.scale:g} is beyond float32; check r and lora_alpha"
+            problems[key, number] = problem
+            if problem is None:
+                wanted.setdefault(op.source, []).extend(name for name in (op.a, op.b, op.tensor) if name is not None)
+    bad = {source: sources.nonfinite(source, names) for source, names in wanted.items()}
+    for key in list(plan.ops):
+        kept = []
+        for number, op in enumerate(plan.ops[key]):
+            problem = problems[key, number]
             for name in (op.a, op.b, op.tensor):
-                if problem is None and name is not None and not torch.isfinite(sources.get(op.source, name)).all():
+                if problem is None and name is not None and name in bad[op.source]:
                     problem = f"{name} holds NaN or Inf; the adapter is broken"
             if problem:
                 plan.refuse(op.source, f"LoRA for {base.part_name(key, op.part)!r}", problem)
@@ -272,8 +334,8 @@ def _blocked(weight, ops: tuple[Op, ...], sources: TensorSources, key: str):
         factors.append((a, b, op.scale, op.kind == "embedding"))
     rows, cols = weight.shape
     step = max(1, min(rows, BLOCK_ELEMENTS // max(cols, 1)))
-    work = torch.empty(step, cols, dtype=torch.float32)
-    product = torch.empty(step, cols, dtype=torch.float32)
+    work, product = _scratch(step * cols, 2)
+    work, product = work.view(step, cols), product.view(step, cols)
     out = torch.empty_like(weight)
     for start in range(0, rows, step):
         stop = min(start + step, rows)
@@ -290,6 +352,22 @@ def _blocked(weight, ops: tuple[Op, ...], sources: TensorSources, key: str):
             raise InputError(f"merging LoRA into {key!r} gives NaN or Inf (rows {start}..{stop}); the adapter is broken or its alpha is wrong")
         out[start:stop].copy_(block)
     return out
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(numel: int, count: int) -> list:
+    """`count` float32 buffers of `numel` elements, kept per thread from call to call (the
+    blocked merge's two block buffers: no allocation, and no page faults, per tensor). Their
+    contents are undefined; the largest ever asked for is kept."""
+    import torch
+
+    held = getattr(_SCRATCH, "buffers", [])
+    if len(held) < count or held[0].numel() < numel:
+        held = [torch.empty(max(numel, held[0].numel() if held else 0), dtype=torch.float32) for _ in range(count)]
+        _SCRATCH.buffers = held
+    return [buffer[:numel] for buffer in held[:count]]
 
 
 def merge_lora(source: Path, out: Path | None, *, adapters: list[Path] = (), alpha: float | None = None, max_shard_size: int = 0,
