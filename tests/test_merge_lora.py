@@ -348,3 +348,53 @@ def test_adapter_file_symlinked_outside_its_folder_needs_follow_symlinks(tiny, t
     (inside / name).rename(inside / f"real-{name}")
     (inside / name).symlink_to(inside / f"real-{name}")
     assert run_cli("merge-lora", base, "--adapter", inside, "-o", tmp_path / "ok2").exit_code == 0
+
+
+def test_nonfinite_scan_in_windows_matches_isfinite_per_tensor(tmp_path, monkeypatch):
+    """TensorSources.nonfinite reads an adapter in windows (several tensors per read, gaps
+    skipped or read, a tensor larger than the window on its own): the same answer as
+    torch.isfinite(tensor).all() per tensor, whatever the window size."""
+    from internvl_tools.transforms import merge_lora
+
+    torch.manual_seed(0)
+    tensors = {f"t{i:02d}": torch.randn(3 + i % 5, 7 + i % 3).to([torch.float32, torch.bfloat16, torch.float16][i % 3])
+               for i in range(30)}
+    tensors["big"] = torch.randn(64, 64)
+    tensors["ints"] = torch.arange(12, dtype=torch.int64).reshape(3, 4)
+    tensors["t03"][1, 2] = float("nan")
+    tensors["t17"][0, 0] = float("-inf")
+    tensors["t29"][-1, -1] = float("inf")
+    tensors["big"][63, 63] = float("nan")
+    path = tmp_path / "adapter_model.safetensors"
+    save_file(tensors, str(path))
+    expected = {name for name, t in tensors.items() if not torch.isfinite(t).all()}
+    asked = [name for name in tensors if name not in ("t05", "t06", "t20")] + ["t03"]  # gaps, a repeat
+    for window, gap in [(16 << 20, 1 << 20), (4096, 0), (600, 64), (1, 0)]:
+        monkeypatch.setattr(merge_lora, "CHECK_WINDOW", window)
+        monkeypatch.setattr(merge_lora, "CHECK_GAP", gap)
+        sources = merge_lora.TensorSources(None)
+        try:
+            assert sources.nonfinite(str(path), asked) == expected - {"t05", "t06", "t20"}, (window, gap)
+            assert sources.nonfinite(str(path), ["t00", "t01"]) == set()
+        finally:
+            sources.close()
+
+
+def test_console_entry_point_exits_fast_with_output_and_status(tiny, tmp_path):
+    """`python -m internvl_tools merge-lora` (main(): torch imported with the GC paused, the
+    process ended by common.fast_exit) prints its JSON and exits 0, or prints the one-line
+    error and exits 2; the merged checkpoint equals the CliRunner run's."""
+    import subprocess
+    import sys
+
+    src = tiny("InternVL2-1B", lora="embedded")
+    run = subprocess.run([sys.executable, "-m", "internvl_tools", "merge-lora", str(src), "-o", str(tmp_path / "out"), "--json"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["merged_weights"] > 0
+    expected = _reference_merge(all_tensors(src))
+    merged = all_tensors(tmp_path / "out")
+    assert set(merged) == set(expected)
+    run = subprocess.run([sys.executable, "-m", "internvl_tools", "merge-lora", str(tmp_path / "missing"), "-o", str(tmp_path / "x")],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and run.stderr.strip().splitlines()[-1].startswith("error: ") and "Traceback" not in run.stderr

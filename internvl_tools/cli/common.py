@@ -47,6 +47,55 @@ class ToolGroup(click.Group):
             ctx.exit(2)
 
 
+def import_torch() -> None:
+    """Import torch with the cyclic garbage collector paused, then freeze what exists (gc.freeze:
+    never scanned again). Importing torch creates ~10^6 long-lived objects, which set off three
+    full collections on the way (~0.1-0.15 s of a streaming command's start-up on the 2-core
+    machine) and made every later full collection walk them. The collector is re-enabled after."""
+    import gc
+
+    if "torch" in sys.modules:
+        return
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        import torch  # noqa: F401
+    finally:
+        if enabled:
+            gc.enable()
+    gc.freeze()
+
+
+def fast_exit(code: object = 0) -> None:
+    """End the process as sys.exit(code) would, without the interpreter's teardown.
+
+    Runs the atexit handlers and flushes stdout / stderr first, so what a command printed and
+    its exit status are unchanged; what is skipped is finalising every module and object
+    (torch's: ~0.3 s after a streaming command on the 2-core machine). Outputs are complete
+    before: the writer closes and fsyncs its files and renames the folder. Falls back to
+    sys.exit when another non-daemon thread is still running (a normal exit would wait for it)."""
+    import atexit
+    import os
+    import threading
+
+    if any(t.is_alive() and not t.daemon and t is not threading.main_thread() for t in threading.enumerate()):
+        sys.exit(code)
+    if code is None:
+        status = 0
+    elif isinstance(code, int):
+        status = code
+    else:  # as sys.exit: the message on stderr, status 1
+        print(code, file=sys.stderr)
+        status = 1
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(status & 0xFF)
+
+
 def checkpoint_folder(ctx: click.Context, _param: click.Parameter, value):
     """Click callback of every CHECKPOINT argument: a file (a shard, config.json) is refused with
     "pass the checkpoint folder" (io.reader.require_checkpoint_folder, the one shared check), and the

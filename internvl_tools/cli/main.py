@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from ..planners.gpu_layout import native_device_map, order_by_gpu, plan_for_chec
 from ..evaluate.inspect import summarize
 from ..transforms.shard import reshard
 from .gpu_plan import GpuOptions, does_not_fit_message, gpu_options, parse_gpu_options, plan_json, print_plan
-from .common import ToolGroup, checkpoint_folder, group_size, output_folder, regexes, pipeline_log, byte_progress, layer_progress, emit_json, human_bytes, human_count, stdout
+from .common import ToolGroup, fast_exit, import_torch, checkpoint_folder, group_size, output_folder, regexes, pipeline_log, byte_progress, layer_progress, emit_json, human_bytes, human_count, stdout
 
 SIZE_HELP = "largest shard, e.g. 5GB, 500MB, 2GiB"
 
@@ -675,6 +676,28 @@ cli.add_command(export_cmd)
 cli.add_command(verify_cmd)
 
 
+# streaming commands that end the process without the interpreter's teardown (cli.common.fast_exit),
+# and those of them that always compute with torch (imported up front with the cyclic GC paused)
+FAST_EXIT = frozenset({"merge-lora", "quantize", "convert", "shard"})
+TORCH_COMMANDS = frozenset({"merge-lora", "quantize", "convert"})
+
+
 def main() -> None:
-    """Console-script entry point."""
-    cli(prog_name="internvl-tools")
+    """Console-script entry point (also `python -m internvl_tools`).
+
+    For the streaming commands (FAST_EXIT): torch is imported first with the cyclic garbage
+    collector paused, its objects then frozen (common.import_torch: ~0.1 s of collections
+    saved), and the process ends through common.fast_exit once the command returned (atexit
+    handlers run, stdout / stderr flushed, exit status kept; the ~0.3 s teardown of torch's
+    modules is skipped). `--help` and the other commands run as before."""
+    command = next((arg for arg in sys.argv[1:] if not arg.startswith("-")), None)
+    if command not in FAST_EXIT or any(arg in ("-h", "--help", "--version") for arg in sys.argv[1:]):
+        cli(prog_name="internvl-tools")
+        return
+    if command in TORCH_COMMANDS:
+        import_torch()
+    try:
+        cli(prog_name="internvl-tools")
+    except SystemExit as exc:
+        fast_exit(exc.code)
+    fast_exit(0)
