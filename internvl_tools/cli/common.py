@@ -48,14 +48,20 @@ class ToolGroup(click.Group):
 
 
 def import_torch() -> None:
-    """Import torch with the cyclic garbage collector paused, then freeze what exists (gc.freeze:
+    """Import torch (for a command that will need it) with the cyclic garbage collector paused
+    and numpy's OpenBLAS on one thread (OPENBLAS_NUM_THREADS=1 unless set), then freeze what exists (gc.freeze:
     never scanned again). Importing torch creates ~10^6 long-lived objects, which set off three
     full collections on the way (~0.1-0.15 s of a streaming command's start-up on the 2-core
     machine) and made every later full collection walk them. The collector is re-enabled after."""
     import gc
+    import os
 
     if "torch" in sys.modules:
         return
+    # numpy (which torch imports) starts an OpenBLAS worker thread per extra core that spins for
+    # ~0.1 s of CPU right away, taking it from the import on 2 cores; this tool does no numpy
+    # linear algebra. An explicit OPENBLAS_NUM_THREADS decides.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     enabled = gc.isenabled()
     gc.disable()
     try:
