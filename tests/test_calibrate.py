@@ -334,3 +334,31 @@ def test_forward_dtype_option_is_recorded(tiny, tmp_path, run_cli, monkeypatch):
         assert record["forward_dtype"] == recorded and f"{recorded} forwards" in result.output
     result = run_cli("quantize", tiny("InternVL2-1B"), "-o", tmp_path / "i8", "--method", "int8", "--forward-dtype", "bf16")
     assert result.exit_code == 2 and "--forward-dtype" in result.output
+
+
+def test_resume_where_auto_means_another_dtype_is_refused(tiny, tmp_path, monkeypatch):
+    """The resume state keeps the dtype --forward-dtype auto resolved to: a partial begun where auto
+    meant bf16 is not continued in fp32 (the output would mix both and its record would say bf16),
+    and an explicit --forward-dtype bf16 continues a run begun with auto = bf16."""
+    from internvl_tools.calibrate import pipeline
+    from internvl_tools.calibrate.gptq_quantizer import GPTQJob, quantize_gptq
+    from internvl_tools.errors import InputError
+
+    class Stop(Exception):
+        pass
+
+    def stop(done):
+        raise Stop
+
+    monkeypatch.setattr(pipeline, "native_bf16", lambda device: True)
+    out = tmp_path / "q"
+    with pytest.raises(Stop):
+        quantize_gptq(tiny("InternVL2-1B"), out, GPTQJob(GPTQConfig(4, 32), num_samples=2, seq_len=32), max_shard_size=10**9,
+                      progress=stop)
+    monkeypatch.setattr(pipeline, "native_bf16", lambda device: False)  # the same partial on a CPU without AVX512-BF16
+    with pytest.raises(InputError, match=r"--forward-dtype bf16 \(now fp32\)"):
+        quantize_gptq(tiny("InternVL2-1B"), out, GPTQJob(GPTQConfig(4, 32), num_samples=2, seq_len=32), max_shard_size=10**9,
+                      resume=True)
+    quantize_gptq(tiny("InternVL2-1B"), out, GPTQJob(GPTQConfig(4, 32), num_samples=2, seq_len=32, forward_dtype="bf16"),
+                  max_shard_size=10**9, resume=True)
+    assert json.loads((out / "config.json").read_text())["quantization_calibration"]["forward_dtype"] == "bf16"

@@ -98,8 +98,8 @@ def native_bf16(device: str) -> bool:
     """Whether `device` computes bf16 matrix products natively: a CUDA device of compute capability
     >= 8.0, or a CPU whose flags (Linux /proc/cpuinfo) list avx512_bf16 or amx_bf16, the
     instructions oneDNN's bf16 GEMM uses; elsewhere bf16 is emulated and slower than float32."""
-    if torch.device(device).type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if torch.device(device).type == "cuda":  # is_bf16_supported() alone also says True where bf16 is emulated (< 8.0)
+        return torch.cuda.is_available() and torch.cuda.get_device_capability(torch.device(device)) >= (8, 0)
     try:
         flags = Path("/proc/cpuinfo").read_text(encoding="ascii", errors="replace")
     except OSError:
@@ -422,7 +422,9 @@ def quantize_calibrated(source: Path, out: Path, quantizer: Quantizer, job: Cali
         # bad calibration data, or a --seq-len that leaves it no room, is refused before OUT.partial exists
         # (a resumed run reads its rows from there)
         window = None if resume else load_window()
-        run = {"method": quantizer.name, "options": quantizer.options(), "calibration": asdict(job)}
+        # the dtype "auto" stands for on this machine: a partial resumed where it means another is refused by name
+        resolved = _DTYPE_NAMES[forward_dtype(job.forward_dtype, job.device)]
+        run = {"method": quantizer.name, "options": quantizer.options(), "calibration": dict(asdict(job), forward_dtype=resolved)}
         partial = Path(out).with_name(Path(out).name + ".partial")
         reopen, leftover = _resume_check(partial, run, str(Path(source).resolve()), log) if resume else (False, None)
         with CheckpointWriter(out, planned, max_shard_size=max_shard_size, inputs=[Path(source)], overwrite=overwrite or resume,
@@ -446,7 +448,7 @@ def quantize_calibrated(source: Path, out: Path, quantizer: Quantizer, job: Cali
                         writer.copy(spec.name)
                 window = window if window is not None else load_window()
                 record, rows = calibration_record([f.sample for f in window.used], job.calib, job.seed,
-                                                  dict(window.record(), forward_dtype=_DTYPE_NAMES[forward_dtype(job.forward_dtype, job.device)]))
+                                                  dict(window.record(), forward_dtype=resolved))
                 write_file(raw_writer.partial / ROWS_FILE, {"calibration": record, "rows": rows})  # kept for --resume
                 acts = calibration_embeddings(reader, config, layout, window, job.memory_budget, state.spill, log, job.device)
                 state.save(acts, 0)

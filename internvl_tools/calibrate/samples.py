@@ -314,7 +314,8 @@ def describe(record: dict) -> str:
     kinds = ", ".join(f"{kind} {n}" for kind, n in sorted(record.get("kinds", {}).items(), key=lambda kv: -kv[1]))
     source = f"the built-in set ({record.get('set')}, seed {record.get('seed', 0)})" if record.get("source") == "built-in" \
         else record.get("source", "?")
-    line = f"{source}, {record.get('samples', '?')} samples" + (f" ({kinds})" if kinds else "")
+    count = record.get("samples", "?")
+    line = f"{source}, {count} sample{'' if count == 1 else 's'}" + (f" ({kinds})" if kinds else "")
     if record.get("short_answer"):
         line += f", {record['short_answer']} with short-answer questions"
     if "tokens" in record:  # what reached the model within --seq-len (calibrate/window.py)
