@@ -218,3 +218,18 @@ def test_quantize_and_verify_refuse_bad_rows_in_one_line(tiny, tmp_path, run_cli
         assert result.exit_code == 2 and len(lines) == 1, result.output
         assert lines[0].startswith(f"error: {path}:2: ") and message in lines[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.jsonl"]  # no OUT, no OUT.partial
+
+
+def test_refusal_names_the_whole_length_of_the_samples_it_would_calibrate(tiny):
+    """The refusal's "keeps every sample whole" figure is of the first `count` samples (those the
+    warning of a roomier --seq-len counts), not of every stand-in sample tried after them."""
+    import re
+
+    with open_view(tiny("InternVL2-1B")) as reader:
+        config = reader.config()
+        samples = builtin_samples(4 * 6, 0)
+        window = fit_window(reader, config, samples[:6], 64, 6)
+        with pytest.raises(InputError) as refused:
+            fit_window(reader, config, samples, 4, 6)
+    whole = int(re.search(r"\(>= (\d+) keeps every sample whole\)", str(refused.value)).group(1))
+    assert whole == window.whole_from()

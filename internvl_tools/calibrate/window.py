@@ -177,6 +177,9 @@ def fit_samples(samples: list[Sample], seq_len: int, template_name: str, tokeniz
         used.append(Fitted(sample, ids[:seq_len], tiles, max_tiles, system, len(ids), len(full_ids), tiles != options[0][1]))
     window = Window(seq_len, used, dropped, system_tokens, header)
     if not used:
+        # the figures are of the samples that would be calibrated (the first `count`), not of every stand-in tried
+        dropped = dropped[:count] if count is not None else dropped
+        window = Window(seq_len, used, dropped, system_tokens, header)
         image = " and an image at one tile " + str(tokens_per_tile + 2) + " more" if any(d.sample.image is not None for d in dropped) else ""
         raise InputError(f"--seq-len {seq_len} leaves no room for the calibration data: the chat template's user-turn header "
                          f"alone is {header} tokens{image} (the {system_tokens}-token system prompt is left out when it takes "
