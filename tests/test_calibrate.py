@@ -332,6 +332,12 @@ def test_forward_dtype_option_is_recorded(tiny, tmp_path, run_cli, monkeypatch):
         assert result.exit_code == 0, result.output
         record = json.loads((out / "config.json").read_text())["quantization_calibration"]
         assert record["forward_dtype"] == recorded and f"{recorded} forwards" in result.output
+    hf = tmp_path / "hf"
+    assert run_cli("convert", out, "-o", hf, "--to", "hf").exit_code == 0
+    for folder in (out, hf):  # inspect shows the record in both layouts
+        assert json.loads(run_cli("inspect", folder, "--json").output)["calibration"] == record
+        text = " ".join(run_cli("inspect", folder).output.split())
+        assert "calibrated on" in text and "fp32 forwards" in text
     result = run_cli("quantize", tiny("InternVL2-1B"), "-o", tmp_path / "i8", "--method", "int8", "--forward-dtype", "bf16")
     assert result.exit_code == 2 and "--forward-dtype" in result.output
 

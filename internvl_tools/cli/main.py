@@ -123,6 +123,10 @@ def print_report(report: dict) -> None:
         table.add_row("LoRA flag mismatch", mismatch)
     if report["quantization"]:
         table.add_row("quantization", ", ".join(f"{k}={v}" for k, v in report["quantization"].items()))
+    if report.get("calibration"):
+        from ..calibrate.samples import describe
+
+        table.add_row("calibrated on", describe(report["calibration"]))
     if report["memory_estimate"]:
         mem = report["memory_estimate"]
         table.add_row("weights in memory", f"bf16 {human_bytes(mem['bf16'])}, LLM int8 {human_bytes(mem['int8'])}, "

@@ -105,6 +105,8 @@ def summarize(folder: str | Path) -> dict:
             **({"experts": experts} if experts is not None else {}),
         },
         "quantization": quantization_facts(fmt, quant) if quant else None,
+        # what a calibrated (GPTQ / AWQ) run was calibrated with, as quantize recorded it (None otherwise)
+        "calibration": config.get("quantization_calibration"),
         "shards": len(reader.shards),
         "tensors": len(stored),
         "dtypes": dict(dtypes),
