@@ -309,3 +309,19 @@ def test_gpu_plan_refuses_zero_context_or_batch(tiny, tmp_path, run_cli, option)
         line = _one_line_error(run_cli(*args))
         assert option in line and "x>=1" in line, line
     assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["quantizee", "x"], "No such command 'quantizee'"),
+    (["quantize", "--forward-dtype"], "Option '--forward-dtype' requires an argument. (see `internvl-tools quantize --help`)"),
+    (["inspect", "--nope", "x"], "No such option '--nope'. (see `internvl-tools inspect --help`)"),
+])
+def test_usage_errors_are_one_line(args, needle):
+    """Click's own usage errors (unknown command or option, a missing value) read as every other
+    refusal: one `error:` line naming the command's --help, exit 2, no usage block."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "internvl_tools", *args], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1 and needle in proc.stderr, proc.stderr

@@ -19,8 +19,9 @@ stdout = Console() if sys.stdout.isatty() else Console(width=140)
 
 
 class ToolGroup(click.Group):
-    """A click group that turns InputError and click.BadParameter (an option value out of its range)
-    into one line `error: ...` and exit code 2 (traceback with --debug)."""
+    """A click group that turns InputError, click.BadParameter (an option value out of its range) and
+    any other click.UsageError (unknown command or option, missing value) into one line
+    `error: ...` and exit code 2 (traceback with --debug)."""
 
     def invoke(self, ctx: click.Context):
         try:
@@ -38,6 +39,13 @@ class ToolGroup(click.Group):
             if ctx.obj and ctx.obj.get("debug"):
                 raise
             click.echo(f"error: {exc.format_message()}", err=True)
+            ctx.exit(2)
+        except click.UsageError as exc:  # an unknown command or option, a missing value or argument: one line, exit 2
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            where = exc.ctx.command_path if exc.ctx is not None else \
+                " ".join(filter(None, (ctx.command_path, ctx.invoked_subcommand)))
+            click.echo(f"error: {exc.format_message()} (see `{where} --help`)", err=True)
             ctx.exit(2)
         except OSError as exc:
             if ctx.obj and ctx.obj.get("debug"):
