@@ -283,3 +283,33 @@ def test_transformers_loads_gptq_output(family, tiny, gptq_tiny, tmp_path, run_c
     bf16 = InternVLRuntime(tiny(family)).logits(torch.tensor([ids]))[0]
     assert (theirs - ours).norm() / ours.norm() < 0.03  # same weights, their kernels in bf16
     assert (theirs - bf16).norm() / bf16.norm() < 0.5  # random tiny weights quantize poorly; see the SmolLM2 benchmark
+
+
+def test_sigterm_stops_like_ctrl_c_and_resume_finishes(tiny, tmp_path, run_cli, monkeypatch):
+    """SIGTERM (a scheduler's kill, `timeout`) mid-run: the same one-line notice as Ctrl-C, exit 143,
+    OUT.partial kept and OUT absent; --resume then finishes, equal to an uninterrupted run."""
+    import os
+    import signal
+
+    from internvl_tools.calibrate import pipeline
+
+    whole = tmp_path / "whole"
+    args = ["--method", "gptq", "--group-size", "32", "--num-samples", "2", "--seq-len", "48"]
+    assert run_cli("quantize", tiny("InternVL2-1B"), "-o", whole, *args).exit_code == 0
+    real = pipeline.quantize_layer
+
+    def then_terminated(*a, **k):
+        acts = real(*a, **k)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return acts
+
+    monkeypatch.setattr(pipeline, "quantize_layer", then_terminated)
+    out = tmp_path / "q"
+    result = run_cli("quantize", tiny("InternVL2-1B"), "-o", out, *args)
+    assert result.exit_code == 143 and "terminated: q.partial keeps the finished layers" in result.output
+    assert not out.exists() and (tmp_path / "q.partial").is_dir()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is put back
+    monkeypatch.setattr(pipeline, "quantize_layer", real)
+    assert run_cli("quantize", tiny("InternVL2-1B"), "-o", out, *args, "--resume").exit_code == 0
+    for key, tensor in all_tensors(whole).items():
+        assert torch.equal(all_tensors(out)[key], tensor), key

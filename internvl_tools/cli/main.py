@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import re
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -318,12 +320,22 @@ def quantize_cmd(ctx: click.Context, checkpoint: Path, out: Path, recipe: Path |
         total = reader.total_bytes
     started = time.perf_counter()
     if options["method"] in ("gptq", "awq"):
+        stopped = []
+
+        def terminated(signum, _frame):  # SIGTERM (a scheduler's kill, `timeout`): stop as Ctrl-C does, saying so
+            stopped.append(signum)
+            raise KeyboardInterrupt
+
+        previous = signal.signal(signal.SIGTERM, terminated) if threading.current_thread() is threading.main_thread() else None
         try:
             summary = (_run_gptq if options["method"] == "gptq" else _run_awq)(checkpoint, out, options, limit, as_json)
         except KeyboardInterrupt:
-            click.echo(f"\ninterrupted: {out.name}.partial keeps the finished layers; run the same command with --resume "
-                       "to continue from there", err=True)
-            ctx.exit(130)
+            click.echo(f"\n{'terminated' if stopped else 'interrupted'}: {out.name}.partial keeps the finished layers; run "
+                       "the same command with --resume to continue from there", err=True)
+            ctx.exit(143 if stopped else 130)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
     else:
         summary = _run_int8(checkpoint, out, options, limit, total, as_json)
     summary.update({"bytes_in": total, "seconds": round(time.perf_counter() - started, 3)})
