@@ -164,3 +164,11 @@ def test_chat_never_asks_about_remote_code(tiny, copy_of, run_cli, monkeypatch):
     assert prompts == []
     assert "custom code" not in result.output and len(json.loads(result.output)["token_ids"]) <= 2
     assert time.perf_counter() - started < 60
+
+
+@pytest.mark.parametrize("typed, name", [("OpenGVLab/InternVL2_5-8B", "InternVL2.5-8B"), ("InternVL3_5-30B-A3B", "InternVL3.5-30B-A3B"),
+                                         ("internvl2-llama3-76b", "InternVL2-Llama3-76B")])
+def test_make_tiny_takes_the_hub_spelling(typed, name, tmp_path, run_cli):
+    result = run_cli("make-tiny", typed, tmp_path / "t")
+    assert result.exit_code == 0, result.output
+    assert json.loads(run_cli("inspect", tmp_path / "t", "--json").output)["family"] == f"{name} (reduced size)"

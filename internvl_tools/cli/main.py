@@ -136,8 +136,18 @@ def print_report(report: dict) -> None:
     stdout.print(table)
 
 
+def _family_name(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
+    """make-tiny's FAMILY: a name of FAMILIES, any case, or the hub's spelling (models.families.get_family)."""
+    from ..models.families import get_family
+
+    try:
+        return get_family(value).name
+    except InputError as exc:
+        raise click.BadParameter(str(exc), param_hint="FAMILY") from None
+
+
 @cli.command("make-tiny")
-@click.argument("family", type=click.Choice(list(FAMILIES), case_sensitive=False))
+@click.argument("family", metavar="FAMILY", callback=_family_name)
 @click.argument("out", type=click.Path(path_type=Path), callback=output_folder)
 @click.option("--lora", type=click.Choice(["none", "embedded", "embedded-llm", "embedded-vision", "peft"]), default="none",
               show_default=True, help="embed InternVL-style LoRA (peft-wrapped keys, alpha = 2r) in the LLM and/or vision tower; "
@@ -152,7 +162,11 @@ def print_report(report: dict) -> None:
 @click.option("--json", "as_json", is_flag=True, help="print a machine-readable JSON summary instead of text")
 def make_tiny_cmd(family: str, out: Path, lora: str, rank: int, shards: int, wide: bool, seed: int, head_dim: int | None,
                   overwrite: bool, as_json: bool) -> None:
-    """Write a random-weight checkpoint of FAMILY with its real key layout, config and tokenizer."""
+    """Write a random-weight checkpoint of FAMILY with its real key layout, config and tokenizer.
+
+    FAMILY: InternVL-Chat-V1-1/-V1-2/-V1-2-Plus, InternVL2-1B ... InternVL2-Llama3-76B, InternVL2.5-1B ... -78B,
+    InternVL3-1B ... -78B, InternVL3-9B-InternLM3, InternVL3.5-1B ... -38B, InternVL3.5-30B-A3B; any case,
+    or as the hub spells them (OpenGVLab/InternVL2_5-8B)."""
     from ..tiny.generator import make_checkpoint, make_peft_adapter
 
     started = time.perf_counter()

@@ -193,9 +193,12 @@ FAMILIES: dict[str, Family] = {
 }
 
 def get_family(name: str) -> Family:
-    """Look a family up by name, case-insensitively."""
+    """Look a family up by name, case-insensitively; the Hugging Face hub's spelling is accepted too
+    ("OpenGVLab/InternVL2_5-8B" is InternVL2.5-8B: an owner prefix dropped, "_" read as ".").
+    InputError for an unknown name."""
+    wanted = name.rsplit("/", 1)[-1].lower().replace("_", ".")
     for key, family in FAMILIES.items():
-        if key.lower() == name.lower():
+        if key.lower() == wanted:
             return family
     from ..errors import InputError
 

@@ -347,8 +347,9 @@ def _blocked(weight, ops: tuple[Op, ...], sources: TensorSources, key: str):
             else:
                 torch.mm(b[start:stop], a, out=update)
             block.add_(update.mul_(scale))
-        # NaN propagates to both, +-Inf shows in one: two reductions instead of isfinite's several passes
-        if not (math.isfinite(block.amax().item()) and math.isfinite(block.amin().item())):
+        # NaN propagates to both, +-Inf shows in one: one min/max pass instead of isfinite's several
+        low, high = torch.aminmax(block)
+        if not (math.isfinite(high.item()) and math.isfinite(low.item())):
             raise InputError(f"merging LoRA into {key!r} gives NaN or Inf (rows {start}..{stop}); the adapter is broken or its alpha is wrong")
         out[start:stop].copy_(block)
     return out
