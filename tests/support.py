@@ -111,7 +111,10 @@ def awq_independent_dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scal
     return torch.from_numpy(w_t.T.astype(np.float32))
 
 
-def decoder_layer_of(folder: Path, index: int, hidden: list[torch.Tensor], tmp_path: Path):
+def decoder_layer_of(folder: Path, index: int, hidden: list[torch.Tensor], tmp_path: Path, dtype: torch.dtype = torch.float32,
+                     attention: str = "eager", experts: bool = False):
+    """(the pipeline's DecoderLayer of layer `index` over the samples `hidden`, the dialect record);
+    `experts`: a sparse layer's experts handed to it as the pipeline does."""
     from internvl_tools.calibrate.activations import Activations
     from internvl_tools.calibrate.pipeline import DecoderLayer
     from internvl_tools.models.layout import build_layout
@@ -122,13 +125,13 @@ def decoder_layer_of(folder: Path, index: int, hidden: list[torch.Tensor], tmp_p
     with open_view(folder, native_dialect=True) as view:
         config = view.config()
         layout = build_layout(config, view.specs())
-        module, rotary = build_decoder_layer(view, config, layout, index, torch.float32)
+        module, rotary = build_decoder_layer(view, config, layout, index, dtype, attention=attention)
         stems = {layout.keys[k].module: k.removesuffix(f".{layout.keys[k].param}") for k in layout.llm_layer_keys(index)}
         all_links = {link.original: link for link in links(config, layout, adapt_v1=False)}
     acts = Activations(tmp_path / "acts", 2**30)
     for h in hidden:
         acts.append(h)
-    return DecoderLayer(index, module, rotary, acts, stems, all_links, "cpu"), layout.record
+    return DecoderLayer(index, module, rotary, acts, stems, all_links, "cpu", layout.record.experts if experts else None), layout.record
 
 
 def transformers_and_runtime_logits(folder: Path) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,7 +19,7 @@ from internvl_tools.formats.gptq import pack
 from internvl_tools.models.dialects import get_dialect
 from internvl_tools.models.layout import llm_dialect
 
-from .support import all_tensors
+from .support import all_tensors, decoder_layer_of
 
 DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 
@@ -272,37 +272,17 @@ def test_quantizer_interface_and_awq_style_folding(family, tiny, tmp_path):
 
 
 # -- the calibration forwards: SDPA, and their dtype ----------------------------------------------
-def _decoder_layer(folder, index, dtype, attention, samples):
-    from internvl_tools.calibrate.activations import Activations
-    from internvl_tools.calibrate.pipeline import DecoderLayer
-    from internvl_tools.io.reader import CheckpointReader
-    from internvl_tools.models.layout import build_layout
-    from internvl_tools.models.native_map import links
-    from internvl_tools.runtime.build import build_decoder_layer
-
-    with CheckpointReader(folder) as reader:
-        config = reader.config()
-        layout = build_layout(config, reader.specs())
-        module, rotary = build_decoder_layer(reader, config, layout, index, dtype, attention=attention)
-        stems = {layout.keys[k].module: k.removesuffix(f".{layout.keys[k].param}") for k in layout.llm_layer_keys(index)}
-        all_links = {link.original: link for link in links(config, layout, adapt_v1=False)}
-    acts = Activations(folder / "unused", 2**30)
-    for sample in samples:
-        acts.append(sample)
-    return DecoderLayer(index, module, rotary, acts, stems, all_links, "cpu", layout.record.experts)
-
-
 @pytest.mark.parametrize("family", ["InternVL2-1B", "InternVL2-4B", "InternVL3.5-30B-A3B"])  # qwen2, phi3, qwen3_moe
-def test_sdpa_and_bf16_forwards_match_the_eager_float32_layer(family, tiny):
+def test_sdpa_and_bf16_forwards_match_the_eager_float32_layer(family, tiny, tmp_path):
     """The pipeline's layer (SDPA, causal without a mask) gives the eager float32 layer's outputs and
     group inputs; in bf16 they stay within bf16 rounding, and weight() still hands out float32."""
     folder = tiny(family)
     hidden = json.loads((folder / "config.json").read_text())["llm_config"]["hidden_size"]
     g = torch.Generator().manual_seed(5)
     samples = [torch.randn(1, t, hidden, generator=g) for t in (9, 17)]
-    eager = _decoder_layer(folder, 1, torch.float32, "eager", samples)
-    sdpa = _decoder_layer(folder, 1, torch.float32, "sdpa", samples)
-    bf16 = _decoder_layer(folder, 1, torch.bfloat16, "sdpa", samples)
+    eager, sdpa, bf16 = (decoder_layer_of(folder, 1, samples, tmp_path / name, dtype, attention, experts=True)[0]
+                         for name, dtype, attention in (("eager", torch.float32, "eager"), ("sdpa", torch.float32, "sdpa"),
+                                                        ("bf16", torch.bfloat16, "sdpa")))
     dialect = get_dialect(llm_dialect(json.loads((folder / "config.json").read_text())))
     o_group = dialect.groups[1].hook  # the attention output projection's input: after attention
     for want, got, low in zip(eager.outputs(), sdpa.outputs(), bf16.outputs(), strict=True):

@@ -10,21 +10,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from internvl_tools.calibrate.activations import Activations
 from internvl_tools.calibrate.experts import expert_chunks, quantize_experts
 from internvl_tools.calibrate.gptq import GPTQConfig, rtn_quantize
 from internvl_tools.calibrate.gptq_quantizer import GPTQJob, GPTQQuantizer, quantize_gptq
-from internvl_tools.calibrate.pipeline import DecoderLayer
 from internvl_tools.calibrate.quantizer import GroupWork, Quantizer
 from internvl_tools.formats.gptq import pack
-from internvl_tools.io.reader import CheckpointReader
-from internvl_tools.models.layout import build_layout
-from internvl_tools.models.native_map import links
-from internvl_tools.runtime.build import build_decoder_layer
 from internvl_tools.runtime.model import InternVLRuntime
 
 from . import reference_internvl as ref
-from .support import all_tensors, sample_image, transformers_and_runtime_logits
+from .support import all_tensors, decoder_layer_of, sample_image, transformers_and_runtime_logits
 
 MOE = "InternVL3.5-30B-A3B"
 TINY_GPTQ = ["--method", "gptq", "--group-size", "32", "--num-samples", "4", "--seq-len", "64"]
@@ -58,18 +52,10 @@ class Recorder(Quantizer):
 
 
 def _observe_layer(folder, index, samples, budget):
-    with CheckpointReader(folder) as reader:
-        config = reader.config()
-        layout = build_layout(config, reader.specs())
-        module, rotary = build_decoder_layer(reader, config, layout, index, torch.float32)
-        stems = {layout.keys[k].module: k.removesuffix(f".{layout.keys[k].param}") for k in layout.llm_layer_keys(index)}
-        all_links = {link.original: link for link in links(config, layout, adapt_v1=False)}
-    acts = Activations(folder / "unused", 2**30)
-    for sample in samples:
-        acts.append(sample)
-    layer = DecoderLayer(index, module, rotary, acts, stems, all_links, "cpu", layout.record.experts)
+    layer, record = decoder_layer_of(folder, index, samples, folder / "unused", experts=True)
+    config = json.loads((folder / "config.json").read_text())
     recorder = Recorder()
-    tokens = quantize_experts(layer, layer.work(layout.record, lambda _m: None), recorder, lambda updates: list(updates),
+    tokens = quantize_experts(layer, layer.work(record, lambda _m: None), recorder, lambda updates: list(updates),
                               config["llm_config"], budget)
     return recorder, tokens
 
