@@ -26,6 +26,7 @@ and the activations after each layer.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
@@ -94,6 +95,7 @@ class QuantizeJob:
         return CalibrationJob(**fields)
 
 
+@functools.lru_cache(maxsize=None)  # asked once per decoder layer; the answer does not change within a run
 def native_bf16(device: str) -> bool:
     """Whether `device` computes bf16 matrix products natively: a CUDA device of compute capability
     >= 8.0, or a CPU whose flags (Linux /proc/cpuinfo) list avx512_bf16 or amx_bf16, the
