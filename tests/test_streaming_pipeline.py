@@ -203,3 +203,98 @@ def test_pipeline_errors_reach_the_caller_as_raised(stage):
         pipeline.run_pipeline(view, writer, items, budget=250)
     assert threading.active_count() == before
     assert "t39" not in writer.written
+
+
+def test_pipeline_copies_beside_the_computation():
+    """Unchanged tensors are copied by their own thread from the start, back to front: a computation
+    that waits for the copy of a tensor planned after it finishes (when copies went through the
+    computing thread in plan order, it waited for ever), and every tensor is written once with its
+    own bytes."""
+    copied_later = threading.Event()
+    order = []
+
+    class Writer(_FakeWriter):
+        def copy_stored(self, name, stored):
+            order.append(name)
+            super().copy_stored(name, stored)
+            if name == "c4":
+                copied_later.set()
+
+    def waits(t):
+        assert copied_later.wait(timeout=20), "the copies waited for the computation"
+        return t + 1
+
+    items = [pipeline.Item([(f"c{i}", None)], (f"cs{i}",), f"stored-{i}", 0, 0, 7) for i in range(3)]
+    items += [pipeline.Item([("t", waits)], ("s",), None, 10, 10, 10)]
+    items += [pipeline.Item([(f"c{i}", None)], (f"cs{i}",), f"stored-{i}", 0, 0, 7) for i in range(3, 5)]
+    writer, seen = Writer(), []
+    pipeline.run_pipeline(_FakeView({"s": 10}), writer, items, budget=100, progress=seen.append)
+    assert order == ["c4", "c3", "c2", "c1", "c0"]
+    assert {name: writer.written[name] for name in order} == {f"c{i}": f"stored-{i}" for i in range(5)}
+    assert torch.equal(writer.written["t"], torch.full((10,), 2, dtype=torch.uint8))
+    assert sum(seen) == 45
+
+
+def test_pipeline_copy_error_reaches_the_caller():
+    """A failed copy (a truncated source shard) is raised in the caller; the computation stops and
+    no thread is left running."""
+    class Writer(_FakeWriter):
+        def copy_stored(self, name, stored):
+            raise CheckpointError("in/model.safetensors: source shard ended early while copying")
+
+    items = _items(40, 100) + [pipeline.Item([("c", None)], ("cs",), "stored", 0, 0, 7)]
+    sizes = {name: 100 for item in items for name in item.sources}
+    before = threading.active_count()
+    with pytest.raises(CheckpointError, match="ended early"):
+        pipeline.run_pipeline(_FakeView(sizes), Writer(), items, budget=250)
+    assert threading.active_count() == before
+
+
+def test_output_pool_reuses_within_its_limit():
+    """A tensor given back is handed out again for the same shape and dtype; what is lent plus what is
+    kept stays within the limit (free tensors dropped, largest first); a tensor given back twice is
+    kept once; tensors the pool did not lend are ignored."""
+    pool = pipeline.OutputPool(limit=10_000)
+    first = pool.take((10, 100), torch.float32)  # 4000 bytes
+    pointer = first.data_ptr()
+    pool.give_back(first)
+    pool.give_back(first)
+    again = pool.take((100, 10), torch.float32)
+    assert again.data_ptr() == pointer and again.shape == (100, 10) and pool.free_bytes == 0
+    other = pool.take((1000,), torch.int8)
+    assert other.data_ptr() != pointer and pool.lent_bytes == 5000
+    pool.give_back(torch.empty(1000, dtype=torch.int8))  # never lent: ignored
+    pool.give_back(again)
+    pool.give_back(other)
+    assert pool.free_bytes == 5000 and pool.lent_bytes == 0
+    big = pool.take((7000,), torch.uint8)  # room: the 4000-byte tensor is dropped, the 1000-byte one kept
+    assert pool.free_bytes == 1000 and pool.lent_bytes == 7000
+    assert pool.take((1000,), torch.int8).data_ptr() == other.data_ptr() and big.numel() == 7000
+    bf16 = pool.take((4, 4), torch.bfloat16)
+    pool.give_back(bf16[1:])  # a view, not what was lent: ignored
+    assert pool.free_bytes == 0
+
+
+def test_blocked_merge_in_a_pipeline_reuses_its_outputs(monkeypatch):
+    """merge-lora's blocked merge takes its outputs from the running pipeline's pool: consecutive
+    same-shaped results share memory once written, and every written tensor holds its own merge."""
+    g = torch.Generator().manual_seed(3)
+    tensors = {f"w{i}": torch.randn(64, 48, generator=g).bfloat16() for i in range(6)}
+    tensors |= {"a": torch.randn(4, 48, generator=g).bfloat16(), "b": torch.randn(64, 4, generator=g).bfloat16()}
+    sources = SimpleNamespace(get=lambda source, key: tensors[key])
+    ops = (SimpleNamespace(source="x", a="a", b="b", scale=0.5, kind="lora"),)
+    pointers = []
+
+    class Writer(_FakeWriter):
+        def write(self, name, tensor):
+            pointers.append(tensor.data_ptr())
+            super().write(name, tensor)
+
+    items = [pipeline.Item([(f"o{i}", lambda t: merge_lora._blocked(t, ops, sources, "k"))], (f"w{i}",), None,
+                           64 * 48 * 2, 64 * 48 * 2, 0) for i in range(6)]
+    view = SimpleNamespace(get=lambda name: tensors[name])
+    writer = Writer()
+    pipeline.run_pipeline(view, writer, items, budget=64 * 48 * 2 * 2)
+    for i in range(6):
+        assert torch.equal(writer.written[f"o{i}"], ref.blocked_merge(tensors[f"w{i}"], ops, sources, "k"))
+    assert len(set(pointers)) < 6

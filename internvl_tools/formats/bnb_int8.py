@@ -75,8 +75,10 @@ def quantize_rowwise(weight: torch.Tensor, row_block: int | None = None) -> tupl
         raise ValueError(f"expected a 2-D weight, got shape {list(weight.shape)}")
     if weight.device.type == "meta":
         return torch.empty(weight.shape, dtype=torch.int8, device="meta"), torch.empty(weight.shape[0], dtype=torch.float32, device="meta")
+    from ..transforms.pipeline import output_like
+
     rows, cols = weight.shape
-    quantized = torch.empty(weight.shape, dtype=torch.int8)
+    quantized = output_like(weight, torch.int8)  # reused from item to item in a pipeline run
     scales = torch.empty(rows, dtype=torch.float32)
     step = block_rows(weight.shape, row_block)
     work = torch.empty(step, cols, dtype=torch.float32)  # reused: W, then W as float16 holds it, then the codes

@@ -211,7 +211,9 @@ def quantize_symmetric_channel(weight: torch.Tensor, row_block: int | None = Non
 
     if weight.device.type == "meta":
         return torch.empty(weight.shape, dtype=torch.int8, device="meta"), torch.empty(weight.shape[0], 1, dtype=weight.dtype, device="meta")
-    quantized = torch.empty(weight.shape, dtype=torch.int8)
+    from ..transforms.pipeline import output_like
+
+    quantized = output_like(weight, torch.int8)  # reused from item to item in a pipeline run
     scales = torch.empty(weight.shape[0], 1, dtype=weight.dtype)
     for start, stop, codes, scale in _channel_blocks(weight, row_block):
         quantized[start:stop].copy_(codes)
@@ -237,7 +239,10 @@ def quantize(weight: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"weight_packed": pack_to_int32(q, 8), "weight_scale": scale, "weight_shape": shape}
     rows, cols = weight.shape
     words = -(-cols // 4)
-    packed = (torch.zeros if cols % 4 else torch.empty)(rows, words, dtype=torch.int32)  # padding codes are 0 bytes
+    from ..transforms.pipeline import output_tensor
+
+    # padding codes are 0 bytes; otherwise every byte is written below (reused from item to item in a pipeline run)
+    packed = torch.zeros(rows, words, dtype=torch.int32) if cols % 4 else output_tensor((rows, words), torch.int32)
     code_bytes = packed.view(torch.uint8)[:, :cols]
     scales = torch.empty(rows, 1, dtype=weight.dtype)
     for start, stop, codes, scale in _channel_blocks(weight, None):
@@ -264,8 +269,10 @@ def quantize_w8a8(weight: torch.Tensor, row_block: int | None = None) -> dict[st
     if weight.device.type == "meta":
         return {"weight": torch.empty(weight.shape, dtype=torch.int8, device="meta"),
                 "weight_scale": torch.empty(weight.shape[0], 1, dtype=torch.float32, device="meta")}
+    from ..transforms.pipeline import output_like
+
     rows, cols = weight.shape
-    quantized = torch.empty(weight.shape, dtype=torch.int8)
+    quantized = output_like(weight, torch.int8)  # reused from item to item in a pipeline run
     scales = torch.empty(rows, 1, dtype=torch.float32)
     step = block_rows(weight.shape, row_block)
     work = torch.empty(step, cols, dtype=torch.float32)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 from pathlib import Path
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -216,6 +217,7 @@ class CheckpointWriter:
         self._remaining = [len(shard) for shard in self.plan]
         self._fds: dict[int, int] = {}
         self._written: set[str] = set()
+        self._claimed: set[str] = set()
         self.bytes_written = 0
         self.resumable = resumable
         self.resumed = False
@@ -223,6 +225,10 @@ class CheckpointWriter:
         self._inputs, self._overwrite = list(inputs), overwrite
         self._lock = OutputLock(self.out)
         self._syncer = Syncer()
+        # write() and copy_stored() may run in two threads at once (the pipeline's writer and
+        # copier): the bookkeeping (specs written, open fds, shards left) is kept under this lock;
+        # the bytes themselves are written outside it
+        self._guard = threading.Lock()
 
     def __enter__(self) -> CheckpointWriter:
         self._lock.__enter__()
@@ -264,7 +270,7 @@ class CheckpointWriter:
     def mark_written(self, names: list[str]) -> None:
         """Record tensors a previous, interrupted run already wrote (resume)."""
         for name in names:
-            self._check_spec(name, self._specs[name])
+            self._claim(name, self._specs[name])
             self._done(name)
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -278,12 +284,11 @@ class CheckpointWriter:
 
     # -- tensors -----------------------------------------------------------------------
     def write(self, name: str, tensor) -> None:
-        """Write one in-memory torch tensor at its planned place."""
+        """Write one in-memory torch tensor at its planned place (thread-safe: see copy_stored)."""
         import torch
 
-        self._check_spec(name, spec_of(name, tensor))
         data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-        fd, offset = self._target(name)
+        fd, offset = self._claim(name, spec_of(name, tensor))
         view = memoryview(data)
         try:
             while view.nbytes:
@@ -295,9 +300,11 @@ class CheckpointWriter:
         self._done(name)
 
     def copy_stored(self, name: str, source: StoredTensor) -> None:
-        """Copy a tensor's bytes straight from its source shard (in-kernel when possible)."""
-        self._check_spec(name, TensorSpec(name, source.spec.dtype, source.spec.shape))
-        fd, offset = self._target(name)
+        """Copy a tensor's bytes straight from its source shard (in-kernel when possible).
+
+        write() and copy_stored() may be called from two threads at once, for different tensors
+        (the pipeline copies unchanged tensors while it writes computed ones)."""
+        fd, offset = self._claim(name, TensorSpec(name, source.spec.dtype, source.spec.shape))
         with open(source.path, "rb", buffering=0) as src:
             try:
                 _copy_range(src.fileno(), source.offset, fd, offset, source.nbytes, self._syncer.writeback)
@@ -350,6 +357,15 @@ class CheckpointWriter:
         if name in self._written:
             raise CheckpointError(f"{self.out}: tensor {name!r} written twice")
 
+    def _claim(self, name: str, spec: TensorSpec) -> tuple[int, int]:
+        """Check `name` against the plan and claim it for writing: (fd of its shard, offset)."""
+        with self._guard:
+            self._check_spec(name, spec)
+            if name in self._claimed:
+                raise CheckpointError(f"{self.out}: tensor {name!r} written twice")
+            self._claimed.add(name)
+            return self._target(name)
+
     def _target(self, name: str) -> tuple[int, int]:
         index, offset = self._location[name]
         if index not in self._fds:
@@ -357,14 +373,15 @@ class CheckpointWriter:
         return self._fds[index], offset
 
     def _done(self, name: str) -> None:
-        self._written.add(name)
-        self.bytes_written += self._specs[name].nbytes
-        index, _ = self._location[name]
-        self._remaining[index] -= 1
-        if self._remaining[index] == 0 and index in self._fds:
-            # a complete shard is fsynced (then closed) by the syncer thread while the next one is written;
-            # finalize() waits for it: the rename at the end never publishes unwritten data
-            self._syncer.fsync_and_close(self._fds.pop(index), lambda exc, name=name: self._write_error(name, exc))
+        with self._guard:
+            self._written.add(name)
+            self.bytes_written += self._specs[name].nbytes
+            index, _ = self._location[name]
+            self._remaining[index] -= 1
+            if self._remaining[index] == 0 and index in self._fds:
+                # a complete shard is fsynced (then closed) by the syncer thread while the next one is written;
+                # finalize() waits for it: the rename at the end never publishes unwritten data
+                self._syncer.fsync_and_close(self._fds.pop(index), lambda exc, name=name: self._write_error(name, exc))
 
     def _write_index(self) -> None:
         weight_map = {spec.name: self.files[i] for i, shard in enumerate(self.plan) for spec in shard}
@@ -430,6 +447,7 @@ class Syncer:
         self._queue = None
         self._thread = None
         self._error: BaseException | None = None
+        self._starting = threading.Lock()  # the pipeline's writer and copier both hand work over
 
     def writeback(self, fd: int, offset: int, count: int) -> None:
         """Start the writeback of bytes [offset, offset + count) of `fd` (asynchronous)."""
@@ -455,14 +473,14 @@ class Syncer:
     def _put(self, task) -> None:
         if self._error is not None and not isinstance(self._error, _Stopped):
             raise self._error
-        if self._thread is None:
-            import queue
-            import threading
+        with self._starting:
+            if self._thread is None:
+                import queue
 
-            self._queue = queue.Queue()
-            self._thread = threading.Thread(target=self._run, name="internvl-tools-sync", daemon=True)
-            self._thread.start()
-        self._queue.put(task)
+                self._queue = queue.Queue()
+                self._thread = threading.Thread(target=self._run, name="internvl-tools-sync", daemon=True)
+                self._thread.start()
+            self._queue.put(task)
 
     def _run(self) -> None:
         while (task := self._queue.get()) is not None:

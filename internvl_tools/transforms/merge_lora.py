@@ -23,6 +23,7 @@ from ..formats.views import open_view
 from .adapters import (FLAGS, AdapterSet, BaseModel, Op, embedded_deltas, factor_shape_error, flag_mismatches, load_bin,
                        open_peft_adapter, peft_ops, plain_key, quantized_base)
 from ..formats.registry import detect
+from .pipeline import output_like
 from .stream import Output, run_transform
 
 BLOCK_ELEMENTS = 1 << 20  # elements per block of rows in the blocked merge: 4 MiB of float32 per buffer
@@ -336,7 +337,7 @@ def _blocked(weight, ops: tuple[Op, ...], sources: TensorSources, key: str):
     step = max(1, min(rows, BLOCK_ELEMENTS // max(cols, 1)))
     work, product = _scratch(step * cols, 2)
     work, product = work.view(step, cols), product.view(step, cols)
-    out = torch.empty_like(weight)
+    out = output_like(weight)  # reused from item to item in a pipeline run
     for start in range(0, rows, step):
         stop = min(start + step, rows)
         block = work[: stop - start].copy_(weight[start:stop])
