@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from internvl_tools.errors import CheckpointError, InputError
+from internvl_tools.io import buffers
 from internvl_tools.formats import base as formats_base
 from internvl_tools.formats import bnb_int8, compressed_tensors
 from internvl_tools.tiny.generator import make_peft_adapter
@@ -254,7 +255,7 @@ def test_output_pool_reuses_within_its_limit():
     """A tensor given back is handed out again for the same shape and dtype; what is lent plus what is
     kept stays within the limit (free tensors dropped, largest first); a tensor given back twice is
     kept once; tensors the pool did not lend are ignored."""
-    pool = pipeline.OutputPool(limit=10_000)
+    pool = buffers.OutputPool(limit=10_000)
     first = pool.take((10, 100), torch.float32)  # 4000 bytes
     pointer = first.data_ptr()
     pool.give_back(first)
@@ -298,3 +299,55 @@ def test_blocked_merge_in_a_pipeline_reuses_its_outputs(monkeypatch):
     for i in range(6):
         assert torch.equal(writer.written[f"o{i}"], ref.blocked_merge(tensors[f"w{i}"], ops, sources, "k"))
     assert len(set(pointers)) < 6
+
+
+def test_copiers_take_a_shard_no_other_copier_writes():
+    """The copiers take unchanged tensors back to front, each the next one whose output shard no
+    other copier is writing (any, when every shard is taken)."""
+    items = [pipeline.Item([(name, None)], (name,), f"stored-{name}", 0, 0, 1) for name in ("a0", "b0", "c1", "d1", "e2")]
+    copies = pipeline._Copies(items, lambda name: int(name[1]))
+    assert copies.shards == 3
+    first, second, third = copies.take(), copies.take(), copies.take()
+    assert [i.outputs[0][0] for i in (first, second, third)] == ["e2", "d1", "b0"]
+    assert copies.take().outputs[0][0] == "c1"  # every shard busy: the next in order
+    copies.done(second)
+    copies.done(first)
+    assert copies.take().outputs[0][0] == "a0" and copies.take() is None
+
+
+def test_pipeline_with_several_copiers_writes_every_tensor_once(monkeypatch, tmp_path):
+    """Several copier threads and the writer fill a real multi-shard output at once: the bytes equal
+    what one thread at a time writes."""
+    from internvl_tools.io.reader import CheckpointReader
+    from internvl_tools.io.writer import CheckpointWriter
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(5)
+    tensors = {f"t{i:02d}": torch.randn(64 + i, 96, generator=g).bfloat16() for i in range(24)}
+    (tmp_path / "in").mkdir()
+    save_file(tensors, str(tmp_path / "in" / "model.safetensors"), metadata={"format": "pt"})
+    reader = CheckpointReader(tmp_path / "in")
+    specs = reader.specs()
+
+    def items():
+        out = []
+        for i, spec in enumerate(specs):
+            if i % 3 == 0:  # computed: doubled
+                out.append(pipeline.Item([(spec.name, lambda t: t * 2)], (spec.name,), None, spec.nbytes, spec.nbytes, spec.nbytes))
+            else:
+                out.append(pipeline.Item([(spec.name, None)], (spec.name,), reader.stored(spec.name), 0, 0, spec.nbytes))
+        return out
+
+    results = {}
+    for copiers in (1, 3):
+        monkeypatch.setattr(pipeline, "copier_threads", lambda copiers=copiers: copiers)
+        out = tmp_path / f"out{copiers}"
+        with CheckpointWriter(out, specs, max_shard_size=40_000, inputs=[tmp_path / "in"]) as writer:
+            assert len(writer.plan) > 3
+            pipeline.run_pipeline(reader, writer, items(), budget=100_000)
+            writer.finalize()
+        results[copiers] = {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+    assert results[1] == results[3]
+    back = CheckpointReader(tmp_path / "out3")
+    for i, (name, tensor) in enumerate(tensors.items()):
+        assert torch.equal(back.get(name), tensor * 2 if i % 3 == 0 else tensor)

@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from ..errors import InputError
+from ..io.buffers import output_like
 from .base import Format, block_rows, check_layout_name, row_absmax
 from .rules import loader_names, native_modules, original_modules, original_routers, skipped_by_name
 
@@ -75,8 +76,6 @@ def quantize_rowwise(weight: torch.Tensor, row_block: int | None = None) -> tupl
         raise ValueError(f"expected a 2-D weight, got shape {list(weight.shape)}")
     if weight.device.type == "meta":
         return torch.empty(weight.shape, dtype=torch.int8, device="meta"), torch.empty(weight.shape[0], dtype=torch.float32, device="meta")
-    from ..transforms.pipeline import output_like
-
     rows, cols = weight.shape
     quantized = output_like(weight, torch.int8)  # reused from item to item in a pipeline run
     scales = torch.empty(rows, dtype=torch.float32)

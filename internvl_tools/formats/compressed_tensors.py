@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from ..errors import InputError
+from ..io.buffers import output_like, output_tensor
 from .base import Format, block_rows, check_layout_name, plain_count, row_absmax
 from .rules import ignore_rules, ignored_by_rule, native_rule, original_modules, router_rules
 
@@ -211,8 +212,6 @@ def quantize_symmetric_channel(weight: torch.Tensor, row_block: int | None = Non
 
     if weight.device.type == "meta":
         return torch.empty(weight.shape, dtype=torch.int8, device="meta"), torch.empty(weight.shape[0], 1, dtype=weight.dtype, device="meta")
-    from ..transforms.pipeline import output_like
-
     quantized = output_like(weight, torch.int8)  # reused from item to item in a pipeline run
     scales = torch.empty(weight.shape[0], 1, dtype=weight.dtype)
     for start, stop, codes, scale in _channel_blocks(weight, row_block):
@@ -239,8 +238,6 @@ def quantize(weight: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"weight_packed": pack_to_int32(q, 8), "weight_scale": scale, "weight_shape": shape}
     rows, cols = weight.shape
     words = -(-cols // 4)
-    from ..transforms.pipeline import output_tensor
-
     # padding codes are 0 bytes; otherwise every byte is written below (reused from item to item in a pipeline run)
     packed = torch.zeros(rows, words, dtype=torch.int32) if cols % 4 else output_tensor((rows, words), torch.int32)
     code_bytes = packed.view(torch.uint8)[:, :cols]
@@ -269,8 +266,6 @@ def quantize_w8a8(weight: torch.Tensor, row_block: int | None = None) -> dict[st
     if weight.device.type == "meta":
         return {"weight": torch.empty(weight.shape, dtype=torch.int8, device="meta"),
                 "weight_scale": torch.empty(weight.shape[0], 1, dtype=torch.float32, device="meta")}
-    from ..transforms.pipeline import output_like
-
     rows, cols = weight.shape
     quantized = output_like(weight, torch.int8)  # reused from item to item in a pipeline run
     scales = torch.empty(rows, 1, dtype=torch.float32)

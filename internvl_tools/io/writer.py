@@ -357,6 +357,10 @@ class CheckpointWriter:
         if name in self._written:
             raise CheckpointError(f"{self.out}: tensor {name!r} written twice")
 
+    def shard_of(self, name: str) -> int:
+        """The index of the planned shard file `name` goes to (KeyError for a name not planned)."""
+        return self._location[name][0]
+
     def _claim(self, name: str, spec: TensorSpec) -> tuple[int, int]:
         """Check `name` against the plan and claim it for writing: (fd of its shard, offset)."""
         with self._guard:

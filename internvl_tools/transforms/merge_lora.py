@@ -17,13 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import CheckpointError, InputError
+from ..io.buffers import output_like
 from ..io.reader import CheckpointReader
 from ..models.layout import Layout, build_layout
 from ..formats.views import open_view
 from .adapters import (FLAGS, AdapterSet, BaseModel, Op, embedded_deltas, factor_shape_error, flag_mismatches, load_bin,
                        open_peft_adapter, peft_ops, plain_key, quantized_base)
 from ..formats.registry import detect
-from .pipeline import output_like
 from .stream import Output, run_transform
 
 BLOCK_ELEMENTS = 1 << 20  # elements per block of rows in the blocked merge: 4 MiB of float32 per buffer

@@ -3,10 +3,11 @@
 A reader thread maps the source tensors of the next items (and faults their pages in, so a
 page-cache miss is paid there, not in the computation), the calling thread computes each
 item's outputs, and a writer thread writes them (pwrite), so reading, computing and writing
-overlap. Tensors that pass unchanged need no reading or computing: a copier thread copies them
-in the kernel (copy_file_range) from the start of the run, beside the others, so a large
-unchanged tensor (an embedding table, lm_head) never waits behind the computed ones nor holds
-the writer while the computation waits.
+overlap. Tensors that pass unchanged need no reading or computing: copier threads (one per
+core, up to COPIERS_MAX, each on its own output shard) copy them in the kernel
+(copy_file_range) from the start of the run, beside the others, so a large unchanged tensor (an
+embedding table, lm_head) never waits behind the computed ones nor holds the writer while the
+computation waits.
 
 Memory stays bounded: every item holds a cost in bytes (its sources, then its outputs) from the
 moment the reader takes it until the writer is done with it, and items enter only while the
@@ -22,6 +23,8 @@ import queue
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+from ..io.buffers import OutputPool, active_pool
 
 PIPELINE_BYTES = 3 * 2**29  # 1.5 GiB: the most an in-flight pipeline holds, when the bound allows it
 POPULATE_MIN = 1 << 20  # tensors this large are faulted in by the reader thread
@@ -43,6 +46,7 @@ class Item:
     output_bytes: int = 0
     input_bytes: int = 0  # newly consumed input bytes, for the progress bar
     results: list = field(default_factory=list)
+    shard: int = 0  # the output shard a copied tensor goes to (set by the copiers)
 
     @property
     def cost(self) -> int:
@@ -89,93 +93,6 @@ class _Aborted(Exception):
     pass
 
 
-class OutputPool:
-    """Output tensors reused from item to item within one pipeline run.
-
-    A freshly allocated tensor of hundreds of MiB costs a page fault and a page of zeros from the
-    kernel for every 4 KiB when it is first written (about a second per 3.5 GB on the 2-core
-    machine of the README's benchmarks, on the computing thread), and glibc returns such
-    allocations to the kernel when they are freed. So the computing thread takes its large
-    outputs here (`output_like`) and the writer gives each back once its bytes are written;
-    the next output of the same shape and dtype reuses it, already faulted in.
-
-    Memory: what is lent plus what is kept free stays within `limit` bytes (the pipeline's
-    budget: lent outputs are within it already), free tensors being dropped, largest first,
-    to make room for one of another shape. Thread-safe."""
-
-    def __init__(self, limit: int):
-        self.limit = limit
-        self._free: dict[tuple, list] = {}  # (numel, dtype) -> flat tensors ready for reuse
-        self._lent: dict[int, tuple] = {}  # data_ptr -> (numel, dtype) of a tensor handed out
-        self.free_bytes = self.lent_bytes = 0
-        self._lock = threading.Lock()
-
-    def take(self, shape: tuple[int, ...], dtype):
-        """An uninitialised tensor of `shape` and `dtype` (torch.empty's contract)."""
-        import math
-
-        import torch
-
-        numel = math.prod(shape)
-        key = (numel, dtype)
-        nbytes = numel * dtype.itemsize
-        flat = None
-        with self._lock:
-            if self._free.get(key):
-                flat = self._free[key].pop()
-                self.free_bytes -= nbytes
-            else:
-                while self.free_bytes and self.lent_bytes + self.free_bytes + nbytes > self.limit:
-                    largest = max((k for k, v in self._free.items() if v), key=lambda k: k[0] * k[1].itemsize)
-                    self._free[largest].pop()
-                    self.free_bytes -= largest[0] * largest[1].itemsize
-        if flat is None:
-            flat = torch.empty(numel, dtype=dtype)
-        with self._lock:
-            if numel:
-                self._lent[flat.data_ptr()] = key
-                self.lent_bytes += nbytes
-        return flat.view(shape)
-
-    def give_back(self, tensor) -> None:
-        """Return a tensor from take() whose bytes are no longer needed; anything else is ignored
-        (a tensor given back twice is kept once)."""
-        with self._lock:
-            key = self._lent.get(tensor.data_ptr()) if tensor.numel() else None
-            if key is None or key != (tensor.numel(), tensor.dtype) or not tensor.is_contiguous():
-                return
-            del self._lent[tensor.data_ptr()]
-            nbytes = key[0] * key[1].itemsize
-            self.lent_bytes -= nbytes
-            if self.lent_bytes + self.free_bytes + nbytes <= self.limit:
-                self._free.setdefault(key, []).append(tensor.reshape(-1))
-                self.free_bytes += nbytes
-
-
-_ACTIVE = threading.local()  # the OutputPool of the pipeline run computing in this thread
-
-
-def output_tensor(shape: tuple[int, ...], dtype):
-    """An uninitialised CPU tensor of `shape` and `dtype` (torch.empty's contract) for an item's
-    output: from the running pipeline's OutputPool when called from its computing thread, else
-    a new one. The result must be returned as an output (written, then dropped), never kept."""
-    import torch
-
-    pool = getattr(_ACTIVE, "pool", None)
-    if pool is None:
-        return torch.empty(shape, dtype=dtype)
-    return pool.take(tuple(shape), dtype)
-
-
-def output_like(tensor, dtype=None):
-    """output_tensor() shaped like `tensor`, in its dtype unless `dtype` is given (on its device)."""
-    import torch
-
-    if tensor.device.type != "cpu":
-        return torch.empty(tensor.shape, dtype=dtype or tensor.dtype, device=tensor.device)
-    return output_tensor(tuple(tensor.shape), dtype or tensor.dtype)
-
-
 def run_pipeline(view, writer, items: list[Item], *, budget: int, progress: Callable[[int], None] | None = None) -> None:
     """Compute and write every item through `writer` (a CheckpointWriter), reading sources from
     `view` (CheckpointReader or a view). The first error of any stage stops the others and is
@@ -185,9 +102,7 @@ def run_pipeline(view, writer, items: list[Item], *, budget: int, progress: Call
     ready: queue.Queue = queue.Queue()  # reader -> compute; bounded by the budget
     written: queue.Queue = queue.Queue()  # compute -> writer; bounded by the budget
     errors: list[BaseException] = []
-    # copied back to front while the computed items go front to back: the two meet in the middle,
-    # so they rarely write the same shard at once (a file takes one buffered write at a time)
-    copies = [item for item in reversed(items) if item.stored is not None]
+    copies = [item for item in items if item.stored is not None]
     computed = [item for item in items if item.stored is None]
     reporting = threading.Lock()  # progress is told by the computing thread and the copier
 
@@ -232,43 +147,89 @@ def run_pipeline(view, writer, items: list[Item], *, budget: int, progress: Call
             while written.get() is not _DONE:
                 pass
 
+    pending = _Copies(copies, getattr(writer, "shard_of", lambda name: 0))
+
     def copy() -> None:
         # unchanged tensors hold no memory (the kernel copies them), so they need no budget and
         # can go from the first moment; a failure elsewhere stops this before the next tensor
         try:
-            for item in copies:
-                if errors:
-                    return
-                writer.copy_stored(item.outputs[0][0], item.stored)
+            while not errors and (item := pending.take()) is not None:
+                try:
+                    writer.copy_stored(item.outputs[0][0], item.stored)
+                finally:
+                    pending.done(item)
                 report(item.input_bytes)
         except BaseException as exc:  # noqa: BLE001 - handed to the calling thread
             fail(exc)
 
+    copiers = min(copier_threads(), pending.shards) if copies else 0
     threads = [threading.Thread(target=target, name=f"internvl-tools-{name}", daemon=True)
-               for name, target, wanted in (("read", read, True), ("write", write, True), ("copy", copy, bool(copies)))
-               if wanted]
+               for name, target in [("read", read), ("write", write)] + [(f"copy-{n}", copy) for n in range(copiers)]]
     for thread in threads:
         thread.start()
-    _ACTIVE.pool = pool
     try:
-        while (item := ready.get()) is not _DONE:
-            if errors:
-                break
-            tensors, item.results = item.results, []
-            item.results = [(name, (tensors[0] if fn is None else fn(*tensors)).contiguous()) for name, fn in item.outputs]
-            del tensors
-            limit.release(item.source_bytes)
-            written.put(item)
-            report(item.input_bytes)
+        with active_pool(pool):
+            while (item := ready.get()) is not _DONE:
+                if errors:
+                    break
+                tensors, item.results = item.results, []
+                item.results = [(name, (tensors[0] if fn is None else fn(*tensors)).contiguous()) for name, fn in item.outputs]
+                del tensors
+                limit.release(item.source_bytes)
+                written.put(item)
+                report(item.input_bytes)
     except BaseException as exc:
         fail(exc)
     finally:
-        _ACTIVE.pool = None
         written.put(_DONE)  # the writer finishes what it was given (or drains it, after an error)
         for thread in threads:
             thread.join()  # the reader is never blocked: `ready` is unbounded and a failure aborts the budget
     if errors:
         raise errors[0]
+
+
+COPIERS_MAX = 4  # copier threads at most, however many cores
+
+
+def copier_threads() -> int:
+    """Threads copying unchanged tensors: one per core this process may run on, up to
+    COPIERS_MAX (and never more than the output shards that receive copies: two copies into one
+    file take turns on its inode lock). A buffered copy is CPU-bound in the kernel (its memcpy
+    into the page cache), so copies into two files on two threads go about twice as fast: on the
+    2-core machine of the README's benchmarks, cp of two 4.6 GB files one after the other took
+    6.9-7.5 s, both at once 3.9-4.1 s."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return max(1, min(COPIERS_MAX, cores))
+
+
+class _Copies:
+    """The unchanged tensors still to copy, handed to the copier threads back to front (the
+    computed items go front to back: the two meet in the middle), each taking the next one whose
+    output shard no other copier is writing, if there is one (a file takes one buffered write at a
+    time)."""
+
+    def __init__(self, items: list[Item], shard_of: Callable[[str], int]):
+        self._items = [(shard_of(item.outputs[0][0]), item) for item in reversed(items)]
+        self.shards = len({shard for shard, _ in self._items})
+        self._busy: dict[int, int] = {}
+        self._lock = threading.Lock()
+
+    def take(self) -> Item | None:
+        with self._lock:
+            if not self._items:
+                return None
+            index = next((i for i, (shard, _) in enumerate(self._items) if not self._busy.get(shard)), 0)
+            shard, item = self._items.pop(index)
+            self._busy[shard] = self._busy.get(shard, 0) + 1
+            item.shard = shard
+            return item
+
+    def done(self, item: Item) -> None:
+        with self._lock:
+            self._busy[item.shard] -= 1
 
 
 def populate(tensor) -> None:
