@@ -156,7 +156,7 @@ class _FakeWriter:
             raise CheckpointError(f"out/model.safetensors: No space left on device while writing {name!r}; free disk space")
         self.written[name] = tensor.clone()
 
-    def copy_stored(self, name, stored):
+    def copy_stored(self, name, stored, stop=None):
         self.written[name] = stored
 
 
@@ -215,7 +215,7 @@ def test_pipeline_copies_beside_the_computation():
     order = []
 
     class Writer(_FakeWriter):
-        def copy_stored(self, name, stored):
+        def copy_stored(self, name, stored, stop=None):
             order.append(name)
             super().copy_stored(name, stored)
             if name == "c4":
@@ -240,7 +240,7 @@ def test_pipeline_copy_error_reaches_the_caller():
     """A failed copy (a truncated source shard) is raised in the caller; the computation stops and
     no thread is left running."""
     class Writer(_FakeWriter):
-        def copy_stored(self, name, stored):
+        def copy_stored(self, name, stored, stop=None):
             raise CheckpointError("in/model.safetensors: source shard ended early while copying")
 
     items = _items(40, 100) + [pipeline.Item([("c", None)], ("cs",), "stored", 0, 0, 7)]
@@ -351,3 +351,52 @@ def test_pipeline_with_several_copiers_writes_every_tensor_once(monkeypatch, tmp
     back = CheckpointReader(tmp_path / "out3")
     for i, (name, tensor) in enumerate(tensors.items()):
         assert torch.equal(back.get(name), tensor * 2 if i % 3 == 0 else tensor)
+
+
+class _SlowCopies(_FakeWriter):
+    """Each copy runs until the pipeline's stop() says stop (at most 20 s), as a long copy_file_range would."""
+
+    def copy_stored(self, name, stored, stop=None):
+        import time
+
+        from internvl_tools.io.writer import CopyStopped
+
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if stop():
+                raise CopyStopped
+            time.sleep(0.01)
+        self.written[name] = stored
+
+
+def test_a_failure_stops_a_copy_in_the_middle():
+    """A computation's error stops the copier inside its tensor (between pieces), not after it."""
+    import time
+
+    items = [pipeline.Item([("c", None)], ("cs",), "stored", 0, 0, 7)] + _items(3, 100)
+    items[2].outputs = [("t1", lambda t: (_ for _ in ()).throw(InputError("merging LoRA into 't1' gives NaN or Inf")))]
+    started, before = time.monotonic(), threading.active_count()
+    with pytest.raises(InputError, match="NaN"):
+        pipeline.run_pipeline(_FakeView({f"s{i}": 100 for i in range(3)}), _SlowCopies(), items, budget=1000)
+    assert time.monotonic() - started < 10 and threading.active_count() == before
+
+
+def test_ctrl_c_while_waiting_for_the_copiers(monkeypatch):
+    """Ctrl-C while the calling thread waits for the copiers (shard: the whole run) stops them and
+    waits for them before KeyboardInterrupt is raised: no thread keeps writing into closed files."""
+    import time
+
+    joined = []
+    original = threading.Thread.join
+
+    def join(self, timeout=None):
+        if self.name.startswith("internvl-tools-copy") and not joined:
+            joined.append(self.name)
+            raise KeyboardInterrupt
+        return original(self, timeout)
+
+    monkeypatch.setattr(threading.Thread, "join", join)
+    writer, before, started = _SlowCopies(), threading.active_count(), time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run_pipeline(_FakeView({}), writer, [pipeline.Item([("c", None)], ("cs",), "stored", 0, 0, 7)], budget=0)
+    assert joined and threading.active_count() == before and time.monotonic() - started < 10 and not writer.written

@@ -299,15 +299,17 @@ class CheckpointWriter:
             raise self._write_error(name, exc) from exc
         self._done(name)
 
-    def copy_stored(self, name: str, source: StoredTensor) -> None:
+    def copy_stored(self, name: str, source: StoredTensor, stop: Callable[[], bool] | None = None) -> None:
         """Copy a tensor's bytes straight from its source shard (in-kernel when possible).
 
-        write() and copy_stored() may be called from two threads at once, for different tensors
-        (the pipeline copies unchanged tensors while it writes computed ones)."""
+        write() and copy_stored() may be called from several threads at once, for different
+        tensors (the pipeline copies unchanged tensors while it writes computed ones). `stop()`
+        is asked before each piece of COPY_CHUNK bytes: True raises CopyStopped (the run is
+        failing elsewhere; the tensor is left incomplete)."""
         fd, offset = self._claim(name, TensorSpec(name, source.spec.dtype, source.spec.shape))
         with open(source.path, "rb", buffering=0) as src:
             try:
-                _copy_range(src.fileno(), source.offset, fd, offset, source.nbytes, self._syncer.writeback)
+                _copy_range(src.fileno(), source.offset, fd, offset, source.nbytes, self._syncer.writeback, stop)
             except OSError as exc:
                 raise self._write_error(name, exc) from exc
         self._done(name)
@@ -539,11 +541,18 @@ def _sync_file_range():
     return _SYNC_FILE_RANGE[0]
 
 
-def _copy_range(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, count: int, written=None) -> None:
+class CopyStopped(Exception):
+    """A copy was stopped by its `stop()` callback before its end."""
+
+
+def _copy_range(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, count: int, written=None, stop=None) -> None:
     """Copy a byte range between files, in the kernel where the platform allows, in pieces of
-    COPY_CHUNK bytes; `written(fd, offset, count)` is told of each piece (writeback)."""
+    COPY_CHUNK bytes; `written(fd, offset, count)` is told of each piece (writeback); `stop()`,
+    when given, is asked before each piece (True: CopyStopped)."""
     try:
         while count:
+            if stop is not None and stop():
+                raise CopyStopped
             done = os.copy_file_range(src_fd, dst_fd, min(count, COPY_CHUNK), src_offset, dst_offset)
             if done == 0:
                 raise CheckpointError("source shard ended early while copying; it was truncated during the run")
@@ -553,6 +562,8 @@ def _copy_range(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, coun
     except (AttributeError, OSError):
         chunk = 64 * 2**20
         while count:
+            if stop is not None and stop():
+                raise CopyStopped
             data = os.pread(src_fd, min(chunk, count), src_offset)
             if not data:
                 raise CheckpointError("source shard ended early while copying; it was truncated during the run") from None

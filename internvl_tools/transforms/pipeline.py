@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..io.buffers import OutputPool, active_pool
+from ..io.writer import CopyStopped
 
 PIPELINE_BYTES = 3 * 2**29  # 1.5 GiB: the most an in-flight pipeline holds, when the bound allows it
 POPULATE_MIN = 1 << 20  # tensors this large are faulted in by the reader thread
@@ -155,10 +156,12 @@ def run_pipeline(view, writer, items: list[Item], *, budget: int, progress: Call
         try:
             while not errors and (item := pending.take()) is not None:
                 try:
-                    writer.copy_stored(item.outputs[0][0], item.stored)
+                    writer.copy_stored(item.outputs[0][0], item.stored, stop=lambda: bool(errors))
                 finally:
                     pending.done(item)
                 report(item.input_bytes)
+        except CopyStopped:
+            pass  # another thread failed; its error is the one raised
         except BaseException as exc:  # noqa: BLE001 - handed to the calling thread
             fail(exc)
 
@@ -183,7 +186,14 @@ def run_pipeline(view, writer, items: list[Item], *, budget: int, progress: Call
     finally:
         written.put(_DONE)  # the writer finishes what it was given (or drains it, after an error)
         for thread in threads:
-            thread.join()  # the reader is never blocked: `ready` is unbounded and a failure aborts the budget
+            # the reader is never blocked: `ready` is unbounded and a failure aborts the budget; a
+            # Ctrl-C while waiting here (shard: all the time) stops the others, which are waited for
+            # all the same: their files must not be closed under them
+            while thread.is_alive():
+                try:
+                    thread.join()
+                except BaseException as exc:  # noqa: BLE001 - raised below, once every thread is done
+                    fail(exc)
     if errors:
         raise errors[0]
 

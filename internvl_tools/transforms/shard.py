@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..io.reader import CheckpointReader
 from ..io.writer import CheckpointWriter
+from .pipeline import Item, run_pipeline
 from .stream import fix_lora_flags
 
 
@@ -34,7 +35,8 @@ def reshard(
     """Copy a checkpoint into new shards of at most `max_shard_size` bytes.
 
     Tensor bytes are copied range by range (in the kernel where possible), so the tensors
-    are bit-identical and memory does not grow with the model. `groups` (key lists, e.g. one
+    are bit-identical and memory does not grow with the model; the pipeline's copier threads
+    (transforms/pipeline.py) fill several output shards at once. `groups` (key lists, e.g. one
     per GPU) are written in order and never share a shard file; `files` adds or replaces side
     files such as device_map.json.
     """
@@ -44,9 +46,7 @@ def reshard(
         spec_groups = [[reader.spec(name) for name in group] for group in groups] if groups is not None else None
         with CheckpointWriter(out, specs, max_shard_size=max_shard_size, inputs=[Path(source)], overwrite=overwrite,
                               groups=spec_groups) as writer:
-            for name in names:
-                writer.copy_stored(name, reader.stored(name))
-                if progress:
-                    progress(reader.spec(name).nbytes)
+            items = [Item([(name, None)], (name,), reader.stored(name), input_bytes=reader.spec(name).nbytes) for name in names]
+            run_pipeline(reader, writer, items, budget=0, progress=progress)
             written = writer.finalize(side_files_from=Path(source), files=fix_lora_flags(files or {}, Path(source), names))
             return ReshardResult(written, len(writer.plan), len(specs), writer.bytes_written)
