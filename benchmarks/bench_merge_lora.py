@@ -1,10 +1,12 @@
-"""merge-lora benchmarks.
+"""merge-lora side by side with the reference tool: transformers + peft.
 
-1. Wide InternVL2-Llama3-76B-shaped checkpoint + a PEFT adapter with r=16 on every LLM linear:
-   `merge-lora` time vs cp + sync of the same bytes, and peak RSS.
-2. Side by side with the in-memory path users run today (transformers from_pretrained ->
-   peft merge_and_unload -> save_pretrained) on the wide InternVL2-40B-shaped checkpoint in the
-   native layout, a size both can run here: time and peak-RSS ratios.
+The in-memory path users run without this toolkit (transformers from_pretrained -> peft
+merge_and_unload -> save_pretrained) against `internvl-tools merge-lora` on the wide
+InternVL2-40B-shaped checkpoint (true widths, 2 layers per tower; the native layout for
+transformers) with a PEFT adapter of r 16 on every LLM linear: a size both can run here. Prints
+cp + sync of the same weights (the yardstick, run first), then each path's seconds, the ratio
+to cp and to our time, and peak RSS (GNU time). bench_streaming.py is the table of every
+streamed command against cp on the 76B / 78B / MoE wide checkpoints.
 
 Run: python benchmarks/bench_merge_lora.py
 """
@@ -46,35 +48,33 @@ def adapter_for(checkpoint: Path, name: str, native: bool = False) -> Path:
 
 
 def main() -> None:
-    rows = []
-    src = wide_checkpoint()
-    adapter = adapter_for(src, "adapter-76b-r16")
-    total = folder_bytes(src)
-    out, copy = WORK / "merge-out", WORK / "merge-cp"
-    cp_seconds, _ = timed(cp_weights(src, fresh(copy)))
-    fresh(copy)
-    seconds, rss = timed([sys.executable, "-m", "internvl_tools", "merge-lora", str(src), "--adapter", str(adapter),
-                          "-o", str(fresh(out)), "--json"])
-    fresh(out)
-    rows.append(["76B-wide, r=16 on every LLM linear", "merge-lora (streamed)", f"{total / GIB:.2f}", f"{seconds:.1f}",
-                 f"{cp_seconds / seconds:.2f}x cp", f"{rss / GIB:.2f}"])
+    import datetime
+    import os
 
+    rows = []
     mid = wide_checkpoint("InternVL2-40B")
     native = WORK / "40b-wide-hf"
     if not (native / "config.json").exists():
         run([sys.executable, "-m", "internvl_tools", "convert", str(mid), "-o", str(native), "--max-shard-size", "2GB"])
     ours_adapter, their_adapter = adapter_for(mid, "adapter-40b-r16"), adapter_for(mid, "adapter-40b-r16-native", native=True)
+    out, copy = WORK / "merge-out", WORK / "merge-cp"
+    load = os.getloadavg()[0]
+    cp_seconds, _ = timed(cp_weights(mid, fresh(copy)))
+    fresh(copy)
     ours_s, ours_rss = timed([sys.executable, "-m", "internvl_tools", "merge-lora", str(mid), "--adapter", str(ours_adapter),
                               "-o", str(fresh(out)), "--json"])
     fresh(out)
     theirs_s, theirs_rss = timed([sys.executable, "-c", IN_MEMORY, str(native), str(their_adapter), str(fresh(out))])
     fresh(out)
-    mid_total = folder_bytes(mid)
-    rows.append(["40B-wide, r=16", "merge-lora (streamed)", f"{mid_total / GIB:.2f}", f"{ours_s:.1f}", "1.00", f"{ours_rss / GIB:.2f}"])
-    rows.append(["40B-wide, r=16", "transformers + peft merge_and_unload + save_pretrained", f"{mid_total / GIB:.2f}",
-                 f"{theirs_s:.1f}", f"{theirs_s / ours_s:.2f}x our time", f"{theirs_rss / GIB:.2f} ({theirs_rss / ours_rss:.1f}x our RSS)"])
-    print(f"cp + sync of the 76B-wide weights: {cp_seconds:.1f} s")
-    print(markdown_table(["checkpoint", "path", "GiB", "seconds", "ratio", "peak RSS GiB"], rows))
+    total = folder_bytes(mid)
+    rows.append(["cp + sync (yardstick)", f"{total / GIB:.2f}", f"{cp_seconds:.1f}", "1.00x", "-", "-"])
+    rows.append(["internvl-tools merge-lora (streamed)", f"{total / GIB:.2f}", f"{ours_s:.1f}", f"{cp_seconds / ours_s:.2f}x",
+                 "1.00x", f"{ours_rss / GIB:.2f}"])
+    rows.append(["transformers + peft merge_and_unload + save_pretrained", f"{total / GIB:.2f}", f"{theirs_s:.1f}",
+                 f"{cp_seconds / theirs_s:.2f}x", f"{theirs_s / ours_s:.2f}x", f"{theirs_rss / GIB:.2f} ({theirs_rss / ours_rss:.1f}x ours)"])
+    print(f"bench_merge_lora.py, {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}; nproc {os.cpu_count()}; "
+          f"1-minute load before {load:.2f}, after {os.getloadavg()[0]:.2f}; InternVL2-40B-wide, PEFT r 16 on every LLM linear")
+    print(markdown_table(["path", "GiB", "seconds", "vs cp", "time vs ours", "peak RSS GiB"], rows))
     shutil.rmtree(native, ignore_errors=True)
 
 
