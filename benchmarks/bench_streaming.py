@@ -30,7 +30,7 @@ average before/after and per round), nproc, the date and free disk are printed w
 --remove-inputs deletes what this run built (checkpoint, adapter, LoRA and converted copies)
 at the end; inputs that existed before are kept.
 
-Run: python benchmarks/bench_streaming.py [--repeat 3] [--family InternVL2.5-78B] [--only int8 merge]
+Run: python benchmarks/bench_streaming.py [--repeat 3] [--family InternVL2.5-78B] [--llm-layers 6] [--only int8 merge]
      [--compare-with /tmp/base] [--remove-inputs]
 """
 
@@ -50,7 +50,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import GIB, ROOT, WORK, cp_weights, folder_bytes, fresh, markdown_table, wide_checkpoint  # noqa: E402
+from common import GIB, ROOT, WORK, cp_weights, folder_bytes, fresh, markdown_table, wide_checkpoint, wide_suffix  # noqa: E402
 
 TIMEOUT_S = 3600
 
@@ -120,6 +120,8 @@ def main() -> None:
     parser.add_argument("--compare-with", type=Path, help="another copy of the code (e.g. a git worktree of the old commit)")
     parser.add_argument("--family", default="InternVL2-Llama3-76B", help="make-tiny family of the wide checkpoint "
                         "(InternVL2-Llama3-76B, InternVL2.5-78B, InternVL3.5-30B-A3B, ...)")
+    parser.add_argument("--llm-layers", type=int, default=2, help="LLM decoder layers of the wide checkpoint (make-tiny "
+                        "--llm-layers; default 2): a deeper one weighs the fixed start-up cost as a real checkpoint does")
     parser.add_argument("--only", nargs="+", default=None, help="run only the commands whose label contains one of these words")
     parser.add_argument("--remove-inputs", action="store_true", help="delete the inputs this run built when it ends")
     args = parser.parse_args()
@@ -138,16 +140,17 @@ def main() -> None:
 
     # inputs, built once (with this checkout's code)
     built: list[Path] = []
-    src = WORK / f"{args.family}-wide"
+    stem = f"{args.family}-wide{wide_suffix(args.llm_layers)}"
+    src = WORK / stem
     if not (src / "config.json").exists():
         built.append(src)
-    src = wide_checkpoint(args.family)
+    src = wide_checkpoint(args.family, llm_layers=args.llm_layers)
     total = folder_bytes(src)
     largest = largest_tensor(src)
     bound = GIB + 2 * largest
-    adapter = WORK / f"{args.family}-wide-adapter-r16"
-    embedded = WORK / f"{args.family}-wide-lora-r16"
-    converted = WORK / f"{args.family}-wide-hf"
+    adapter = WORK / f"{stem}-adapter-r16"
+    embedded = WORK / f"{stem}-lora-r16"
+    converted = WORK / f"{stem}-hf"
     scratch = WORK / "streaming-scratch"
     out = scratch / "out"
     tool = [sys.executable, "-m", "internvl_tools"]
@@ -178,7 +181,8 @@ def main() -> None:
         built.append(embedded)
         fresh(embedded)
         subprocess.run([sys.executable, "-m", "internvl_tools", "make-tiny", args.family, str(embedded), "--wide", "--lora", "embedded",
-                        "--rank", "16", "--shards", "3"], cwd=ROOT, env=code_env(ROOT), check=True, capture_output=True)
+                        "--rank", "16", "--shards", "3",
+                        *(["--llm-layers", str(args.llm_layers)] if args.llm_layers != 2 else [])], cwd=ROOT, env=code_env(ROOT), check=True, capture_output=True)
     if converted in needs and not (converted / "config.json").exists():
         built.append(converted)
         fresh(converted)
@@ -283,7 +287,7 @@ def main() -> None:
                                                 if args.remove_inputs else ""))
     for side, code in codes.items():
         print(f"{side} code: {code} (git {git_state(code)}); internvl_tools imported from {where[side]}")
-    print(f"wide {args.family}-shaped checkpoint: {total / GIB:.2f} GiB in {shards} shards, "
+    print(f"wide {args.family}-shaped checkpoint ({args.llm_layers} LLM layers): {total / GIB:.2f} GiB in {shards} shards, "
           f"largest tensor {largest / GIB:.2f} GiB, bound 1 GiB + 2 x largest = {bound / GIB:.2f} GiB; "
           f"median of {args.repeat} interleaved rounds; vs cp = median of cp + sync of the command's input / command median "
           f"(higher is better)"

@@ -15,13 +15,20 @@ WORK = Path(os.environ.get("BENCH_WORK", ROOT / "bench-work"))
 GIB = 2**30
 
 
-def wide_checkpoint(family: str = "InternVL2-Llama3-76B", shards: int = 3) -> Path:
-    """Build (once) a checkpoint with the family's true widths and 2 layers per tower."""
-    out = WORK / f"{family}-wide"
+def wide_checkpoint(family: str = "InternVL2-Llama3-76B", shards: int = 3, llm_layers: int = 2) -> Path:
+    """Build (once) a checkpoint with the family's true widths and 2 layers per tower (`llm_layers`
+    LLM decoder layers: the folder is then FAMILY-wide-LN)."""
+    out = WORK / f"{family}-wide{wide_suffix(llm_layers)}"
     if not (out / "config.json").exists():
         WORK.mkdir(parents=True, exist_ok=True)
-        run([sys.executable, "-m", "internvl_tools", "make-tiny", family, str(out), "--wide", "--shards", str(shards), "--overwrite"])
+        run([sys.executable, "-m", "internvl_tools", "make-tiny", family, str(out), "--wide", "--shards", str(shards), "--overwrite",
+             *(["--llm-layers", str(llm_layers)] if llm_layers != 2 else [])])
     return out
+
+
+def wide_suffix(llm_layers: int) -> str:
+    """The folder-name suffix of a wide checkpoint with `llm_layers` LLM layers ("" for the default 2)."""
+    return "" if llm_layers == 2 else f"-L{llm_layers}"
 
 
 def run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:

@@ -283,9 +283,10 @@ def test_int8_bnb_names_values_beyond_float16(tiny, copy_of, tmp_path, run_cli):
 
 
 @pytest.mark.parametrize("extra, words", [(["--rank", "8"], "--rank"), (["--lora", "none", "--rank", "8"], "--rank"),
-                                          (["--shards", "1000"], "--shards 77 at most")])
+                                          (["--shards", "1000"], "--shards 77 at most"), (["--llm-layers", "6"], "add --wide")])
 def test_make_tiny_refuses_options_that_do_not_apply(tmp_path, run_cli, extra, words):
-    """--rank without --lora would be dropped silently; more shards than tensors cannot be made."""
+    """--rank without --lora and --llm-layers without --wide would be dropped silently; more shards
+    than tensors cannot be made."""
     line = _one_line_error(run_cli("make-tiny", "internvl2-1b", tmp_path / "t", *extra))
     assert words in line, line
     assert list(tmp_path.iterdir()) == []

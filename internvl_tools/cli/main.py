@@ -155,13 +155,15 @@ def _family_name(_ctx: click.Context, _param: click.Parameter, value: str) -> st
 @click.option("--rank", type=click.IntRange(min=1), default=4, show_default=True, help="LoRA rank")
 @click.option("--shards", type=click.IntRange(min=1), default=2, show_default=True, help="number of shards")
 @click.option("--wide", is_flag=True, help="the family's true widths with 2 layers per tower (benchmarks; GBs)")
+@click.option("--llm-layers", type=click.IntRange(min=1), default=None,
+              help="with --wide: LLM decoder layers instead of 2 (a MoE layer of InternVL3.5-30B-A3B is 1.2 GB)")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--head-dim", type=click.IntRange(min=2), default=None,
               help="channels per LLM attention head (tiny default 16; vLLM's CPU attention takes 32, 64, 80, ...): the width becomes heads x this")
 @click.option("--overwrite", is_flag=True, help="replace a non-empty OUT")
 @click.option("--json", "as_json", is_flag=True, help="print a machine-readable JSON summary instead of text")
-def make_tiny_cmd(family: str, out: Path, lora: str, rank: int, shards: int, wide: bool, seed: int, head_dim: int | None,
-                  overwrite: bool, as_json: bool) -> None:
+def make_tiny_cmd(family: str, out: Path, lora: str, rank: int, shards: int, wide: bool, llm_layers: int | None, seed: int,
+                  head_dim: int | None, overwrite: bool, as_json: bool) -> None:
     """Write a random-weight checkpoint of FAMILY with its real key layout, config and tokenizer.
 
     FAMILY: InternVL-Chat-V1-1/-V1-2/-V1-2-Plus, InternVL2-1B ... InternVL2-Llama3-76B, InternVL2.5-1B ... -78B,
@@ -173,13 +175,16 @@ def make_tiny_cmd(family: str, out: Path, lora: str, rank: int, shards: int, wid
     if lora == "none" and click.get_current_context().get_parameter_source("rank") != click.core.ParameterSource.DEFAULT:
         raise InputError("--rank sets the rank of the LoRA that --lora adds; it does not apply without --lora "
                          "(embedded, embedded-llm, embedded-vision or peft): add --lora or remove --rank")
+    if llm_layers is not None and not wide:
+        raise InputError("--llm-layers sets the depth of a --wide checkpoint (tiny ones have the family's own small depth): "
+                         "add --wide or remove --llm-layers")
     with byte_progress("generating", 0, enabled=wide and not as_json) as advance:
         if head_dim is not None and (wide or head_dim % 2):
             raise InputError("--head-dim takes an even number and applies to tiny checkpoints (not --wide)")
         if lora == "peft":  # OUT-peft-adapter/ is an output too: never written over silently
             check_output(out.with_name(out.name + "-peft-adapter"), [], overwrite)
         path = make_checkpoint(family, out, lora="none" if lora == "peft" else lora, rank=rank, shards=shards, wide=wide, seed=seed,
-                               overwrite=overwrite, progress=advance, head_dim=head_dim)
+                               overwrite=overwrite, progress=advance, head_dim=head_dim, llm_layers=llm_layers or 2)
     if lora == "peft":
         adapter = make_peft_adapter(path, path.with_name(path.name + "-peft-adapter"), rank=rank, alpha=2 * rank, seed=seed + 1)
         stdout.print(f"wrote PEFT adapter {adapter}")
