@@ -23,18 +23,22 @@ class OutputPool:
 
     Memory: what is lent plus what is kept free stays within `limit` bytes (the pipeline's
     budget: lent outputs are within it already), free tensors being dropped, largest first,
-    to make room for one of another shape. Thread-safe."""
+    to make room for one of another shape. A tensor is known by the very object take() returned
+    (held weakly): only that object comes back, and one dropped without being given back (an
+    output split into views, a failed item) just stops counting as lent. Thread-safe."""
 
     def __init__(self, limit: int):
         self.limit = limit
         self._free: dict[tuple, list] = {}  # (numel, dtype) -> flat tensors ready for reuse
-        self._lent: dict[int, tuple] = {}  # data_ptr -> (numel, dtype) of a tensor handed out
+        self._lent: dict[int, tuple] = {}  # id of a tensor handed out -> (weak ref, its flat storage view's key)
         self.free_bytes = self.lent_bytes = 0
-        self._lock = threading.Lock()
+        # reentrant: a lent tensor's weakref callback may run in a thread that holds the lock
+        self._lock = threading.RLock()
 
     def take(self, shape: tuple[int, ...], dtype):
         """An uninitialised tensor of `shape` and `dtype` (torch.empty's contract)."""
         import math
+        import weakref
 
         import torch
 
@@ -53,25 +57,36 @@ class OutputPool:
                     self.free_bytes -= largest[0] * largest[1].itemsize
         if flat is None:
             flat = torch.empty(numel, dtype=dtype)
-        with self._lock:
-            if numel:
-                self._lent[flat.data_ptr()] = key
+        tensor = flat.view(shape)
+        if numel:
+            ident = id(tensor)
+            with self._lock:
+                self._lent[ident] = (weakref.ref(tensor, lambda _ref, ident=ident: self._forget(ident, _ref)), key)
                 self.lent_bytes += nbytes
-        return flat.view(shape)
+        return tensor
 
     def give_back(self, tensor) -> None:
-        """Return a tensor from take() whose bytes are no longer needed; anything else is ignored
-        (a tensor given back twice is kept once)."""
+        """Return the very tensor take() gave, once its bytes are no longer needed; anything else
+        (a view of it, a tensor the pool did not lend, one given back already) is ignored."""
         with self._lock:
-            key = self._lent.get(tensor.data_ptr()) if tensor.numel() else None
-            if key is None or key != (tensor.numel(), tensor.dtype) or not tensor.is_contiguous():
+            entry = self._lent.get(id(tensor))
+            if entry is None or entry[0]() is not tensor:
                 return
-            del self._lent[tensor.data_ptr()]
+            del self._lent[id(tensor)]
+            key = entry[1]
             nbytes = key[0] * key[1].itemsize
             self.lent_bytes -= nbytes
             if self.lent_bytes + self.free_bytes + nbytes <= self.limit:
                 self._free.setdefault(key, []).append(tensor.reshape(-1))
                 self.free_bytes += nbytes
+
+    def _forget(self, ident: int, ref) -> None:
+        """A lent tensor died without being given back: it no longer counts as lent."""
+        with self._lock:
+            entry = self._lent.get(ident)
+            if entry is not None and entry[0] is ref:
+                del self._lent[ident]
+                self.lent_bytes -= entry[1][0] * entry[1][1].itemsize
 
 
 _ACTIVE = threading.local()  # the OutputPool of the pipeline run computing in this thread
