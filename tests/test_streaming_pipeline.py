@@ -151,7 +151,7 @@ class _FakeWriter:
     def __init__(self, fail_on=None):
         self.written, self.fail_on = {}, fail_on
 
-    def write(self, name, tensor):
+    def write(self, name, tensor, stop=None):
         if name == self.fail_on:
             raise CheckpointError(f"out/model.safetensors: No space left on device while writing {name!r}; free disk space")
         self.written[name] = tensor.clone()
@@ -290,7 +290,7 @@ def test_blocked_merge_in_a_pipeline_reuses_its_outputs(monkeypatch):
     pointers = []
 
     class Writer(_FakeWriter):
-        def write(self, name, tensor):
+        def write(self, name, tensor, stop=None):
             pointers.append(tensor.data_ptr())
             super().write(name, tensor)
 
@@ -384,22 +384,34 @@ def test_a_failure_stops_a_copy_in_the_middle():
     assert time.monotonic() - started < 10 and threading.active_count() == before
 
 
-def test_ctrl_c_while_waiting_for_the_copiers(monkeypatch):
-    """Ctrl-C while the calling thread waits for the copiers (shard: the whole run) stops them and
-    waits for them before KeyboardInterrupt is raised: no thread keeps writing into closed files."""
+def test_ctrl_c_while_waiting_for_the_copiers():
+    """A real Ctrl-C (SIGINT to the main thread) while the caller waits for the copiers (shard: the
+    whole run) stops them between pieces and waits until they have returned before
+    KeyboardInterrupt is raised: no thread keeps writing into files closed after it (a plain
+    Thread.join() interrupted by a signal can report a running thread as finished, CPython gh-90882)."""
+    import signal
     import time
 
-    joined = []
-    original = threading.Thread.join
+    inside = []
 
-    def join(self, timeout=None):
-        if self.name.startswith("internvl-tools-copy") and not joined:
-            joined.append(self.name)
-            raise KeyboardInterrupt
-        return original(self, timeout)
+    class Writer(_SlowCopies):
+        def copy_stored(self, name, stored, stop=None):
+            inside.append(name)
+            try:
+                time.sleep(0.2)  # the caller is waiting by now
+                signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+                time.sleep(0.3)  # still copying when the signal is handled
+                super().copy_stored(name, stored, stop)
+            finally:
+                inside.remove(name)
 
-    monkeypatch.setattr(threading.Thread, "join", join)
-    writer, before, started = _SlowCopies(), threading.active_count(), time.monotonic()
+    writer, started = Writer(), time.monotonic()
+    items = [pipeline.Item([(f"c{i}", None)], (f"cs{i}",), f"stored-{i}", 0, 0, 7) for i in range(3)]
     with pytest.raises(KeyboardInterrupt):
-        pipeline.run_pipeline(_FakeView({}), writer, [pipeline.Item([("c", None)], ("cs",), "stored", 0, 0, 7)], budget=0)
-    assert joined and threading.active_count() == before and time.monotonic() - started < 10 and not writer.written
+        pipeline.run_pipeline(_FakeView({}), writer, items, budget=0)
+    assert inside == []  # every copy had returned when KeyboardInterrupt reached the caller
+    assert time.monotonic() - started < 10 and not writer.written
+    deadline = time.monotonic() + 5
+    while any(t.name.startswith("internvl-tools-") for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("internvl-tools-")]

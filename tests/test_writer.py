@@ -177,3 +177,98 @@ def test_failed_fsync_of_a_finished_shard_publishes_nothing(tmp_path, monkeypatc
     assert calls, "the finished shard was never fsynced"
     assert "model-00001-of-00002.safetensors" in str(caught.value) and "\n" not in str(caught.value)
     assert not out.exists()
+
+
+def _source_shard(tmp_path, values):
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    save_file({"t": values}, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return CheckpointReader(folder)
+
+
+def test_copy_fallback_writes_every_byte_of_short_writes(tmp_path, monkeypatch):
+    """Where copy_file_range is refused (another file system, FUSE), the pread/pwrite fallback
+    copies; a pwrite that writes less than asked is continued, never skipped over."""
+    import errno
+    import os
+
+    values = torch.arange(100_000, dtype=torch.float32)
+    reader = _source_shard(tmp_path, values)
+    real_pwrite = os.pwrite
+
+    def refused(*args):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "copy_file_range", refused)
+    monkeypatch.setattr(os, "pwrite", lambda fd, data, offset: real_pwrite(fd, memoryview(data)[:4093], offset))
+    out = tmp_path / "out"
+    with CheckpointWriter(out, reader.specs(), inputs=[tmp_path / "in"]) as writer:
+        writer.copy_stored("t", reader.stored("t"))
+        writer.finalize()
+    assert torch.equal(load_file(out / "model.safetensors")["t"], values)
+
+
+def test_write_stops_between_pieces_and_publishes_nothing(tmp_path, monkeypatch):
+    """write(stop=...) asks before every WRITE_CHUNK piece (the pipeline's writer stops soon
+    after another thread failed, not after a multi-GB tensor); the run then leaves no OUT."""
+    from internvl_tools.io import writer as writer_module
+
+    monkeypatch.setattr(writer_module, "WRITE_CHUNK", 4096)
+    asked = []
+
+    def stop():
+        asked.append(1)
+        return len(asked) > 3
+
+    out = tmp_path / "out"
+    with pytest.raises(writer_module.CopyStopped):
+        with CheckpointWriter(out, [TensorSpec("a", "F32", (100_000,))]) as writer:
+            writer.write("a", torch.ones(100_000), stop=stop)
+    assert len(asked) == 4 and not out.exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_a_syncer_failure_is_never_silent(tmp_path, monkeypatch):
+    """An unexpected error in the syncer thread (here its writeback call) stops the run at
+    finalize with that error, with nothing published; later shards are never left unsynced
+    behind a success."""
+    from internvl_tools.io import writer as writer_module
+
+    def broken(*args):
+        raise RuntimeError("sync_file_range failed unexpectedly")
+
+    monkeypatch.setattr(writer_module, "start_writeback", broken)
+    specs = [TensorSpec("a", "F32", (300,)), TensorSpec("b", "F32", (300,))]
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="unexpectedly"):
+        with CheckpointWriter(out, specs, max_shard_size=1500) as writer:
+            writer.write("a", torch.ones(300))
+            writer.write("b", torch.ones(300))
+            writer.finalize()
+    assert not out.exists()
+
+
+def test_publish_syncs_side_files_and_folders(tmp_path, monkeypatch):
+    """Before OUT appears, every file of OUT.partial (config, index, shards) and the folder itself
+    are fsynced, and the parent folder after the rename: a crash just after success cannot leave
+    an OUT with an empty config or index."""
+    import os
+
+    synced = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    specs = [TensorSpec("a", "F32", (300,)), TensorSpec("b", "F32", (300,))]
+    out = tmp_path / "out"
+    with CheckpointWriter(out, specs, max_shard_size=1500) as writer:
+        writer.write("a", torch.ones(300))
+        writer.write("b", torch.ones(300))
+        writer.finalize(files={"config.json": {"model_type": "internvl_chat"}})
+    names = {os.path.basename(path) for path in synced}
+    assert {"config.json", INDEX_NAME, "model-00001-of-00002.safetensors", "out.partial"} <= names
+    assert str(tmp_path) in synced  # the parent, after the rename

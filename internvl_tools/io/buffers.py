@@ -55,14 +55,21 @@ class OutputPool:
                     largest = max((k for k, v in self._free.items() if v), key=lambda k: k[0] * k[1].itemsize)
                     self._free[largest].pop()
                     self.free_bytes -= largest[0] * largest[1].itemsize
-        if flat is None:
-            flat = torch.empty(numel, dtype=dtype)
-        tensor = flat.view(shape)
-        if numel:
-            ident = id(tensor)
+            self.lent_bytes += nbytes  # reserved now: a give_back meanwhile sees it
+        try:
+            if flat is None:
+                flat = torch.empty(numel, dtype=dtype)
+        except BaseException:
             with self._lock:
+                self.lent_bytes -= nbytes
+            raise
+        tensor = flat.view(shape)
+        with self._lock:
+            if numel:
+                ident = id(tensor)
                 self._lent[ident] = (weakref.ref(tensor, lambda _ref, ident=ident: self._forget(ident, _ref)), key)
-                self.lent_bytes += nbytes
+            else:
+                self.lent_bytes -= nbytes
         return tensor
 
     def give_back(self, tensor) -> None:

@@ -283,8 +283,9 @@ class CheckpointWriter:
         self._lock.__exit__()
 
     # -- tensors -----------------------------------------------------------------------
-    def write(self, name: str, tensor) -> None:
-        """Write one in-memory torch tensor at its planned place (thread-safe: see copy_stored)."""
+    def write(self, name: str, tensor, stop: Callable[[], bool] | None = None) -> None:
+        """Write one in-memory torch tensor at its planned place (thread-safe: see copy_stored;
+        `stop` as there, asked before each piece of WRITE_CHUNK bytes)."""
         import torch
 
         data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
@@ -292,6 +293,8 @@ class CheckpointWriter:
         view = memoryview(data)
         try:
             while view.nbytes:
+                if stop is not None and stop():
+                    raise CopyStopped
                 done = os.pwrite(fd, view[:WRITE_CHUNK], offset)
                 self._syncer.writeback(fd, offset, done)
                 view, offset = view[done:], offset + done
@@ -399,7 +402,13 @@ class CheckpointWriter:
 
 
 def publish(partial: Path, out: Path) -> Path:
-    """Rename a finished OUT.partial/ to OUT, replacing an existing OUT only after that succeeded."""
+    """Rename a finished OUT.partial/ to OUT, replacing an existing OUT only after that succeeded.
+
+    Every file and folder of OUT.partial/ is fsynced first (side files, the index; shards
+    already are, which costs nothing more), and the parent folder after the renames, before an
+    existing OUT is deleted: a crash just after success leaves the complete OUT (or the old one),
+    never one with an empty config or index."""
+    sync_tree(partial)
     old = None
     if out.exists():
         old = out.with_name(out.name + ".replaced")
@@ -407,9 +416,28 @@ def publish(partial: Path, out: Path) -> Path:
             shutil.rmtree(old)
         out.rename(old)
     partial.rename(out)
+    _fsync_path(out.parent)
     if old is not None:
         shutil.rmtree(old)
     return out
+
+
+def sync_tree(folder: Path) -> None:
+    """fsync every regular file and folder under `folder` (itself included); symlinks are skipped."""
+    for root, dirs, names in os.walk(folder):
+        for name in names:
+            path = Path(root) / name
+            if path.is_file() and not path.is_symlink():
+                _fsync_path(path)
+        _fsync_path(Path(root))
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @contextmanager
@@ -452,8 +480,10 @@ class Syncer:
     def __init__(self):
         self._queue = None
         self._thread = None
+        self._finished: threading.Event | None = None  # set when the thread's loop has ended
+        self._closed = False
         self._error: BaseException | None = None
-        self._starting = threading.Lock()  # the pipeline's writer and copier both hand work over
+        self._starting = threading.Lock()  # the pipeline's writer and copiers all hand work over
 
     def writeback(self, fd: int, offset: int, count: int) -> None:
         """Start the writeback of bytes [offset, offset + count) of `fd` (asynchronous)."""
@@ -461,18 +491,35 @@ class Syncer:
 
     def fsync_and_close(self, fd: int, error) -> None:
         """Hand over `fd` of a finished shard: fsynced then closed in the thread; an OSError of
-        the fsync becomes `error(exc)`."""
-        self._put(("close", fd, error))
+        the fsync becomes `error(exc)`. The fd is closed even when it cannot be handed over (an
+        earlier error, which is then raised, or a closed syncer)."""
+        try:
+            self._put(("close", fd, error))
+        except BaseException:
+            os.close(fd)
+            raise
 
     def close(self, *, wait: bool) -> None:
         """Stop the thread once the queue is done (`wait`), or after dropping pending writebacks
-        (the fds handed over are closed either way); with `wait`, raise the first error."""
-        if self._thread is not None:
-            if not wait:
-                self._error = self._error or _Stopped()
-            self._queue.put(None)
-            self._thread.join()
-            self._thread = None
+        (the fds handed over are closed either way); with `wait`, raise the first error. Waits
+        until the thread has closed every fd it was given, even through Ctrl-C (raised after):
+        the writer closes its own fds next, and Thread.join() interrupted by a signal can report
+        a thread still running as finished (CPython gh-90882, 3.10-3.12)."""
+        with self._starting:
+            self._closed = True
+            started, self._thread = self._thread, None
+            if started is not None:
+                if not wait:
+                    self._error = self._error or _Stopped()
+                self._queue.put(None)
+        interrupted = None
+        while started is not None and not self._finished.is_set():
+            try:
+                self._finished.wait(0.05)
+            except BaseException as exc:  # noqa: BLE001 - raised once the thread is done
+                interrupted = interrupted or exc
+        if interrupted is not None:
+            raise interrupted
         if wait and self._error is not None and not isinstance(self._error, _Stopped):
             raise self._error
 
@@ -480,28 +527,39 @@ class Syncer:
         if self._error is not None and not isinstance(self._error, _Stopped):
             raise self._error
         with self._starting:
+            if self._closed:  # after close(): nothing is started again; a handed-over fd is closed here
+                if task[0] == "close":
+                    os.close(task[1])
+                return
             if self._thread is None:
                 import queue
 
-                self._queue = queue.Queue()
-                self._thread = threading.Thread(target=self._run, name="internvl-tools-sync", daemon=True)
-                self._thread.start()
+                self._queue, self._finished = queue.Queue(), threading.Event()
+                thread = threading.Thread(target=self._run, name="internvl-tools-sync", daemon=True)
+                thread.start()
+                self._thread = thread
             self._queue.put(task)
 
     def _run(self) -> None:
-        while (task := self._queue.get()) is not None:
-            if task[0] == "range":
-                if self._error is None:
-                    start_writeback(*task[1:])
-                continue
-            _, fd, error = task
-            try:
-                if self._error is None:
-                    os.fsync(fd)
-            except OSError as exc:
-                self._error = error(exc)
-            finally:
-                os.close(fd)
+        try:
+            while (task := self._queue.get()) is not None:
+                try:
+                    if task[0] == "range":
+                        if self._error is None:
+                            start_writeback(*task[1:])
+                        continue
+                    _, fd, error = task
+                    try:
+                        if self._error is None:
+                            os.fsync(fd)
+                    except OSError as exc:
+                        self._error = error(exc)
+                    finally:
+                        os.close(fd)
+                except BaseException as exc:  # noqa: BLE001 - an unexpected failure (a close's error): reported, never silent
+                    self._error = self._error or exc
+        finally:
+            self._finished.set()
 
 
 class _Stopped(Exception):
@@ -567,5 +625,10 @@ def _copy_range(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, coun
             data = os.pread(src_fd, min(chunk, count), src_offset)
             if not data:
                 raise CheckpointError("source shard ended early while copying; it was truncated during the run") from None
-            os.pwrite(dst_fd, data, dst_offset)
-            src_offset, dst_offset, count = src_offset + len(data), dst_offset + len(data), count - len(data)
+            view = memoryview(data)
+            while view.nbytes:  # pwrite may write less than asked (FUSE, network file systems)
+                done = os.pwrite(dst_fd, view, dst_offset)
+                if written is not None:
+                    written(dst_fd, dst_offset, done)
+                view, dst_offset = view[done:], dst_offset + done
+            src_offset, count = src_offset + len(data), count - len(data)

@@ -132,19 +132,23 @@ def run_pipeline(view, writer, items: list[Item], *, budget: int, progress: Call
         finally:
             ready.put(_DONE)
 
+    def stopped() -> bool:
+        return bool(errors)
+
     def write() -> None:
         try:
             while (item := written.get()) is not _DONE:
                 if errors:
                     continue  # drain: the run is failing
                 for name, tensor in item.results:
-                    writer.write(name, tensor)
+                    writer.write(name, tensor, stop=stopped)
                 for _name, tensor in item.results:
                     pool.give_back(tensor)
                 item.results = []
                 limit.release(item.output_bytes)
         except BaseException as exc:  # noqa: BLE001 - handed to the calling thread
-            fail(exc)
+            if not isinstance(exc, CopyStopped):  # stopped: another thread failed; its error is the one raised
+                fail(exc)
             while written.get() is not _DONE:
                 pass
 
@@ -156,7 +160,7 @@ def run_pipeline(view, writer, items: list[Item], *, budget: int, progress: Call
         try:
             while not errors and (item := pending.take()) is not None:
                 try:
-                    writer.copy_stored(item.outputs[0][0], item.stored, stop=lambda: bool(errors))
+                    writer.copy_stored(item.outputs[0][0], item.stored, stop=stopped)
                 finally:
                     pending.done(item)
                 report(item.input_bytes)
@@ -166,11 +170,23 @@ def run_pipeline(view, writer, items: list[Item], *, budget: int, progress: Call
             fail(exc)
 
     copiers = min(copier_threads(), pending.shards) if copies else 0
-    threads = [threading.Thread(target=target, name=f"internvl-tools-{name}", daemon=True)
-               for name, target in [("read", read), ("write", write)] + [(f"copy-{n}", copy) for n in range(copiers)]]
-    for thread in threads:
-        thread.start()
+    finished: list[threading.Event] = []  # one per started thread, set when its work has returned
+
+    def start(name: str, target: Callable[[], None]) -> None:
+        done = threading.Event()
+
+        def run() -> None:
+            try:
+                target()
+            finally:
+                done.set()
+
+        threading.Thread(target=run, name=f"internvl-tools-{name}", daemon=True).start()
+        finished.append(done)
+
     try:
+        for name, target in [("read", read), ("write", write)] + [(f"copy-{n}", copy) for n in range(copiers)]:
+            start(name, target)
         with active_pool(pool):
             while (item := ready.get()) is not _DONE:
                 if errors:
@@ -184,16 +200,22 @@ def run_pipeline(view, writer, items: list[Item], *, budget: int, progress: Call
     except BaseException as exc:
         fail(exc)
     finally:
-        written.put(_DONE)  # the writer finishes what it was given (or drains it, after an error)
-        for thread in threads:
-            # the reader is never blocked: `ready` is unbounded and a failure aborts the budget; a
-            # Ctrl-C while waiting here (shard: all the time) stops the others, which are waited for
-            # all the same: their files must not be closed under them
-            while thread.is_alive():
-                try:
-                    thread.join()
-                except BaseException as exc:  # noqa: BLE001 - raised below, once every thread is done
-                    fail(exc)
+        # wait until every started thread's work has returned, even through Ctrl-C (a failure
+        # stops the others between pieces): their files are closed after this. Events, not
+        # Thread.join(): a join interrupted by a signal can report a running thread as finished
+        # (CPython gh-90882, 3.10-3.12)
+        ended = False
+        while True:
+            try:
+                if not ended:
+                    written.put(_DONE)  # the writer finishes what it was given (or drains it, after an error)
+                    ended = True
+                for done in finished:
+                    while not done.is_set():
+                        done.wait(0.05)
+                break
+            except BaseException as exc:  # noqa: BLE001 - raised below, once every thread is done
+                fail(exc)
     if errors:
         raise errors[0]
 
