@@ -415,3 +415,24 @@ def test_ctrl_c_while_waiting_for_the_copiers():
     while any(t.name.startswith("internvl-tools-") for t in threading.enumerate()) and time.monotonic() < deadline:
         time.sleep(0.01)
     assert not [t.name for t in threading.enumerate() if t.name.startswith("internvl-tools-")]
+
+
+def test_a_split_output_is_computed_once_for_all_its_parts():
+    """Written in the native layout, an original output split into parts (a fused qkv) is computed
+    once per pipeline item, not once per part, and let go after its last part."""
+    from internvl_tools.transforms.stream import _Shared, _split_part
+
+    calls = []
+
+    def merge(t):
+        calls.append(1)
+        return t * 2
+
+    shared = _Shared(merge, 3)
+    parts = [_split_part(shared, lambda t: t.chunk(3), i) for i in range(3)]
+    source = torch.arange(6.0)
+    assert [p(source).tolist() for p in parts] == [[0.0, 2.0], [4.0, 6.0], [8.0, 10.0]]
+    assert len(calls) == 1 and shared.value is None
+    other = torch.ones(6)
+    assert parts[0](other).tolist() == [2.0, 2.0] and parts[1](torch.zeros(6)).tolist() == [0.0, 0.0]
+    assert len(calls) == 3  # other source tensors: computed again

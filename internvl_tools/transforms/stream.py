@@ -206,8 +206,9 @@ def to_layout_outputs(view, outputs: list[Output]) -> list[Output]:
         if link.split is None:
             result.append(Output(link.natives[0], item.sources, item.fn))
             continue
+        shared = None if item.fn is None else _Shared(item.fn, len(link.natives))
         for index, native in enumerate(link.natives):
-            result.append(Output(native, item.sources, _split_part(item.fn, link.split, index)))
+            result.append(Output(native, item.sources, _split_part(shared, link.split, index)))
     return result
 
 
@@ -215,6 +216,28 @@ def _split_part(fn: Callable | None, split: Callable, index: int) -> Callable:
     if fn is None:
         return lambda t: split(t)[index]
     return lambda *tensors: split(fn(*tensors))[index]
+
+
+class _Shared:
+    """An original-layout output computed once for all the native parts it is split into (the
+    parts are consecutive outputs of one pipeline item, called with the same source tensors):
+    the first part computes, the others reuse the result, which is let go after the last part,
+    so the item holds one result (what its budget counts), not one per part."""
+
+    def __init__(self, fn: Callable, parts: int):
+        self.fn, self.parts = fn, parts
+        self.args: tuple | None = None
+        self.value = None
+        self.served = 0
+
+    def __call__(self, *tensors):
+        if self.args is None or len(self.args) != len(tensors) or any(a is not b for a, b in zip(self.args, tensors)):
+            self.args, self.value, self.served = tensors, self.fn(*tensors), 0
+        value = self.value
+        self.served += 1
+        if self.served >= self.parts:
+            self.args, self.value = None, None
+        return value
 
 
 def _stored_config(source: Path) -> dict:
