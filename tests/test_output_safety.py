@@ -214,3 +214,36 @@ def test_bad_calibration_data_leaves_nothing_behind(tiny, tmp_path, run_cli):
     result = run_cli("quantize", tiny("InternVL2-1B"), "-o", out, "--method", "gptq", "--group-size", "32", "--calib", bad)
     assert result.exit_code == 2 and "bad.jsonl" in result.output, result.output
     assert not out.exists() and not (tmp_path / "q.partial").exists() and not (tmp_path / "q.lock").exists()
+
+
+SLOW_SHARD = ("import sys, time; import internvl_tools.io.writer as w; copy = w._copy_range\n"
+              "def slow(*a, **k):\n"
+              "    print('copying', file=sys.stderr, flush=True); time.sleep(0.3); return copy(*a, **k)\n"
+              "w._copy_range = slow\n"
+              "from internvl_tools.cli.main import main; sys.argv = ['internvl-tools', 'shard', sys.argv[1], '-o', sys.argv[2], "
+              "'--max-shard-size', '20KB']; main()")
+
+
+@pytest.mark.parametrize("signals, code, word", [(("SIGINT",), 130, "interrupted"), (("SIGINT", "SIGINT", "SIGINT"), 130, "interrupted"),
+                                                 (("SIGTERM",), 143, "terminated"), (("SIGTERM", "SIGINT"), 143, "terminated")])
+def test_a_stopped_streamed_command_leaves_nothing_behind(tiny, tmp_path, signals, code, word):
+    """Ctrl-C or SIGTERM in the middle of a streamed command (here shard, its copies slowed down):
+    one line naming how it stopped, exit 130 / 143, no OUT, no OUT.partial, no OUT.lock, even
+    when more signals come while it cleans up (they used to abandon the cleanup half-way)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_SHARD, str(tiny("InternVL2-1B")), str(out)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert "copying" in proc.stderr.readline()  # the run is writing OUT.partial now (two copiers may print on one line)
+    for name in signals:
+        proc.send_signal(getattr(signal, name))
+        time.sleep(0.05)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(word) and "Traceback" not in err, err
+    assert not out.exists() and not (tmp_path / "out.partial").exists() and not (tmp_path / "out.lock").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,6 +27,11 @@ class ToolGroup(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM (stop_signals) that no command handled itself
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            click.echo(f"\n{interrupted_line()}", err=True)
+            ctx.exit(143 if STOP["signal"] == signal.SIGTERM else 130)
         except InputError as exc:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
@@ -53,6 +59,39 @@ class ToolGroup(click.Group):
             where = f" {exc.filename}" if exc.filename else ""
             click.echo(f"error:{where}: {exc.strerror or exc}; check the path and free disk space", err=True)
             ctx.exit(2)
+
+
+STOP: dict = {"signal": None, "told": False}  # the first stop signal received (stop_signals)
+
+
+def stop_signals() -> None:
+    """Ctrl-C (SIGINT) and SIGTERM (a scheduler's kill, `timeout`) both stop a command by raising
+    KeyboardInterrupt once, in the main thread; the command's cleanup then runs (an unfinished
+    OUT.partial/ removed, its lock released, threads waited for). A second signal while that
+    cleanup runs is not raised again (it would abandon the cleanup half-way, leaving the partial
+    folder and OUT.lock behind); it is told once that the command is still stopping."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def stop(signum, _frame):
+        if STOP["signal"] is not None:
+            if not STOP["told"]:
+                STOP["told"] = True
+                print("still stopping: removing the unfinished output, a moment", file=sys.stderr, flush=True)
+            return
+        STOP["signal"] = signum
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+
+
+def interrupted_line() -> str:
+    """The one line a command stopped by Ctrl-C or SIGTERM ends with."""
+    how = "terminated (SIGTERM)" if STOP["signal"] == signal.SIGTERM else "interrupted (Ctrl-C)"
+    return f"{how}: stopped; an unfinished output was removed and the inputs are untouched; run the command again"
 
 
 def import_torch() -> None:

@@ -23,7 +23,7 @@ from ..planners.gpu_layout import native_device_map, order_by_gpu, plan_for_chec
 from ..evaluate.inspect import summarize
 from ..transforms.shard import reshard
 from .gpu_plan import GpuOptions, does_not_fit_message, gpu_options, parse_gpu_options, plan_json, print_plan
-from .common import ToolGroup, fast_exit, import_torch, checkpoint_folder, group_size, output_folder, regexes, pipeline_log, byte_progress, layer_progress, emit_json, human_bytes, human_count, stdout
+from .common import STOP, ToolGroup, fast_exit, import_torch, interrupted_line, stop_signals, checkpoint_folder, group_size, output_folder, regexes, pipeline_log, byte_progress, layer_progress, emit_json, human_bytes, human_count, stdout
 
 SIZE_HELP = "largest shard, e.g. 5GB, 500MB, 2GiB"
 
@@ -726,11 +726,16 @@ def main() -> None:
     handlers run, stdout / stderr flushed, exit status kept; the ~0.3 s teardown of torch's
     modules is skipped). `--help` and the other commands run as before."""
     command = next((arg for arg in sys.argv[1:] if not arg.startswith("-")), None)
+    stop_signals()
     if command not in FAST_EXIT or any(arg in ("-h", "--help", "--version") for arg in sys.argv[1:]):
         cli(prog_name="internvl-tools")
         return
-    if command in TORCH_COMMANDS:
-        import_torch()
+    try:
+        if command in TORCH_COMMANDS:
+            import_torch()
+    except KeyboardInterrupt:  # stopped while torch loads: nothing started yet
+        print(f"\n{interrupted_line()}", file=sys.stderr)
+        fast_exit(143 if STOP["signal"] == signal.SIGTERM else 130)
     try:
         cli(prog_name="internvl-tools")
     except SystemExit as exc:

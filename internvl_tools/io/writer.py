@@ -315,6 +315,9 @@ class CheckpointWriter:
                 _copy_range(src.fileno(), source.offset, fd, offset, source.nbytes, self._syncer.writeback, stop)
             except OSError as exc:
                 raise self._write_error(name, exc) from exc
+            except CheckpointError as exc:  # the source ended early: name it and the tensor
+                raise CheckpointError(f"{source.path}: {exc} (tensor {source.spec.name!r}); the file changed during the run: "
+                                      "run again on a complete checkpoint") from exc
         self._done(name)
 
     def _write_error(self, name: str, exc: OSError) -> CheckpointError:
@@ -613,7 +616,7 @@ def _copy_range(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, coun
                 raise CopyStopped
             done = os.copy_file_range(src_fd, dst_fd, min(count, COPY_CHUNK), src_offset, dst_offset)
             if done == 0:
-                raise CheckpointError("source shard ended early while copying; it was truncated during the run")
+                raise CheckpointError("source shard ended early while copying")
             if written is not None:
                 written(dst_fd, dst_offset, done)
             src_offset, dst_offset, count = src_offset + done, dst_offset + done, count - done
@@ -624,7 +627,7 @@ def _copy_range(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, coun
                 raise CopyStopped
             data = os.pread(src_fd, min(chunk, count), src_offset)
             if not data:
-                raise CheckpointError("source shard ended early while copying; it was truncated during the run") from None
+                raise CheckpointError("source shard ended early while copying") from None
             view = memoryview(data)
             while view.nbytes:  # pwrite may write less than asked (FUSE, network file systems)
                 done = os.pwrite(dst_fd, view, dst_offset)
