@@ -247,3 +247,34 @@ def test_a_stopped_streamed_command_leaves_nothing_behind(tiny, tmp_path, signal
     last = err.strip().splitlines()[-1]
     assert last.startswith(word) and "Traceback" not in err, err
     assert not out.exists() and not (tmp_path / "out.partial").exists() and not (tmp_path / "out.lock").exists()
+
+
+PUBLISH_STOPPED = ("import os, signal, sys, time; import internvl_tools.io.writer as w; fsync = w._fsync_path\n"
+                   "parent, sig = w.Path(sys.argv[2]).resolve().parent, getattr(signal, sys.argv[3])\n"
+                   "def late(path):\n"
+                   "    if w.Path(path).resolve() == parent:  # between the renames and the old OUT's removal\n"
+                   "        os.kill(os.getpid(), sig); time.sleep(0.2)\n"
+                   "    fsync(path)\n"
+                   "w._fsync_path = late\n"
+                   "from internvl_tools.cli.main import main; sys.argv = ['internvl-tools', 'shard', sys.argv[1], '-o', sys.argv[2], "
+                   "'--overwrite']; main()")
+
+
+@pytest.mark.parametrize("name, code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_a_stop_while_the_output_is_published_keeps_it_whole(tiny, tmp_path, name, code):
+    """A stop signal while OUT.partial replaces an existing OUT (--overwrite) takes effect once the
+    new OUT is in place and the old one deleted: no OUT.replaced left behind, and the line says the
+    complete output is kept (not 'removed')."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old-file").write_text("previous output")
+    proc = subprocess.run([sys.executable, "-c", PUBLISH_STOPPED, str(tiny("InternVL2-1B")), str(out), name],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == code, proc.stderr
+    assert "was complete; it is kept" in proc.stderr.strip().splitlines()[-1] and "Traceback" not in proc.stderr
+    assert (out / "config.json").exists() and not (out / "old-file").exists()
+    assert not (tmp_path / "out.replaced").exists() and not (tmp_path / "out.partial").exists()
+    assert not (tmp_path / "out.lock").exists()

@@ -25,6 +25,11 @@ class ToolGroup(click.Group):
     `error: ...` and exit code 2 (traceback with --debug)."""
 
     def invoke(self, ctx: click.Context):
+        from ..io.writer import HOLD, PUBLISHED
+
+        STOP.update(signal=None, told=False)  # a new command (in-process callers run several)
+        PUBLISHED.clear()
+        HOLD.update(depth=0, pending=None)
         try:
             return super().invoke(ctx)
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM (stop_signals) that no command handled itself
@@ -74,23 +79,35 @@ def stop_signals() -> None:
 
     if threading.current_thread() is not threading.main_thread():
         return
+    signal.signal(signal.SIGINT, stop_handler)
+    signal.signal(signal.SIGTERM, stop_handler)
 
-    def stop(signum, _frame):
-        if STOP["signal"] is not None:
-            if not STOP["told"]:
-                STOP["told"] = True
-                print("still stopping: removing the unfinished output, a moment", file=sys.stderr, flush=True)
-            return
-        STOP["signal"] = signum
-        raise KeyboardInterrupt
 
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
+def stop_handler(signum, _frame) -> None:
+    """The signal handler of stop_signals (also installed for SIGTERM by quantize gptq / awq).
+    Within io.writer.signals_held() (publishing an output, importing torch) the first signal is
+    kept for when the block ends."""
+    from ..io.writer import HOLD
+
+    if STOP["signal"] is None and HOLD["depth"] > 0:
+        HOLD["pending"] = HOLD["pending"] or signum
+        return
+    if STOP["signal"] is not None:
+        if not STOP["told"]:
+            STOP["told"] = True
+            print("still stopping: cleaning up, a moment", file=sys.stderr, flush=True)
+        return
+    STOP["signal"] = signum
+    raise KeyboardInterrupt
 
 
 def interrupted_line() -> str:
-    """The one line a command stopped by Ctrl-C or SIGTERM ends with."""
+    """The one line a command stopped by Ctrl-C or SIGTERM ends with: what happened to its output."""
+    from ..io.writer import PUBLISHED
+
     how = "terminated (SIGTERM)" if STOP["signal"] == signal.SIGTERM else "interrupted (Ctrl-C)"
+    if PUBLISHED:
+        return f"{how}: stopped after {PUBLISHED[-1]} was complete; it is kept (inputs untouched)"
     return f"{how}: stopped; an unfinished output was removed and the inputs are untouched; run the command again"
 
 
@@ -99,12 +116,20 @@ def import_torch() -> None:
     and numpy's OpenBLAS on one thread (OPENBLAS_NUM_THREADS=1 unless set), then freeze what exists (gc.freeze:
     never scanned again). Importing torch creates ~10^6 long-lived objects, which set off three
     full collections on the way (~0.1-0.15 s of a streaming command's start-up on the 2-core
-    machine) and made every later full collection walk them. The collector is re-enabled after."""
+    machine) and made every later full collection walk them. The collector is re-enabled after.
+    Ctrl-C / SIGTERM during the import take effect once it is done."""
+    if "torch" in sys.modules:
+        return
+    from ..io.writer import signals_held
+
+    with signals_held():  # a stop during the import is taken after it (raised inside, numpy / torch would swallow it half-loaded)
+        _import_torch()
+
+
+def _import_torch() -> None:
     import gc
     import os
 
-    if "torch" in sys.modules:
-        return
     # numpy (which torch imports) starts an OpenBLAS worker thread per extra core that spins for
     # ~0.1 s of CPU right away, taking it from the import on 2 cores; this tool does no numpy
     # linear algebra. An explicit OPENBLAS_NUM_THREADS decides.

@@ -23,7 +23,7 @@ from ..planners.gpu_layout import native_device_map, order_by_gpu, plan_for_chec
 from ..evaluate.inspect import summarize
 from ..transforms.shard import reshard
 from .gpu_plan import GpuOptions, does_not_fit_message, gpu_options, parse_gpu_options, plan_json, print_plan
-from .common import STOP, ToolGroup, fast_exit, import_torch, interrupted_line, stop_signals, checkpoint_folder, group_size, output_folder, regexes, pipeline_log, byte_progress, layer_progress, emit_json, human_bytes, human_count, stdout
+from .common import STOP, ToolGroup, fast_exit, import_torch, interrupted_line, stop_handler, stop_signals, checkpoint_folder, group_size, output_folder, regexes, pipeline_log, byte_progress, layer_progress, emit_json, human_bytes, human_count, stdout
 
 SIZE_HELP = "largest shard, e.g. 5GB, 500MB, 2GiB"
 
@@ -339,18 +339,18 @@ def quantize_cmd(ctx: click.Context, checkpoint: Path, out: Path, recipe: Path |
         total = reader.total_bytes
     started = time.perf_counter()
     if options["method"] in ("gptq", "awq"):
-        stopped = []
-
-        def terminated(signum, _frame):  # SIGTERM (a scheduler's kill, `timeout`): stop as Ctrl-C does, saying so
-            stopped.append(signum)
-            raise KeyboardInterrupt
-
-        previous = signal.signal(signal.SIGTERM, terminated) if threading.current_thread() is threading.main_thread() else None
+        # SIGTERM (a scheduler's kill, `timeout`) stops as Ctrl-C does, once (common.stop_handler: a
+        # second signal during the cleanup is told, not raised)
+        previous = signal.signal(signal.SIGTERM, stop_handler) if threading.current_thread() is threading.main_thread() else None
         try:
             summary = (_run_gptq if options["method"] == "gptq" else _run_awq)(checkpoint, out, options, limit, as_json)
         except KeyboardInterrupt:
-            click.echo(f"\n{'terminated' if stopped else 'interrupted'}: {out.name}.partial keeps the finished layers; run "
-                       "the same command with --resume to continue from there", err=True)
+            stopped = STOP["signal"] == signal.SIGTERM
+            if out.with_name(out.name + ".partial").is_dir():
+                click.echo(f"\n{'terminated' if stopped else 'interrupted'}: {out.name}.partial keeps the finished layers; run "
+                           "the same command with --resume to continue from there", err=True)
+            else:
+                click.echo(f"\n{interrupted_line()}", err=True)
             ctx.exit(143 if stopped else 130)
         finally:
             if previous is not None:

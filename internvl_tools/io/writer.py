@@ -412,17 +412,44 @@ def publish(partial: Path, out: Path) -> Path:
     existing OUT is deleted: a crash just after success leaves the complete OUT (or the old one),
     never one with an empty config or index."""
     sync_tree(partial)
-    old = None
-    if out.exists():
-        old = out.with_name(out.name + ".replaced")
-        if old.exists():
+    with signals_held():  # Ctrl-C / SIGTERM take effect after: never between the renames, never with OUT.replaced left
+        old = None
+        if out.exists():
+            old = out.with_name(out.name + ".replaced")
+            if old.exists():
+                shutil.rmtree(old)
+            out.rename(old)
+        partial.rename(out)
+        _fsync_path(out.parent)
+        if old is not None:
             shutil.rmtree(old)
-        out.rename(old)
-    partial.rename(out)
-    _fsync_path(out.parent)
-    if old is not None:
-        shutil.rmtree(old)
+        PUBLISHED.append(out)
     return out
+
+
+PUBLISHED: list[Path] = []  # outputs this process published (a stop signal after them must not call them unfinished)
+
+
+HOLD: dict = {"depth": 0, "pending": None}  # signals_held(): nesting depth, a stop signal that came meanwhile
+
+
+@contextmanager
+def signals_held():
+    """Hold stop signals back for the block: a stop handler that honours HOLD (the CLI's
+    cli.common.stop_handler) records a SIGINT / SIGTERM that comes meanwhile in HOLD["pending"]
+    instead of raising, and it is raised again (signal.raise_signal) when the outermost block
+    ends. Python runs signal handlers in the main thread only, whichever thread the kernel gave
+    the signal to, so this flag (not a thread's signal mask) is what holds them."""
+    import signal
+
+    HOLD["depth"] += 1
+    try:
+        yield
+    finally:
+        HOLD["depth"] -= 1
+        if HOLD["depth"] == 0 and HOLD["pending"] is not None:
+            signum, HOLD["pending"] = HOLD["pending"], None
+            signal.raise_signal(signum)
 
 
 def sync_tree(folder: Path) -> None:
