@@ -326,3 +326,16 @@ def test_usage_errors_are_one_line(args, needle):
     proc = subprocess.run([sys.executable, "-m", "internvl_tools", *args], capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1 and needle in proc.stderr, proc.stderr
+
+
+def test_os_errors_suggest_the_fix_of_their_kind():
+    """A full disk says free space; a read-only or foreign folder says choose a writable one (it
+    used to say 'free disk space' for every OSError); anything else says check the path."""
+    import errno
+
+    from internvl_tools.cli.common import os_error_hint
+
+    assert "free disk space" in os_error_hint(OSError(errno.ENOSPC, "No space left on device"))
+    for code in (errno.EROFS, errno.EACCES, errno.EPERM):
+        assert "folder you can write to" in os_error_hint(OSError(code, "x"))
+    assert os_error_hint(OSError(errno.ENOENT, "No such file")) == "check the path"

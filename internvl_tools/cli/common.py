@@ -62,8 +62,19 @@ class ToolGroup(click.Group):
             if ctx.obj and ctx.obj.get("debug"):
                 raise
             where = f" {exc.filename}" if exc.filename else ""
-            click.echo(f"error:{where}: {exc.strerror or exc}; check the path and free disk space", err=True)
+            click.echo(f"error:{where}: {exc.strerror or exc}; {os_error_hint(exc)}", err=True)
             ctx.exit(2)
+
+
+def os_error_hint(exc: OSError) -> str:
+    """The fix an OSError's one-line message suggests, by its errno."""
+    import errno
+
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "free disk space and run again"
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "choose a folder you can write to (this one is read-only or not yours)"
+    return "check the path"
 
 
 STOP: dict = {"signal": None, "told": False}  # the first stop signal received (stop_signals)
