@@ -339,3 +339,14 @@ def test_os_errors_suggest_the_fix_of_their_kind():
     for code in (errno.EROFS, errno.EACCES, errno.EPERM):
         assert "folder you can write to" in os_error_hint(OSError(code, "x"))
     assert os_error_hint(OSError(errno.ENOENT, "No such file")) == "check the path"
+
+
+def test_make_tiny_tells_its_total_before_writing(tmp_path):
+    """The generator tells the bytes it will write before the first tensor (make-tiny --wide's bar
+    showed 'N/0 bytes'); the progress adds up to that total."""
+    from internvl_tools.tiny.generator import make_checkpoint
+
+    totals, written = [], []
+    make_checkpoint("InternVL2-1B", tmp_path / "t", planned_bytes=lambda n: totals.append((n, sum(written))),
+                    progress=written.append)
+    assert len(totals) == 1 and totals[0][1] == 0 and totals[0][0] == sum(written) > 0

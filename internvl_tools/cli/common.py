@@ -235,7 +235,8 @@ def group_size(_ctx: click.Context, param: click.Parameter, value):
 
 @contextmanager
 def byte_progress(description: str, total: int, enabled: bool = True) -> Iterator[callable]:
-    """A rich progress bar over bytes; yields an `advance(nbytes)` callback.
+    """A rich progress bar over bytes; yields an `advance(nbytes)` callback (its `set_total(nbytes)`
+    sets a total known only later).
 
     The bar appears with the first byte of real work, so input that is refused while it
     is validated ends with just the one-line error; one refused mid-stream (a NaN weight)
@@ -254,6 +255,13 @@ def byte_progress(description: str, total: int, enabled: bool = True) -> Iterato
             task = progress.add_task(description, total=total)
         progress.advance(task, nbytes)
 
+    def set_total(nbytes: int) -> None:  # for work whose size is known only once it is planned
+        nonlocal total
+        total = nbytes
+        if task is not None:
+            progress.update(task, total=nbytes)
+
+    advance.set_total = set_total
     try:
         yield advance
     except BaseException:

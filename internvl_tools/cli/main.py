@@ -184,7 +184,8 @@ def make_tiny_cmd(family: str, out: Path, lora: str, rank: int, shards: int, wid
         if lora == "peft":  # OUT-peft-adapter/ is an output too: never written over silently
             check_output(out.with_name(out.name + "-peft-adapter"), [], overwrite)
         path = make_checkpoint(family, out, lora="none" if lora == "peft" else lora, rank=rank, shards=shards, wide=wide, seed=seed,
-                               overwrite=overwrite, progress=advance, head_dim=head_dim, llm_layers=llm_layers or 2)
+                               overwrite=overwrite, progress=advance, head_dim=head_dim, llm_layers=llm_layers or 2,
+                               planned_bytes=getattr(advance, "set_total", None))
     if lora == "peft":
         adapter = make_peft_adapter(path, path.with_name(path.name + "-peft-adapter"), rank=rank, alpha=2 * rank, seed=seed + 1)
         stdout.print(f"wrote PEFT adapter {adapter}")

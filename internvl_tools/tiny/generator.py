@@ -252,13 +252,15 @@ def make_checkpoint(
     overwrite: bool = False,
     progress: Callable[[int], None] | None = None,
     head_dim: int | None = None,
+    planned_bytes: Callable[[int], None] | None = None,
 ) -> Path:
     """Write a random-weight checkpoint of a family: tiny by default, true widths with `wide`.
 
     `lora` is none, embedded (LLM and vision), embedded-llm, embedded-vision; `vision_layers` and
     `llm_layers` set the depth of a wide checkpoint. `head_dim` (tiny only) widens the LLM to
     heads x head_dim so its attention heads have that size (tiny's default is 16; vLLM's CPU
-    attention needs 32, 64, 80, ...).
+    attention needs 32, 64, 80, ...). `planned_bytes(n)` is told the bytes of weights to write
+    before the first (a progress bar's total); `progress(n)` each tensor's as it is written.
     """
     base = get_family(family_name)
     files, vocab = tokenizer_files(base.template)
@@ -282,6 +284,8 @@ def make_checkpoint(
     limit = shard_limit_for(specs, shards)
     groups = None if len(plan_shards(specs, limit)) == shards else shard_groups(specs, shards)  # exactly `shards` files
     generator = torch.Generator().manual_seed(seed)
+    if planned_bytes:
+        planned_bytes(sum(s.nbytes for s in specs))
     with CheckpointWriter(out, specs, max_shard_size=limit if groups is None else sum(s.nbytes for s in specs),
                           groups=groups, overwrite=overwrite) as writer:
         for item in planned:
