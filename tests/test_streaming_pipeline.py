@@ -311,11 +311,11 @@ def test_copiers_take_a_shard_no_other_copier_writes():
     copies = pipeline._Copies(items, lambda name: int(name[1]))
     assert copies.shards == 3
     first, second, third = copies.take(), copies.take(), copies.take()
-    assert [i.outputs[0][0] for i in (first, second, third)] == ["e2", "d1", "b0"]
-    assert copies.take().outputs[0][0] == "c1"  # every shard busy: the next in order
-    copies.done(second)
-    copies.done(first)
-    assert copies.take().outputs[0][0] == "a0" and copies.take() is None
+    assert [item.outputs[0][0] for _shard, item in (first, second, third)] == ["e2", "d1", "b0"]
+    assert copies.take()[1].outputs[0][0] == "c1"  # every shard busy: the next in order
+    copies.done(second[0])
+    copies.done(first[0])
+    assert copies.take()[1].outputs[0][0] == "a0" and copies.take() is None
 
 
 def test_pipeline_with_several_copiers_writes_every_tensor_once(monkeypatch, tmp_path):

@@ -47,7 +47,6 @@ class Item:
     output_bytes: int = 0
     input_bytes: int = 0  # newly consumed input bytes, for the progress bar
     results: list = field(default_factory=list)
-    shard: int = 0  # the output shard a copied tensor goes to (set by the copiers)
 
     @property
     def cost(self) -> int:
@@ -158,14 +157,15 @@ def run_pipeline(view, writer, items: list[Item], *, budget: int, progress: Call
         # unchanged tensors hold no memory (the kernel copies them), so they need no budget and
         # can go from the first moment; a failure elsewhere stops this before the next tensor
         try:
-            while not errors and (item := pending.take()) is not None:
+            while not errors and (taken := pending.take()) is not None:
+                shard, item = taken
                 try:
                     writer.copy_stored(item.outputs[0][0], item.stored, stop=stopped)
                 finally:
-                    pending.done(item)
+                    pending.done(shard)
                 report(item.input_bytes)
         except CopyStopped:
-            pass  # another thread failed; its error is the one raised
+            return  # another thread failed; its error is the one raised
         except BaseException as exc:  # noqa: BLE001 - handed to the calling thread
             fail(exc)
 
@@ -230,11 +230,15 @@ def copier_threads() -> int:
     into the page cache), so copies into two files on two threads go about twice as fast: on the
     2-core machine of the README's benchmarks, cp of two 4.6 GB files one after the other took
     6.9-7.5 s, both at once 3.9-4.1 s."""
+    return max(1, min(COPIERS_MAX, cores()))
+
+
+def cores() -> int:
+    """The CPUs this process may run on."""
     try:
-        cores = len(os.sched_getaffinity(0))
+        return len(os.sched_getaffinity(0))
     except AttributeError:
-        cores = os.cpu_count() or 1
-    return max(1, min(COPIERS_MAX, cores))
+        return os.cpu_count() or 1
 
 
 class _Copies:
@@ -249,19 +253,20 @@ class _Copies:
         self._busy: dict[int, int] = {}
         self._lock = threading.Lock()
 
-    def take(self) -> Item | None:
+    def take(self) -> tuple[int, Item] | None:
+        """The next (output shard, item) to copy, or None when none is left."""
         with self._lock:
             if not self._items:
                 return None
             index = next((i for i, (shard, _) in enumerate(self._items) if not self._busy.get(shard)), 0)
             shard, item = self._items.pop(index)
             self._busy[shard] = self._busy.get(shard, 0) + 1
-            item.shard = shard
-            return item
+            return shard, item
 
-    def done(self, item: Item) -> None:
+    def done(self, shard: int) -> None:
+        """A copier finished its copy into `shard` (as take() gave it)."""
         with self._lock:
-            self._busy[item.shard] -= 1
+            self._busy[shard] -= 1
 
 
 def populate(tensor) -> None:

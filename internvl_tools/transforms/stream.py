@@ -16,7 +16,7 @@ from pathlib import Path
 from ..io.reader import CheckpointReader
 from ..io.safetensors_format import TensorSpec, spec_of
 from ..io.writer import CheckpointWriter
-from .pipeline import Item, pipeline_budget, run_pipeline
+from .pipeline import Item, cores, pipeline_budget, run_pipeline
 from ..models.layout import lora_flag_fixes
 from ..models.native_layout import is_native
 from ..models.native_map import SIDECAR
@@ -158,11 +158,7 @@ def compute_threads():
 
     before = torch.get_num_threads()
     if not os.environ.get("OMP_NUM_THREADS"):
-        try:
-            cores = len(os.sched_getaffinity(0))
-        except AttributeError:
-            cores = os.cpu_count() or 1
-        torch.set_num_threads(max(1, cores - 1))
+        torch.set_num_threads(max(1, cores() - 1))
     try:
         yield
     finally:
