@@ -58,22 +58,41 @@ def test_8bit_kernels_equal_the_serial_ones(shape, dtype, monkeypatch):
     assert torch.equal(w, before)
 
 
+@pytest.mark.parametrize("factors", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("rows,cols,rank", [(1100, 300, 8), (300, 259, 4), (128, 4100, 16)])
-def test_blocked_merge_equals_the_serial_one(rows, cols, rank, monkeypatch):
+def test_blocked_merge_equals_the_serial_one(rows, cols, rank, factors, monkeypatch):
+    """The blocked merge (cache-sized blocks, a power-of-two scale folded into A, oneDNN's inner
+    product or torch.mm for B A) gives the bytes of the whole-block float32 merge; NaN / Inf refused."""
     g = torch.Generator().manual_seed(1)
-    tensors = {"w": torch.randn(rows, cols, generator=g).bfloat16(), "a": torch.randn(rank, cols, generator=g).bfloat16(),
-               "b": torch.randn(rows, rank, generator=g).bfloat16(), "ea": torch.randn(rank, rows, generator=g).bfloat16(),
-               "eb": torch.randn(cols, rank, generator=g).bfloat16()}
+    tensors = {"w": torch.randn(rows, cols, generator=g).bfloat16(), "a": torch.randn(rank, cols, generator=g).to(factors),
+               "b": torch.randn(rows, rank, generator=g).to(factors), "ea": torch.randn(rank, rows, generator=g).to(factors),
+               "eb": torch.randn(cols, rank, generator=g).to(factors)}
     sources = SimpleNamespace(get=lambda source, key: tensors[key])
     ops = (SimpleNamespace(source="x", a="a", b="b", scale=0.37, kind="lora"),
-           SimpleNamespace(source="x", a="ea", b="eb", scale=2.0, kind="embedding"))
+           SimpleNamespace(source="x", a="ea", b="eb", scale=2.0, kind="embedding"),
+           SimpleNamespace(source="x", a="a", b="b", scale=0.25, kind="lora"))
     want = ref.blocked_merge(tensors["w"], ops, sources, "k")
-    for elements in (merge_lora.BLOCK_ELEMENTS, rows * cols // 5):
-        monkeypatch.setattr(merge_lora, "BLOCK_ELEMENTS", elements)
-        assert torch.equal(merge_lora._blocked(tensors["w"], ops, sources, "k"), want)
+    for onednn in (True, False):
+        monkeypatch.setattr(merge_lora, "_ONEDNN", [onednn and merge_lora._onednn_ok()])
+        for elements in (merge_lora.BLOCK_ELEMENTS, rows * cols // 5):
+            monkeypatch.setattr(merge_lora, "BLOCK_ELEMENTS", elements)
+            assert torch.equal(merge_lora._blocked(tensors["w"], ops, sources, "k"), want)
     tensors["a"][0, 3] = float("inf")
     with pytest.raises(InputError, match="NaN or Inf"):
         merge_lora._blocked(tensors["w"], ops, sources, "k")
+
+
+def test_blocked_merge_refuses_a_float16_overflow():
+    """A float16 weight whose merged value passes float16's range (finite in float32) is refused, not
+    written as Inf; a sum that overflows float16 where no element does is not."""
+    w = torch.full((64, 64), 6e4, dtype=torch.float16)
+    tensors = {"w": w, "a": torch.ones(1, 64), "b": torch.full((64, 1), 1e4)}
+    sources = SimpleNamespace(get=lambda source, key: tensors[key])
+    with pytest.raises(InputError, match="NaN or Inf"):
+        merge_lora._blocked(w, (SimpleNamespace(source="x", a="a", b="b", scale=1.0, kind="lora"),), sources, "k")
+    tensors["b"] = torch.full((64, 1), 1.0)
+    merged = merge_lora._blocked(w, (SimpleNamespace(source="x", a="a", b="b", scale=1.0, kind="lora"),), sources, "k")
+    assert torch.equal(merged, torch.full((64, 64), 6e4 + 1, dtype=torch.float16))
 
 
 def _serial(monkeypatch):
@@ -304,18 +323,80 @@ def test_blocked_merge_in_a_pipeline_reuses_its_outputs(monkeypatch):
     assert len(set(pointers)) < 6
 
 
-def test_copiers_take_a_shard_no_other_copier_writes():
-    """The copiers take unchanged tensors back to front, each the next one whose output shard no
-    other copier is writing (any, when every shard is taken)."""
-    items = [pipeline.Item([(name, None)], (name,), f"stored-{name}", 0, 0, 1) for name in ("a0", "b0", "c1", "d1", "e2")]
-    copies = pipeline._Copies(items, lambda name: int(name[1]))
-    assert copies.shards == 3
-    first, second, third = copies.take(), copies.take(), copies.take()
-    assert [item.outputs[0][0] for _shard, item in (first, second, third)] == ["e2", "d1", "b0"]
-    assert copies.take()[1].outputs[0][0] == "c1"  # every shard busy: the next in order
-    copies.done(second[0])
-    copies.done(first[0])
-    assert copies.take()[1].outputs[0][0] == "a0" and copies.take() is None
+def _computed(name, shard_size=1):
+    item = pipeline.Item([(name, lambda t: t)], (name,), None, shard_size, shard_size, shard_size)
+    item.results = [(name, torch.zeros(1))]
+    return item
+
+
+def test_output_threads_take_work_for_shards_no_other_thread_writes():
+    """Copies go back to front, each into a shard no other thread writes; a computed item comes first
+    and goes into a shard no other computed item is being written into (a copy there does not stop
+    it); a thread with nothing it may take waits until a shard is free; close() ends the work."""
+    copies = [pipeline.Item([(name, None)], (name,), f"stored-{name}", 0, 0, 1) for name in ("a0", "b0", "c1", "d1", "e2")]
+    outputs = pipeline._Outputs(copies, lambda name: int(name[1]))
+    first, second, third = outputs.take(), outputs.take(), outputs.take()
+    assert [item.outputs[0][0] for _shards, item in (first, second, third)] == ["e2", "d1", "b0"]
+    x1, y1, z2 = _computed("x1"), _computed("y1"), _computed("z2")
+    for item in (x1, y1, z2):
+        outputs.put(item)
+    assert outputs.take()[1] is x1  # shard 1 is being copied into: a computed item still goes
+    assert outputs.take()[1] is z2  # y1 waits: x1 is being written into shard 1
+
+    taken = []
+    waiting = threading.Thread(target=lambda: taken.append(outputs.take()))
+    waiting.start()
+    waiting.join(0.3)
+    assert waiting.is_alive()  # y1 (shard 1) and c1 (shard 1) wait for shard 1
+    outputs.done(frozenset({1}), x1)
+    waiting.join(5)
+    assert taken[0][1] is y1
+    for shards, item in (first, second, third, taken[0]):
+        outputs.done(shards, item)
+    outputs.close()
+    assert outputs.take()[1].outputs[0][0] == "c1" and outputs.take()[1].outputs[0][0] == "a0"
+    assert outputs.take() is None
+
+
+def test_interleaved_goes_through_the_shards_side_by_side():
+    """With two output threads the computation alternates between two runs of shards of about equal
+    bytes (plan order within each); one thread, or one shard, keeps the plan order."""
+    items = [_computed(f"{name}{shard}", 10) for shard, count in ((0, 6), (1, 3), (2, 3)) for name in "abcdef"[:count]]
+    shard_of = lambda name: int(name[1])  # noqa: E731
+    order = [item.outputs[0][0] for item in pipeline.interleaved(items, shard_of, 2)]
+    assert order == ["a0", "a1", "b0", "b1", "c0", "c1", "d0", "a2", "e0", "b2", "f0", "c2"]
+    assert pipeline.interleaved(items, shard_of, 1) == items
+    assert pipeline.interleaved(items[:6], shard_of, 4) == items[:6]
+
+
+def test_computed_items_are_written_into_two_shards_at_once(monkeypatch):
+    """Two output threads write computed items into two shards at the same time, never two into one."""
+    import time
+
+    active, peak, lock = [], [0], threading.Lock()
+
+    class Writer(_FakeWriter):
+        def shard_of(self, name):
+            return int(name[1:]) % 2
+
+        def write(self, name, tensor, stop=None):
+            with lock:
+                assert self.shard_of(name) not in active
+                active.append(self.shard_of(name))
+                peak[0] = max(peak[0], len(active))
+            time.sleep(0.01)
+            with lock:
+                active.remove(self.shard_of(name))
+            super().write(name, tensor)
+
+    items = _items(40, 100)
+    for i, item in enumerate(items):  # the first 20 into shard 0 (even numbers), the last 20 into shard 1 (odd)
+        item.outputs = [(f"t{2 * i if i < 20 else 2 * i + 1}", item.outputs[0][1])]
+    sizes = {name: 100 for item in items for name in item.sources}
+    writer = Writer()
+    monkeypatch.setattr(pipeline, "output_threads", lambda: 2)
+    pipeline.run_pipeline(_FakeView(sizes), writer, items, budget=2000)
+    assert len(writer.written) == 40 and peak[0] == 2
 
 
 def test_pipeline_with_several_copiers_writes_every_tensor_once(monkeypatch, tmp_path):
@@ -343,7 +424,7 @@ def test_pipeline_with_several_copiers_writes_every_tensor_once(monkeypatch, tmp
 
     results = {}
     for copiers in (1, 3):
-        monkeypatch.setattr(pipeline, "copier_threads", lambda copiers=copiers: copiers)
+        monkeypatch.setattr(pipeline, "output_threads", lambda copiers=copiers: copiers)
         out = tmp_path / f"out{copiers}"
         with CheckpointWriter(out, specs, max_shard_size=40_000, inputs=[tmp_path / "in"]) as writer:
             assert len(writer.plan) > 3

@@ -2,15 +2,18 @@
 
 A reader thread maps the source tensors of the next items (and faults their pages in, so a
 page-cache miss is paid there, not in the computation), the calling thread computes each
-item's outputs, and a writer thread writes them (pwrite), so reading, computing and writing
-overlap. Tensors that pass unchanged need no reading or computing: copier threads (one per
-core, up to COPIERS_MAX, each on its own output shard) copy them in the kernel
-(copy_file_range) from the start of the run, beside the others, so a large unchanged tensor (an
-embedding table, lm_head) never waits behind the computed ones nor holds the writer while the
-computation waits.
+item's outputs, and output threads (one per core, up to OUTPUT_THREADS_MAX) write them (pwrite),
+so reading, computing and writing overlap. The same output threads copy the tensors that pass
+unchanged (they need no reading or computing) in the kernel (copy_file_range), from the start of
+the run, back to front while the computation goes front to back, so a large unchanged tensor (an
+embedding table, lm_head) never waits behind the computed ones. Two threads never write computed
+items into one output shard at once (a file takes one buffered write at a time), so when the
+output has several shards the computation goes through them side by side (`interleaved`) and
+the kernel's copies into the page cache, the largest CPU cost of a buffered write, run on every
+core.
 
 Memory stays bounded: every item holds a cost in bytes (its sources, then its outputs) from the
-moment the reader takes it until the writer is done with it, and items enter only while the
+moment the reader takes it until it is written, and items enter only while the
 total held is at most the budget (`pipeline_budget`); an item larger than the budget enters
 alone. Outputs are written at their planned offsets, so the bytes are the same as in a serial
 run, whatever the timing.
@@ -100,15 +103,18 @@ def run_pipeline(view, writer, items: list[Item], *, budget: int, progress: Call
     limit = _Budget(budget)
     pool = OutputPool(budget)
     ready: queue.Queue = queue.Queue()  # reader -> compute; bounded by the budget
-    written: queue.Queue = queue.Queue()  # compute -> writer; bounded by the budget
     errors: list[BaseException] = []
-    copies = [item for item in items if item.stored is not None]
-    computed = [item for item in items if item.stored is None]
-    reporting = threading.Lock()  # progress is told by the computing thread and the copier
+    shard_of = getattr(writer, "shard_of", lambda name: 0)
+    shards = {shard_of(name) for item in items for name, _fn in item.outputs}
+    threads = max(1, min(output_threads(), len(shards)))
+    computed = interleaved([item for item in items if item.stored is None], shard_of, threads)
+    outputs = _Outputs([item for item in items if item.stored is not None], shard_of)
+    reporting = threading.Lock()  # progress is told by the computing thread and the output threads
 
     def fail(exc: BaseException) -> None:
         errors.append(exc)
         limit.abort()
+        outputs.abort()
 
     def report(amount: int) -> None:
         if progress:
@@ -134,42 +140,33 @@ def run_pipeline(view, writer, items: list[Item], *, budget: int, progress: Call
     def stopped() -> bool:
         return bool(errors)
 
-    def write() -> None:
+    def output() -> None:
+        # computed outputs are written (pwrite) and unchanged tensors copied in the kernel
+        # (copy_file_range; they hold no memory, so they need no budget and go from the first
+        # moment); a failure elsewhere stops this between pieces of a tensor
         try:
-            while (item := written.get()) is not _DONE:
-                if errors:
-                    continue  # drain: the run is failing
-                for name, tensor in item.results:
-                    writer.write(name, tensor, stop=stopped)
+            while (taken := outputs.take()) is not None:
+                busy, item = taken
+                try:
+                    if item.stored is not None:
+                        writer.copy_stored(item.outputs[0][0], item.stored, stop=stopped)
+                    else:
+                        for name, tensor in item.results:
+                            writer.write(name, tensor, stop=stopped)
+                finally:
+                    outputs.done(busy, item)
+                if item.stored is not None:
+                    report(item.input_bytes)
+                    continue
                 for _name, tensor in item.results:
                     pool.give_back(tensor)
                 item.results = []
                 limit.release(item.output_bytes)
-        except BaseException as exc:  # noqa: BLE001 - handed to the calling thread
-            if not isinstance(exc, CopyStopped):  # stopped: another thread failed; its error is the one raised
-                fail(exc)
-            while written.get() is not _DONE:
-                pass
-
-    pending = _Copies(copies, getattr(writer, "shard_of", lambda name: 0))
-
-    def copy() -> None:
-        # unchanged tensors hold no memory (the kernel copies them), so they need no budget and
-        # can go from the first moment; a failure elsewhere stops this before the next tensor
-        try:
-            while not errors and (taken := pending.take()) is not None:
-                shard, item = taken
-                try:
-                    writer.copy_stored(item.outputs[0][0], item.stored, stop=stopped)
-                finally:
-                    pending.done(shard)
-                report(item.input_bytes)
         except CopyStopped:
             return  # another thread failed; its error is the one raised
         except BaseException as exc:  # noqa: BLE001 - handed to the calling thread
             fail(exc)
 
-    copiers = min(copier_threads(), pending.shards) if copies else 0
     finished: list[threading.Event] = []  # one per started thread, set when its work has returned
 
     def start(name: str, target: Callable[[], None]) -> None:
@@ -185,7 +182,7 @@ def run_pipeline(view, writer, items: list[Item], *, budget: int, progress: Call
         finished.append(done)
 
     try:
-        for name, target in [("read", read), ("write", write)] + [(f"copy-{n}", copy) for n in range(copiers)]:
+        for name, target in [("read", read)] + [(f"output-{n}", output) for n in range(threads)]:
             start(name, target)
         with active_pool(pool):
             while (item := ready.get()) is not _DONE:
@@ -195,7 +192,7 @@ def run_pipeline(view, writer, items: list[Item], *, budget: int, progress: Call
                 item.results = [(name, (tensors[0] if fn is None else fn(*tensors)).contiguous()) for name, fn in item.outputs]
                 del tensors
                 limit.release(item.source_bytes)
-                written.put(item)
+                outputs.put(item)
                 report(item.input_bytes)
     except BaseException as exc:
         fail(exc)
@@ -204,12 +201,9 @@ def run_pipeline(view, writer, items: list[Item], *, budget: int, progress: Call
         # stops the others between pieces): their files are closed after this. Events, not
         # Thread.join(): a join interrupted by a signal can report a running thread as finished
         # (CPython gh-90882, 3.10-3.12)
-        ended = False
         while True:
             try:
-                if not ended:
-                    written.put(_DONE)  # the writer finishes what it was given (or drains it, after an error)
-                    ended = True
+                outputs.close()  # the output threads finish what they were given, then return
                 for done in finished:
                     while not done.is_set():
                         done.wait(0.05)
@@ -220,17 +214,17 @@ def run_pipeline(view, writer, items: list[Item], *, budget: int, progress: Call
         raise errors[0]
 
 
-COPIERS_MAX = 4  # copier threads at most, however many cores
+OUTPUT_THREADS_MAX = 4  # output threads at most, however many cores
 
 
-def copier_threads() -> int:
-    """Threads copying unchanged tensors: one per core this process may run on, up to
-    COPIERS_MAX (and never more than the output shards that receive copies: two copies into one
-    file take turns on its inode lock). A buffered copy is CPU-bound in the kernel (its memcpy
-    into the page cache), so copies into two files on two threads go about twice as fast: on the
-    2-core machine of the README's benchmarks, cp of two 4.6 GB files one after the other took
-    6.9-7.5 s, both at once 3.9-4.1 s."""
-    return max(1, min(COPIERS_MAX, cores()))
+def output_threads() -> int:
+    """Threads writing the outputs: one per core this process may run on, up to
+    OUTPUT_THREADS_MAX (and never more than the output shards: two writers into one file take
+    turns on its inode lock). A buffered write is CPU-bound in the kernel (its copy into the page
+    cache), so writes into two files on two threads go about twice as fast: on the 2-core machine
+    of the README's benchmarks, cp of two 4.6 GB files one after the other took 6.9-7.5 s, both
+    at once 3.9-4.1 s."""
+    return max(1, min(OUTPUT_THREADS_MAX, cores()))
 
 
 def cores() -> int:
@@ -241,32 +235,102 @@ def cores() -> int:
         return os.cpu_count() or 1
 
 
-class _Copies:
-    """The unchanged tensors still to copy, handed to the copier threads back to front (the
-    computed items go front to back: the two meet in the middle), each taking the next one whose
-    output shard no other copier is writing, if there is one (a file takes one buffered write at a
-    time)."""
+def interleaved(items: list[Item], shard_of: Callable[[str], int], lanes: int) -> list[Item]:
+    """The order in which computed items are read and computed. With `lanes` > 1 output threads,
+    the plan is cut at output-shard boundaries into up to `lanes` runs of about equal bytes, and
+    the runs are interleaved (next, the run least far through by bytes), so that the output threads
+    find computed items for different shards to write at the same time; within a run, plan order.
+    With one lane, or one output shard, the plan order. Outputs are written at their planned
+    offsets: the bytes are the same in any order."""
+    if lanes < 2 or len(items) < 2:
+        return items
+    groups: list[list[Item]] = []  # consecutive items of one output shard
+    last = None
+    for item in items:
+        shard = shard_of(item.outputs[0][0])
+        if not groups or shard != last:
+            groups.append([])
+        groups[-1].append(item)
+        last = shard
+    if len(groups) < 2:
+        return items
+    size = [sum(max(item.output_bytes, 1) for item in group) for group in groups]
+    total, runs, held = sum(size), [[]], 0
+    for group, nbytes in zip(groups, size):
+        if runs[-1] and len(runs) < lanes and held >= total * len(runs) / lanes:
+            runs.append([])
+        runs[-1].extend(group)
+        held += nbytes
+    totals = [sum(max(item.output_bytes, 1) for item in run) for run in runs]
+    through, taken, order = [0] * len(runs), [0] * len(runs), []
+    while len(order) < len(items):
+        lane = min((r for r in range(len(runs)) if taken[r] < len(runs[r])), key=lambda r: through[r] / totals[r])
+        item = runs[lane][taken[lane]]
+        taken[lane] += 1
+        through[lane] += max(item.output_bytes, 1)
+        order.append(item)
+    return order
 
-    def __init__(self, items: list[Item], shard_of: Callable[[str], int]):
-        self._items = [(shard_of(item.outputs[0][0]), item) for item in reversed(items)]
-        self.shards = len({shard for shard, _ in self._items})
-        self._busy: dict[int, int] = {}
-        self._lock = threading.Lock()
 
-    def take(self) -> tuple[int, Item] | None:
-        """The next (output shard, item) to copy, or None when none is left."""
-        with self._lock:
-            if not self._items:
-                return None
-            index = next((i for i, (shard, _) in enumerate(self._items) if not self._busy.get(shard)), 0)
-            shard, item = self._items.pop(index)
-            self._busy[shard] = self._busy.get(shard, 0) + 1
-            return shard, item
+class _Outputs:
+    """The output threads' work: computed items, in the order the computing thread hands them over,
+    and unchanged tensors to copy, back to front (the computation goes front to back: the two meet
+    in the middle). A thread takes the first computed item none of whose output shards another
+    thread is writing a computed item into, else the first copy whose shard no other thread is
+    writing at all (writes into one file take turns on its inode lock: a second thread there would
+    mostly wait), and waits while there is none. A computed item may go into a shard a copy is
+    filling: a copy can take seconds (lm_head), and the computation must not wait for it."""
 
-    def done(self, shard: int) -> None:
-        """A copier finished its copy into `shard` (as take() gave it)."""
-        with self._lock:
-            self._busy[shard] -= 1
+    def __init__(self, copies: list[Item], shard_of: Callable[[str], int]):
+        self._shard_of = shard_of
+        self._copies = [(frozenset({shard_of(item.outputs[0][0])}), item) for item in reversed(copies)]
+        self._computed: list[tuple[frozenset, Item]] = []
+        self._writing: set[int] = set()  # shards a computed item is being written into
+        self._copying: set[int] = set()  # shards a copy is filling
+        self._closed = self._aborted = False
+        self._cond = threading.Condition()
+
+    def put(self, item: Item) -> None:
+        """A computed item (its results set) to write."""
+        shards = frozenset(self._shard_of(name) for name, _tensor in item.results)
+        with self._cond:
+            self._computed.append((shards, item))
+            self._cond.notify()
+
+    def close(self) -> None:
+        """No more computed items will come: take() returns None once everything is taken."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def abort(self) -> None:
+        """The run failed: take() returns None from now on."""
+        with self._cond:
+            self._aborted = True
+            self._cond.notify_all()
+
+    def take(self) -> tuple[frozenset, Item] | None:
+        """The next (output shards, item) to write, or None when there is nothing left (or the run
+        failed); blocks while every pending item's shard is being written."""
+        with self._cond:
+            while not self._aborted:
+                for pending, avoid, busy in ((self._computed, self._writing, self._writing),
+                                             (self._copies, self._writing | self._copying, self._copying)):
+                    for index, (shards, item) in enumerate(pending):
+                        if not shards & avoid:
+                            del pending[index]
+                            busy |= shards
+                            return shards, item
+                if self._closed and not self._computed and not self._copies:
+                    return None
+                self._cond.wait()
+            return None
+
+    def done(self, shards: frozenset, item: Item) -> None:
+        """A thread finished writing `item` into `shards` (as take() gave them)."""
+        with self._cond:
+            (self._writing if item.stored is None else self._copying).difference_update(shards)
+            self._cond.notify_all()
 
 
 def populate(tensor) -> None:
