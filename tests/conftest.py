@@ -93,9 +93,17 @@ def copy_of(tmp_path):
 @pytest.fixture
 def run_cli():
     """run_cli(*args) -> click Result, run in-process."""
+    import signal
+
     runner = CliRunner()
 
     def run(*args: str):
-        return runner.invoke(cli, [str(a) for a in args], catch_exceptions=False)
+        # the CLI installs its stop handlers (SIGINT / SIGTERM) in the process: put pytest's back
+        handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            return runner.invoke(cli, [str(a) for a in args], catch_exceptions=False)
+        finally:
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler)
 
     return run

@@ -211,11 +211,12 @@ def test_copy_fallback_writes_every_byte_of_short_writes(tmp_path, monkeypatch):
 
 
 def test_write_stops_between_pieces_and_publishes_nothing(tmp_path, monkeypatch):
-    """write(stop=...) asks before every WRITE_CHUNK piece (the pipeline's writer stops soon
+    """write(stop=...) asks before every DIRECT_CHUNK piece (the pipeline's writer stops soon
     after another thread failed, not after a multi-GB tensor); the run then leaves no OUT."""
+    from internvl_tools.io import direct
     from internvl_tools.io import writer as writer_module
 
-    monkeypatch.setattr(writer_module, "WRITE_CHUNK", 4096)
+    monkeypatch.setattr(direct, "DIRECT_CHUNK", 4096)
     asked = []
 
     def stop():

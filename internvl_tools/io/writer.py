@@ -17,11 +17,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from ..errors import CheckpointError, InputError
+from .direct import DirectFiles, copy_range, write_range
 from .reader import INDEX_NAME, SINGLE_NAME
 from .safetensors_format import StoredTensor, TensorSpec, build_header, spec_of
 
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9
-WRITE_CHUNK = 16 * 2**20  # bytes per pwrite: keeps dirty-page throttling smooth
 COPY_CHUNK = 64 * 2**20  # bytes per copy_file_range of an unchanged tensor
 WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json", ".pt", ".pth")
 
@@ -225,6 +225,7 @@ class CheckpointWriter:
         self._inputs, self._overwrite = list(inputs), overwrite
         self._lock = OutputLock(self.out)
         self._syncer = Syncer()
+        self._direct = DirectFiles()  # the O_DIRECT side of the shard files (io/direct.py)
         # write() and copy_stored() may run in two threads at once (the pipeline's writer and
         # copier): the bookkeeping (specs written, open fds, shards left) is kept under this lock;
         # the bytes themselves are written outside it
@@ -275,6 +276,7 @@ class CheckpointWriter:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self._syncer.close(wait=exc_type is None)  # after an error: pending writebacks dropped, its fds closed
+        self._direct.close_all()
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
@@ -285,19 +287,16 @@ class CheckpointWriter:
     # -- tensors -----------------------------------------------------------------------
     def write(self, name: str, tensor, stop: Callable[[], bool] | None = None) -> None:
         """Write one in-memory torch tensor at its planned place (thread-safe: see copy_stored;
-        `stop` as there, asked before each piece of WRITE_CHUNK bytes)."""
+        `stop` as there, asked before each piece of direct.DIRECT_CHUNK bytes; the page-aligned
+        body goes with O_DIRECT where the file system allows)."""
         import torch
 
-        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+        flat = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
         fd, offset = self._claim(name, spec_of(name, tensor))
-        view = memoryview(data)
+        index = self._location[name][0]
         try:
-            while view.nbytes:
-                if stop is not None and stop():
-                    raise CopyStopped
-                done = os.pwrite(fd, view[:WRITE_CHUNK], offset)
-                self._syncer.writeback(fd, offset, done)
-                view, offset = view[done:], offset + done
+            write_range(self._direct, index, self.partial / self.files[index], fd, offset, memoryview(flat.numpy()),
+                        flat.data_ptr(), self._syncer.writeback, stop, CopyStopped)
         except OSError as exc:
             raise self._write_error(name, exc) from exc
         self._done(name)
@@ -310,9 +309,12 @@ class CheckpointWriter:
         is asked before each piece of COPY_CHUNK bytes: True raises CopyStopped (the run is
         failing elsewhere; the tensor is left incomplete)."""
         fd, offset = self._claim(name, TensorSpec(name, source.spec.dtype, source.spec.shape))
+        index = self._location[name][0]
         with open(source.path, "rb", buffering=0) as src:
             try:
-                _copy_range(src.fileno(), source.offset, fd, offset, source.nbytes, self._syncer.writeback, stop)
+                copy_range(self._direct, index, self.partial / self.files[index], src.fileno(), source.offset, fd, offset,
+                           source.nbytes, lambda at, to, count: _copy_range(src.fileno(), at, fd, to, count, self._syncer.writeback, stop),
+                           stop, CopyStopped, lambda: CheckpointError("source shard ended early while copying"))
             except OSError as exc:
                 raise self._write_error(name, exc) from exc
             except CheckpointError as exc:  # the source ended early: name it and the tensor
@@ -340,6 +342,7 @@ class CheckpointWriter:
         # the syncer first: its pending writebacks name fds closed below, and it fsyncs (and
         # closes) the shards finished earlier; a failed fsync raises here
         self._syncer.close(wait=True)
+        self._direct.close_all()
         for fd in self._fds.values():
             os.fsync(fd)
             os.close(fd)
@@ -390,6 +393,8 @@ class CheckpointWriter:
             self.bytes_written += self._specs[name].nbytes
             index, _ = self._location[name]
             self._remaining[index] -= 1
+            if self._remaining[index] == 0:
+                self._direct.close(index)
             if self._remaining[index] == 0 and index in self._fds:
                 # a complete shard is fsynced (then closed) by the syncer thread while the next one is written;
                 # finalize() waits for it: the rename at the end never publishes unwritten data

@@ -324,7 +324,8 @@ def _blocked(weight, ops: tuple[Op, ...], sources: TensorSources, key: str):
 
     Blocks of about BLOCK_ELEMENTS elements in a float32 buffer reused from block to block (W's
     rows, then each B A product, scaled and added in place); the same float32 operations, in the
-    same order, as W.float() + (B @ A) x scale per row. A scale that is a power of two multiplies
+    same order, as W.float() + (B @ A) x scale per row (a block has at least MIN_BLOCK_ROWS rows:
+    with fewer, MKL sums in another order). A scale that is a power of two multiplies
     A once instead (B (A s) == (B A) s bit for bit: every product and partial sum is scaled by
     2^k, exactly, at any LoRA magnitude). The products go through `_thin_matmul`.
 
@@ -337,19 +338,21 @@ def _blocked(weight, ops: tuple[Op, ...], sources: TensorSources, key: str):
         scale = op.scale
         if _power_of_two(scale):
             a, scale = a * scale, None
-        if op.kind == "embedding":  # (B A).T rows start:stop = A[:, start:stop].T @ B.T
-            factors.append((a.T, b.contiguous(), scale, True))
-        else:  # (B A) rows start:stop = B[start:stop] @ A
-            factors.append((b, a.T.contiguous(), scale, False))
+        factors.append((a, b, scale, op.kind == "embedding", _inner_product_weight(a, op.kind)))
     rows, cols = weight.shape
-    step = max(1, min(rows, BLOCK_ELEMENTS // max(cols, 1)))
-    work = _scratch(step * cols).view(step, cols)
+    step = max(MIN_BLOCK_ROWS, BLOCK_ELEMENTS // max(cols, 1))
+    starts = list(range(0, rows, step))
+    if len(starts) > 1 and rows - starts[-1] < MIN_BLOCK_ROWS:
+        starts.pop()  # a ragged last block of a few rows joins the one before
+    work = _scratch(min(rows, step + MIN_BLOCK_ROWS) * cols).view(-1, cols)
     out = output_like(weight)  # reused from item to item in a pipeline run
-    for start in range(0, rows, step):
-        stop = min(start + step, rows)
+    for start, stop in zip(starts, starts[1:] + [rows]):
         block = work[: stop - start].copy_(weight[start:stop])
-        for left, right, scale, _transposed in factors:
-            update = _thin_matmul(left[start:stop], right)
+        for a, b, scale, transposed, a_rows in factors:
+            if transposed:  # (B A).T rows start:stop
+                update = torch.mm(a[:, start:stop].T, b.T)
+            else:  # (B A) rows start:stop
+                update = _thin_matmul(b[start:stop], a, a_rows)
             block.add_(update if scale is None else update.mul_(scale))
         merged = out[start:stop].copy_(block)
         if _nonfinite(merged):  # checked after the cast: a float16 output can overflow in it
@@ -379,40 +382,50 @@ def _nonfinite(rows) -> bool:
 
 
 THIN_MATMUL_MIN = 1 << 15  # outputs from which oneDNN's inner product beats MKL (its fixed cost is ~10 us)
-_ONEDNN: list = []
+MIN_BLOCK_ROWS = 8  # MKL's sgemm sums B A in another order for 1-3 rows (measured): no block is that small
+_ONEDNN: dict[int, bool] = {}  # LoRA rank -> whether oneDNN's inner product gives torch.mm's numbers
 
 
-def _thin_matmul(x, weight):
-    """x @ weight.T in float32, x [m, r] and weight [n, r] with r the LoRA rank: a new [m, n]
-    tensor.
+def _inner_product_weight(a, kind: str):
+    """A [r, in] as oneDNN's inner product wants it ([in, r], contiguous), when `_thin_matmul`
+    will use it for this rank; else None."""
+    return a.T.contiguous() if kind == "lora" and _onednn_ok(a.shape[0]) else None
+
+
+def _thin_matmul(b, a, a_rows):
+    """B @ A in float32, B [m, r] and A [r, n] with r the LoRA rank: a new [m, n] tensor.
 
     Large products go through oneDNN's inner product (torch.ops.mkldnn._linear_pointwise, the
-    kernel torch.compile's CPU backend uses for a linear), which on the AVX-512 AMD CPU of the
-    README's benchmarks is 1.6-2x faster than MKL's sgemm for these thin shapes (r = 16: 128 x
-    2048 in 54 us instead of 97 us) with the same float32 results: each output is its r products
-    accumulated in order by fused multiply-adds in both. This is written here because torch.mm
-    has no way to choose the kernel. A torch without the op, or whose op does not give torch.mm's
-    numbers on a probe at first use, gets torch.mm."""
+    kernel torch.compile's CPU backend uses for a linear; `a_rows` is A.T contiguous, from
+    `_inner_product_weight`), which on the AVX-512 AMD CPU of the README's benchmarks is 1.6-2x
+    faster than MKL's sgemm for these thin shapes (r = 16: 128 x 2048 in 54 us instead of 97 us)
+    with the same float32 results: each output is its r products accumulated in the same order.
+    That equality is a property of the two kernels, not a promise, so it is checked per rank on
+    a probe at first use (with r = 256 they sum in another order: that rank stays on torch.mm, as
+    do small products). This is written here because
+    torch.mm has no way to choose the kernel; a torch without the op gets torch.mm."""
     import torch
 
-    if x.shape[0] * weight.shape[0] >= THIN_MATMUL_MIN and _onednn_ok():
-        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, None, "none", [], "")
-    return torch.mm(x, weight.T)
+    if a_rows is not None and b.shape[0] * a.shape[1] >= THIN_MATMUL_MIN:
+        return torch.ops.mkldnn._linear_pointwise(b, a_rows, None, "none", [], "")
+    return torch.mm(b, a)
 
 
-def _onednn_ok() -> bool:
-    if not _ONEDNN:
+def _onednn_ok(rank: int) -> bool:
+    """Whether oneDNN's inner product gives torch.mm's float32 numbers for LoRA rank `rank` (a
+    probe of 64 x rank @ rank x 1024, once per rank)."""
+    if rank not in _ONEDNN:
         ok = False
         try:
             import torch
 
-            g = torch.Generator().manual_seed(0)
-            x, w = torch.randn(64, 16, generator=g), torch.randn(1024, 16, generator=g)
-            ok = torch.equal(torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""), torch.mm(x, w.T))
+            g = torch.Generator().manual_seed(rank)
+            b, a = torch.randn(64, rank, generator=g), torch.randn(rank, 1024, generator=g)
+            ok = torch.equal(torch.ops.mkldnn._linear_pointwise(b, a.T.contiguous(), None, "none", [], ""), torch.mm(b, a))
         except (AttributeError, RuntimeError, TypeError):
             ok = False
-        _ONEDNN.append(ok)
-    return _ONEDNN[0]
+        _ONEDNN[rank] = ok
+    return _ONEDNN[rank]
 
 
 _SCRATCH = threading.local()
