@@ -114,8 +114,8 @@ def write_range(direct: DirectFiles, index: int, path: os.PathLike[str], fd: int
         size = min(DIRECT_CHUNK, end - position)
         piece = data[position:position + size]
         if (address + position) % DIRECT_ALIGN:  # not aligned like the file: through the staging buffer
-            staging, _ = direct.staging()
-            staging[:size] = piece
+            staging, staging_address = direct.staging()
+            _memmove(staging_address, address + position, size)
             piece = staging[:size]
         try:
             done = os.pwrite(direct_fd, piece, offset + position)
@@ -163,6 +163,14 @@ def copy_range(direct: DirectFiles, index: int, path: os.PathLike[str], src_fd: 
             break
     if position < count:
         copy_buffered(src_offset + position, offset + position, count - position)
+
+
+def _memmove(destination: int, source: int, count: int) -> None:
+    """memcpy between two addresses through ctypes, which lets other threads run meanwhile (a
+    memoryview slice assignment holds the GIL for the whole copy)."""
+    import ctypes
+
+    ctypes.memmove(destination, source, count)
 
 
 def _buffered(fd: int, data: memoryview, offset: int, start: int, stop_at: int, written, stop, stopped) -> int:
