@@ -226,8 +226,8 @@ class CheckpointWriter:
         self._lock = OutputLock(self.out)
         self._syncer = Syncer()
         self._direct = DirectFiles()  # the O_DIRECT side of the shard files (io/direct.py)
-        # write() and copy_stored() may run in two threads at once (the pipeline's writer and
-        # copier): the bookkeeping (specs written, open fds, shards left) is kept under this lock;
+        # write() and copy_stored() run in several threads at once (the pipeline's output
+        # threads): the bookkeeping (specs written, open fds, shards left) is kept under this lock;
         # the bytes themselves are written outside it
         self._guard = threading.Lock()
 
@@ -518,7 +518,7 @@ class Syncer:
         self._finished: threading.Event | None = None  # set when the thread's loop has ended
         self._closed = False
         self._error: BaseException | None = None
-        self._starting = threading.Lock()  # the pipeline's writer and copiers all hand work over
+        self._starting = threading.Lock()  # the pipeline's output threads all hand work over
 
     def writeback(self, fd: int, offset: int, count: int) -> None:
         """Start the writeback of bytes [offset, offset + count) of `fd` (asynchronous)."""

@@ -34,9 +34,10 @@ def reshard(
 ) -> ReshardResult:
     """Copy a checkpoint into new shards of at most `max_shard_size` bytes.
 
-    Tensor bytes are copied range by range (in the kernel where possible), so the tensors
-    are bit-identical and memory does not grow with the model; the pipeline's copier threads
-    (transforms/pipeline.py) fill several output shards at once. `groups` (key lists, e.g. one
+    Tensor bytes are copied range by range (bodies with O_DIRECT, io/direct.py; the rest in the
+    kernel where possible), so the tensors are bit-identical and memory does not grow with the
+    model; the pipeline's output threads (transforms/pipeline.py) fill several output shards at
+    once. `groups` (key lists, e.g. one
     per GPU) are written in order and never share a shard file; `files` adds or replaces side
     files such as device_map.json.
     """

@@ -147,8 +147,8 @@ def plan_items(view, outputs: list[Output], specs: list[TensorSpec]) -> list[Ite
 @contextmanager
 def compute_threads():
     """torch's intra-op threads for the pipeline's arithmetic: the CPUs this process may run on
-    less one, left to the reader and writer threads, whose kernel copies (copy_file_range, pwrite,
-    page faults) take as much CPU time as the arithmetic; OMP_NUM_THREADS, when set, decides.
+    less one, left to the reader and output threads, whose kernel work (page faults, copies of
+    what is not written with O_DIRECT) can take as much CPU time as the arithmetic; OMP_NUM_THREADS, when set, decides.
     Measured on the 2-core machine (InternVL2-Llama3-76B-wide, int8): 1 thread 6.6 s, 2 threads
     9.2 s (OpenMP's barriers wait for a thread the writer's copies took the core from). The
     previous setting is restored on exit."""
