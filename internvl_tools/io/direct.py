@@ -103,56 +103,63 @@ def write_range(direct: DirectFiles, index: int, path: os.PathLike[str], fd: int
     the aligned body with O_DIRECT (when `direct` allows), the rest through the buffered `fd`
     (`written(fd, offset, count)` is told of each buffered piece, for its writeback). `stop()`
     is asked before each piece (True: raise `stopped`). Raises OSError as os.pwrite does."""
-    count = data.nbytes
-    head = min(count, -offset % DIRECT_ALIGN)
-    end = head + (count - head) // DIRECT_ALIGN * DIRECT_ALIGN  # the body is data[head:end]
+
+    def piece(position: int, size: int) -> memoryview:
+        if (address + position) % DIRECT_ALIGN == 0:  # aligned like the file: straight from memory
+            return data[position:position + size]
+        staging, staging_address = direct.staging()
+        _memmove(staging_address, address + position, size)
+        return staging[:size]
+
+    head, end = _body(offset, data.nbytes)
     position = _buffered(fd, data, offset, 0, head, written, stop, stopped)
-    direct_fd = direct.fd(index, path) if end > head else None
-    while direct_fd is not None and position < end:
-        if stop is not None and stop():
-            raise stopped
-        size = min(DIRECT_CHUNK, end - position)
-        piece = data[position:position + size]
-        if (address + position) % DIRECT_ALIGN:  # not aligned like the file: through the staging buffer
-            staging, staging_address = direct.staging()
-            _memmove(staging_address, address + position, size)
-            piece = staging[:size]
-        try:
-            done = os.pwrite(direct_fd, piece, offset + position)
-        except OSError as exc:
-            if exc.errno != errno.EINVAL:
-                raise
-            direct.refused()
-            break
-        position += done
-        if done % DIRECT_ALIGN:  # a short write off the alignment: the rest goes buffered
-            break
-    _buffered(fd, data, offset, position, count, written, stop, stopped)
+    position = _direct(direct, index, path, offset, position, end, piece, stop, stopped)
+    _buffered(fd, data, offset, position, data.nbytes, written, stop, stopped)
 
 
-def copy_range(direct: DirectFiles, index: int, path: os.PathLike[str], src_fd: int, src_offset: int, fd: int, offset: int,
-               count: int, copy_buffered: Callable[[int, int, int, int], None], stop: Callable[[], bool] | None,
+def copy_range(direct: DirectFiles, index: int, path: os.PathLike[str], src_fd: int, src_offset: int, offset: int,
+               count: int, copy_buffered: Callable[[int, int, int], None], stop: Callable[[], bool] | None,
                stopped: type[BaseException], ended: Callable[[], BaseException]) -> None:
     """Copy `count` bytes from `src_fd` at `src_offset` to shard `index` at `offset`: the aligned
     body read (pread, from the page cache or the disk) into the staging buffer and written with
     O_DIRECT; head, tail, or everything when O_DIRECT is off, by `copy_buffered(src_offset,
     offset, count)` (the kernel's copy). A source that ends early raises `ended()`."""
-    head = min(count, -offset % DIRECT_ALIGN)
-    end = head + (count - head) // DIRECT_ALIGN * DIRECT_ALIGN
+
+    def piece(position: int, size: int) -> memoryview:
+        staging, _ = direct.staging()
+        if os.preadv(src_fd, [staging[:size]], src_offset + position) < size:
+            raise ended()
+        return staging[:size]
+
+    head, end = _body(offset, count)
     if head:
         copy_buffered(src_offset, offset, head)
-    position = head
-    direct_fd = direct.fd(index, path) if end > head else None
+    position = _direct(direct, index, path, offset, head, end, piece, stop, stopped)
+    if position < count:
+        copy_buffered(src_offset + position, offset + position, count - position)
+
+
+def _body(offset: int, count: int) -> tuple[int, int]:
+    """(start, end) of the page-aligned body of `count` bytes written at `offset`, relative to
+    the range's start: [0, start) is the head, [end, count) the tail."""
+    head = min(count, -offset % DIRECT_ALIGN)
+    return head, head + (count - head) // DIRECT_ALIGN * DIRECT_ALIGN
+
+
+def _direct(direct: DirectFiles, index: int, path: os.PathLike[str], offset: int, start: int, end: int,
+            piece: Callable[[int, int], memoryview], stop, stopped) -> int:
+    """Write the range's bytes [start, end) (aligned) with O_DIRECT in pieces of DIRECT_CHUNK
+    bytes, `piece(position, size)` giving each one's bytes in aligned memory; returns where it
+    ended: `end`, or earlier when O_DIRECT is off or refused (EINVAL) or a write came back short
+    off the alignment; the caller writes the rest buffered."""
+    position = start
+    direct_fd = direct.fd(index, path) if end > start else None
     while direct_fd is not None and position < end:
         if stop is not None and stop():
             raise stopped
         size = min(DIRECT_CHUNK, end - position)
-        staging, _ = direct.staging()
-        got = os.preadv(src_fd, [staging[:size]], src_offset + position)
-        if got < size:
-            raise ended()
         try:
-            done = os.pwrite(direct_fd, staging[:size], offset + position)
+            done = os.pwrite(direct_fd, piece(position, size), offset + position)
         except OSError as exc:
             if exc.errno != errno.EINVAL:
                 raise
@@ -161,8 +168,7 @@ def copy_range(direct: DirectFiles, index: int, path: os.PathLike[str], src_fd: 
         position += done
         if done % DIRECT_ALIGN:
             break
-    if position < count:
-        copy_buffered(src_offset + position, offset + position, count - position)
+    return position
 
 
 def _memmove(destination: int, source: int, count: int) -> None:

@@ -312,7 +312,7 @@ class CheckpointWriter:
         index = self._location[name][0]
         with open(source.path, "rb", buffering=0) as src:
             try:
-                copy_range(self._direct, index, self.partial / self.files[index], src.fileno(), source.offset, fd, offset,
+                copy_range(self._direct, index, self.partial / self.files[index], src.fileno(), source.offset, offset,
                            source.nbytes, lambda at, to, count: _copy_range(src.fileno(), at, fd, to, count, self._syncer.writeback, stop),
                            stop, CopyStopped, lambda: CheckpointError("source shard ended early while copying"))
             except OSError as exc:
