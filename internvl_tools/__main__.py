@@ -1,6 +1,6 @@
 """`python -m internvl_tools` runs the CLI."""
 
-from .cli.main import main
+from .cli.launch import main
 
 if __name__ == "__main__":
     main()

@@ -151,12 +151,22 @@ def test_refusals_fall_back_to_buffered_writes(tmp_path, monkeypatch):
         assert files.enabled == (writer is short_pwrite) or not _direct_capable(tmp_path)
 
 
-def test_direct_io_can_be_turned_off(tmp_path, monkeypatch):
-    """INTERNVL_TOOLS_DIRECT_IO=0: no O_DIRECT fd is ever opened; the output is the same."""
-    monkeypatch.setenv("INTERNVL_TOOLS_DIRECT_IO", "0")
-    assert not direct.direct_io_wanted() and direct.DirectFiles().fd(0, tmp_path / "x") is None
-    monkeypatch.setenv("INTERNVL_TOOLS_DIRECT_IO", "1")
-    assert direct.direct_io_wanted() == hasattr(os, "O_DIRECT")
+def test_direct_io_can_be_turned_off(tmp_path, monkeypatch, tiny, run_cli):
+    """INTERNVL_TOOLS_DIRECT_IO=0 / false / no / off (any case): no O_DIRECT fd is ever opened;
+    unset, empty, 1 / true / yes / on: O_DIRECT; anything else is refused in one line, exit 2."""
+    for value in ("0", "false", "No", " OFF "):
+        monkeypatch.setenv("INTERNVL_TOOLS_DIRECT_IO", value)
+        assert not direct.direct_io_wanted() and direct.DirectFiles().fd(0, tmp_path / "x") is None
+    for value in ("1", "true", "YES", "on", ""):
+        monkeypatch.setenv("INTERNVL_TOOLS_DIRECT_IO", value)
+        assert direct.direct_io_wanted() == hasattr(os, "O_DIRECT")
+    source = tiny("InternVL2-1B")
+    for value in ("garbage", "00", "disabled"):
+        monkeypatch.setenv("INTERNVL_TOOLS_DIRECT_IO", value)
+        result = run_cli("shard", source, "-o", tmp_path / "out")
+        assert result.exit_code == 2 and not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+        assert result.output.strip() == (f"error: INTERNVL_TOOLS_DIRECT_IO={value!r} is not understood: set it to 0 (buffered "
+                                         "writes) or 1 (O_DIRECT where the file system allows, the default), or unset it")
 
 
 @pytest.mark.parametrize("direct_io", ["1", "0"])

@@ -304,7 +304,8 @@ def test_adapter_errors_name_the_adapter_folder(tiny, tmp_path, run_cli):
     bad_json = make_peft_adapter(base, tmp_path / "list-config")
     (bad_json / "adapter_config.json").write_text("[1]")
     for adapter, needle in ((empty, "no adapter_config.json"), (bad_json, "adapter_config.json: expected a JSON object"),
-                            (tmp_path / "nowhere", "no adapter_config.json")):
+                            (tmp_path / "nowhere", "no such adapter folder"),
+                            (bad_json / "adapter_config.json", "no such adapter folder (a file: pass the folder that holds it)")):
         _expect_refused(run_cli, tmp_path, [base, "--adapter", adapter], needle)
         result = run_cli("merge-lora", base, "--adapter", adapter, "-o", tmp_path / "never")
         assert result.output.startswith(f"error: {adapter}") and "error: :" not in result.output, result.output

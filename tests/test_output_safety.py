@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 
 import pytest
 
@@ -97,11 +98,43 @@ def test_full_disk_names_the_file_being_written(tiny, tmp_path, run_cli, monkeyp
     def full(*_args, **_kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
+    source = tiny("InternVL2-1B")  # generated (written) before the disk is "full"
     monkeypatch.setattr(writer.os, "pwrite", full)
-    result = run_cli("quantize", tiny("InternVL2-1B"), "-o", tmp_path / "q", "--method", "int8")
+    result = run_cli("quantize", source, "-o", tmp_path / "q", "--method", "int8")
     assert result.exit_code == 2
     assert "q.partial/model" in result.output and "No space left on device" in result.output and "free disk space" in result.output
+    assert len(result.output.splitlines()) == 1 and result.output.startswith("error: ")  # no bar, no blank line before it
     assert not (tmp_path / "q").exists() and not (tmp_path / "q.partial").exists()
+
+
+@pytest.mark.parametrize("where", ["side file", "json"])
+def test_full_disk_after_the_weights_names_the_output_file(tiny, tmp_path, run_cli, monkeypatch, where):
+    """A full disk while the side files are copied (shutil's error names the input first) or the
+    config / index JSON is written (an error without a path) names the output file, not the input."""
+    import errno
+    import shutil
+    from pathlib import Path
+
+    real_copy, real_write = shutil.copy2, Path.write_text
+
+    def full_copy(src, dst, **kwargs):
+        if where == "side file" and ".partial" in str(dst):
+            raise OSError(errno.ENOSPC, "No space left on device", str(src), None, str(dst))
+        return real_copy(src, dst, **kwargs)
+
+    def full_write(self, *args, **kwargs):
+        if where == "json" and ".partial" in str(self) and self.suffix == ".json":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(self, *args, **kwargs)
+
+    source = tiny("InternVL2-1B")
+    monkeypatch.setattr(shutil, "copy2", full_copy)
+    monkeypatch.setattr(Path, "write_text", full_write)
+    result = run_cli("convert", source, "-o", tmp_path / "c", "--to", "hf")
+    assert result.exit_code == 2
+    line = result.output.strip().splitlines()[-1]
+    assert line.startswith(f"error: {tmp_path / 'c.partial'}/") and "No space left on device; free disk space" in line, line
+    assert not (tmp_path / "c").exists() and not (tmp_path / "c.partial").exists()
 
 
 def test_an_index_that_lists_none_of_a_shards_keys_names_the_shard(tiny, copy_of, run_cli):
@@ -282,3 +315,27 @@ def test_a_stop_while_the_output_is_published_keeps_it_whole(tiny, tmp_path, nam
     assert "was complete; it is kept" in proc.stderr.strip().splitlines()[-1] and "Traceback" not in proc.stderr
     assert (out / "config.json").exists() and not (out / "old-file").exists()
     assert _leftovers(tmp_path, "out") == ["out"]
+
+
+CLI_IMPORT_STOPPED = ("import builtins, sys, time\nimport internvl_tools.cli.launch as launch\n"
+                      "real = builtins.__import__\n"
+                      "def slow(name, *args, **kwargs):\n"
+                      "    if name == 'main':  # launch's `from .main import main`: the CLI's ~0.15 s of imports, made long\n"
+                      "        print('importing', flush=True); time.sleep(5)\n"
+                      "    return real(name, *args, **kwargs)\n"
+                      "builtins.__import__ = slow\nsys.argv = ['internvl-tools', 'shard', 'x', '-o', 'y']\nlaunch.main()\n")
+
+
+@pytest.mark.parametrize("signame, code, word", [("SIGINT", 130, "interrupted (Ctrl-C)"), ("SIGTERM", 143, "terminated (SIGTERM)")])
+def test_a_stop_signal_while_the_cli_is_imported(signame, code, word):
+    """Ctrl-C / SIGTERM before the command has installed its own stop handling (the CLI's imports)
+    ends with one line and 130 / 143, not a traceback or a silent death (fresh-user review)."""
+    import signal
+    import subprocess
+
+    proc = subprocess.Popen([sys.executable, "-c", CLI_IMPORT_STOPPED], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "importing"
+    proc.send_signal(getattr(signal, signame))
+    _out, err = proc.communicate(timeout=30)
+    assert proc.returncode == code
+    assert err == f"{word}: stopped before anything was written; run the command again\n"

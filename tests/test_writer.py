@@ -273,3 +273,27 @@ def test_publish_syncs_side_files_and_folders(tmp_path, monkeypatch):
     names = {os.path.basename(path) for path in synced}
     assert {"config.json", INDEX_NAME, "model-00001-of-00002.safetensors", "out.partial"} <= names
     assert str(tmp_path) in synced  # the parent, after the rename
+
+
+def test_copies_between_file_systems_try_the_kernel_copy_once(tmp_path, monkeypatch):
+    """copy_file_range refused between two devices (EXDEV: e.g. to tmpfs) is not tried again for
+    later ranges between them; the bytes are copied through a buffer, the same bytes."""
+    import errno
+
+    from internvl_tools.io import writer as writer_module
+
+    calls = []
+
+    def refused(*args):
+        calls.append(args)
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(writer_module.os, "copy_file_range", refused)
+    monkeypatch.setattr(writer_module, "_NO_KERNEL_COPY", set())
+    source, target = tmp_path / "source", tmp_path / "target"
+    source.write_bytes(bytes(range(256)) * 40)
+    target.write_bytes(b"")
+    with open(source, "rb") as src, open(target, "r+b") as dst:
+        for start in range(0, 10240, 1024):
+            writer_module._copy_range(src.fileno(), start, dst.fileno(), start, 1024)
+    assert len(calls) == 1 and target.read_bytes() == source.read_bytes()

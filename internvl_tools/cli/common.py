@@ -61,8 +61,9 @@ class ToolGroup(click.Group):
         except OSError as exc:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
-            where = f" {exc.filename}" if exc.filename else ""
-            click.echo(f"error:{where}: {exc.strerror or exc}; {os_error_hint(exc)}", err=True)
+            # a two-path error (a copy, a rename) is about the second path: the one being written
+            where = exc.filename2 or exc.filename
+            click.echo(f"error: {f'{where}: ' if where else ''}{exc.strerror or exc}; {os_error_hint(exc)}", err=True)
             ctx.exit(2)
 
 
@@ -262,15 +263,29 @@ def byte_progress(description: str, total: int, enabled: bool = True) -> Iterato
             progress.update(task, total=nbytes)
 
     advance.set_total = set_total
+    failed = False
     try:
         yield advance
     except BaseException:
-        if task is not None:
-            progress.live.transient = True  # the half bar would stand above the error line
+        failed = True
         raise
     finally:
         if task is not None:
-            progress.stop()
+            stop_progress(progress, failed)
+
+
+def stop_progress(progress, failed: bool) -> None:
+    """End a rich progress bar; after a failure leave nothing where the error line follows (on a
+    terminal the half bar is cleared; elsewhere rich would print a bare newline)."""
+    if not failed:
+        progress.stop()
+        return
+    progress.live.transient = True
+    quiet, console.quiet = console.quiet, console.quiet or not console.is_terminal
+    try:
+        progress.stop()
+    finally:
+        console.quiet = quiet
 
 
 def emit_json(value: object) -> None:
@@ -312,11 +327,15 @@ def layer_progress(description: str, total: int, enabled: bool = True) -> Iterat
             task = progress.add_task(description, total=total)
         progress.update(task, completed=done)
 
+    failed = False
     try:
         yield advance
+    except BaseException:
+        failed = True
+        raise
     finally:
         if task is not None:
-            progress.stop()
+            stop_progress(progress, failed)
 
 
 @contextmanager
@@ -340,8 +359,12 @@ def pipeline_log(enabled: bool = True) -> Iterator[callable]:
             if done == total:
                 progress.stop()
 
+    failed = False
     try:
         yield log
+    except BaseException:
+        failed = True
+        raise
     finally:
         if task is not None:
-            progress.stop()
+            stop_progress(progress, failed)

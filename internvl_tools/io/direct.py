@@ -33,10 +33,20 @@ DIRECT_CHUNK = 16 * 2**20  # bytes per O_DIRECT write (and the size of a staging
 ENV = "INTERNVL_TOOLS_DIRECT_IO"
 
 
+OFF, ON = ("0", "false", "no", "off"), ("1", "true", "yes", "on", "")
+
+
 def direct_io_wanted() -> bool:
     """Whether O_DIRECT writes are to be tried: the platform has it and INTERNVL_TOOLS_DIRECT_IO
-    is not 0 / no / off / false."""
-    return hasattr(os, "O_DIRECT") and os.environ.get(ENV, "1").strip().lower() not in ("0", "no", "off", "false")
+    is unset, empty or one of 1 / true / yes / on (any case); 0 / false / no / off ask for
+    buffered writes. Raises InputError for any other value (a typo must not go unnoticed)."""
+    value = os.environ.get(ENV, "").strip().lower()
+    if value not in OFF + ON:
+        from ..errors import InputError
+
+        raise InputError(f"{ENV}={os.environ[ENV]!r} is not understood: set it to 0 (buffered writes) or 1 (O_DIRECT "
+                         "where the file system allows, the default), or unset it")
+    return hasattr(os, "O_DIRECT") and value in ON
 
 
 class DirectFiles:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import threading
 from pathlib import Path
@@ -120,12 +121,21 @@ def copy_side_files(source: Path, dest: Path, skip: set[str] = frozenset()) -> l
     for entry in sorted(Path(source).iterdir()):
         if entry.name.startswith(".") or entry.name in skip or entry.name.endswith(WEIGHT_SUFFIXES):
             continue
-        if entry.is_dir():
-            shutil.copytree(entry, dest / entry.name, symlinks=False)
-        elif entry.is_file():
-            shutil.copy2(entry, dest / entry.name)
-        else:
-            continue
+        try:
+            if entry.is_dir():
+                shutil.copytree(entry, dest / entry.name, symlinks=False)
+            elif entry.is_file():
+                shutil.copy2(entry, dest / entry.name)
+            else:
+                continue
+        except shutil.Error as exc:  # copytree: (source, target, message) of each file that failed
+            _source, target, why = exc.args[0][0]
+            code = re.match(r"\[Errno (\d+)\] ([^:]*)", str(why))
+            raise OSError(int(code[1]) if code else None, code[2] if code else str(why), target) from exc
+        except OSError as exc:
+            if exc.filename is not None:
+                raise  # names its path: the input it could not read, or (filename2) the output copied to
+            raise OSError(exc.errno, exc.strerror or str(exc), str(dest / entry.name)) from exc
         copied.append(entry.name)
     return copied
 
@@ -494,13 +504,19 @@ def staged_folder(out: str | os.PathLike[str]) -> Iterator[Path]:
 
 
 def write_file(path: Path, content: object) -> None:
-    """Write bytes, text, or a JSON object (indented, as transformers writes config.json)."""
-    if isinstance(content, bytes):
-        path.write_bytes(content)
-    elif isinstance(content, str):
-        path.write_text(content, encoding="utf-8")
-    else:
-        path.write_text(json.dumps(content, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    """Write bytes, text, or a JSON object (indented, as transformers writes config.json).
+    An OSError (a full disk) names `path`."""
+    try:
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        elif isinstance(content, str):
+            path.write_text(content, encoding="utf-8")
+        else:
+            path.write_text(json.dumps(content, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    except OSError as exc:
+        if exc.filename is not None:
+            raise
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
 
 
 class Syncer:
@@ -638,12 +654,21 @@ class CopyStopped(Exception):
     """A copy was stopped by its `stop()` callback before its end."""
 
 
+_NO_KERNEL_COPY: set[tuple[int, int]] = set()  # (source device, output device) pairs copy_file_range refused
+
+
 def _copy_range(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, count: int, written=None, stop=None) -> None:
     """Copy a byte range between files, in the kernel where the platform allows, in pieces of
     COPY_CHUNK bytes; `written(fd, offset, count)` is told of each piece (writeback); `stop()`,
-    when given, is asked before each piece (True: CopyStopped)."""
+    when given, is asked before each piece (True: CopyStopped). Where the kernel refuses the copy
+    between two file systems (EXDEV across devices before Linux 5.3 and to tmpfs, ENOSYS, EINVAL,
+    EOPNOTSUPP), the bytes go through a buffer, and later ranges between the same two devices go
+    there at once."""
+    import errno
+
+    devices = (os.fstat(src_fd).st_dev, os.fstat(dst_fd).st_dev)
     try:
-        while count:
+        while count and devices not in _NO_KERNEL_COPY:
             if stop is not None and stop():
                 raise CopyStopped
             done = os.copy_file_range(src_fd, dst_fd, min(count, COPY_CHUNK), src_offset, dst_offset)
@@ -652,18 +677,20 @@ def _copy_range(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, coun
             if written is not None:
                 written(dst_fd, dst_offset, done)
             src_offset, dst_offset, count = src_offset + done, dst_offset + done, count - done
-    except (AttributeError, OSError):
-        chunk = 64 * 2**20
-        while count:
-            if stop is not None and stop():
-                raise CopyStopped
-            data = os.pread(src_fd, min(chunk, count), src_offset)
-            if not data:
-                raise CheckpointError("source shard ended early while copying") from None
-            view = memoryview(data)
-            while view.nbytes:  # pwrite may write less than asked (FUSE, network file systems)
-                done = os.pwrite(dst_fd, view, dst_offset)
-                if written is not None:
-                    written(dst_fd, dst_offset, done)
-                view, dst_offset = view[done:], dst_offset + done
-            src_offset, count = src_offset + len(data), count - len(data)
+    except (AttributeError, OSError) as exc:
+        if isinstance(exc, AttributeError) or exc.errno in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+            _NO_KERNEL_COPY.add(devices)
+    chunk = 64 * 2**20
+    while count:
+        if stop is not None and stop():
+            raise CopyStopped
+        data = os.pread(src_fd, min(chunk, count), src_offset)
+        if not data:
+            raise CheckpointError("source shard ended early while copying") from None
+        view = memoryview(data)
+        while view.nbytes:  # pwrite may write less than asked (FUSE, network file systems)
+            done = os.pwrite(dst_fd, view, dst_offset)
+            if written is not None:
+                written(dst_fd, dst_offset, done)
+            view, dst_offset = view[done:], dst_offset + done
+        src_offset, count = src_offset + len(data), count - len(data)

@@ -235,6 +235,9 @@ def open_peft_adapter(folder: Path) -> PeftAdapter:
     --follow-symlinks (CheckpointReader.follow_symlinks), as a checkpoint's shards and side files are."""
     folder = Path(folder)
     config_path = folder / "adapter_config.json"
+    if not folder.is_dir():
+        raise InputError(f"{folder}: no such adapter folder{' (a file: pass the folder that holds it)' if folder.exists() else ''}; "
+                         "pass a PEFT adapter folder (saved with save_pretrained)")
     if not config_path.exists():
         raise InputError(f"{folder}: no adapter_config.json; pass a PEFT adapter folder (saved with save_pretrained; "
                          "for an xtuner .pth, write adapter_config.json with r and lora_alpha of its training config)")
