@@ -312,19 +312,25 @@ class CheckpointWriter:
         self._done(name)
 
     def copy_stored(self, name: str, source: StoredTensor, stop: Callable[[], bool] | None = None) -> None:
-        """Copy a tensor's bytes straight from its source shard (in-kernel when possible).
+        """Copy a tensor's bytes straight from its source shard: the page-aligned body read into
+        a staging buffer and written with O_DIRECT (io/direct.py), the rest (or all, without
+        O_DIRECT) in the kernel when possible.
 
         write() and copy_stored() may be called from several threads at once, for different
         tensors (the pipeline copies unchanged tensors while it writes computed ones). `stop()`
-        is asked before each piece of COPY_CHUNK bytes: True raises CopyStopped (the run is
+        is asked before each piece of COPY_CHUNK (direct.DIRECT_CHUNK) bytes: True raises CopyStopped (the run is
         failing elsewhere; the tensor is left incomplete)."""
         fd, offset = self._claim(name, TensorSpec(name, source.spec.dtype, source.spec.shape))
         index = self._location[name][0]
         with open(source.path, "rb", buffering=0) as src:
+
+            def in_kernel(at: int, to: int, count: int) -> None:  # head, tail, or all without O_DIRECT
+                _copy_range(src.fileno(), at, fd, to, count, self._syncer.writeback, stop)
+
             try:
                 copy_range(self._direct, index, self.partial / self.files[index], src.fileno(), source.offset, offset,
-                           source.nbytes, lambda at, to, count: _copy_range(src.fileno(), at, fd, to, count, self._syncer.writeback, stop),
-                           stop, CopyStopped, lambda: CheckpointError("source shard ended early while copying"))
+                           source.nbytes, in_kernel, stop, CopyStopped,
+                           lambda: CheckpointError("source shard ended early while copying"))
             except OSError as exc:
                 raise self._write_error(name, exc) from exc
             except CheckpointError as exc:  # the source ended early: name it and the tensor

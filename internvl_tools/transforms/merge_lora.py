@@ -402,8 +402,8 @@ def _thin_matmul(b, a, a_rows):
     with the same float32 results: each output is its r products accumulated in the same order.
     That equality is a property of the two kernels, not a promise, so it is checked per rank on
     a probe at first use (with r = 256 they sum in another order: that rank stays on torch.mm, as
-    do small products). This is written here because
-    torch.mm has no way to choose the kernel; a torch without the op gets torch.mm."""
+    do small products). Called by name because torch.mm has no way to choose the kernel; a torch
+    without the op gets torch.mm."""
     import torch
 
     if a_rows is not None and b.shape[0] * a.shape[1] >= THIN_MATMUL_MIN:

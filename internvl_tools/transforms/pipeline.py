@@ -2,15 +2,16 @@
 
 A reader thread maps the source tensors of the next items (and faults their pages in, so a
 page-cache miss is paid there, not in the computation), the calling thread computes each
-item's outputs, and output threads (one per core, up to OUTPUT_THREADS_MAX) write them (pwrite),
-so reading, computing and writing overlap. The same output threads copy the tensors that pass
-unchanged (they need no reading or computing) in the kernel (copy_file_range), from the start of
-the run, back to front while the computation goes front to back, so a large unchanged tensor (an
-embedding table, lm_head) never waits behind the computed ones. Two threads never write computed
-items into one output shard at once (a file takes one buffered write at a time), so when the
-output has several shards the computation goes through them side by side (`interleaved`) and
-the kernel's copies into the page cache, the largest CPU cost of a buffered write, run on every
-core.
+item's outputs, and output threads (one per core, up to OUTPUT_THREADS_MAX) write them through
+the CheckpointWriter (each tensor's page-aligned body with O_DIRECT where the file system takes
+it, io/direct.py), so reading, computing and writing overlap. The same output threads copy the
+tensors that pass unchanged (they need no reading or computing), from the start of the run, back
+to front while the computation goes front to back, so a large unchanged tensor (an embedding
+table, lm_head) never waits behind the computed ones. Two threads never write computed items into
+one output shard at once (a file takes one write at a time), so when the output has several
+shards the computation goes through them side by side (`interleaved`): where writes are buffered,
+the kernel's copies into the page cache, their largest CPU cost, then run on every core, and
+O_DIRECT writes keep more than one request at the disk.
 
 Memory stays bounded: every item holds a cost in bytes (its sources, then its outputs) from the
 moment the reader takes it until it is written, and items enter only while the
