@@ -13,6 +13,8 @@ import sys
 
 
 def _stopped_early(signum, _frame) -> None:
+    # the words of cli.common.interrupted_line, written here: importing cli.common (click, rich)
+    # is part of the window this covers
     how = "terminated (SIGTERM)" if signum == signal.SIGTERM else "interrupted (Ctrl-C)"
     sys.stderr.write(f"{how}: stopped before anything was written; run the command again\n")
     sys.stderr.flush()

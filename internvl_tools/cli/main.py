@@ -719,7 +719,8 @@ TORCH_COMMANDS = frozenset({"merge-lora", "quantize", "convert"})
 
 
 def main() -> None:
-    """Console-script entry point (also `python -m internvl_tools`).
+    """The CLI proper, called by the console script's entry point cli/launch.py (also `python -m
+    internvl_tools`), which covers stop signals during the imports before it.
 
     For the streaming commands (FAST_EXIT): torch is imported first with the cyclic garbage
     collector paused, its objects then frozen (common.import_torch: ~0.1 s of collections
